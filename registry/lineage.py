@@ -1,0 +1,67 @@
+"""Lineage of an adapter: what it was trained from, stored as `loraplex.json` beside its weights.
+
+The same facts become tags on its registry version; the file keeps them with the folder so a
+folder copied anywhere can still be checked against the base it is loaded onto.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from registry.errors import AdapterError, BaseMismatchError
+
+LINEAGE_FILE = "loraplex.json"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    name: str
+    base_model: str
+    base_fingerprint: str
+    data_hash: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    loraplex_version: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def tags(self) -> dict[str, str]:
+        """Registry tags: the searchable subset of the lineage."""
+        return {
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "data_hash": self.data_hash,
+            "rank": str(self.rank),
+            "target_modules": ",".join(self.target_modules),
+            "loraplex_version": self.loraplex_version,
+        }
+
+    def write(self, adapter_dir: Path) -> None:
+        (adapter_dir / LINEAGE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, adapter_dir: Path) -> Lineage | None:
+        """The lineage of a folder, or None for a PEFT adapter trained elsewhere."""
+        file = adapter_dir / LINEAGE_FILE
+        if not file.is_file():
+            return None
+        return cls(**json.loads(file.read_text()))
+
+
+def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None) -> Lineage | None:
+    """Refuse a folder that is not a PEFT LoRA adapter, or was trained on another base."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(f"{adapter_dir} is a {peft_type} adapter; only LoRA adapters are served")
+    lineage = Lineage.read(adapter_dir)
+    if base_fingerprint and lineage and lineage.base_fingerprint != base_fingerprint:
+        raise BaseMismatchError(
+            f"adapter {lineage.name!r} was trained on base {lineage.base_model!r} "
+            f"({lineage.base_fingerprint}), not on this base ({base_fingerprint})"
+        )
+    return lineage

@@ -1,0 +1,49 @@
+"""Adapter references: `name`, `name/3` (a version) or `name@champion` (an alias)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from registry.errors import UsageError
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+_ALIAS = r"[A-Za-z][A-Za-z0-9_-]{0,99}"
+_REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>{_ALIAS}))?$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    version: int | None = None  # None with no alias means the latest version
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}/{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+def is_ref(text: str) -> bool:
+    return _REF.match(text) is not None
+
+
+def parse_ref(text: str) -> AdapterRef:
+    """Parse a registry reference; the error says which forms are accepted."""
+    match = _REF.match(text)
+    if match is None:
+        raise UsageError(
+            f"adapter reference {text!r} is not NAME, NAME/VERSION or NAME@ALIAS "
+            "(names: letters, digits, '.', '_' and '-')"
+        )
+    version = match["version"]
+    return AdapterRef(match["name"], int(version) if version else None, match["alias"])
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Validate an adapter name (used for configs before anything is trained)."""
+    if re.fullmatch(_NAME, name) is None:
+        raise ValueError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+    return name

@@ -1,0 +1,51 @@
+"""One way from what a user names (a registry REF or a PEFT folder) to a checked local folder.
+
+The serving engine and the quality gates load adapters only through `resolve_adapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.errors import UsageError
+from registry.home import Home
+from registry.lineage import Lineage, check_adapter_folder
+from registry.refs import is_ref, parse_ref
+from registry.store import AdapterRegistry, AdapterVersion
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    source: str  # as the user wrote it
+    path: Path  # local PEFT folder
+    version: AdapterVersion | None  # None for a plain folder
+    lineage: Lineage | None  # None for an adapter trained outside loraplex
+
+
+def resolve_adapter(
+    source: str,
+    *,
+    base_fingerprint: str | None = None,
+    tracking_uri: str | None = None,
+    home: Home | None = None,
+) -> ResolvedAdapter:
+    """Resolve `name`, `name/3`, `name@alias` or a folder path to a verified adapter folder.
+
+    A path is taken as a folder when it looks like one (`/`, `./`, `../`, `~`) or is not a valid
+    reference; anything else is looked up in the registry. With `base_fingerprint`, an adapter
+    trained on another base is refused.
+    """
+    looks_like_path = source.startswith(("/", "./", "../", "~")) or not is_ref(source)
+    if looks_like_path:
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise UsageError(f"adapter {source!r}: no such folder, and not a registry reference")
+        lineage = check_adapter_folder(path, base_fingerprint)
+        return ResolvedAdapter(source, path.resolve(), None, lineage)
+    registry = AdapterRegistry(tracking_uri, home)
+    ref = parse_ref(source)
+    version = registry.get(ref)
+    path = registry.fetch(ref)
+    lineage = check_adapter_folder(path, base_fingerprint)
+    return ResolvedAdapter(source, path, version, lineage)

@@ -1,0 +1,213 @@
+"""The adapter registry: registered models and versions in MLflow (SQLite by default, or a server).
+
+Each adapter name is a registered model; each training run that finishes adds a version whose
+source is the run's `adapter` artifact folder (PEFT format) and whose tags carry its lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from registry.errors import NotFoundError, UsageError
+from registry.home import Home
+from registry.lineage import Lineage
+from registry.refs import AdapterRef
+
+TRACKING_URI_ENV = "LORAPLEX_TRACKING_URI"
+
+
+def resolve_tracking_uri(explicit: str | None = None, home: Home | None = None) -> str:
+    """`--tracking-uri`, else `$LORAPLEX_TRACKING_URI`, else the embedded SQLite store."""
+    return explicit or os.environ.get(TRACKING_URI_ENV) or (home or Home.from_env()).tracking_uri
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: int
+    source: str  # artifact URI of the adapter folder
+    run_id: str | None
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0  # unix seconds
+
+
+@dataclass(frozen=True)
+class RegisteredAdapter:
+    name: str
+    latest_version: int | None
+    aliases: dict[str, int]  # alias -> version
+    updated: float  # unix seconds
+
+
+class AdapterRegistry:
+    """Registered adapters in the MLflow store at `tracking_uri`."""
+
+    def __init__(self, tracking_uri: str | None = None, home: Home | None = None):
+        self.home = home or Home.from_env()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, self.home)
+
+    @cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
+        if self.is_embedded:
+            self.home.root.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.tracking_uri == self.home.tracking_uri
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created on first use (artifacts in the data home if embedded)."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # A server chooses its own (proxied) artifact store; SQLite would use ./mlruns in the cwd.
+        location = (self.home.artifacts / name).as_uri() if self.is_embedded else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def register(self, name: str, run_id: str, source: str, lineage: Lineage) -> AdapterVersion:
+        """Add a version of `name` whose weights are the artifact folder at `source`."""
+        # mlflow.register_model fails for plain artifact folders in MLflow 3 and leaves an empty
+        # registered model behind: create the version directly, linked to its run.
+        if not self._exists(name):
+            self.client.create_registered_model(
+                name, description=f"LoRA adapter over {lineage.base_model}"
+            )
+        created = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags=lineage.tags()
+        )
+        return self.get(AdapterRef(name, int(created.version)))
+
+    def list(self) -> list[RegisteredAdapter]:
+        adapters = []
+        for model in self.client.search_registered_models(order_by=["name ASC"]):
+            versions = [int(v.version) for v in model.latest_versions or []]
+            aliases = {alias: int(v) for alias, v in (model.aliases or {}).items()}
+            adapters.append(
+                RegisteredAdapter(
+                    name=model.name,
+                    latest_version=max(versions) if versions else None,
+                    aliases=aliases,
+                    updated=(model.last_updated_timestamp or 0) / 1000,
+                )
+            )
+        return adapters
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        self._require(name)
+        found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted((_version(v) for v in found), key=lambda v: v.version)
+
+    def get(self, ref: AdapterRef) -> AdapterVersion:
+        """The version a reference points at; NotFoundError names what is missing."""
+        from mlflow.exceptions import MlflowException
+
+        self._require(ref.name)
+        if ref.alias is not None:
+            try:
+                return _version(self.client.get_model_version_by_alias(ref.name, ref.alias))
+            except MlflowException:
+                known = sorted(self.client.get_registered_model(ref.name).aliases or {})
+                raise NotFoundError(
+                    f"adapter {ref.name!r} has no alias {ref.alias!r} (aliases: {_names(known)})"
+                ) from None
+        versions = self.versions(ref.name)
+        if not versions:
+            raise NotFoundError(f"adapter {ref.name!r} has no versions yet")
+        if ref.version is None:
+            return versions[-1]
+        for version in versions:
+            if version.version == ref.version:
+                return version
+        raise NotFoundError(
+            f"adapter {ref.name!r} has no version {ref.version} "
+            f"(versions: {', '.join(str(v.version) for v in versions)})"
+        )
+
+    def promote(self, name: str, version: int, alias: str = "champion") -> int | None:
+        """Point `alias` at `version`; returns the version that held it before, if any."""
+        target = self.get(AdapterRef(name, version))
+        try:
+            previous = self.get(AdapterRef(name, alias=alias)).version
+        except NotFoundError:
+            previous = None
+        if previous is not None and previous != target.version:
+            # The former holder keeps a record, so the history of promotions survives the move.
+            self.client.set_model_version_tag(
+                name,
+                str(previous),
+                f"former_{alias}",
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+        self.client.set_registered_model_alias(name, alias, str(target.version))
+        return previous
+
+    def download(self, ref: AdapterRef, dest: Path) -> Path:
+        """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
+        if dest.exists() and any(dest.iterdir()):
+            raise UsageError(f"download destination {dest} exists and is not empty")
+        shutil.copytree(self.fetch(ref), dest, dirs_exist_ok=True)
+        return dest
+
+    def fetch(self, ref: AdapterRef) -> Path:
+        """A local folder holding the version's adapter, downloaded once into the data home.
+
+        Versions are immutable, so the cache is keyed by (store, name, version) and never stale.
+        """
+        import mlflow.artifacts
+
+        version = self.get(ref)
+        store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
+        local = self.home.adapters / store / version.name / str(version.version)
+        if not local.is_dir():
+            partial = local.with_name(local.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(partial), tracking_uri=self.tracking_uri
+            )
+            Path(downloaded).rename(local)
+            shutil.rmtree(partial, ignore_errors=True)
+        return local
+
+    def _exists(self, name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return True
+
+    def _require(self, name: str) -> None:
+        if not self._exists(name):
+            known = [a.name for a in self.list()]
+            raise NotFoundError(
+                f"no registered adapter named {name!r} in {self.tracking_uri} "
+                f"(registered: {_names(known)})"
+            )
+
+
+def _version(v) -> AdapterVersion:
+    return AdapterVersion(
+        name=v.name,
+        version=int(v.version),
+        source=v.source,
+        run_id=v.run_id,
+        aliases=list(v.aliases or []),
+        tags=dict(v.tags or {}),
+        created=(v.creation_timestamp or 0) / 1000,
+    )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if names else "none"

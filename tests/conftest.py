@@ -1,0 +1,133 @@
+"""Shared fixtures: one data home per test session, the real SmolLM2 base, a tiny random base
+with the same tokenizer, and isolated MLflow stores (SQLite, or a real `mlflow server`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from registry.home import Home, setup_environment
+from tests.helpers import BIN
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Home:
+    home = Home(tmp_path_factory.mktemp("home"))
+    os.environ["LORAPLEX_HOME"] = str(home.root)
+    return setup_environment(home)
+
+
+@pytest.fixture(scope="session")
+def smollm2(home):
+    """The embedded SmolLM2-135M-Instruct, converted from its GGUF once per session."""
+    from registry.base_model import resolve_base_model
+
+    return resolve_base_model("smollm2-135m-instruct", home)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(smollm2, home, tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer: real code paths, seconds per run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from registry.base_model import resolve_base_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2.path / name, path / name)
+    return resolve_base_model(str(path), home)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """An empty SQLite MLflow store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def registry(home, tracking_uri):
+    from registry.store import AdapterRegistry
+
+    return AdapterRegistry(tracking_uri, home)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1, as a team would run it; its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                "mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:]
+            )
+        time.sleep(0.5)
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()

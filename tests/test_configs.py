@@ -1,0 +1,124 @@
+"""Every shipped YAML validates; bad configs are refused with the file and key named, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from registry.errors import ConfigError
+from tests.helpers import PROJECT, run_cli
+from train.config import load_config
+
+LOADERS = {"train": load_config}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(PROJECT.glob("configs/*/*.yaml")), ids=lambda p: str(p.relative_to(PROJECT))
+)
+def test_every_shipped_config_validates(path):
+    loader = LOADERS.get(path.parent.name)
+    assert loader is not None, f"no loader for configs/{path.parent.name}/"
+    config = loader(path)
+    assert config.data.path.is_file()
+
+
+GOOD = {
+    "name": "demo",
+    "data": {"path": str(PROJECT / "configs/data/country-facts.jsonl")},
+}
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _with(section: str, key: str, value) -> dict:
+    config = {**GOOD, section: {**GOOD.get(section, {}), key: value}}
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "message"),
+    [
+        ({**GOOD, "epochs": 3}, "epochs", "unknown key"),
+        (_with("lora", "rank", 8), "lora.rank", "unknown key"),
+        (_with("training", "max_steps", "ten"), "training.max_steps", "valid integer"),
+        (_with("training", "max_steps", 0), "training.max_steps", "greater than or equal to 1"),
+        (_with("lora", "r", 4096), "lora.r", "less than or equal to 1024"),
+        (_with("lora", "dropout", 1.5), "lora.dropout", "less than 1"),
+        (_with("lora", "target_modules", ["qkv"]), "lora.target_modules", "choose 'all-linear'"),
+        (_with("quantization", "method", "int3"), "quantization.method", "'nf4', 'fp4' or 'none'"),
+        ({"data": GOOD["data"]}, "name", "Field required"),
+        ({**GOOD, "name": "has space"}, "name", "letters, digits"),
+        ({**GOOD, "data": {"path": "x.txt"}}, "data.path", "must be a .jsonl"),
+        (
+            {**GOOD, "data": {**GOOD["data"], "split": {"test": 2.5}}},
+            "data.split.test",
+            "whole number",
+        ),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, config, key, message):
+    path = _write(tmp_path, config)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    text = str(error.value)
+    assert str(path) in text
+    assert f"{key}: " in text
+    assert message in text
+
+
+def test_missing_data_file_is_named(tmp_path):
+    path = _write(tmp_path, {**GOOD, "data": {"path": "nowhere.jsonl"}})
+    with pytest.raises(ConfigError, match=r"data\.path: file not found: .*nowhere\.jsonl"):
+        load_config(path)
+
+
+def test_missing_config_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = _write(tmp_path, GOOD)
+    config = load_config(
+        path,
+        [
+            "training.max_steps=7",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.split.validation=16",
+            "data.packing=true",
+        ],
+    )
+    assert config.training.max_steps == 7
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.split.validation == 16
+    assert config.data.packing is True
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["training.max_steps"])
+    with pytest.raises(ConfigError, match=r"training\.warmup: unknown key"):
+        load_config(path, ["training.warmup=3"])
+
+
+def test_relative_data_path_is_resolved_from_the_config_file():
+    config = load_config(PROJECT / "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml")
+    assert config.data.path == PROJECT / "configs/data/country-facts.jsonl"
+
+
+def test_cli_refuses_bad_config_with_exit_2_and_no_traceback(tmp_path):
+    path = _write(tmp_path, _with("training", "learning_rate", -1))
+    result = run_cli("train", str(path))
+    assert result.returncode == 2
+    assert "training.learning_rate: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    result = run_cli("train", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr

@@ -1,0 +1,191 @@
+"""Training data: local files in three shapes, the chat template, answer-only labels, splits.
+
+Shapes (detected from the columns unless `data.format` names one):
+- alpaca: `instruction`, optional `input`, `output`
+- chat: `messages` ({role, content}) or ShareGPT `conversations` ({from, value})
+- text: `text`, trained on every token
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from registry.errors import ConfigError
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+def load_records(path: Path):
+    """All records of a local data file as a `datasets.Dataset` (no hub, no network)."""
+    from datasets import load_dataset
+
+    return load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+
+
+def data_hash(path: Path) -> str:
+    with path.open("rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:24]
+
+
+def detect_format(columns: list[str], path: Path) -> str:
+    if {"instruction", "output"} <= set(columns):
+        return "alpaca"
+    if "messages" in columns or "conversations" in columns:
+        return "chat"
+    if "text" in columns:
+        return "text"
+    raise ConfigError(
+        f"data.path: {path.name} has columns {sorted(columns)}; expected alpaca "
+        "(instruction, output), chat (messages or conversations) or text (text)"
+    )
+
+
+def to_messages(record: dict, fmt: str) -> list[dict]:
+    """The record as chat messages [{role, content}]."""
+    if fmt == "alpaca":
+        prompt = record["instruction"]
+        if record.get("input"):
+            prompt = f"{prompt}\n\n{record['input']}"
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": record["output"]},
+        ]
+    if record.get("messages") is not None:
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    return [
+        {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]
+    ]
+
+
+def prompt_messages(record: dict, fmt: str) -> list[dict]:
+    """The messages up to (not including) the last assistant answer: what a user would send."""
+    messages = to_messages(record, fmt)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def reference_answer(record: dict, fmt: str) -> str:
+    return [m for m in to_messages(record, fmt) if m["role"] == "assistant"][-1]["content"]
+
+
+def encode(record: dict, fmt: str, tokenizer, max_length: int) -> dict:
+    """Token ids and labels of one record; labels are IGNORE_INDEX except on answer tokens.
+
+    Each assistant turn is tokenized apart from the prompt before it, exactly as the engine
+    will see it at inference: prompt tokens (with the generation prompt), then answer tokens.
+    """
+    if fmt == "text":
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        ids = ([*ids, tokenizer.eos_token_id])[:max_length]
+        return {"input_ids": ids, "labels": list(ids)}
+    messages = to_messages(record, fmt)
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise ConfigError(
+                "the base model's chat template does not render conversations as growing "
+                "prefixes, so answer tokens cannot be told from prompt tokens"
+            )
+        context = _tokens(tokenizer, prompt[len(rendered) :])
+        answer = _tokens(tokenizer, full[len(prompt) :])
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        rendered = full
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def split_indices(n: int, validation: float, test: float, seed: int) -> dict[str, list[int]]:
+    """A deterministic split of range(n): sizes below 1 are shares, others are counts."""
+    sizes = {
+        name: int(size) if size >= 1 else round(size * n)
+        for name, size in (("validation", validation), ("test", test))
+    }
+    if sizes["validation"] < 1 or sizes["test"] < 1 or sum(sizes.values()) >= n:
+        raise ConfigError(
+            f"data.split: validation={validation} and test={test} of {n} examples leave "
+            f"validation={sizes['validation']}, test={sizes['test']}, "
+            f"train={n - sum(sizes.values())}; each needs at least 1"
+        )
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val, n_test = sizes["validation"], sizes["test"]
+    return {
+        "test": sorted(order[:n_test]),
+        "validation": sorted(order[n_test : n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+    }
+
+
+def pack(examples: list[dict], block_size: int) -> list[dict]:
+    """Concatenate examples and cut the stream into rows of `block_size` tokens.
+
+    Fewer padding tokens per step; the price is that examples in one row attend to each other.
+    """
+    ids = [t for e in examples for t in e["input_ids"]]
+    labels = [t for e in examples for t in e["labels"]]
+    return [
+        {"input_ids": ids[i : i + block_size], "labels": labels[i : i + block_size]}
+        for i in range(0, len(ids), block_size)
+    ]
+
+
+@dataclass
+class SplitData:
+    """Raw records of each split and the format they are in."""
+
+    format: str
+    train: object  # datasets.Dataset
+    validation: object
+    test: object
+
+
+def load_splits(data_config) -> SplitData:
+    """The raw train/validation/test records of a config's data, split as in training.
+
+    The gates read the test split through this same function, so it stays held out.
+    """
+    records = load_records(data_config.path)
+    fmt = data_config.format
+    if fmt == "auto":
+        fmt = detect_format(records.column_names, data_config.path)
+    split = data_config.split
+    indices = split_indices(len(records), split.validation, split.test, split.seed)
+    return SplitData(
+        fmt, *(records.select(indices[name]) for name in ("train", "validation", "test"))
+    )
+
+
+def tokenize_split(records, fmt: str, tokenizer, data_config, pack_rows: bool):
+    """Tokenized examples of one split as a `datasets.Dataset` of input_ids and labels."""
+    from datasets import Dataset
+
+    examples = [encode(r, fmt, tokenizer, data_config.max_seq_length) for r in records]
+    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not examples:
+        raise ConfigError(f"data.path: {data_config.path.name} gives no example with an answer")
+    if pack_rows:
+        examples = pack(examples, data_config.max_seq_length)
+    return Dataset.from_list(examples)

@@ -1,0 +1,347 @@
+"""The QLoRA recipe: one flat job with setup / train / save / register / cleanup.
+
+Base in 4-bit NF4 (bitsandbytes), LoRA through peft, transformers' Trainer for the loop,
+every run tracked in MLflow and every finished adapter registered as a new version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.base_model import BaseModel, resolve_base_model
+from registry.errors import UsageError
+from registry.home import Home
+from registry.lineage import Lineage
+from registry.store import AdapterRegistry, AdapterVersion
+from train.config import TrainConfig
+from train.data import data_hash, load_splits, tokenize_split
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"  # beside the checkpoints: the MLflow run id, status and config
+# Sections that must not change between an interrupted run and its resumption.
+_RESUME_FIXED = ("base_model", "data", "quantization", "lora")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "interrupted"
+    run_dir: Path
+    run_id: str
+    adapter_dir: Path | None = None
+    version: AdapterVersion | None = None
+    metrics: dict | None = None
+
+
+class TrainingJob:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        tracking_uri: str | None = None,
+        resume: bool = False,
+        home: Home | None = None,
+    ):
+        self.config = config
+        self.home = home or Home.from_env()
+        self.registry = AdapterRegistry(tracking_uri, self.home)
+        self.resume = resume
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch
+
+        cfg = self.config
+        self.base: BaseModel = resolve_base_model(cfg.base_model, self.home)
+        self.run_dir, self.checkpoint = self._run_dir()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = self._tokenizer()
+        splits = load_splits(cfg.data)
+        self.train_data = tokenize_split(
+            splits.train, splits.format, self.tokenizer, cfg.data, pack_rows=cfg.data.packing
+        )
+        self.eval_data = tokenize_split(
+            splits.validation, splits.format, self.tokenizer, cfg.data, pack_rows=False
+        )
+        self.data_hash = data_hash(cfg.data.path)
+        self.model = self._model()
+        self.run_id = self._mlflow_run(len(self.train_data), len(self.eval_data))
+        self.trainer = self._trainer()
+
+    def _run_dir(self) -> tuple[Path, str | None]:
+        """A fresh run folder, or with resume the latest unfinished one and its last checkpoint."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        runs = self.home.runs / self.config.name
+        if not self.resume:
+            run_dir = runs / time.strftime("%Y%m%d-%H%M%S")
+            while run_dir.exists():
+                run_dir = run_dir.with_name(run_dir.name + "-1")
+            (run_dir / "checkpoints").mkdir(parents=True)
+            return run_dir, None
+        unfinished = [
+            d
+            for d in sorted(runs.glob("*/"), reverse=True)
+            if (d / RUN_FILE).is_file()
+            and json.loads((d / RUN_FILE).read_text())["status"] != "finished"
+        ]
+        if not unfinished:
+            raise UsageError(f"--resume: no unfinished run of {self.config.name!r} in {runs}")
+        run_dir = unfinished[0]
+        saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
+        now = self.config.model_dump(mode="json")
+        changed = [key for key in _RESUME_FIXED if saved[key] != now[key]]
+        if changed:
+            raise UsageError(
+                f"--resume: {', '.join(changed)} differ from the interrupted run in {run_dir}; "
+                "a checkpoint only continues the run it came from"
+            )
+        return run_dir, get_last_checkpoint(run_dir / "checkpoints")
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.chat_template is None:
+            raise UsageError(f"base_model: {self.base.name} has no chat template in its tokenizer")
+        return tokenizer
+
+    def compute_dtype(self):
+        import torch
+
+        name = self.config.quantization.compute_dtype
+        if name == "auto":
+            # CPUs without native bf16 run it 2-4x slower than fp32.
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        return getattr(torch, name)
+
+    def _model(self):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q, lora = self.config.quantization, self.config.lora
+        dtype = self.compute_dtype()
+        kwargs = {"dtype": dtype, "device_map": {"": 0} if self.device == "cuda" else "cpu"}
+        if q.method != "none":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=q.method,
+                bnb_4bit_use_double_quant=q.double_quant,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        model = AutoModelForCausalLM.from_pretrained(self.base.path, **kwargs)
+        checkpointing = self.config.training.gradient_checkpointing
+        if q.method != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        elif checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            use_rslora=lora.use_rslora,
+            target_modules=lora.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+
+    def _mlflow_run(self, n_train: int, n_eval: int) -> str:
+        from mlflow.entities import Param, RunTag
+
+        client = self.registry.client
+        run_file = self.run_dir / RUN_FILE
+        if run_file.is_file():  # resuming: reopen the interrupted run
+            run_id = json.loads(run_file.read_text())["run_id"]
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        experiment_id = self.registry.experiment_id(self.config.experiment)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"{self.config.name}-{self.run_dir.name}",
+            tags={"loraplex.adapter": self.config.name, "loraplex.run_dir": str(self.run_dir)},
+        )
+        run_id = run.info.run_id
+        params = {
+            **_flatten(self.config.model_dump(mode="json")),
+            "data.train_rows": n_train,
+            "data.validation_rows": n_eval,
+        }
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[
+                RunTag("base_fingerprint", self.base.fingerprint),
+                RunTag("data_hash", self.data_hash),
+            ],
+        )
+        self._write_run_file(run_id, "running")
+        return run_id
+
+    def _write_run_file(self, run_id: str, status: str) -> None:
+        record = {
+            "run_id": run_id,
+            "status": status,
+            "tracking_uri": self.registry.tracking_uri,
+            "config": self.config.model_dump(mode="json"),
+        }
+        (self.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    def _trainer(self):
+        import torch
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+        from transformers.trainer_callback import ProgressCallback
+
+        from train.callbacks import ConsoleProgress, GracefulInterrupt, MlflowMetrics
+
+        t = self.config.training
+        args = TrainingArguments(
+            output_dir=str(self.run_dir / "checkpoints"),
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.eval_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            logging_steps=t.logging_steps,
+            eval_strategy="steps",
+            eval_steps=t.eval_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=2,
+            seed=t.seed,
+            data_seed=t.seed,
+            bf16=self.compute_dtype() == torch.bfloat16,
+            use_cpu=self.device == "cpu",
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            include_num_input_tokens_seen="non_padding",
+        )
+        self.interrupt = GracefulInterrupt()
+        trainer = Trainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_data,
+            eval_dataset=self.eval_data,
+            data_collator=DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100),
+            processing_class=self.tokenizer,
+            callbacks=[MlflowMetrics(self.registry.client, self.run_id), self.interrupt],
+        )
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ConsoleProgress)
+        return trainer
+
+    # -- train -------------------------------------------------------------------------------
+
+    def train(self) -> bool:
+        """Train to max_steps; False when Ctrl-C stopped it (a checkpoint holds the progress)."""
+        if self.checkpoint is None:
+            # LoRA's B starts at zero, but measure the base itself with the adapter switched off.
+            with self.model.disable_adapter():
+                self.trainer.evaluate(metric_key_prefix="base")
+        else:
+            log.warning("resuming %s from %s", self.config.name, self.checkpoint)
+        self.trainer.train(resume_from_checkpoint=self.checkpoint)
+        if self.interrupt.requested:
+            self.registry.client.set_terminated(self.run_id, status="KILLED")
+            self._write_run_file(self.run_id, "interrupted")
+            return False
+        state = self.trainer.state
+        last_eval = max((h["step"] for h in state.log_history if "eval_loss" in h), default=-1)
+        if last_eval != state.global_step:
+            self.trainer.evaluate()
+        return True
+
+    def metrics(self) -> dict[str, float]:
+        """Latest value of each metric over the run, base evaluation included."""
+        from train.callbacks import with_perplexity
+
+        latest: dict[str, float] = {}
+        for entry in self.trainer.state.log_history:
+            latest.update(with_perplexity({k: v for k, v in entry.items() if k != "step"}))
+        # A resumed run's history starts at its checkpoint: the base numbers live in MLflow.
+        run = self.registry.client.get_run(self.run_id)
+        for key in ("base_loss", "base_perplexity"):
+            if key in run.data.metrics:
+                latest.setdefault(key, run.data.metrics[key])
+        return {k: float(v) for k, v in latest.items() if isinstance(v, (int, float))}
+
+    # -- save / register ---------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """The adapter in PEFT format with its lineage, logged to the run as `adapter/`."""
+        from importlib.metadata import version
+
+        adapter_dir = self.run_dir / "adapter"
+        self.model.save_pretrained(adapter_dir)
+        peft_config = self.model.peft_config["default"]
+        metrics = self.metrics()
+        self.lineage = Lineage(
+            name=self.config.name,
+            base_model=self.base.name,
+            base_fingerprint=self.base.fingerprint,
+            data_hash=self.data_hash,
+            rank=peft_config.r,
+            alpha=peft_config.lora_alpha,
+            target_modules=sorted(peft_config.target_modules),
+            loraplex_version=version("loraplex"),
+            metrics={k: v for k, v in metrics.items() if k.startswith(("eval_", "base_"))},
+        )
+        self.lineage.write(adapter_dir)
+        self.registry.client.log_artifacts(self.run_id, str(adapter_dir), artifact_path="adapter")
+        return adapter_dir
+
+    def register(self) -> AdapterVersion:
+        run = self.registry.client.get_run(self.run_id)
+        version = self.registry.register(
+            self.config.name, self.run_id, f"{run.info.artifact_uri}/adapter", self.lineage
+        )
+        self.registry.client.set_terminated(self.run_id, status="FINISHED")
+        self._write_run_file(self.run_id, "finished")
+        return version
+
+    def cleanup(self) -> None:
+        """Drop checkpoints of a finished run: the adapter and MLflow hold what matters."""
+        import shutil
+
+        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+
+    def run(self) -> TrainResult:
+        self.setup()
+        try:
+            finished = self.train()
+        except BaseException:
+            # Checkpoints stay: `--resume` continues from the last one.
+            self.registry.client.set_terminated(self.run_id, status="FAILED")
+            self._write_run_file(self.run_id, "failed")
+            raise
+        if not finished:
+            return TrainResult("interrupted", self.run_dir, self.run_id)
+        adapter_dir = self.save()
+        version = self.register()
+        self.cleanup()
+        return TrainResult(
+            "finished", self.run_dir, self.run_id, adapter_dir, version, self.lineage.metrics
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
