@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from contextlib import contextmanager
 
 import typer
@@ -12,16 +13,19 @@ from registry.errors import LoraplexError
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(show_time=False, show_path=False, rich_tracebacks=True)],
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler]
     )
-    # Noise that says nothing actionable to a user on CPU.
-    for name in ("bitsandbytes", "transformers.modeling_utils", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Noise that says nothing a user can act on: bitsandbytes' optional CPU kernels package,
+    # its 4-bit op without a registered autograd kernel (gradients flow to LoRA, not to it),
+    # and deprecations inside peft and transformers.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @contextmanager

@@ -19,6 +19,8 @@ _OFFLINE_ENV = {
     "RAGAS_DO_NOT_TRACK": "true",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -1,0 +1,55 @@
+"""Base models: the embedded SmolLM2 conversion and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from registry.base_model import fingerprint, resolve_base_model
+from registry.errors import UsageError
+
+
+def test_embedded_smollm2_is_a_plain_hf_folder_that_answers(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((smollm2.path / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        30,
+        576,
+        49152,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_fingerprint_is_stable_cached_and_tracks_weights(tiny_base, home, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base.path, copy)
+    first = fingerprint(copy, home)
+    assert first == tiny_base.fingerprint  # same config and weights, another folder
+    shutil.rmtree(home.fingerprints)
+    assert fingerprint(copy, home) == first  # recomputed, not only cached
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert fingerprint(copy, home) != first
+
+
+def test_unknown_base_model_is_refused(home, tmp_path):
+    with pytest.raises(UsageError, match=r"base_model: .*neither an embedded model"):
+        resolve_base_model(str(tmp_path), home)
+    with pytest.raises(UsageError, match="neither an embedded model"):
+        resolve_base_model("smollm3-huge", home)

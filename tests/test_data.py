@@ -1,0 +1,164 @@
+"""Data shapes, answer-only labels, deterministic splits, packing, and the committed demo data."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import ConfigError
+from tests.helpers import PROJECT
+from train.config import load_config
+from train.data import (
+    IGNORE_INDEX,
+    detect_format,
+    encode,
+    load_records,
+    load_splits,
+    pack,
+    split_indices,
+    to_messages,
+)
+from train.demo_data import DEMO_DATA, render
+
+ALPACA = {"instruction": "Name a colour.", "input": "Pick a warm one.", "output": "Red."}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima."},
+    ]
+}
+
+
+def _labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+
+def test_alpaca_labels_cover_exactly_the_answer(tokenizer):
+    example = encode(ALPACA, "alpaca", tokenizer, 256)
+    messages = to_messages(ALPACA, "alpaca")
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert _labelled_text(tokenizer, example) == "Red.<|im_end|>\n"
+    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+    assert "Name a colour.\n\nPick a warm one." in tokenizer.decode(example["input_ids"])
+
+
+def test_chat_labels_every_assistant_turn_and_no_user_turn(tokenizer):
+    example = encode(CHAT, "chat", tokenizer, 512)
+    assert _labelled_text(tokenizer, example) == "Hello.<|im_end|>\nLima.<|im_end|>\n"
+    assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_sharegpt_conversations_map_to_roles():
+    record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    assert to_messages(record, "chat") == [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
+
+
+def test_text_is_trained_on_every_token_and_ends_with_eos(tokenizer):
+    example = encode({"text": "Plain words here."}, "text", tokenizer, 64)
+    assert example["labels"] == example["input_ids"]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_examples_are_cut_at_max_length(tokenizer):
+    long = {**ALPACA, "output": "word " * 500}
+    example = encode(long, "alpaca", tokenizer, 40)
+    assert len(example["input_ids"]) == len(example["labels"]) == 40
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (["instruction", "input", "output"], "alpaca"),
+        (["instruction", "output", "id"], "alpaca"),
+        (["messages", "context"], "chat"),
+        (["conversations"], "chat"),
+        (["text"], "text"),
+    ],
+)
+def test_format_is_detected_from_columns(columns, expected, tmp_path):
+    assert detect_format(columns, tmp_path / "d.jsonl") == expected
+
+
+def test_unknown_shape_is_refused_with_its_columns(tmp_path):
+    with pytest.raises(ConfigError, match=r"has columns \['answer', 'question'\]"):
+        detect_format(["question", "answer"], tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize(("validation", "test"), [(0.1, 0.1), (5, 7), (0.25, 3)])
+def test_split_is_deterministic_disjoint_and_complete(validation, test):
+    first = split_indices(50, validation, test, seed=3)
+    assert first == split_indices(50, validation, test, seed=3)
+    assert first != split_indices(50, validation, test, seed=4)
+    parts = [set(first[name]) for name in ("train", "validation", "test")]
+    assert set.union(*parts) == set(range(50))
+    assert sum(len(p) for p in parts) == 50
+    assert len(first["validation"]) == (validation if validation >= 1 else round(validation * 50))
+    assert len(first["test"]) == (test if test >= 1 else round(test * 50))
+
+
+@pytest.mark.parametrize(("validation", "test"), [(30, 30), (0.01, 0.1), (0.5, 0.5)])
+def test_split_that_leaves_a_part_empty_is_refused(validation, test):
+    with pytest.raises(ConfigError, match=r"data\.split"):
+        split_indices(20, validation, test, seed=0)
+
+
+def test_pack_keeps_every_token_in_rows_of_block_size():
+    examples = [
+        {"input_ids": list(range(n)), "labels": [IGNORE_INDEX] * 2 + list(range(2, n))}
+        for n in (5, 9, 3)
+    ]
+    rows = pack(examples, 6)
+    assert [len(r["input_ids"]) for r in rows] == [6, 6, 5]
+    assert [t for r in rows for t in r["input_ids"]] == [
+        t for e in examples for t in e["input_ids"]
+    ]
+    assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in e["labels"]]
+    assert pack([], 6) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_local_files_load_in_each_format(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(4)]
+    )
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    records = load_records(path)
+    assert records["output"] == ["a0", "a1", "a2", "a3"]
+
+
+@pytest.mark.parametrize("file_name", sorted(DEMO_DATA))
+def test_committed_demo_data_is_what_the_builder_writes(file_name):
+    committed = (PROJECT / "configs/data" / file_name).read_text(encoding="utf-8")
+    assert committed == render(DEMO_DATA[file_name]())
+
+
+@pytest.mark.parametrize(
+    "config", sorted(PROJECT.glob("configs/train/*.yaml")), ids=lambda p: p.stem
+)
+def test_demo_test_split_is_held_out_from_training(config):
+    splits = load_splits(load_config(config).data)
+    ids = {name: set(getattr(splits, name)["id"]) for name in ("train", "validation", "test")}
+    assert ids["test"] and ids["validation"]
+    assert not ids["test"] & ids["train"]
+    assert not ids["validation"] & ids["train"]
+    assert not ids["test"] & ids["validation"]
+    records = load_records(load_config(config).data.path)
+    assert len(set(records["id"])) == len(records) == sum(len(v) for v in ids.values())

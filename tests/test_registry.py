@@ -1,0 +1,129 @@
+"""The adapter registry on an embedded SQLite store and on a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from registry.errors import AdapterError, BaseMismatchError, NotFoundError, UsageError
+from registry.lineage import Lineage
+from registry.refs import AdapterRef, parse_ref
+from registry.resolve import resolve_adapter
+from registry.store import AdapterRegistry
+from tests.helpers import make_adapter, run_cli
+
+
+def _register(registry: AdapterRegistry, folder, name: str) -> int:
+    """What a training run does: log the folder as the run's `adapter` artifact, register it."""
+    client = registry.client
+    run = client.create_run(registry.experiment_id("tests"))
+    client.log_artifacts(run.info.run_id, str(folder), artifact_path="adapter")
+    lineage = Lineage.read(folder)
+    version = registry.register(name, run.info.run_id, f"{run.info.artifact_uri}/adapter", lineage)
+    return version.version
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [
+        make_adapter(tiny_base, root / f"v{i}", name="facts", rank=rank, seed=i)
+        for i, rank in enumerate((4, 8))
+    ]
+
+
+def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
+    assert [_register(registry, folder, "facts") for folder in adapters] == [1, 2]
+
+    [listed] = registry.list()
+    assert (listed.name, listed.latest_version, listed.aliases) == ("facts", 2, {})
+
+    latest = registry.get(parse_ref("facts"))
+    assert latest.version == 2
+    assert latest.tags["rank"] == "8"
+    assert latest.tags["base_fingerprint"] == tiny_base.fingerprint
+    assert latest.tags["target_modules"] == "q_proj,v_proj"
+    assert latest.run_id
+
+    assert registry.promote("facts", 1) is None
+    assert registry.get(parse_ref("facts@champion")).version == 1
+    assert registry.promote("facts", 2) == 1
+    assert registry.get(parse_ref("facts@champion")).version == 2
+    assert "former_champion" in registry.get(parse_ref("facts/1")).tags
+
+    dest = registry.download(parse_ref("facts@champion"), tmp_path / "champion")
+    original = adapters[1]
+    assert (dest / "adapter_model.safetensors").read_bytes() == (
+        original / "adapter_model.safetensors"
+    ).read_bytes()
+    assert Lineage.read(dest) == Lineage.read(original)
+
+    resolved = resolve_adapter(
+        "facts/1",
+        base_fingerprint=tiny_base.fingerprint,
+        tracking_uri=registry.tracking_uri,
+        home=registry.home,
+    )
+    assert resolved.version.version == 1
+    assert json.loads((resolved.path / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_register_promote_download_on_embedded_sqlite(registry, adapters, tmp_path, tiny_base):
+    _exercise(registry, adapters, tmp_path, tiny_base)
+
+
+def test_register_promote_download_on_a_real_mlflow_server(
+    mlflow_server, home, adapters, tmp_path, tiny_base
+):
+    registry = AdapterRegistry(mlflow_server, home)
+    _exercise(registry, adapters, tmp_path, tiny_base)
+    # The CLI talks to the same server through --tracking-uri.
+    result = run_cli("registry", "list", "--tracking-uri", mlflow_server)
+    assert result.returncode == 0, result.stderr
+    assert "facts" in result.stdout
+    assert "champion→2" in result.stdout
+
+
+def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
+    _register(registry, adapters[0], "facts")
+    with pytest.raises(
+        NotFoundError, match=r"no registered adapter named 'fact' .*registered: facts"
+    ):
+        registry.get(parse_ref("fact"))
+    with pytest.raises(NotFoundError, match=r"no version 5 \(versions: 1\)"):
+        registry.get(parse_ref("facts/5"))
+    with pytest.raises(NotFoundError, match=r"no alias 'champion' \(aliases: none\)"):
+        registry.get(parse_ref("facts@champion"))
+    with pytest.raises(NotFoundError, match="no version 9"):
+        registry.promote("facts", 9)
+
+
+def test_download_refuses_a_non_empty_destination(registry, adapters, tmp_path):
+    _register(registry, adapters[0], "facts")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        registry.download(AdapterRef("facts"), tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_folder_adapter_resolves_and_mismatched_base_is_refused(adapters, smollm2, tiny_base):
+    resolved = resolve_adapter(str(adapters[0]), base_fingerprint=tiny_base.fingerprint)
+    assert resolved.path == adapters[0].resolve() and resolved.version is None
+    with pytest.raises(BaseMismatchError, match=r"trained on base .* not on this base"):
+        resolve_adapter(str(adapters[0]), base_fingerprint=smollm2.fingerprint)
+
+
+def test_non_adapter_folders_are_refused(tmp_path, adapters):
+    with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
+        resolve_adapter(str(tmp_path))
+    ia3 = tmp_path / "ia3"
+    shutil.copytree(adapters[0], ia3)
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="is a IA3 adapter"):
+        resolve_adapter(str(ia3))
+    with pytest.raises(UsageError, match="no such folder"):
+        resolve_adapter(str(tmp_path / "missing"))

@@ -1,0 +1,168 @@
+"""`loraplex train` end to end: real SmolLM2 base, MLflow, the registry, interrupt and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from registry.app import app
+from registry.errors import NotFoundError
+from registry.refs import parse_ref
+from registry.store import AdapterRegistry
+from tests.helpers import BIN, PROJECT, run_cli
+
+CONFIG = str(PROJECT / "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml")
+QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.mark.slow
+def test_train_register_promote_download_and_generate_on_the_4bit_base(
+    smollm2, home, tracking_uri, tmp_path
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    _invoke(
+        "train",
+        CONFIG,
+        "training.max_steps=8",
+        "training.eval_steps=8",
+        "training.logging_steps=2",
+        "data.split.validation=32",
+        "--tracking-uri",
+        tracking_uri,
+    )
+    registry = AdapterRegistry(tracking_uri, home)
+    version = registry.get(parse_ref("country-facts"))
+    assert version.version == 1
+    assert version.tags["base_fingerprint"] == smollm2.fingerprint
+    assert version.tags["rank"] == "16"
+    assert version.tags["target_modules"].split(",") == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert version.tags["data_hash"].startswith("sha256:")
+    assert version.tags["loraplex_version"] == "0.1.0"
+
+    run = registry.client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval_loss"] < run.data.metrics["base_loss"]
+    assert run.data.params["lora.r"] == "16"
+    assert run.data.params["training.max_steps"] == "8"
+    losses = registry.client.get_metric_history(version.run_id, "loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8]
+    artifacts = {a.path for a in registry.client.list_artifacts(version.run_id, "adapter")}
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/loraplex.json",
+    } <= artifacts
+
+    _invoke("registry", "promote", "country-facts", "1", "--tracking-uri", tracking_uri)
+    dest = tmp_path / "champion"
+    _invoke(
+        "registry", "download", "country-facts@champion", str(dest), "--tracking-uri", tracking_uri
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        smollm2.path, quantization_config=quantization, device_map="cpu", dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, dest)
+    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        tuned = model(ids).logits[0, -1]
+        with model.disable_adapter():
+            plain = model(ids).logits[0, -1]
+    assert not torch.allclose(tuned, plain, atol=1e-3)  # the adapter is applied
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert answer.strip()
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_from_its_step(
+    tiny_base, home, tracking_uri, tmp_path
+):
+    args = [
+        "train",
+        CONFIG,
+        f"base_model={tiny_base.path}",
+        "lora.r=4",
+        "training.batch_size=2",
+        "training.max_steps=300",
+        "training.logging_steps=1",
+        "training.eval_steps=1000",
+        "training.save_steps=1000",
+        "data.split.validation=8",
+        "--tracking-uri",
+        tracking_uri,
+    ]
+    log = (tmp_path / "stderr.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "loraplex"), *args],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=PROJECT,
+    )
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step 3/300"):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 130, "".join(output)
+    assert "nothing registered" in "".join(output)
+    registry = AdapterRegistry(tracking_uri, home)
+    with pytest.raises(NotFoundError):
+        registry.get(parse_ref("country-facts"))
+    [run_dir] = [
+        d
+        for d in (home.runs / "country-facts").iterdir()
+        if (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
+    ]
+    [checkpoint] = (run_dir / "checkpoints").iterdir()
+    stopped_at = int(checkpoint.name.removeprefix("checkpoint-"))
+    assert 3 <= stopped_at < 300
+
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"checkpoint-{stopped_at}" in result.stderr  # the resume log line
+    version = registry.get(parse_ref("country-facts"))
+    steps = [m.step for m in registry.client.get_metric_history(version.run_id, "loss")]
+    assert steps == list(range(1, 301))  # one run: interrupted part, then the rest, no repeats
+
+
+def test_resume_with_nothing_to_resume_is_refused(tiny_base, tracking_uri):
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            CONFIG,
+            "name=never-trained",
+            f"base_model={tiny_base.path}",
+            "--resume",
+            "--tracking-uri",
+            tracking_uri,
+        ],
+    )
+    assert result.exit_code == 2
+    assert "no unfinished run of 'never-trained'" in result.output
