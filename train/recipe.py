@@ -198,7 +198,7 @@ class TrainingJob:
     def _trainer(self):
         import torch
         from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-        from transformers.trainer_callback import ProgressCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from train.callbacks import ConsoleProgress, GracefulInterrupt, MlflowMetrics
 
@@ -228,6 +228,7 @@ class TrainingJob:
             remove_unused_columns=False,
             dataloader_num_workers=0,
             include_num_input_tokens_seen="non_padding",
+            disable_tqdm=False,  # else it follows TRANSFORMERS_VERBOSITY, which we quiet
         )
         self.interrupt = GracefulInterrupt()
         trainer = Trainer(
@@ -240,6 +241,7 @@ class TrainingJob:
             callbacks=[MlflowMetrics(self.registry.client, self.run_id), self.interrupt],
         )
         trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ConsoleProgress)
         return trainer
 

@@ -1,0 +1,132 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts and the prefix cache.
+
+Block ids index the preallocated K/V pool of the model runner; this class never touches
+tensors. A full block is hashed by (parent block hash, adapter uid, its tokens): a later
+sequence with the same adapter version and the same prefix reuses it instead of recomputing.
+Freed blocks keep their contents and hash until they are handed out again, least recently
+used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from serve.sequence import Sequence
+
+
+def block_hashes(
+    tokens: list[int], block_size: int, adapter_uid: str | None, start: list[int]
+) -> list[int]:
+    """Chained hashes of every full block of `tokens`, continuing the already known `start`."""
+    hashes = list(start)
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), len(tokens) // block_size):
+        parent = hash((parent, adapter_uid, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._hashes: dict[str, list[int]] = {}  # request id -> hashes of its full blocks
+        self.prefix_hits = 0  # blocks reused, for metrics
+        self.prefix_queries = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Give `seq` the blocks to hold `num_new_tokens` more tokens (ask can_append first)."""
+        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._forget(block)
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Take the cached blocks that hold a prefix of `seq`; returns the tokens they cover.
+
+        At least the last token is left to compute: its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        hashes = self._hashes_of(seq)
+        usable = (seq.num_tokens - 1) // self.block_size
+        self.prefix_queries += usable
+        for h in hashes[:usable]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        self.prefix_hits += len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return seq.num_computed_tokens
+
+    def commit(self, seq: Sequence) -> None:
+        """Publish the blocks `seq` has filled and computed, for other sequences to reuse."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        hashes = self._hashes_of(seq)
+        for i in range(full):
+            block = seq.block_table[i]
+            if self.block_hash[block] is None and hashes[i] not in self.cached:
+                self.block_hash[block] = hashes[i]
+                self.cached[hashes[i]] = block
+
+    def free(self, seq: Sequence) -> None:
+        """Release the blocks of a finished or preempted sequence.
+
+        Tail blocks go first into the eviction order, so a shared prefix outlives them;
+        blocks that hold no cached prefix are reused before any that do.
+        """
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+                if self.block_hash[block] is None:
+                    self.free_blocks.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        self._hashes.pop(seq.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        for block in range(self.num_blocks):
+            if self.ref_counts[block] == 0:
+                self._forget(block)
+
+    def _hashes_of(self, seq: Sequence) -> list[int]:
+        known = self._hashes.get(seq.request_id, [])
+        if len(known) < seq.num_tokens // self.block_size:
+            known = block_hashes(seq.token_ids, self.block_size, seq.adapter_uid, known)
+            self._hashes[seq.request_id] = known
+        return known
+
+    def _forget(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None

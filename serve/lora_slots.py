@@ -1,0 +1,53 @@
+"""Which adapter sits in which of the `max_loras` device slots (bookkeeping only, no tensors).
+
+A slot is pinned while a running sequence uses its adapter; an unpinned slot is reused least
+recently used first. So the distinct adapters of one step never exceed the slots.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+
+
+class LoraSlots:
+    def __init__(self, max_loras: int):
+        self.max_loras = max_loras
+        self.slot_of: dict[str, int] = {}  # adapter uid -> slot
+        self.pins: Counter[str] = Counter()  # adapter uid -> running sequences using it
+        self._idle: OrderedDict[str, None] = OrderedDict()  # unpinned uids, LRU first
+        self.loads = 0  # adapters copied into a slot, for metrics
+        self.evictions = 0
+
+    def acquire(self, uid: str) -> tuple[int, bool] | None:
+        """Pin `uid` into a slot: (slot, whether its weights must be copied in), or None if every
+        slot is pinned by other adapters."""
+        if uid in self.slot_of:
+            self._idle.pop(uid, None)
+            self.pins[uid] += 1
+            return self.slot_of[uid], False
+        used = set(self.slot_of.values())
+        free = [s for s in range(self.max_loras) if s not in used]
+        if free:
+            slot = free[0]
+        elif self._idle:
+            victim, _ = self._idle.popitem(last=False)
+            slot = self.slot_of.pop(victim)
+            self.evictions += 1
+        else:
+            return None
+        self.slot_of[uid] = slot
+        self.pins[uid] += 1
+        self.loads += 1
+        return slot, True
+
+    def release(self, uid: str) -> None:
+        self.pins[uid] -= 1
+        if self.pins[uid] == 0:
+            del self.pins[uid]
+            self._idle[uid] = None
+
+    def forget(self, uid: str) -> None:
+        """Drop an unloaded adapter's slot, so a new version under the same name loads afresh."""
+        if uid not in self.pins and uid in self.slot_of:
+            del self.slot_of[uid]
+            self._idle.pop(uid, None)

@@ -1,0 +1,77 @@
+"""How to pick each next token of one request, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Decoding settings of one request (the OpenAI and vLLM names and meanings).
+
+    temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. Penalties follow
+    OpenAI (frequency, presence: subtracted from logits of generated tokens) and CTRL
+    (repetition: divides positive logits of prompt and generated tokens).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-n alternatives per generated token (0: only the chosen)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
+
+    def __post_init__(self):
+        # Lists are accepted for convenience; stored as tuples so params stay hashable.
+        object.__setattr__(self, "stop", _tuple(self.stop, str, "stop"))
+        object.__setattr__(
+            self, "stop_token_ids", _tuple(self.stop_token_ids, int, "stop_token_ids")
+        )
+        _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
+        _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)", self.top_k)
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _check(-2 <= value <= 2, name, "must be in [-2, 2]", value)
+        _check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            "must be > 0",
+            self.repetition_penalty,
+        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value <= 20, name, "must be in [0, 20]", value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.frequency_penalty != 0
+            or self.presence_penalty != 0
+            or self.repetition_penalty != 1
+        )
+
+
+def _tuple(value, kind, name: str) -> tuple:
+    items = (value,) if isinstance(value, kind) else tuple(value or ())
+    for item in items:
+        _check(isinstance(item, kind), name, f"must hold {kind.__name__} values", item)
+    return items
+
+
+def _check(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule} (got {value!r})")

@@ -1,0 +1,175 @@
+"""Iteration-level scheduling: which sequences compute how many tokens in the next step.
+
+Each step has a token budget. Running sequences go first, oldest first: a decoding sequence
+takes one token, one still prefilling takes a chunk of its prompt. Waiting sequences then join
+in arrival order while budget, sequence slots, KV blocks and adapter slots last. When blocks run
+out, the newest running sequence is preempted: its blocks are freed and it waits at the head of
+the queue to be recomputed, keeping every token it has generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from serve.block_allocator import BlockAllocator
+from serve.lora_slots import LoraSlots
+from serve.sequence import Sequence, Status
+
+BASE_SLOT = -1  # the lora slot of sequences served by the base model alone
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan of one step, in batch order: base-only sequences first, then grouped by slot."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    # tokens each sequence computes, from position seq.num_computed_tokens on; [len(seqs)]
+    num_new_tokens: list[int] = field(default_factory=list)
+    # device lora slot of each sequence, BASE_SLOT for none; [len(seqs)]
+    lora_slots: list[int] = field(default_factory=list)
+    # adapters to copy into device slots before the step runs: (slot, adapter uid)
+    lora_loads: list[tuple[int, str]] = field(default_factory=list)
+    # sequences sent back to the waiting queue this step (their blocks are already freed)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        slots: LoraSlots,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ):
+        self.allocator = allocator
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        loads: list[tuple[int, str]] = []
+        preempted: list[Sequence] = []
+
+        running = list(self.running)
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.allocator.can_append(seq, n):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.allocator.append(seq, n)
+                plan.append((seq, n))
+                budget -= n
+                i += 1
+        self.running = running
+
+        # Newcomers wait while anyone is being preempted: they would only be preempted next.
+        skipped: list[Sequence] = []
+        while (
+            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            slot = None
+            if seq.adapter_uid is not None:
+                slot = self.slots.acquire(seq.adapter_uid)
+                if slot is None:  # every slot pinned by other adapters: let others pass
+                    skipped.append(self.waiting.popleft())
+                    continue
+            if not seq.block_table:
+                seq.num_cached_tokens = self.allocator.match_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.allocator.can_append(seq, n):
+                self.allocator.free(seq)
+                if seq.adapter_uid is not None:
+                    self.slots.release(seq.adapter_uid)
+                break
+            if slot is not None and slot[1]:
+                loads.append((slot[0], seq.adapter_uid))
+            self.allocator.append(seq, n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+        plan.sort(key=lambda item: self._slot(item[0]))
+        return SchedulerOutput(
+            seqs=[seq for seq, _ in plan],
+            num_new_tokens=[n for _, n in plan],
+            lora_slots=[self._slot(seq) for seq, _ in plan],
+            lora_loads=loads,
+            preempted=preempted,
+        )
+
+    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Apply a step's result: computed tokens and one sampled token per sequence that had
+        caught up (None for the rest). Returns the sequences that finished."""
+        finished = []
+        for seq, n, token in zip(plan.seqs, plan.num_new_tokens, sampled, strict=True):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            self.allocator.commit(seq)
+            if token is not None:
+                seq.append_token(token)
+                if seq.is_finished:
+                    self._release(seq)
+                    finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, status: Status) -> None:
+        """End a sequence from outside the step (abort, stop string)."""
+        if seq.is_finished:
+            return
+        was_running = seq.status is Status.RUNNING
+        seq.status = status
+        if was_running:
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+            self.allocator.free(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq)
+        if seq.adapter_uid is not None:
+            self.slots.release(seq.adapter_uid)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq)
+        if seq.adapter_uid is not None:
+            self.slots.release(seq.adapter_uid)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _slot(self, seq: Sequence) -> int:
+        return BASE_SLOT if seq.adapter_uid is None else self.slots.slot_of[seq.adapter_uid]

@@ -1,0 +1,129 @@
+"""Iteration-level scheduling with tiny budgets: chunked prefill, joining, preemption, slots."""
+
+from __future__ import annotations
+
+from serve.block_allocator import BlockAllocator
+from serve.lora_slots import LoraSlots
+from serve.sampling_params import SamplingParams
+from serve.scheduler import BASE_SLOT, Scheduler
+from serve.sequence import Sequence, Status
+
+
+def make(num_blocks=16, block_size=4, max_num_seqs=4, budget=16, max_loras=2):
+    return Scheduler(
+        BlockAllocator(num_blocks, block_size), LoraSlots(max_loras), max_num_seqs, budget
+    )
+
+
+def seq(rid, n_prompt, adapter=None, max_tokens=8):
+    start = 1000 * ord(rid)  # distinct prompts: no prefix-cache hits between requests
+    return Sequence(
+        rid,
+        list(range(start, start + n_prompt)),
+        n_prompt,
+        SamplingParams(max_tokens=max_tokens),
+        adapter_uid=adapter,
+    )
+
+
+def step(s: Scheduler, token=7):
+    plan = s.schedule()
+    sampled = [
+        token if seq.num_computed_tokens + n == seq.num_tokens else None
+        for seq, n in zip(plan.seqs, plan.num_new_tokens, strict=True)
+    ]
+    s.update(plan, sampled)
+    return plan
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decodes():
+    s = make(budget=8)
+    a = seq("a", 20)
+    s.add(a)
+    assert step(s).num_new_tokens == [8]
+    assert step(s).num_new_tokens == [8]
+    plan = step(s)
+    assert plan.num_new_tokens == [4]
+    assert a.num_output_tokens == 1  # sampled once the prompt was caught up
+    assert step(s).num_new_tokens == [1]
+    assert a.block_table == [0, 1, 2, 3, 4, 5]
+
+
+def test_new_request_joins_while_others_decode_within_the_budget():
+    s = make(budget=10)
+    a = seq("a", 4)
+    s.add(a)
+    step(s)
+    b = seq("b", 12)
+    s.add(b)
+    plan = step(s)
+    assert [x.request_id for x in plan.seqs] == ["a", "b"]
+    assert plan.num_new_tokens == [1, 9]  # a decodes, b prefills what the budget leaves
+    plan = step(s)
+    assert plan.num_new_tokens == [1, 3]
+
+
+def test_running_sequences_are_capped():
+    s = make(max_num_seqs=2)
+    for rid in "abc":
+        s.add(seq(rid, 2))
+    plan = step(s)
+    assert [x.request_id for x in plan.seqs] == ["a", "b"]
+    assert [x.request_id for x in s.waiting] == ["c"]
+
+
+def test_newest_sequence_is_preempted_and_resumes_with_its_tokens():
+    s = make(num_blocks=4, block_size=4, budget=32)
+    a, b = seq("a", 8, max_tokens=20), seq("b", 8, max_tokens=20)
+    s.add(a)
+    s.add(b)
+    step(s)  # a: blocks 0,1, b: blocks 2,3; both full, both sample their 9th token
+    assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    plan = step(s)  # a needs a 3rd block for position 8: b (newest) is preempted
+    assert plan.preempted == [b]
+    assert [x.request_id for x in plan.seqs] == ["a"]
+    assert b.status is Status.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert b.num_tokens == 9  # its sampled token is kept
+    assert s.waiting[0] is b
+    a.params = SamplingParams(max_tokens=a.num_output_tokens + 1)  # let a finish next step
+    step(s)
+    assert a.is_finished
+    plan = step(s)
+    # b recomputes prompt and output. a took b's tail block 3 (evicted first); b's head block 2
+    # was still cached, so 4 of its 9 tokens come from the prefix cache.
+    assert plan.seqs == [b] and plan.num_new_tokens == [5] and b.num_cached_tokens == 4
+    assert b.block_table[0] == 2
+
+
+def test_distinct_adapters_per_step_are_capped_at_the_slots():
+    s = make(max_loras=2, budget=64, max_num_seqs=8)
+    for rid, adapter in [("a", "x/1"), ("b", "y/1"), ("c", "z/1"), ("d", None), ("e", "x/1")]:
+        s.add(seq(rid, 2, adapter))
+    plan = step(s)
+    ids = [x.request_id for x in plan.seqs]
+    assert sorted(ids) == ["a", "b", "d", "e"]  # z waits for a slot; others pass it
+    assert ids[0] == "d" and plan.lora_slots[0] == BASE_SLOT  # base first, then by slot
+    assert plan.lora_slots == sorted(plan.lora_slots)
+    assert sorted(plan.lora_loads) == [(0, "x/1"), (1, "y/1")]
+    assert [x.request_id for x in s.waiting] == ["c"]
+
+
+def test_adapter_slot_is_reused_after_its_sequences_finish():
+    s = make(max_loras=1, budget=64)
+    s.add(seq("a", 2, "x/1", max_tokens=1))
+    s.add(seq("b", 2, "y/1", max_tokens=1))
+    assert step(s).lora_loads == [(0, "x/1")]
+    plan = step(s)
+    assert plan.lora_loads == [(0, "y/1")] and s.slots.evictions == 1
+
+
+def test_abort_frees_blocks_of_running_and_waiting_sequences():
+    s = make(max_num_seqs=1)
+    a, b = seq("a", 5), seq("b", 5)
+    s.add(a)
+    s.add(b)
+    step(s)
+    s.finish(a, Status.FINISHED_ABORTED)
+    s.finish(b, Status.FINISHED_ABORTED)
+    assert s.allocator.num_free_blocks == 16
+    assert not s.has_unfinished
