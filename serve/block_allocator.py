@@ -67,7 +67,12 @@ class BlockAllocator:
 
         At least the last token is left to compute: its logits are needed to sample.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        # Prompt log-probabilities need every prompt position computed, so no reuse for them.
+        if (
+            not self.enable_prefix_caching
+            or seq.block_table
+            or seq.params.prompt_logprobs is not None
+        ):
             return 0
         hashes = self._hashes_of(seq)
         usable = (seq.num_tokens - 1) // self.block_size

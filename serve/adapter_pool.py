@@ -1,0 +1,190 @@
+"""LoRA adapters in two tiers: host memory (LRU, `max_cpu_loras`) and `max_loras` device slots.
+
+An adapter is validated and read once from its PEFT folder into host memory; the scheduler
+decides which slot it occupies (`LoraSlots`) and the runner copies it in with `load_slot`.
+Slots hold every layer's A and B of each target module, zero-padded to `max_lora_rank`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from registry.errors import AdapterError
+from serve.llama import LORA_MODULES, ModelShape
+from serve.lora_ops import lora_segments
+
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter in host memory."""
+
+    uid: str
+    path: Path
+    # (layer, module) -> (A [r, in], B [out, r], scale)
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _, _ in self.tensors.values())
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for _, m in self.tensors})
+
+
+def read_peft_lora(path: Path, uid: str, shape: ModelShape, max_rank: int) -> LoraWeights:
+    """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits."""
+    from safetensors.torch import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    name = f"adapter {uid!r}"
+    if config.get("use_dora"):
+        raise AdapterError(f"{name}: DoRA adapters are not supported")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise AdapterError(f"{name}: adapters that train biases are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{name}: modules_to_save ({config['modules_to_save']}) is not supported"
+        )
+    files = [path / "adapter_model.safetensors"]
+    if not files[0].is_file():
+        raise AdapterError(f"{name}: {path} has no adapter_model.safetensors")
+    state = load_file(str(files[0]))
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unsupported = set()
+    for key, tensor in state.items():
+        match = _KEY.search(key)
+        if match is None or match[2] not in LORA_MODULES:
+            unsupported.add(key.split(".lora_")[0].rsplit(".", 1)[-1])
+            continue
+        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
+    if unsupported:
+        raise AdapterError(
+            f"{name}: unsupported target modules {sorted(unsupported)}; "
+            f"served: {', '.join(LORA_MODULES)}"
+        )
+    tensors = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        a, b = ab["A"].float(), ab["B"].float()
+        rank = a.shape[0]
+        if rank > max_rank:
+            raise AdapterError(f"{name}: rank {rank} is over max_lora_rank {max_rank}")
+        fan_in, fan_out = shape.lora_dims(module)
+        if layer >= shape.num_layers or a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+            raise AdapterError(
+                f"{name}: layer {layer} {module} has A {list(a.shape)}, B {list(b.shape)}; "
+                f"this base needs A [{rank}, {fan_in}], B [{fan_out}, {rank}] "
+                f"over {shape.num_layers} layers"
+            )
+        key = f"layers.{layer}.{module}"
+        alpha = _pattern(config.get("alpha_pattern"), key, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        tensors[(layer, module)] = (a, b, scale)
+    if not tensors:
+        raise AdapterError(f"{name}: {path} holds no LoRA weights")
+    return LoraWeights(uid, path, tensors)
+
+
+def _pattern(patterns: dict | None, key: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", key):
+            return value
+    return default
+
+
+class AdapterPool:
+    def __init__(
+        self,
+        shape: ModelShape,
+        max_loras: int,
+        max_rank: int,
+        max_cpu_loras: int,
+        dtype: torch.dtype,
+        device,
+    ):
+        self.shape = shape
+        self.max_rank = max_rank
+        self.max_cpu_loras = max_cpu_loras
+        self.dtype = dtype
+        L = shape.num_layers
+        self.A, self.B = {}, {}
+        for m in LORA_MODULES:
+            fan_in, fan_out = shape.lora_dims(m)
+            self.A[m] = torch.zeros(L, max_loras, max_rank, fan_in, dtype=dtype, device=device)
+            self.B[m] = torch.zeros(L, max_loras, fan_out, max_rank, dtype=dtype, device=device)
+        # Host-side per (module, layer, slot): the slot's rank there (0: not targeted), its scale.
+        self.ranks = {m: [[0] * max_loras for _ in range(L)] for m in LORA_MODULES}
+        self.scales = {m: [[0.0] * max_loras for _ in range(L)] for m in LORA_MODULES}
+        self.host: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.paths: dict[str, Path] = {}
+        self.host_evictions = 0
+
+    def add(self, uid: str, path: Path) -> LoraWeights:
+        """Validate and read an adapter into host memory (raises AdapterError)."""
+        weights = read_peft_lora(path, uid, self.shape, self.max_rank)
+        self.paths[uid] = path
+        self._keep(weights)
+        return weights
+
+    def remove(self, uid: str) -> None:
+        self.host.pop(uid, None)
+        self.paths.pop(uid, None)
+
+    def weights(self, uid: str) -> LoraWeights:
+        """Host copy of an adapter, read again from its folder if it was evicted."""
+        if uid in self.host:
+            self.host.move_to_end(uid)
+            return self.host[uid]
+        weights = read_peft_lora(self.paths[uid], uid, self.shape, self.max_rank)
+        self._keep(weights)
+        return weights
+
+    def load_slot(self, slot: int, uid: str) -> None:
+        """Copy an adapter into a device slot, replacing whatever was there."""
+        weights = self.weights(uid)
+        for m in LORA_MODULES:
+            self.A[m][:, slot].zero_()
+            self.B[m][:, slot].zero_()
+            for layer in range(self.shape.num_layers):
+                self.ranks[m][layer][slot] = 0
+                self.scales[m][layer][slot] = 0.0
+        for (layer, m), (a, b, scale) in weights.tensors.items():
+            r = a.shape[0]
+            self.A[m][layer, slot, :r].copy_(a)
+            self.B[m][layer, slot, :, :r].copy_(b)
+            self.ranks[m][layer][slot] = r
+            self.scales[m][layer][slot] = scale
+
+    def apply(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        layer: int,
+        module: str,
+        segments: list[tuple[int, int, int]],
+    ) -> None:
+        lora_segments(
+            y,
+            x,
+            self.A[module][layer],
+            self.B[module][layer],
+            self.ranks[module][layer],
+            self.scales[module][layer],
+            segments,
+        )
+
+    def _keep(self, weights: LoraWeights) -> None:
+        self.host[weights.uid] = weights
+        self.host.move_to_end(weights.uid)
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
+            self.host_evictions += 1

@@ -1,0 +1,131 @@
+"""Paged attention: K/V live in a pool of fixed-size blocks, read through block tables.
+
+`paged_attention` is the plain-torch reference a GPU kernel replaces: its semantics are
+    out[t] = softmax(q[t] · K[seq(t), :pos(t)+1]ᵀ · scale) · V[seq(t), :pos(t)+1]
+with K, V of a sequence gathered from the cache slots its block table names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended in one padded batch (decodes together, prefill chunks together)."""
+
+    token_index: torch.Tensor  # [seqs, max_q] flat token of each query row; padding = num_tokens
+    key_slots: torch.Tensor  # [seqs, max_ctx] cache slot of each key position; padding = 0
+    mask: torch.Tensor  # [seqs, 1, max_q, max_ctx] True where the query may attend the key
+    valid: torch.Tensor  # [seqs, max_q] True for real query rows
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot that each new token's K/V is written to
+    groups: list[AttentionGroup]
+
+
+def build_attention_metadata(
+    block_tables: list[list[int]],
+    num_computed: list[int],
+    num_new: list[int],
+    block_size: int,
+    device,
+) -> AttentionMetadata:
+    """Slot mapping and padded attention groups of one step (pure: tables in, indices out).
+
+    Sequence s computes tokens at positions num_computed[s] .. num_computed[s]+num_new[s]-1,
+    laid out one sequence after another in the flat batch.
+    """
+    starts, total = [], 0
+    for n in num_new:
+        starts.append(total)
+        total += n
+    width = max((len(t) for t in block_tables), default=0)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+    computed = torch.tensor(num_computed, dtype=torch.long)
+    new = torch.tensor(num_new, dtype=torch.long)
+
+    seq_of_token = torch.repeat_interleave(torch.arange(len(num_new)), new)
+    position = computed[seq_of_token] + torch.arange(total) - torch.tensor(starts)[seq_of_token]
+    slot_mapping = _slots(tables[seq_of_token], position[:, None], block_size)[:, 0]
+
+    groups = []
+    for members in (
+        [i for i, n in enumerate(num_new) if n == 1],
+        [i for i, n in enumerate(num_new) if n > 1],
+    ):
+        if members:
+            idx = torch.tensor(members)
+            groups.append(
+                _group(
+                    tables[idx],
+                    computed[idx],
+                    new[idx],
+                    torch.tensor(starts)[idx],
+                    total,
+                    block_size,
+                    device,
+                )
+            )
+    return AttentionMetadata(slot_mapping.to(device), groups)
+
+
+def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of each position: tables [rows, blocks], positions [rows, n] -> [rows, n]."""
+    block = torch.gather(tables, 1, positions // block_size)
+    return block * block_size + positions % block_size
+
+
+def _group(tables, computed, new, starts, num_tokens, block_size, device) -> AttentionGroup:
+    max_q = int(new.max())
+    context = computed + new  # keys each sequence sees after this step
+    max_ctx = int(context.max())
+    j = torch.arange(max_q)
+    valid = j[None, :] < new[:, None]  # [seqs, max_q]
+    token_index = torch.where(valid, starts[:, None] + j[None, :], num_tokens)
+    key_pos = torch.arange(max_ctx)
+    key_slots = _slots(
+        tables,
+        key_pos.expand(len(new), max_ctx).clamp(max=tables.shape[1] * block_size - 1),
+        block_size,
+    )
+    key_slots = torch.where(key_pos[None, :] < context[:, None], key_slots, 0)
+    query_pos = computed[:, None] + j[None, :]  # [seqs, max_q]
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal, within the context
+    mask &= valid[:, :, None]
+    mask[:, :, 0] |= ~valid  # padding rows attend one key instead of none (no NaN)
+    return AttentionGroup(
+        token_index.to(device), key_slots.to(device), mask.unsqueeze(1).to(device), valid.to(device)
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. q: [tokens, heads, dim]; k, v:
+    [tokens, kv_heads, dim]; caches: [slots, kv_heads, dim]. Returns [tokens, heads, dim]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # row num_tokens: padding queries
+    for g in meta.groups:
+        queries = padded[g.token_index].transpose(1, 2)  # [seqs, heads, max_q, dim]
+        keys = k_cache[g.key_slots].transpose(1, 2)  # [seqs, kv_heads, max_ctx, dim]
+        values = v_cache[g.key_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
+        )
+        o = o.transpose(1, 2)  # [seqs, max_q, heads, dim]
+        out[g.token_index[g.valid]] = o[g.valid]
+    return out

@@ -1,0 +1,31 @@
+"""Engine settings, validated on construction with the field and its range named."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry.base_model import DEFAULT_BASE_MODEL
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
+    quantization: Literal["nf4", "fp4"] | None = "nf4"  # as the adapters were trained
+    double_quant: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size
+    kv_cache_memory_gb: float = Field(1.0, gt=0)  # pool size; the block count follows
+    num_kv_blocks: int | None = Field(None, ge=1)  # overrides kv_cache_memory_gb (tests)
+    max_num_seqs: int = Field(32, ge=1)  # running sequences per step
+    max_num_batched_tokens: int = Field(512, ge=1)  # token budget per step (prefill chunk size)
+    max_model_len: int | None = Field(None, ge=2)  # default: the model's context length
+    max_loras: int = Field(8, ge=1)  # device slots: distinct adapters in one step
+    max_lora_rank: int = Field(16, ge=1, le=512)  # slots are padded to this rank
+    max_cpu_loras: int = Field(32, ge=1)  # adapters kept in host memory
+    enable_prefix_caching: bool = True
+    seed: int = 0  # of the sampler for requests without their own seed
+    tracking_uri: str | None = None  # registry for adapter references (default: embedded)

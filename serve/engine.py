@@ -1,0 +1,259 @@
+"""The engine: requests in, one step at a time, outputs out.
+
+plan = scheduler.schedule()          # who computes how many tokens, which adapter slots
+result = runner.execute(plan)        # one forward pass over all of them, then sampling
+scheduler.update(plan, result)       # advance, finish, free
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from registry.base_model import resolve_base_model
+from registry.errors import NotFoundError, UsageError
+from registry.home import setup_environment
+from registry.resolve import resolve_adapter
+from serve.adapter_pool import AdapterPool
+from serve.block_allocator import BlockAllocator
+from serve.config import EngineConfig
+from serve.llama import LlamaModel
+from serve.lora_slots import LoraSlots
+from serve.model_runner import ModelRunner
+from serve.outputs import RequestOutput, RequestState
+from serve.sampler import Sampler
+from serve.sampling_params import SamplingParams
+from serve.scheduler import Scheduler
+from serve.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str  # what requests call it
+    uid: str  # name and version (or folder state): slot and prefix-cache key
+    source: str  # as given: a registry REF or a folder
+    path: Path
+    version: int | None  # registry version, None for a folder
+    rank: int
+    modules: list[str]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.home = setup_environment()
+        self.base = resolve_base_model(config.base_model, self.home)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu")
+            if config.device == "auto"
+            else config.device
+        )
+        dtype_name = config.dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
+        dtype = getattr(torch, dtype_name)
+
+        from transformers import AutoTokenizer, GenerationConfig
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        self.model = LlamaModel(
+            self.base.path,
+            dtype=dtype,
+            device=self.device,
+            quantization=config.quantization,
+            double_quant=config.double_quant,
+            max_model_len=config.max_model_len,
+        )
+        self.eos_token_ids = _eos_ids(self.base.path, self.tokenizer, GenerationConfig)
+
+        shape = self.model.shape
+        block_bytes = (
+            2
+            * shape.num_layers
+            * config.block_size
+            * shape.num_kv_heads
+            * shape.head_dim
+            * dtype.itemsize
+        )
+        self.num_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_memory_gb * 2**30 // block_bytes)
+        )
+        # A lone sequence must always fit in the pool, or preemption could never help it.
+        self.max_model_len = min(self.model.max_model_len, self.num_blocks * config.block_size)
+
+        self.allocator = BlockAllocator(
+            self.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.slots = LoraSlots(config.max_loras)
+        self.scheduler = Scheduler(
+            self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.pool = AdapterPool(
+            shape, config.max_loras, config.max_lora_rank, config.max_cpu_loras, dtype, self.device
+        )
+        self.sampler = Sampler(self.device, config.seed)
+        self.runner = ModelRunner(
+            self.model, self.num_blocks, config.block_size, self.pool, self.sampler
+        )
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, source: str) -> AdapterInfo:
+        """Load (or replace) adapter `name` from a registry REF or a PEFT folder.
+
+        Requests already running keep the version they started with.
+        """
+        resolved = resolve_adapter(
+            source,
+            base_fingerprint=self.base.fingerprint,
+            tracking_uri=self.config.tracking_uri,
+            home=self.home,
+        )
+        if resolved.version is not None:
+            uid = f"{resolved.version.name}/{resolved.version.version}"
+        else:
+            weights = resolved.path / "adapter_model.safetensors"
+            stamp = f"{resolved.path}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
+            uid = f"{name}#{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+        weights = self.pool.add(uid, resolved.path)
+        info = AdapterInfo(
+            name,
+            uid,
+            source,
+            resolved.path,
+            resolved.version.version if resolved.version else None,
+            weights.rank,
+            weights.modules,
+        )
+        previous = self.adapters.get(name)
+        self.adapters[name] = info
+        if previous is not None and previous.uid != uid:
+            self.slots.forget(previous.uid)
+        return info
+
+    def unload_adapter(self, name: str) -> None:
+        info = self.adapters.pop(name, None)
+        if info is None:
+            raise NotFoundError(f"adapter {name!r} is not loaded")
+        self.slots.forget(info.uid)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Bad input raises before anything is queued."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise UsageError(f"request id {request_id!r} is already in use")
+        info = None
+        if adapter is not None:
+            info = self.adapters.get(adapter)
+            if info is None:
+                loaded = ", ".join(sorted(self.adapters)) or "none"
+                raise NotFoundError(f"adapter {adapter!r} is not loaded (loaded: {loaded})")
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise UsageError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise UsageError(
+                f"prompt has {len(prompt_ids)} tokens; the context length is "
+                f"{self.max_model_len}, with room for at least one output token"
+            )
+        if any(not 0 <= t < self.model.shape.vocab_size for t in prompt_ids):
+            raise UsageError("prompt holds token ids outside the vocabulary")
+        seq = Sequence(
+            request_id,
+            prompt_ids,
+            len(prompt_ids),
+            params,
+            adapter=adapter,
+            adapter_uid=info.uid if info else None,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        self.requests[request_id] = RequestState(seq, self.tokenizer)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
+        self.sampler.forget(request_id)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; outputs of the requests that produced a token or finished."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        self.scheduler.update(plan, result.sampled)
+        outputs = []
+        for i, seq in enumerate(plan.seqs):
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                continue
+            state.update(result.logprobs[i], result.prompt_logprobs[i])
+            if state.stopped_by_string:
+                self.scheduler.finish(seq, Status.FINISHED_STOPPED)
+            if result.sampled[i] is not None or seq.is_finished:
+                outputs.append(state.output(seq.adapter))
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+                self.sampler.forget(seq.request_id)
+        return outputs
+
+    # -- stats -------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, float]:
+        a = self.allocator
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": a.num_used_blocks,
+            "kv_blocks_total": a.num_blocks,
+            "prefix_cache_hit_blocks": a.prefix_hits,
+            "prefix_cache_query_blocks": a.prefix_queries,
+            "preemptions": self.scheduler.num_preemptions,
+            "adapter_slot_loads": self.slots.loads,
+            "adapter_slot_evictions": self.slots.evictions,
+            "adapter_host_evictions": self.pool.host_evictions,
+        }
+
+
+def _eos_ids(path: Path, tokenizer, generation_config_cls) -> frozenset[int]:
+    ids = set()
+    try:
+        eos = generation_config_cls.from_pretrained(path).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

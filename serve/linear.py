@@ -1,0 +1,50 @@
+"""Base linear layers: dense, or NF4/FP4 through bitsandbytes exactly as the trainer loads them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight  # [out, in]
+        self.bias = bias  # [out] or None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Linear4bit:
+    """A weight quantized by `bitsandbytes.functional.quantize_4bit` with the settings of
+    `BitsAndBytesConfig(load_in_4bit=True, ...)` (block size 64), so the served base is the one
+    the adapter was trained against."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        quant_type: str,
+        double_quant: bool,
+        compute_dtype: torch.dtype,
+    ):
+        import bitsandbytes.functional as bnbf
+
+        self.packed, self.state = bnbf.quantize_4bit(
+            weight.contiguous(),
+            blocksize=64,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            quant_storage=torch.uint8,
+        )
+        self.bias = None if bias is None else bias.to(compute_dtype)
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        dtype = x.dtype
+        out = bnb.matmul_4bit(
+            x.to(self.compute_dtype), self.packed, quant_state=self.state, bias=self.bias
+        )
+        return out.to(dtype)

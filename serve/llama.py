@@ -1,0 +1,209 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) as plain tensors and one forward.
+
+Reads Hugging Face safetensors from a folder. Every sequence of a step is one row block of a
+flat token batch: the linear layers and LoRA run once over all tokens; attention reads each
+sequence's K/V through its block table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from registry.errors import UsageError
+from serve.attention import paged_attention
+from serve.linear import DenseLinear, Linear4bit
+
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {m: "self_attn" for m in LORA_MODULES[:4]} | {m: "mlp" for m in LORA_MODULES[4:]}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        if config.model_type not in SUPPORTED_TYPES:
+            raise UsageError(
+                f"base_model: model_type {config.model_type!r} is not served; "
+                f"supported: {', '.join(sorted(SUPPORTED_TYPES))}"
+            )
+        heads = config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    def lora_dims(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA target module."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[module]
+
+
+def rope_tables(config, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position, as transformers computes them: [max_len, head_dim]."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type == "dynamic":
+        raise UsageError("base_model: dynamic NTK RoPE scaling is not supported")
+    if rope_type == "default":
+        inv_freq, scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    positions = torch.arange(max_len, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class Layer:
+    def __init__(self, norms, linears):
+        self.input_norm, self.post_norm = norms  # [hidden] each
+        self.linears = linears  # module name -> DenseLinear | Linear4bit
+
+
+class LlamaModel:
+    """Weights and forward pass. `quantization` is None, "nf4" or "fp4"."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dtype=torch.float32,
+        device="cpu",
+        quantization: str | None = "nf4",
+        double_quant: bool = True,
+        max_model_len: int | None = None,
+    ):
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(path)
+        self.shape = ModelShape.from_config(self.config)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_model_len = min(
+            max_model_len or self.shape.max_position_embeddings, self.shape.max_position_embeddings
+        )
+        tensors = {}
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"base_model: no *.safetensors weights in {path}")
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensors[name.removeprefix("model.")] = f.get_tensor(name)
+
+        def take(name):
+            return tensors.pop(name).to(device=self.device, dtype=dtype)
+
+        def linear(name):
+            weight = take(f"{name}.weight")
+            bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
+            if quantization is None:
+                return DenseLinear(weight, bias)
+            return Linear4bit(weight, bias, quantization, double_quant, dtype)
+
+        s = self.shape
+        self.embed = take("embed_tokens.weight")  # [vocab, hidden]
+        self.layers = []
+        for i in range(s.num_layers):
+            p = f"layers.{i}"
+            norms = (
+                take(f"{p}.input_layernorm.weight"),
+                take(f"{p}.post_attention_layernorm.weight"),
+            )
+            linears = {m: linear(f"{p}.{_PARENT[m]}.{m}") for m in LORA_MODULES}
+            self.layers.append(Layer(norms, linears))
+        self.norm = take("norm.weight")
+        lm_head = tensors.pop("lm_head.weight", None)
+        self.lm_head = (
+            self.embed
+            if s.tie_word_embeddings or lm_head is None
+            else lm_head.to(device=self.device, dtype=dtype)
+        )
+        self.cos, self.sin = rope_tables(self.config, self.max_model_len, self.device)
+        self.scale = s.head_dim**-0.5
+
+    def forward(self, input_ids: torch.Tensor, ctx, kv_cache: torch.Tensor, lora) -> torch.Tensor:
+        """Hidden states of every token of the step: [num_tokens, hidden].
+
+        input_ids: [num_tokens]; ctx: ForwardContext; kv_cache: [layers, 2, slots, kv_heads,
+        head_dim]; lora: AdapterPool or None.
+        """
+        s = self.shape
+        n = input_ids.shape[0]
+        x = self.embed[input_ids]  # [n, hidden]
+        cos = self.cos[ctx.positions].unsqueeze(1)  # [n, 1, head_dim]
+        sin = self.sin[ctx.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            q = self._proj(layer, i, "q_proj", h, lora, ctx).view(n, s.num_heads, s.head_dim)
+            k = self._proj(layer, i, "k_proj", h, lora, ctx).view(n, s.num_kv_heads, s.head_dim)
+            v = self._proj(layer, i, "v_proj", h, lora, ctx).view(n, s.num_kv_heads, s.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            attn = paged_attention(
+                q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
+            )
+            x = x + self._proj(layer, i, "o_proj", attn.reshape(n, -1), lora, ctx)
+            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            gate = self._proj(layer, i, "gate_proj", h, lora, ctx)
+            up = self._proj(layer, i, "up_proj", h, lora, ctx)
+            x = x + self._proj(layer, i, "down_proj", F.silu(gate) * up, lora, ctx)
+        return rms_norm(x, self.norm, s.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] -> [rows, vocab] in fp32."""
+        return F.linear(hidden, self.lm_head).float()
+
+    @staticmethod
+    def _proj(layer, i, module, x, lora, ctx) -> torch.Tensor:
+        y = layer.linears[module](x)
+        if lora is not None and ctx.lora_segments:
+            lora.apply(y, x, i, module, ctx.lora_segments)
+        return y

@@ -1,0 +1,96 @@
+"""Offline batch generation: `LLM(...).generate(prompts, params, adapters=[...])`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from serve.config import EngineConfig
+from serve.engine import AdapterInfo, LLMEngine
+from serve.outputs import RequestOutput
+from serve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Many prompts, each with its own adapter (or None for the base), in shared batches."""
+
+    def __init__(
+        self, base_model: str | None = None, quantization: str | None = "nf4", **engine_args
+    ):
+        if base_model is not None:
+            engine_args["base_model"] = base_model
+        self.engine = LLMEngine(EngineConfig(quantization=quantization, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+
+    def load_adapter(self, name: str, source: str) -> AdapterInfo:
+        return self.engine.load_adapter(name, source)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Final outputs in prompt order. Prompts are text (tokenized as is) or token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = _per_prompt(sampling_params or SamplingParams(), n, "sampling_params")
+        adapters = _per_prompt(adapters, n, "adapters") if adapters is not None else [None] * n
+        ids = []
+        try:
+            for prompt, p, adapter in zip(prompts, params, adapters, strict=True):
+                ids.append(self.engine.add_request(prompt, p, adapter))
+        except Exception:
+            for request_id in ids:  # all or nothing: leave no orphans in the engine
+                self.engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Like generate, for chat messages rendered with the base model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.render_chat(c) for c in conversations]
+        return self.generate(prompts, sampling_params, adapters, use_tqdm)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        while len(final) < len(ids):
+            for output in self.engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[i] for i in ids]
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, SamplingParams) or value is None or isinstance(value, str):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+    return value

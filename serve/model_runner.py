@@ -1,0 +1,112 @@
+"""Executes a scheduler plan: one forward pass over every scheduled token, then sampling.
+
+The runner owns the tensors (weights, the K/V pool, adapter slots) and never the queues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve.adapter_pool import AdapterPool
+from serve.attention import AttentionMetadata, build_attention_metadata
+from serve.llama import LlamaModel
+from serve.lora_ops import segments_of
+from serve.sampler import Sampler, TokenLogprobs, token_logprobs
+from serve.scheduler import SchedulerOutput
+
+
+@dataclass
+class ForwardContext:
+    """Per-step metadata the layers read, passed explicitly (no globals)."""
+
+    positions: torch.Tensor  # [num_tokens] position of each token in its sequence
+    attention: AttentionMetadata
+    lora_segments: list[tuple[int, int, int]]  # (start, end, slot) token ranges with an adapter
+
+
+@dataclass
+class RunnerOutput:
+    sampled: list[int | None]  # next token of each plan sequence that caught up; None otherwise
+    logprobs: list[TokenLogprobs | None]  # of the sampled token, when the request asked
+    # prompt tokens scored this step: (position, logprobs) per plan sequence that asked
+    prompt_logprobs: list[list[tuple[int, TokenLogprobs]]]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_blocks: int,
+        block_size: int,
+        pool: AdapterPool | None,
+        sampler: Sampler,
+    ):
+        s = model.shape
+        self.model = model
+        self.block_size = block_size
+        self.pool = pool
+        self.sampler = sampler
+        # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset
+        self.kv_cache = torch.zeros(
+            s.num_layers,
+            2,
+            num_blocks * block_size,
+            s.num_kv_heads,
+            s.head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        for slot, uid in plan.lora_loads:
+            self.pool.load_slot(slot, uid)
+        seqs, new = plan.seqs, plan.num_new_tokens
+        device = self.model.device
+        computed = [s.num_computed_tokens for s in seqs]
+        ids = [
+            t for s, c, n in zip(seqs, computed, new, strict=True) for t in s.token_ids[c : c + n]
+        ]
+        attention = build_attention_metadata(
+            [s.block_table for s in seqs], computed, new, self.block_size, device
+        )
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(computed, new, strict=True)])
+        ctx = ForwardContext(positions.to(device), attention, segments_of(plan.lora_slots, new))
+        hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
+
+        ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch
+        samples = [i for i, s in enumerate(seqs) if computed[i] + new[i] == s.num_tokens]
+        sampled: list[int | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if samples:
+            logits = self.model.logits(hidden[ends[samples].to(device)])
+            tokens, chosen = self.sampler(logits, [seqs[i] for i in samples])
+            for i, token, lp in zip(samples, tokens, chosen, strict=True):
+                sampled[i], logprobs[i] = token, lp
+        return RunnerOutput(sampled, logprobs, self._prompt_logprobs(plan, computed, hidden))
+
+    def _prompt_logprobs(self, plan, computed, hidden) -> list[list[tuple[int, TokenLogprobs]]]:
+        """Log-probability of each prompt token after the first, for requests that ask.
+
+        The hidden state at position p scores the token at p + 1.
+        """
+        out: list[list[tuple[int, TokenLogprobs]]] = []
+        start = 0
+        for seq, c, n in zip(plan.seqs, computed, plan.num_new_tokens, strict=True):
+            scored = []
+            wanted = seq.params.prompt_logprobs
+            last = min(
+                c + n, seq.num_prompt_tokens - 1
+            )  # positions c .. last-1 score a prompt token
+            if wanted is not None and last > c:
+                logprobs = self.model.logits(hidden[start : start + last - c]).log_softmax(-1)
+                targets = seq.token_ids[c + 1 : last + 1]
+                scored = [
+                    (c + 1 + j, token_logprobs(logprobs[j], t, wanted))
+                    for j, t in enumerate(targets)
+                ]
+            out.append(scored)
+            start += n
+        return out

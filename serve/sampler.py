@@ -1,0 +1,111 @@
+"""From the logits of each sequence's last token to its next token, batched over the step.
+
+Penalties, then greedy rows by argmax; the others by temperature, top-k, top-p and a draw from
+the request's own generator when it set a seed. Log-probabilities are those of the model's
+distribution (before penalties and temperature), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve.sequence import Sequence
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the n most likely tokens and their logprobs, best first
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI frequency/presence penalties on generated tokens; CTRL repetition penalty on prompt
+    and generated tokens. logits: [rows, vocab], one row per sequence (out of place)."""
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.has_penalties:
+            continue
+        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
+        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Mask (to -inf) tokens outside each row's top-k and top-p nucleus. top_k 0: no limit."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep a token while the mass before it is below top_p: the first token always stays.
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    def __init__(self, device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._seeded: dict[str, torch.Generator] = {}  # request id -> its own generator
+
+    def forget(self, request_id: str) -> None:
+        self._seeded.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """logits: [rows, vocab] fp32. Returns (token per row, TokenLogprobs or None per row)."""
+        wanted = [s.params.logprobs for s in seqs]
+        logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in wanted) else None
+        if any(s.params.has_penalties for s in seqs):
+            logits = apply_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            params = [seqs[i].params for i in random_rows]
+            temps = torch.tensor([p.temperature for p in params], device=logits.device)
+            scaled = logits[rows] / temps[:, None]
+            if any(p.top_k or p.top_p < 1 for p in params):
+                scaled = filter_top_k_top_p(
+                    scaled,
+                    torch.tensor([p.top_k for p in params], device=logits.device),
+                    torch.tensor([p.top_p for p in params], device=logits.device),
+                )
+            probs = scaled.softmax(dim=-1)
+            for j, i in enumerate(random_rows):
+                generator = self._generator(seqs[i])
+                tokens[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
+        tokens = tokens.tolist()
+        return tokens, [
+            None if n is None else token_logprobs(logprobs[i], tokens[i], n)
+            for i, n in enumerate(wanted)
+        ]
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        generator = self._seeded.get(seq.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+            self._seeded[seq.request_id] = generator
+        return generator
+
+
+def token_logprobs(row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    top = []
+    if n:
+        values, ids = row.topk(n)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(token, float(row[token]), top)
