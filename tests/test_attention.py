@@ -46,7 +46,7 @@ def test_paged_attention_equals_dense_causal_attention():
         meta = build_attention_metadata(tables, done, new, block, "cpu")
         out = paged_attention(q, k, v, cache_k, cache_v, meta, scale=dim**-0.5)
     # `out` holds the last step: the final token of every sequence, against dense attention.
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         expected = F.scaled_dot_product_attention(
             qs[i].transpose(0, 1)[None],
             ks[i].transpose(0, 1)[None],
