@@ -1,7 +1,9 @@
 """Which adapter sits in which of the `max_loras` device slots (bookkeeping only, no tensors).
 
 A slot is pinned while a running sequence uses its adapter; an unpinned slot is reused least
-recently used first. So the distinct adapters of one step never exceed the slots.
+recently used first. So the distinct adapters of one step never exceed the slots. Assignment
+and contents are kept apart: a slot is assigned when a sequence asks for it, but filled only
+by a plan that runs a sequence of that adapter.
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ class LoraSlots:
         self.slot_of: dict[str, int] = {}  # adapter uid -> slot
         self.pins: Counter[str] = Counter()  # adapter uid -> running sequences using it
         self._idle: OrderedDict[str, None] = OrderedDict()  # unpinned uids, LRU first
+        self.contents: list[str | None] = [None] * max_loras  # uid whose weights fill each slot
         self.loads = 0  # adapters copied into a slot, for metrics
         self.evictions = 0
 
-    def acquire(self, uid: str) -> tuple[int, bool] | None:
-        """Pin `uid` into a slot: (slot, whether its weights must be copied in), or None if every
-        slot is pinned by other adapters."""
+    def acquire(self, uid: str) -> int | None:
+        """Pin `uid` to a slot, or None if every slot is pinned by other adapters."""
         if uid in self.slot_of:
             self._idle.pop(uid, None)
             self.pins[uid] += 1
-            return self.slot_of[uid], False
+            return self.slot_of[uid]
         used = set(self.slot_of.values())
         free = [s for s in range(self.max_loras) if s not in used]
         if free:
@@ -37,8 +39,16 @@ class LoraSlots:
             return None
         self.slot_of[uid] = slot
         self.pins[uid] += 1
+        return slot
+
+    def fill(self, uid: str) -> bool:
+        """Whether the plan that runs `uid` must first copy its weights into its slot."""
+        slot = self.slot_of[uid]
+        if self.contents[slot] == uid:
+            return False
+        self.contents[slot] = uid
         self.loads += 1
-        return slot, True
+        return True
 
     def release(self, uid: str) -> None:
         self.pins[uid] -= 1

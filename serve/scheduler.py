@@ -109,8 +109,8 @@ class Scheduler:
                 if seq.adapter_uid is not None:
                     self.slots.release(seq.adapter_uid)
                 break
-            if slot is not None and slot[1]:
-                loads.append((slot[0], seq.adapter_uid))
+            if slot is not None and self.slots.fill(seq.adapter_uid):
+                loads.append((slot, seq.adapter_uid))
             self.allocator.append(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING

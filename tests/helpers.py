@@ -62,3 +62,101 @@ def run_cli(
         env={**os.environ, **(env or {})},
         cwd=PROJECT,
     )
+
+
+def make_lora(
+    base,
+    dest: Path,
+    *,
+    rank: int,
+    targets,
+    alpha: float | None = None,
+    rslora: bool = False,
+    seed: int = 0,
+    b_scale: float = 0.1,
+) -> Path:
+    """A PEFT LoRA folder with random A and B (B scaled so outputs stay text-like), with the
+    lineage of `base`: adapters of distinct ranks and targets for parity tests."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from registry.lineage import Lineage
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        target_modules=list(targets),
+        use_rslora=rslora,
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(b_scale)
+    peft_model.save_pretrained(dest)
+    Lineage(
+        name=dest.name,
+        base_model=base.name,
+        base_fingerprint=base.fingerprint,
+        data_hash="sha256:test",
+        rank=rank,
+        alpha=alpha or 2 * rank,
+        target_modules=sorted(targets),
+        loraplex_version="0.1.0",
+    ).write(dest)
+    return dest
+
+
+def peft_greedy(
+    base,
+    adapters: dict,
+    prompts: list[list[int]],
+    names: list,
+    max_new_tokens: int,
+    quantized: bool = False,
+) -> list[list[int]]:
+    """Reference tokens: transformers + peft `generate(adapter_names=...)` in one padded batch,
+    each sequence cut after its first EOS."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    items = list(adapters.items())
+    model = PeftModel.from_pretrained(model, items[0][1], adapter_name=items[0][0])
+    for name, folder in items[1:]:
+        model.load_adapter(folder, adapter_name=name)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    pad = eos if isinstance(eos, int) else eos[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            adapter_names=[n or "__base__" for n in names],
+            pad_token_id=pad,
+        )
+    results = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t == pad), len(row))
+        results.append(row[:cut])
+    return results

@@ -117,6 +117,17 @@ def test_adapter_slot_is_reused_after_its_sequences_finish():
     assert plan.lora_loads == [(0, "y/1")] and s.slots.evictions == 1
 
 
+def test_slot_assigned_to_a_request_that_could_not_start_is_filled_when_it_does():
+    s = make(num_blocks=2, block_size=4, max_loras=1, budget=64)
+    s.add(seq("r", 8, max_tokens=1))  # takes both blocks, finishes after one step
+    s.add(seq("b", 2, "y/1"))
+    plan = step(s)
+    assert [x.request_id for x in plan.seqs] == ["r"] and plan.lora_loads == []
+    plan = step(s)
+    assert [x.request_id for x in plan.seqs] == ["b"]
+    assert plan.lora_loads == [(0, "y/1")]
+
+
 def test_abort_frees_blocks_of_running_and_waiting_sequences():
     s = make(max_num_seqs=1)
     a, b = seq("a", 5), seq("b", 5)
