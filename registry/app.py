@@ -8,6 +8,7 @@ import typer
 
 from registry import cli as registry_cli
 from registry.console import setup_logging
+from serve import cli as serve_cli
 from train import cli as train_cli
 
 app = typer.Typer(
@@ -24,3 +25,4 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info
 
 app.command("train")(train_cli.train)
 app.add_typer(registry_cli.app, name="registry")
+app.command("generate")(serve_cli.generate)

@@ -7,7 +7,7 @@ class LoraplexError(Exception):
     exit_code = 1
 
 
-class UsageError(LoraplexError):
+class UsageError(LoraplexError, ValueError):
     """Bad input: a config key, a file, a reference. Exit code 2, as for command-line misuse."""
 
     exit_code = 2

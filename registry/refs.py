@@ -45,5 +45,5 @@ def parse_ref(text: str) -> AdapterRef:
 def check_name(name: str, what: str = "name") -> str:
     """Validate an adapter name (used for configs before anything is trained)."""
     if re.fullmatch(_NAME, name) is None:
-        raise ValueError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+        raise UsageError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
     return name

@@ -1,12 +1,24 @@
 """The serving engine: paged KV cache, continuous batching, many LoRA adapters in one batch.
 
-from serve import LLM, SamplingParams
+    from serve import LLM, SamplingParams
+
+Names load on first use, so the CLI can import `serve.cli` without importing torch.
 """
 
-from serve.config import EngineConfig
-from serve.engine import LLMEngine
-from serve.llm import LLM
-from serve.outputs import RequestOutput
-from serve.sampling_params import SamplingParams
+import importlib
 
-__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+_EXPORTS = {
+    "LLM": "serve.llm",
+    "AsyncLLM": "serve.async_engine",
+    "EngineConfig": "serve.config",
+    "LLMEngine": "serve.engine",
+    "RequestOutput": "serve.outputs",
+    "SamplingParams": "serve.sampling_params",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'serve' has no attribute {name!r}")

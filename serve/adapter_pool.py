@@ -128,12 +128,14 @@ class AdapterPool:
         self.paths: dict[str, Path] = {}
         self.host_evictions = 0
 
-    def add(self, uid: str, path: Path) -> LoraWeights:
-        """Validate and read an adapter into host memory (raises AdapterError)."""
-        weights = read_peft_lora(path, uid, self.shape, self.max_rank)
-        self.paths[uid] = path
-        self._keep(weights)
-        return weights
+    def keep(self, weights: LoraWeights) -> None:
+        """Hold a read adapter in host memory (least recently used ones leave first)."""
+        self.paths[weights.uid] = weights.path
+        self.host[weights.uid] = weights
+        self.host.move_to_end(weights.uid)
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
+            self.host_evictions += 1
 
     def remove(self, uid: str) -> None:
         self.host.pop(uid, None)
@@ -145,7 +147,7 @@ class AdapterPool:
             self.host.move_to_end(uid)
             return self.host[uid]
         weights = read_peft_lora(self.paths[uid], uid, self.shape, self.max_rank)
-        self._keep(weights)
+        self.keep(weights)
         return weights
 
     def load_slot(self, slot: int, uid: str) -> None:
@@ -181,10 +183,3 @@ class AdapterPool:
             self.scales[module][layer],
             segments,
         )
-
-    def _keep(self, weights: LoraWeights) -> None:
-        self.host[weights.uid] = weights
-        self.host.move_to_end(weights.uid)
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
-            self.host_evictions += 1

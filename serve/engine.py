@@ -18,8 +18,9 @@ import torch
 from registry.base_model import resolve_base_model
 from registry.errors import NotFoundError, UsageError
 from registry.home import setup_environment
+from registry.refs import check_name
 from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool
+from serve.adapter_pool import AdapterPool, LoraWeights, read_peft_lora
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.llama import LlamaModel
@@ -113,6 +114,12 @@ class LLMEngine:
 
         Requests already running keep the version they started with.
         """
+        return self.install_adapter(self.read_adapter(name, source))
+
+    def read_adapter(self, name: str, source: str) -> tuple[AdapterInfo, LoraWeights]:
+        """The slow half of loading (registry download, checks, reading weights); touches no
+        engine state, so a server runs it while the engine keeps stepping."""
+        check_name(name, "adapter name")
         resolved = resolve_adapter(
             source,
             base_fingerprint=self.base.fingerprint,
@@ -122,10 +129,11 @@ class LLMEngine:
         if resolved.version is not None:
             uid = f"{resolved.version.name}/{resolved.version.version}"
         else:
-            weights = resolved.path / "adapter_model.safetensors"
-            stamp = f"{resolved.path}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
-            uid = f"{name}#{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
-        weights = self.pool.add(uid, resolved.path)
+            weights_file = resolved.path / "adapter_model.safetensors"
+            stamp = weights_file.stat().st_mtime_ns if weights_file.exists() else 0
+            digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
+            uid = f"{name}#{digest}"
+        weights = read_peft_lora(resolved.path, uid, self.model.shape, self.config.max_lora_rank)
         info = AdapterInfo(
             name,
             uid,
@@ -135,9 +143,15 @@ class LLMEngine:
             weights.rank,
             weights.modules,
         )
-        previous = self.adapters.get(name)
-        self.adapters[name] = info
-        if previous is not None and previous.uid != uid:
+        return info, weights
+
+    def install_adapter(self, loaded: tuple[AdapterInfo, LoraWeights]) -> AdapterInfo:
+        """The quick half: make a read adapter available to new requests."""
+        info, weights = loaded
+        self.pool.keep(weights)
+        previous = self.adapters.get(info.name)
+        self.adapters[info.name] = info
+        if previous is not None and previous.uid != info.uid:
             self.slots.forget(previous.uid)
         return info
 

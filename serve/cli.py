@@ -1,0 +1,57 @@
+"""`loraplex generate`: a quick try of the engine from the command line."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from registry.console import user_errors
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message (chat template applied).")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="Registry REF (name, name/3, name@champion) or a PEFT folder."),
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="Embedded name or HF folder.")] = None,
+    quantization: Annotated[str, typer.Option(help="nf4, fp4 or none.")] = "nf4",
+    max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no template.")] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", envvar="LORAPLEX_TRACKING_URI")
+    ] = None,
+) -> None:
+    """Generate one answer with the base model or an adapter."""
+    from registry.home import setup_environment
+
+    with user_errors():
+        setup_environment()
+        from registry.errors import UsageError
+        from serve import LLM, SamplingParams
+
+        if quantization not in ("nf4", "fp4", "none"):
+            raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
+        args = {"tracking_uri": tracking_uri}
+        if base_model:
+            args["base_model"] = base_model
+        llm = LLM(quantization=None if quantization == "none" else quantization, **args)
+        name = None
+        if adapter:
+            name = "adapter"
+            llm.load_adapter(name, adapter)
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if raw:
+            [output] = llm.generate([prompt], params, adapters=[name])
+        else:
+            [output] = llm.chat([{"role": "user", "content": prompt}], params, adapters=[name])
+    print(output.text)

@@ -1,0 +1,214 @@
+"""Engine behaviour on a tiny random Llama: logprobs, sampling, stops, errors, async streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from registry.errors import AdapterError, BaseMismatchError, NotFoundError, UsageError
+from serve import LLM, AsyncLLM, SamplingParams
+from serve.sampler import apply_penalties, filter_top_k_top_p
+from serve.sequence import Sequence
+from tests.helpers import make_lora
+
+PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 5, 6, 7], [1, 300, 301, 302, 303, 304, 305, 306, 307]]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_base):
+    return LLM(
+        base_model=str(tiny_base.path),
+        quantization=None,
+        num_kv_blocks=64,
+        block_size=4,
+        max_lora_rank=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.float32).eval()
+
+
+def test_prompt_and_token_logprobs_equal_transformers(llm, hf_model):
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3, prompt_logprobs=2)
+    [out] = llm.generate([PROMPTS[2]], params)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([PROMPTS[2]])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None
+    for position, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        token = PROMPTS[2][position]
+        assert lp.token_id == token
+        assert lp.logprob == pytest.approx(float(expected[position - 1, token]), abs=1e-4)
+        assert [t for t, _ in lp.top] == expected[position - 1].topk(2).indices.tolist()
+    [chosen] = out.logprobs
+    assert chosen.token_id == int(expected[-1].argmax()) == out.token_ids[0]
+    assert chosen.logprob == pytest.approx(float(expected[-1].max()), abs=1e-4)
+    assert len(chosen.top) == 3
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(llm):
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    [alone] = llm.generate([PROMPTS[0]], seeded)
+    batch = llm.generate(
+        PROMPTS,
+        [
+            seeded,
+            SamplingParams(max_tokens=5, temperature=1.0),
+            SamplingParams(max_tokens=9, temperature=0.5, top_k=5),
+        ],
+    )
+    assert batch[0].token_ids == alone.token_ids
+    other = SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True)
+    assert llm.generate([PROMPTS[0]], other)[0].token_ids != alone.token_ids
+
+
+def test_stop_strings_and_stop_tokens_end_the_output(llm):
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    [full] = llm.generate([PROMPTS[1]], greedy)
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop = full.text[6:10]
+    cut = full.text.find(stop)
+    [stopped] = llm.generate(
+        [PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop])
+    )
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[:cut]
+    [kept] = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(
+            max_tokens=20,
+            temperature=0,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
+        ),
+    )
+    assert kept.text == full.text[: cut + len(stop)]
+    token = full.token_ids[3]
+    first = full.token_ids.index(token)
+    [by_token] = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[token]),
+    )
+    assert by_token.token_ids == full.token_ids[: first + 1]
+    assert by_token.finish_reason == "stop"
+
+
+def test_penalties_follow_openai_and_ctrl_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seq = Sequence(
+        "r",
+        [3, 1, 1, 2],
+        1,
+        SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0),
+    )
+    # outputs 1, 1, 2: counts [0, 2, 1, 0]; seen tokens {1, 2, 3}
+    out = apply_penalties(logits, [seq])
+    expected = torch.tensor(
+        [[2.0, (-1.0 - 0.5 * 2 - 0.25) * 2.0, (0.5 - 0.5 - 0.25) * 2.0, 1.0 / 2.0]]
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.6, 0.25, 0.05]]))
+    kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.8]))
+    # row 0: the 2 most likely; row 1: 0.6 + 0.25 reaches 0.8, the rest is cut
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False], [False, True, True, False]]
+    torch.testing.assert_close(kept[0, :2], logits[0, :2])
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm):
+    with pytest.raises(NotFoundError, match=r"adapter 'nope' is not loaded"):
+        llm.generate([PROMPTS[0]], adapters=["nope"])
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(got -1\)"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0)
+    with pytest.raises(UsageError, match="the context length is 256"):
+        llm.generate([[1] * 300])
+    with pytest.raises(UsageError, match="outside the vocabulary"):
+        llm.generate([[1, 10**7]])
+    assert not llm.engine.has_unfinished  # nothing half-queued
+    [ok] = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0))
+    assert len(ok.token_ids) == 3
+
+
+def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_path):
+    with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
+        llm.load_adapter("x", str(tmp_path))
+    big = make_lora(tiny_base, tmp_path / "big", rank=16, targets=["q_proj"])
+    with pytest.raises(AdapterError, match="rank 16 is over max_lora_rank 8"):
+        llm.load_adapter("big", str(big))
+    foreign = make_lora(smollm2, tmp_path / "foreign", rank=4, targets=["q_proj"])
+    with pytest.raises(BaseMismatchError, match="not on this base"):
+        llm.load_adapter("foreign", str(foreign))
+    (foreign / "loraplex.json").unlink()  # no lineage: the shapes still give it away
+    with pytest.raises(AdapterError, match=r"layer 0 q_proj has A \[4, 576\]"):
+        llm.load_adapter("foreign", str(foreign))
+    odd = tmp_path / "odd"
+    shutil.copytree(make_lora(tiny_base, tmp_path / "lm", rank=4, targets=["q_proj"]), odd)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(odd / "adapter_model.safetensors"))
+    state = {k.replace("self_attn.q_proj", "self_attn.qkv_proj"): v for k, v in state.items()}
+    save_file(state, str(odd / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"unsupported target modules \['qkv_proj'\]"):
+        llm.load_adapter("odd", str(odd))
+    config = json.loads((big / "adapter_config.json").read_text())
+    (big / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(AdapterError, match="DoRA"):
+        llm.load_adapter("big", str(big))
+    assert llm.engine.adapters == {}  # nothing half-loaded
+    [ok] = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, temperature=0))
+    assert len(ok.token_ids) == 2
+
+
+def test_async_engine_streams_deltas_and_abort_frees_blocks(tiny_base):
+    engine = AsyncLLM(
+        LLM(
+            base_model=str(tiny_base.path), quantization=None, num_kv_blocks=32, block_size=4
+        ).engine
+    )
+
+    async def main():
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        deltas, texts, last = [], [], None
+        async for out in engine.generate(PROMPTS[0], params):
+            deltas.append(out.delta_token_ids)
+            texts.append(out.delta_text)
+            last = out
+        assert last.finished and [t for d in deltas for t in d] == last.token_ids
+        assert "".join(texts) == last.text
+        assert len(deltas) > 1  # streamed, not delivered at the end
+
+        long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        seen = 0
+        async for _ in engine.generate(PROMPTS[1], long):
+            seen += 1
+            if seen == 3:
+                break  # the client goes away
+        await asyncio.sleep(0.2)
+        with pytest.raises(NotFoundError):
+            async for _ in engine.generate(PROMPTS[1], long, adapter="missing"):
+                pass
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    engine.shutdown()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_cli_help_does_not_import_torch():
+    code = "import sys, registry.app; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False"
