@@ -1,0 +1,259 @@
+"""Serving throughput: loraplex against peft's mixed-adapter `generate` in static batches.
+
+    .venv/bin/python bench/throughput.py [--requests 128] [--adapters 8] [--sweep]
+
+Same process, same SmolLM2 base (NF4 by default), same prompts (questions from the demo data)
+and the same output lengths, drawn heavy-tailed like chat traffic and forced with ignore_eos.
+At most 32 sequences run at once on both sides. The baseline is what serving looks like
+without continuous batching: padded batches of 32 in arrival order, each running until its
+longest member is done. Random rank-16 adapters on all seven Llama modules stand in for
+trained ones (speed depends on shapes, not values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_random_adapters(base_path: Path, folder: Path, count: int, rank: int) -> list[Path]:
+    """PEFT LoRA folders written directly (no model instantiation): fast for 128 adapters."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from serve.llama import ModelShape
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(base_path))
+    paths = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        state = {}
+        for layer in range(shape.num_layers):
+            for m in MODULES:
+                fan_in, fan_out = shape.lora_dims(m)
+                parent = "self_attn" if m in MODULES[:4] else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+                state[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.02
+                state[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.02
+        path = folder / f"adapter-{i:03d}"
+        path.mkdir(parents=True)
+        save_file(state, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "target_modules": MODULES,
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "base_model_name_or_path": str(base_path),
+                }
+            )
+        )
+        paths.append(path)
+    return paths
+
+
+def workload(tokenizer, n: int, n_adapters: int, max_output: int, seed: int = 0):
+    """Prompts (token ids), output lengths (log-normal, median ~24) and adapter per request."""
+    from train.demo_data import construction_faq, country_facts
+
+    questions = [r["instruction"] for r in construction_faq()]
+    questions += [r["messages"][0]["content"] for r in country_facts()]
+    rng = random.Random(seed)
+    prompts, lengths, adapters = [], [], []
+    for i in range(n):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": rng.choice(questions)}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        lengths.append(max(4, min(max_output, round(rng.lognormvariate(math.log(24), 0.9)))))
+        adapters.append(i % n_adapters)
+    return prompts, lengths, adapters
+
+
+def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
+    from serve import SamplingParams
+
+    engine = llm.engine
+    t0 = time.perf_counter()
+    times: dict[str, list[float]] = {}
+    for p, n, a in zip(prompts, lengths, adapter_names, strict=True):
+        rid = engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), a)
+        times[rid] = []
+    peak_blocks = 0
+    while engine.has_unfinished:
+        outputs = engine.step()
+        now = time.perf_counter()
+        peak_blocks = max(peak_blocks, engine.allocator.num_used_blocks)
+        for out in outputs:
+            times[out.request_id] += [now] * len(out.delta_token_ids)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(t) for t in times.values())
+    ttft = sorted(t[0] - t0 for t in times.values())
+    itl = sorted(b - a for t in times.values() for a, b in itertools.pairwise(t))
+    return {
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft": ttft,
+        "itl": itl,
+        "peak_blocks": peak_blocks,
+        "blocks": engine.num_blocks,
+        "stats": engine.stats,
+    }
+
+
+def run_peft(base_path, folders, prompts, lengths, adapter_index, quantization, batch=32):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32}
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    model = PeftModel.from_pretrained(model, folders[0], adapter_name="a0")
+    for i, folder in enumerate(folders[1:], start=1):
+        model.load_adapter(folder, adapter_name=f"a{i}")
+    model.eval()
+    pad = model.generation_config.eos_token_id
+    pad = pad if isinstance(pad, int) else pad[0]
+    t0 = time.perf_counter()
+    useful = 0
+    for start in range(0, len(prompts), batch):
+        group = range(start, min(start + batch, len(prompts)))
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in group])
+        mask = (
+            torch.arange(width)[None, :]
+            >= torch.tensor([width - len(prompts[i]) for i in group])[:, None]
+        ).long()
+        steps = max(lengths[i] for i in group)
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=pad,
+                adapter_names=[f"a{adapter_index[i]}" for i in group],
+            )
+        useful += sum(lengths[i] for i in group)
+    wall = time.perf_counter() - t0
+    return {"tokens": useful, "seconds": wall, "tokens_per_s": useful / wall}
+
+
+def pct(values, q):
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] * 1000 if values else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--max-output", type=int, default=128)
+    parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also tokens/s with 1, 8, 32, 128 distinct adapters (8 slots)",
+    )
+    args = parser.parse_args()
+
+    from registry.base_model import resolve_base_model
+    from registry.home import setup_environment
+    from serve import LLM
+
+    home = setup_environment()
+    base = resolve_base_model("smollm2-135m-instruct", home)
+    quantization = None if args.quantization == "none" else args.quantization
+    counts = sorted({args.adapters, *([1, 8, 32, 128] if args.sweep else [])})
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = write_random_adapters(base.path, Path(tmp), max(counts), rank=16)
+        llm = LLM(
+            base_model=str(base.path),
+            quantization=quantization,
+            max_num_seqs=32,
+            max_loras=8,
+            max_lora_rank=16,
+            max_cpu_loras=32,
+            kv_cache_memory_gb=1.0,
+        )
+        for i, folder in enumerate(folders):
+            llm.load_adapter(f"a{i}", str(folder))
+        prompts, lengths, index = workload(
+            llm.tokenizer, args.requests, args.adapters, args.max_output
+        )
+        names = [f"a{i}" for i in index]
+        llm.generate([prompts[0]], adapters=[names[0]])  # warm-up
+        ours = run_loraplex(llm, prompts, lengths, names)
+        print(
+            f"workload: {args.requests} requests over {args.adapters} adapters, "
+            f"{args.quantization} base, outputs {min(lengths)}..{max(lengths)} tokens "
+            f"(median {statistics.median(lengths):.0f}), at most 32 running"
+        )
+        print(
+            f"loraplex   {ours['tokens_per_s']:8.1f} tokens/s  ({ours['tokens']} tokens in "
+            f"{ours['seconds']:.1f} s)"
+        )
+        if not args.skip_baseline:
+            peft = run_peft(
+                base.path, folders[: args.adapters], prompts, lengths, index, quantization
+            )
+            print(
+                f"peft       {peft['tokens_per_s']:8.1f} tokens/s  ({peft['tokens']} tokens in "
+                f"{peft['seconds']:.1f} s)"
+            )
+            print(f"ratio      {ours['tokens_per_s'] / peft['tokens_per_s']:8.2f}x")
+        print(
+            f"TTFT ms    p50 {pct(ours['ttft'], 50):.0f}  p90 {pct(ours['ttft'], 90):.0f}  "
+            f"p99 {pct(ours['ttft'], 99):.0f}"
+        )
+        print(
+            f"ITL ms     p50 {pct(ours['itl'], 50):.0f}  p90 {pct(ours['itl'], 90):.0f}  "
+            f"p99 {pct(ours['itl'], 99):.0f}"
+        )
+        print(f"KV blocks  peak used {ours['peak_blocks']} of {ours['blocks']} reserved")
+        if args.sweep:
+            print("distinct adapters (8 device slots, 32 in host memory): tokens/s")
+            for n in counts:
+                prompts_n, lengths_n, index_n = workload(
+                    llm.tokenizer, args.requests, n, args.max_output
+                )
+                r = run_loraplex(llm, prompts_n, lengths_n, [f"a{i}" for i in index_n])
+                s = r["stats"]
+                print(
+                    f"  {n:4d}  {r['tokens_per_s']:8.1f}  (slot loads {s['adapter_slot_loads']},"
+                    f" host evictions {s['adapter_host_evictions']})"
+                )
+
+
+if __name__ == "__main__":
+    main()
