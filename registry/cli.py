@@ -8,18 +8,10 @@ from typing import Annotated
 
 import typer
 
-from registry.console import user_errors
+from registry.console import TrackingUri, user_errors
 
 app = typer.Typer(no_args_is_help=True, help="Registered adapters and their versions (MLflow).")
 
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(
-        "--tracking-uri",
-        envvar="LORAPLEX_TRACKING_URI",
-        help="MLflow server or store (default: SQLite in LORAPLEX_HOME).",
-    ),
-]
 Ref = Annotated[str, typer.Argument(help="NAME (latest), NAME/VERSION or NAME@ALIAS.")]
 
 

@@ -6,10 +6,20 @@ import logging
 import sys
 import warnings
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 
 from registry.errors import LoraplexError
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="LORAPLEX_TRACKING_URI",
+        help="MLflow server or store (default: SQLite in LORAPLEX_HOME).",
+    ),
+]
 
 
 def setup_logging(verbose: bool = False) -> None:

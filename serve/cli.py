@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from registry.console import user_errors
+from registry.console import TrackingUri, user_errors
 
 
 def generate(
@@ -22,9 +22,7 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option()] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no template.")] = False,
-    tracking_uri: Annotated[
-        str | None, typer.Option("--tracking-uri", envvar="LORAPLEX_TRACKING_URI")
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Generate one answer with the base model or an adapter."""
     from registry.home import setup_environment

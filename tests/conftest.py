@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from registry.home import Home, setup_environment
-from tests.helpers import BIN
+from tests.helpers import BIN, TINY_SHAPE
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +48,7 @@ def tiny_base(smollm2, home, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    config = LlamaConfig(**TINY_SHAPE, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(smollm2.path / name, path / name)

@@ -9,26 +9,14 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-
-COMMON = dict(
-    vocab_size=49152,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
+from tests.helpers import TINY_SHAPE
 
 
 def _llama3():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        **COMMON,
+        **TINY_SHAPE,
         tie_word_embeddings=False,
         rope_parameters={
             "rope_type": "llama3",
@@ -44,13 +32,13 @@ def _llama3():
 def _qwen2():
     from transformers import Qwen2Config
 
-    return Qwen2Config(**COMMON, tie_word_embeddings=True)
+    return Qwen2Config(**TINY_SHAPE, tie_word_embeddings=True)
 
 
 def _mistral():
     from transformers import MistralConfig
 
-    return MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None)
+    return MistralConfig(**TINY_SHAPE, tie_word_embeddings=False, sliding_window=None)
 
 
 @pytest.mark.parametrize(

@@ -7,16 +7,7 @@ from typing import Annotated
 
 import typer
 
-from registry.console import user_errors
-
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(
-        "--tracking-uri",
-        envvar="LORAPLEX_TRACKING_URI",
-        help="MLflow server or store (default: SQLite in LORAPLEX_HOME).",
-    ),
-]
+from registry.console import TrackingUri, user_errors
 
 
 def train(
