@@ -18,7 +18,7 @@ import torch
 
 from registry.errors import AdapterError
 from serve.llama import LORA_MODULES, ModelShape
-from serve.lora_ops import lora_segments
+from serve.lora_ops import LoraBatch, lora_masked, lora_segments
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -120,10 +120,10 @@ class AdapterPool:
         for m in LORA_MODULES:
             fan_in, fan_out = shape.lora_dims(m)
             self.A[m] = torch.zeros(L, max_loras, max_rank, fan_in, dtype=dtype, device=device)
-            self.B[m] = torch.zeros(L, max_loras, fan_out, max_rank, dtype=dtype, device=device)
-        # Host-side per (module, layer, slot): the slot's rank there (0: not targeted), its scale.
+            # scale · lora_Bᵀ: the expand matrix, laid out so that slots flatten without a copy
+            self.B[m] = torch.zeros(L, max_loras, max_rank, fan_out, dtype=dtype, device=device)
+        # Host-side per (module, layer, slot): the slot's rank there (0: not targeted).
         self.ranks = {m: [[0] * max_loras for _ in range(L)] for m in LORA_MODULES}
-        self.scales = {m: [[0.0] * max_loras for _ in range(L)] for m in LORA_MODULES}
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
         self.paths: dict[str, Path] = {}
         self.host_evictions = 0
@@ -158,28 +158,17 @@ class AdapterPool:
             self.B[m][:, slot].zero_()
             for layer in range(self.shape.num_layers):
                 self.ranks[m][layer][slot] = 0
-                self.scales[m][layer][slot] = 0.0
         for (layer, m), (a, b, scale) in weights.tensors.items():
             r = a.shape[0]
             self.A[m][layer, slot, :r].copy_(a)
-            self.B[m][layer, slot, :, :r].copy_(b)
+            self.B[m][layer, slot, :r].copy_(b.T * scale)
             self.ranks[m][layer][slot] = r
-            self.scales[m][layer][slot] = scale
 
     def apply(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        layer: int,
-        module: str,
-        segments: list[tuple[int, int, int]],
+        self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoraBatch
     ) -> None:
-        lora_segments(
-            y,
-            x,
-            self.A[module][layer],
-            self.B[module][layer],
-            self.ranks[module][layer],
-            self.scales[module][layer],
-            segments,
-        )
+        A, B = self.A[module][layer], self.B[module][layer]
+        if batch.mask is not None:
+            lora_masked(y, x, A, B, batch.mask)
+        else:
+            lora_segments(y, x, A, B, self.ranks[module][layer], batch.segments)

@@ -15,6 +15,9 @@ class EngineConfig(BaseModel):
     base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
     quantization: Literal["nf4", "fp4"] | None = "nf4"  # as the adapters were trained
     double_quant: bool = True
+    # Packed 4-bit weights (memory /4) or the same weights dequantized once at load (no
+    # per-step dequantization). None: packed on GPU, dequantized on CPU.
+    keep_quantized: bool | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: int = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size

@@ -70,6 +70,11 @@ class LLMEngine:
             device=self.device,
             quantization=config.quantization,
             double_quant=config.double_quant,
+            keep_quantized=(
+                self.device.type == "cuda"
+                if config.keep_quantized is None
+                else config.keep_quantized
+            ),
             max_model_len=config.max_model_len,
         )
         self.eos_token_ids = _eos_ids(self.base.path, self.tokenizer, GenerationConfig)

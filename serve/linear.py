@@ -1,4 +1,9 @@
-"""Base linear layers: dense, or NF4/FP4 through bitsandbytes exactly as the trainer loads them."""
+"""Base linear layers: dense, or NF4/FP4 through bitsandbytes exactly as the trainer loads them.
+
+On CPU, bitsandbytes dequantizes a 4-bit weight on every call and then runs a dense matmul;
+`quantize_then_dequantize` does that once at load instead: the same weights to the last bit,
+4x the memory of packed storage, no per-step dequantization.
+"""
 
 from __future__ import annotations
 
@@ -48,3 +53,19 @@ class Linear4bit:
             x.to(self.compute_dtype), self.packed, quant_state=self.state, bias=self.bias
         )
         return out.to(dtype)
+
+
+def quantize_then_dequantize(
+    weight: torch.Tensor, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight the 4-bit base computes with: W -> quantize_4bit -> dequantize_4bit."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(
+        weight.contiguous(),
+        blocksize=64,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+    )
+    return bnbf.dequantize_4bit(packed, state).to(compute_dtype)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from registry.errors import UsageError
 from serve.attention import paged_attention
-from serve.linear import DenseLinear, Linear4bit
+from serve.linear import DenseLinear, Linear4bit, quantize_then_dequantize
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +108,8 @@ class Layer:
 
 
 class LlamaModel:
-    """Weights and forward pass. `quantization` is None, "nf4" or "fp4"."""
+    """Weights and forward pass. `quantization` is None, "nf4" or "fp4"; with
+    `keep_quantized` False the 4-bit weights are dequantized once at load (see serve.linear)."""
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class LlamaModel:
         device="cpu",
         quantization: str | None = "nf4",
         double_quant: bool = True,
+        keep_quantized: bool = True,
         max_model_len: int | None = None,
     ):
         from safetensors import safe_open
@@ -146,6 +148,10 @@ class LlamaModel:
             bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
             if quantization is None:
                 return DenseLinear(weight, bias)
+            if not keep_quantized:
+                return DenseLinear(
+                    quantize_then_dequantize(weight, quantization, double_quant, dtype), bias
+                )
             return Linear4bit(weight, bias, quantization, double_quant, dtype)
 
         s = self.shape
@@ -204,6 +210,6 @@ class LlamaModel:
     @staticmethod
     def _proj(layer, i, module, x, lora, ctx) -> torch.Tensor:
         y = layer.linears[module](x)
-        if lora is not None and ctx.lora_segments:
-            lora.apply(y, x, i, module, ctx.lora_segments)
+        if lora is not None and ctx.lora is not None:
+            lora.apply(y, x, i, module, ctx.lora)
         return y

@@ -12,7 +12,7 @@ import torch
 from serve.adapter_pool import AdapterPool
 from serve.attention import AttentionMetadata, build_attention_metadata
 from serve.llama import LlamaModel
-from serve.lora_ops import segments_of
+from serve.lora_ops import LoraBatch
 from serve.sampler import Sampler, TokenLogprobs, token_logprobs
 from serve.scheduler import SchedulerOutput
 
@@ -23,7 +23,7 @@ class ForwardContext:
 
     positions: torch.Tensor  # [num_tokens] position of each token in its sequence
     attention: AttentionMetadata
-    lora_segments: list[tuple[int, int, int]]  # (start, end, slot) token ranges with an adapter
+    lora: LoraBatch | None  # how LoRA applies this step; None when no sequence has an adapter
 
 
 @dataclass
@@ -73,7 +73,12 @@ class ModelRunner:
             [s.block_table for s in seqs], computed, new, self.block_size, device
         )
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(computed, new, strict=True)])
-        ctx = ForwardContext(positions.to(device), attention, segments_of(plan.lora_slots, new))
+        lora = None
+        if self.pool is not None:
+            lora = LoraBatch.build(
+                plan.lora_slots, new, self.pool.max_rank, device, self.model.dtype
+            )
+        ctx = ForwardContext(positions.to(device), attention, lora)
         hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
 
         ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch

@@ -145,7 +145,14 @@ def test_evicted_adapters_reload_and_give_the_same_tokens(smollm2, folders, prom
     assert stats["adapter_host_evictions"] > 0
 
 
-def test_nf4_base_matches_peft_over_bitsandbytes(smollm2, folders, prompts):
-    expected = peft_greedy(smollm2, folders, prompts, NAMES, MAX_TOKENS, quantized=True)
-    llm = make_llm(smollm2, folders, quantization="nf4")
-    assert tokens(llm.generate(prompts, GREEDY, adapters=NAMES)) == expected
+@pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized-once", "packed"])
+def test_nf4_base_matches_peft_over_bitsandbytes(
+    smollm2, folders, prompts, nf4_reference, keep_quantized
+):
+    llm = make_llm(smollm2, folders, quantization="nf4", keep_quantized=keep_quantized)
+    assert tokens(llm.generate(prompts, GREEDY, adapters=NAMES)) == nf4_reference
+
+
+@pytest.fixture(scope="module")
+def nf4_reference(smollm2, folders, prompts):
+    return peft_greedy(smollm2, folders, prompts, NAMES, MAX_TOKENS, quantized=True)
