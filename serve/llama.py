@@ -101,10 +101,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+# Modules that read the same input, computed as one matmul when the weights are dense.
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
 class Layer:
     def __init__(self, norms, linears):
         self.input_norm, self.post_norm = norms  # [hidden] each
-        self.linears = linears  # module name -> DenseLinear | Linear4bit
+        # module names -> DenseLinear | Linear4bit over their stacked weights
+        self.linears = linears
+        self.group_of = {m: g for g in linears for m in g}
 
 
 class LlamaModel:
@@ -143,16 +149,33 @@ class LlamaModel:
         def take(name):
             return tensors.pop(name).to(device=self.device, dtype=dtype)
 
-        def linear(name):
-            weight = take(f"{name}.weight")
-            bias = take(f"{name}.bias") if f"{name}.bias" in tensors else None
-            if quantization is None:
-                return DenseLinear(weight, bias)
-            if not keep_quantized:
-                return DenseLinear(
-                    quantize_then_dequantize(weight, quantization, double_quant, dtype), bias
+        packed = quantization is not None and keep_quantized
+
+        def linear_group(prefix: str, modules: tuple[str, ...]):
+            """One linear over the modules' stacked weights: one larger matmul instead of
+            several small ones (packed 4-bit weights stay one per module)."""
+            weights, biases = [], []
+            for m in modules:
+                name = f"{prefix}.{_PARENT[m]}.{m}"
+                weight = take(f"{name}.weight")
+                if quantization is not None and not keep_quantized:
+                    weight = quantize_then_dequantize(weight, quantization, double_quant, dtype)
+                weights.append(weight)
+                biases.append(take(f"{name}.bias") if f"{name}.bias" in tensors else None)
+            if packed:
+                [weight], [bias] = weights, biases
+                return Linear4bit(weight, bias, quantization, double_quant, dtype)
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat(
+                    [
+                        b if b is not None else w.new_zeros(w.shape[0])
+                        for w, b in zip(weights, biases, strict=True)
+                    ]
                 )
-            return Linear4bit(weight, bias, quantization, double_quant, dtype)
+            return DenseLinear(torch.cat(weights), bias)
+
+        groups = [(m,) for m in LORA_MODULES] if packed else _FUSED
 
         s = self.shape
         self.embed = take("embed_tokens.weight")  # [vocab, hidden]
@@ -163,7 +186,7 @@ class LlamaModel:
                 take(f"{p}.input_layernorm.weight"),
                 take(f"{p}.post_attention_layernorm.weight"),
             )
-            linears = {m: linear(f"{p}.{_PARENT[m]}.{m}") for m in LORA_MODULES}
+            linears = {g: linear_group(p, g) for g in groups}
             self.layers.append(Layer(norms, linears))
         self.norm = take("norm.weight")
         lm_head = tensors.pop("lm_head.weight", None)
@@ -188,28 +211,35 @@ class LlamaModel:
         sin = self.sin[ctx.positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            q = self._proj(layer, i, "q_proj", h, lora, ctx).view(n, s.num_heads, s.head_dim)
-            k = self._proj(layer, i, "k_proj", h, lora, ctx).view(n, s.num_kv_heads, s.head_dim)
-            v = self._proj(layer, i, "v_proj", h, lora, ctx).view(n, s.num_kv_heads, s.head_dim)
+            q, k, v = self._proj(layer, i, ("q_proj", "k_proj", "v_proj"), h, lora, ctx)
+            q = q.reshape(n, s.num_heads, s.head_dim)
+            k = k.reshape(n, s.num_kv_heads, s.head_dim)
+            v = v.reshape(n, s.num_kv_heads, s.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             attn = paged_attention(
                 q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
             )
-            x = x + self._proj(layer, i, "o_proj", attn.reshape(n, -1), lora, ctx)
+            [o] = self._proj(layer, i, ("o_proj",), attn.reshape(n, -1), lora, ctx)
+            x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate = self._proj(layer, i, "gate_proj", h, lora, ctx)
-            up = self._proj(layer, i, "up_proj", h, lora, ctx)
-            x = x + self._proj(layer, i, "down_proj", F.silu(gate) * up, lora, ctx)
+            gate, up = self._proj(layer, i, ("gate_proj", "up_proj"), h, lora, ctx)
+            [down] = self._proj(layer, i, ("down_proj",), F.silu(gate) * up, lora, ctx)
+            x = x + down
         return rms_norm(x, self.norm, s.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> [rows, vocab] in fp32."""
         return F.linear(hidden, self.lm_head).float()
 
-    @staticmethod
-    def _proj(layer, i, module, x, lora, ctx) -> torch.Tensor:
-        y = layer.linears[module](x)
+    def _proj(self, layer, i, modules, x, lora, ctx) -> list[torch.Tensor]:
+        """Base projections of `modules` (all reading x), each plus its LoRA delta in place."""
+        outs = []
+        for group in dict.fromkeys(layer.group_of[m] for m in modules):
+            y = layer.linears[group](x)
+            widths = [self.shape.lora_dims(m)[1] for m in group]
+            outs += list(y.split(widths, dim=-1)) if len(group) > 1 else [y]
         if lora is not None and ctx.lora is not None:
-            lora.apply(y, x, i, module, ctx.lora)
-        return y
+            for m, y in zip(modules, outs, strict=True):
+                lora.apply(y, x, i, m, ctx.lora)
+        return outs

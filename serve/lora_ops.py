@@ -98,7 +98,7 @@ def lora_masked(
     """In place: y += ((x @ A[:k]ᵀ) ⊙ mask) @ B[:k], slots flattened, k = used slots."""
     used = mask.shape[1] // A.shape[1]
     shrunk = x @ A[:used].flatten(0, 1).T  # [tokens, used * max_rank]
-    y += (shrunk * mask) @ B[:used].flatten(0, 1)
+    y += shrunk.mul_(mask) @ B[:used].flatten(0, 1)
 
 
 def lora_reference(
