@@ -18,7 +18,7 @@ import torch
 
 from registry.errors import AdapterError
 from serve.llama import LORA_MODULES, ModelShape
-from serve.lora_ops import LoraBatch, lora_masked, lora_segments
+from serve.lora_ops import LoraBatch, lora_gathered, lora_segments
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -168,7 +168,7 @@ class AdapterPool:
         self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoraBatch
     ) -> None:
         A, B = self.A[module][layer], self.B[module][layer]
-        if batch.mask is not None:
-            lora_masked(y, x, A, B, batch.mask)
+        if batch.chunk_tokens is not None:
+            lora_gathered(y, x, A, B, batch)
         else:
             lora_segments(y, x, A, B, self.ranks[module][layer], batch.segments)

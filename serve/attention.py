@@ -17,10 +17,12 @@ import torch.nn.functional as F
 class AttentionGroup:
     """Sequences attended in one padded batch (decodes together, prefill chunks together)."""
 
-    token_index: torch.Tensor  # [seqs, max_q] flat token of each query row; padding = num_tokens
+    # [seqs, max_q] flat token of each query row; padding rows repeat the sequence's last token
+    token_index: torch.Tensor
     key_slots: torch.Tensor  # [seqs, max_ctx] cache slot of each key position; padding = 0
     mask: torch.Tensor  # [seqs, 1, max_q, max_ctx] True where the query may attend the key
-    valid: torch.Tensor  # [seqs, max_q] True for real query rows
+    rows: torch.Tensor  # [real rows] index into the flattened [seqs * max_q] query rows
+    dest: torch.Tensor  # [real rows] the token each real row is the output of
 
 
 @dataclass
@@ -67,7 +69,6 @@ def build_attention_metadata(
                     computed[idx],
                     new[idx],
                     torch.tensor(starts)[idx],
-                    total,
                     block_size,
                     device,
                 )
@@ -81,13 +82,13 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
     return block * block_size + positions % block_size
 
 
-def _group(tables, computed, new, starts, num_tokens, block_size, device) -> AttentionGroup:
+def _group(tables, computed, new, starts, block_size, device) -> AttentionGroup:
     max_q = int(new.max())
     context = computed + new  # keys each sequence sees after this step
     max_ctx = int(context.max())
     j = torch.arange(max_q)
     valid = j[None, :] < new[:, None]  # [seqs, max_q]
-    token_index = torch.where(valid, starts[:, None] + j[None, :], num_tokens)
+    token_index = starts[:, None] + torch.minimum(j[None, :], new[:, None] - 1)
     key_pos = torch.arange(max_ctx)
     key_slots = _slots(
         tables,
@@ -99,8 +100,13 @@ def _group(tables, computed, new, starts, num_tokens, block_size, device) -> Att
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal, within the context
     mask &= valid[:, :, None]
     mask[:, :, 0] |= ~valid  # padding rows attend one key instead of none (no NaN)
+    rows = valid.flatten().nonzero().squeeze(1)
     return AttentionGroup(
-        token_index.to(device), key_slots.to(device), mask.unsqueeze(1).to(device), valid.to(device)
+        token_index.to(device),
+        key_slots.to(device),
+        mask.unsqueeze(1).to(device),
+        rows.to(device),
+        token_index.flatten()[rows].to(device),
     )
 
 
@@ -118,14 +124,13 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # row num_tokens: padding queries
     for g in meta.groups:
-        queries = padded[g.token_index].transpose(1, 2)  # [seqs, heads, max_q, dim]
+        queries = q[g.token_index].transpose(1, 2)  # [seqs, heads, max_q, dim]
         keys = k_cache[g.key_slots].transpose(1, 2)  # [seqs, kv_heads, max_ctx, dim]
         values = v_cache[g.key_slots].transpose(1, 2)
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
         )
-        o = o.transpose(1, 2)  # [seqs, max_q, heads, dim]
-        out[g.token_index[g.valid]] = o[g.valid]
+        o = o.transpose(1, 2).flatten(0, 1)  # [seqs * max_q, heads, dim]
+        out.index_copy_(0, g.dest, o.index_select(0, g.rows))
     return out

@@ -5,12 +5,13 @@ Semantics, for every token i whose sequence has an adapter in slot s = slot_of_t
 A: [slots, max_rank, in] is PEFT's lora_A; B: [slots, max_rank, out] is scale · lora_Bᵀ
 (scale = alpha / r, or alpha / sqrt(r) with rsLoRA); both are zero beyond the adapter's rank.
 
-Two implementations with one meaning, chosen per step by cost (`LoraBatch.build`):
+Two implementations with one meaning, chosen per step (`LoraBatch.build`):
 - segments (SGMV): the scheduler orders the batch by slot, so each adapter's tokens are one
-  contiguous run; two matmuls per run at the adapter's own rank. Best for prefill chunks.
-- masked: one shrink against every used slot at once, a 0/1 mask keeping each token's own
-  slot, one expand. Two matmuls whatever the number of adapters; best for decode steps, where
-  per-run launches would dominate.
+  contiguous run; two matmuls per run at the adapter's own rank. Used for one or two runs.
+- gathered (BGMV): runs are cut into chunks of equal width, padded, and computed as two
+  batched matmuls for all adapters at once, each chunk with its own slot's A and B. The
+  padding costs at most as many rows as there are tokens; launches no longer grow with the
+  number of adapters, which is what decode steps over many adapters need.
 Neither loops over sequences. `lora_reference` (a per-token gather) is what tests compare
 them with; GPU kernels replace both behind the same arguments.
 """
@@ -20,11 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-# Masked costs num_tokens * used_slots * max_rank multiply-adds per weight row; segments cost
-# a fixed overhead per run. Measured on CPU, one run's overhead is worth about this many
-# (token x slot x rank) units of masked work.
-_RUN_COST = 2048
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> list[tuple[int, int, int]]:
@@ -45,35 +41,46 @@ def segments_of(slots: list[int], num_tokens: list[int]) -> list[tuple[int, int,
     return segments
 
 
-def slot_mask(
-    segments: list[tuple[int, int, int]], num_tokens: int, used_slots: int, max_rank: int, device
-) -> torch.Tensor:
-    """[num_tokens, used_slots * max_rank]: 1 on the rank columns of each token's own slot."""
-    mask = torch.zeros(num_tokens, used_slots, max_rank)
-    for start, end, slot in segments:
-        mask[start:end, slot] = 1.0
-    return mask.reshape(num_tokens, used_slots * max_rank).to(device)
+def chunk_rows(segments: list[tuple[int, int, int]]):
+    """Cut segments into chunks of one width (about the mean segment length).
+
+    Returns (tokens [chunks, width]: the token of each row, padding repeats the chunk's last
+    token; slots [chunks]; rows [real rows]: flat row index of each real row; dest [real rows]:
+    the token it belongs to). Pure, so it is tested on tables.
+    """
+    total = sum(end - start for start, end, _ in segments)
+    width = -(-total // len(segments))
+    chunks = [
+        (a, min(a + width, end), slot)
+        for start, end, slot in segments
+        for a in range(start, end, width)
+    ]
+    tokens = torch.tensor([[min(a + j, b - 1) for j in range(width)] for a, b, _ in chunks])
+    valid = torch.tensor([[a + j < b for j in range(width)] for a, b, _ in chunks])
+    rows = valid.flatten().nonzero().squeeze(1)
+    return tokens, torch.tensor([slot for _, _, slot in chunks]), rows, tokens.flatten()[rows]
 
 
 @dataclass
 class LoraBatch:
-    """How this step applies LoRA: the segments, and the mask when masked is cheaper."""
+    """How this step applies LoRA: its segments, and the gathered chunks when there are
+    enough runs for batching to pay."""
 
     segments: list[tuple[int, int, int]]  # (start, end, slot)
-    mask: torch.Tensor | None  # [num_tokens, used_slots * max_rank], or None: use segments
+    chunk_tokens: torch.Tensor | None = None  # [chunks, width] token of each row
+    chunk_slots: torch.Tensor | None = None  # [chunks] adapter slot of each chunk
+    rows: torch.Tensor | None = None  # [real rows] flat index of the rows that are not padding
+    dest: torch.Tensor | None = None  # [real rows] the token each real row adds to
 
     @classmethod
-    def build(
-        cls, slots: list[int], num_tokens: list[int], max_rank: int, device, dtype=torch.float32
-    ) -> LoraBatch | None:
+    def build(cls, slots: list[int], num_tokens: list[int], device) -> LoraBatch | None:
         segments = segments_of(slots, num_tokens)
         if not segments:
             return None
-        used = max(s for _, _, s in segments) + 1
-        total = sum(num_tokens)
-        if total * used * max_rank <= _RUN_COST * len(segments):
-            return cls(segments, slot_mask(segments, total, used, max_rank, device).to(dtype))
-        return cls(segments, None)
+        if len(segments) <= 2:
+            return cls(segments)
+        tokens, chunk_slots, rows, dest = (t.to(device) for t in chunk_rows(segments))
+        return cls(segments, tokens, chunk_slots, rows, dest)
 
 
 def lora_segments(
@@ -92,13 +99,15 @@ def lora_segments(
             y[start:end] += (x[start:end] @ A[slot, :r].T) @ B[slot, :r]
 
 
-def lora_masked(
-    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor
+def lora_gathered(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoraBatch
 ) -> None:
-    """In place: y += ((x @ A[:k]ᵀ) ⊙ mask) @ B[:k], slots flattened, k = used slots."""
-    used = mask.shape[1] // A.shape[1]
-    shrunk = x @ A[:used].flatten(0, 1).T  # [tokens, used * max_rank]
-    y += shrunk.mul_(mask) @ B[:used].flatten(0, 1)
+    """In place: y[t] += (x[t] @ A[c]ᵀ) @ B[c] for each real row t of each chunk c's slot."""
+    xs = x[batch.chunk_tokens]  # [chunks, width, in]
+    a = A.index_select(0, batch.chunk_slots)  # [chunks, max_rank, in]
+    b = B.index_select(0, batch.chunk_slots)  # [chunks, max_rank, out]
+    out = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [chunks, width, out]
+    y.index_add_(0, batch.dest, out.flatten(0, 1).index_select(0, batch.rows))
 
 
 def lora_reference(

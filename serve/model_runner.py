@@ -75,9 +75,7 @@ class ModelRunner:
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(computed, new, strict=True)])
         lora = None
         if self.pool is not None:
-            lora = LoraBatch.build(
-                plan.lora_slots, new, self.pool.max_rank, device, self.model.dtype
-            )
+            lora = LoraBatch.build(plan.lora_slots, new, device)
         ctx = ForwardContext(positions.to(device), attention, lora)
         hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
 

@@ -7,11 +7,11 @@ import torch
 
 from serve.lora_ops import (
     LoraBatch,
-    lora_masked,
+    chunk_rows,
+    lora_gathered,
     lora_reference,
     lora_segments,
     segments_of,
-    slot_mask,
 )
 
 
@@ -33,7 +33,7 @@ def test_segments_of(slots, tokens, expected):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_segmented_and_masked_lora_equal_the_per_token_reference(seed):
+def test_segmented_and_gathered_lora_equal_the_per_token_reference(seed):
     gen = torch.Generator().manual_seed(seed)
     slots, max_rank, fan_in, fan_out = 5, 16, 37, 23
     ranks = [16, 4, 0, 7, 1]  # mixed; slot 2 does not target this module
@@ -54,18 +54,27 @@ def test_segmented_and_masked_lora_equal_the_per_token_reference(seed):
     lora_segments(by_segments, x, A, B, ranks, segments)
     torch.testing.assert_close(by_segments, expected, rtol=1e-5, atol=1e-5)
 
-    masked = y.clone()
-    lora_masked(masked, x, A, B, slot_mask(segments, len(x), slots, max_rank, "cpu"))
-    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
+    gathered = y.clone()
+    lora_gathered(gathered, x, A, B, LoraBatch.build(seq_slots, seq_tokens, "cpu"))
+    torch.testing.assert_close(gathered, expected, rtol=1e-5, atol=1e-5)
 
     base_rows = slot_of_token == -1
     assert torch.equal(by_segments[base_rows], y[base_rows])  # base-only tokens are untouched
-    assert torch.equal(masked[base_rows], y[base_rows])
+    assert torch.equal(gathered[base_rows], y[base_rows])
 
 
-def test_batch_uses_the_mask_for_decode_and_segments_for_prefill():
-    decode = LoraBatch.build([0, 1, 2, 3] * 8, [1] * 32, 16, "cpu")
-    assert decode.mask is not None and decode.mask.shape == (32, 4 * 16)
-    prefill = LoraBatch.build([0, 1], [400, 300], 16, "cpu")
-    assert prefill.mask is None and prefill.segments == [(0, 400, 0), (400, 700, 1)]
-    assert LoraBatch.build([-1, -1], [5, 1], 16, "cpu") is None
+def test_chunks_cut_runs_to_one_width_and_pad_with_the_last_token():
+    # runs of 4, 1 and 7 tokens: width ceil(12 / 3) = 4
+    tokens, slots, rows, dest = chunk_rows([(0, 4, 0), (4, 5, 2), (5, 12, 1)])
+    assert tokens.tolist() == [[0, 1, 2, 3], [4, 4, 4, 4], [5, 6, 7, 8], [9, 10, 11, 11]]
+    assert slots.tolist() == [0, 2, 1, 1]
+    assert dest.tolist() == list(range(12))
+    assert rows.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14]
+
+
+def test_batch_gathers_only_when_there_are_several_runs():
+    assert LoraBatch.build([-1, -1], [5, 1], "cpu") is None
+    single = LoraBatch.build([0, 0], [400, 1], "cpu")
+    assert single.chunk_tokens is None and single.segments == [(0, 401, 0)]
+    decode = LoraBatch.build([0, 0, 1, 1, 2, 2, 3, 3], [1] * 8, "cpu")
+    assert decode.chunk_tokens.shape == (4, 2) and decode.chunk_slots.tolist() == [0, 1, 2, 3]
