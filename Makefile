@@ -1,5 +1,6 @@
 # make install: .venv with the CPU torch build and everything else under constraints.txt.
-# make demo:    the main job on the embedded defaults.
+# make demo:    the main job on the embedded defaults: train and register the demo adapters,
+#               then answer one question with each through the serving engine.
 # make test:    lint and the whole test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +27,8 @@ demo: install
 	$(BIN)/loraplex train configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml
 	$(BIN)/loraplex train configs/train/country-facts_smollm2-135m_qlora_cpu.yaml
 	$(BIN)/loraplex registry list
+	$(BIN)/loraplex generate "Do I need a building permit for a garden shed?" --adapter construction-faq
+	$(BIN)/loraplex generate "What is the capital of Norway?" --adapter country-facts
 
 lint: install
 	$(BIN)/ruff check .
