@@ -137,10 +137,6 @@ class AdapterPool:
             self.host.popitem(last=False)
             self.host_evictions += 1
 
-    def remove(self, uid: str) -> None:
-        self.host.pop(uid, None)
-        self.paths.pop(uid, None)
-
     def weights(self, uid: str) -> LoraWeights:
         """Host copy of an adapter, read again from its folder if it was evicted."""
         if uid in self.host:

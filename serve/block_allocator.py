@@ -117,11 +117,6 @@ class BlockAllocator:
         seq.num_computed_tokens = 0
         self._hashes.pop(seq.request_id, None)
 
-    def reset_prefix_cache(self) -> None:
-        for block in range(self.num_blocks):
-            if self.ref_counts[block] == 0:
-                self._forget(block)
-
     def _hashes_of(self, seq: Sequence) -> list[int]:
         known = self._hashes.get(seq.request_id, [])
         if len(known) < seq.num_tokens // self.block_size:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,6 @@ from serve.sampler import Sampler
 from serve.sampling_params import SamplingParams
 from serve.scheduler import Scheduler
 from serve.sequence import Sequence, Status
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -69,17 +69,6 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
     ]
 
 
-def prompt_messages(record: dict, fmt: str) -> list[dict]:
-    """The messages up to (not including) the last assistant answer: what a user would send."""
-    messages = to_messages(record, fmt)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
-
-
-def reference_answer(record: dict, fmt: str) -> str:
-    return [m for m in to_messages(record, fmt) if m["role"] == "assistant"][-1]["content"]
-
-
 def encode(record: dict, fmt: str, tokenizer, max_length: int) -> dict:
     """Token ids and labels of one record; labels are IGNORE_INDEX except on answer tokens.
 
