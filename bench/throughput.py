@@ -94,6 +94,7 @@ def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
     from serve import SamplingParams
 
     engine = llm.engine
+    before = engine.stats
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     for p, n, a in zip(prompts, lengths, adapter_names, strict=True):
@@ -118,7 +119,8 @@ def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
         "itl": itl,
         "peak_blocks": peak_blocks,
         "blocks": engine.num_blocks,
-        "stats": engine.stats,
+        # counters of this run only (the engine's own are cumulative)
+        "stats": {k: v - before[k] for k, v in engine.stats.items()},
     }
 
 
