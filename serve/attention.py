@@ -19,8 +19,9 @@ class AttentionGroup:
 
     # [seqs, max_q] flat token of each query row; padding rows repeat the sequence's last token
     token_index: torch.Tensor
-    key_slots: torch.Tensor  # [seqs, max_ctx] cache slot of each key position; padding = 0
-    mask: torch.Tensor  # [seqs, 1, max_q, max_ctx] True where the query may attend the key
+    # [seqs, ctx_blocks] block table of each sequence, padded with block 0 (masked out)
+    key_blocks: torch.Tensor
+    mask: torch.Tensor  # [seqs, 1, max_q, ctx_blocks * block_size] True where q may attend k
     rows: torch.Tensor  # [real rows] index into the flattened [seqs * max_q] query rows
     dest: torch.Tensor  # [real rows] the token each real row is the output of
 
@@ -29,6 +30,7 @@ class AttentionGroup:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot that each new token's K/V is written to
     groups: list[AttentionGroup]
+    block_size: int
 
 
 def build_attention_metadata(
@@ -73,7 +75,7 @@ def build_attention_metadata(
                     device,
                 )
             )
-    return AttentionMetadata(slot_mapping.to(device), groups)
+    return AttentionMetadata(slot_mapping.to(device), groups, block_size)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -85,17 +87,12 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
 def _group(tables, computed, new, starts, block_size, device) -> AttentionGroup:
     max_q = int(new.max())
     context = computed + new  # keys each sequence sees after this step
-    max_ctx = int(context.max())
+    ctx_blocks = -(-int(context.max()) // block_size)
     j = torch.arange(max_q)
     valid = j[None, :] < new[:, None]  # [seqs, max_q]
     token_index = starts[:, None] + torch.minimum(j[None, :], new[:, None] - 1)
-    key_pos = torch.arange(max_ctx)
-    key_slots = _slots(
-        tables,
-        key_pos.expand(len(new), max_ctx).clamp(max=tables.shape[1] * block_size - 1),
-        block_size,
-    )
-    key_slots = torch.where(key_pos[None, :] < context[:, None], key_slots, 0)
+    key_blocks = tables[:, :ctx_blocks]  # whole blocks: a few large copies, not one per key
+    key_pos = torch.arange(ctx_blocks * block_size)
     query_pos = computed[:, None] + j[None, :]  # [seqs, max_q]
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal, within the context
     mask &= valid[:, :, None]
@@ -103,7 +100,7 @@ def _group(tables, computed, new, starts, block_size, device) -> AttentionGroup:
     rows = valid.flatten().nonzero().squeeze(1)
     return AttentionGroup(
         token_index.to(device),
-        key_slots.to(device),
+        key_blocks.to(device),
         mask.unsqueeze(1).to(device),
         rows.to(device),
         token_index.flatten()[rows].to(device),
@@ -123,11 +120,13 @@ def paged_attention(
     [tokens, kv_heads, dim]; caches: [slots, kv_heads, dim]. Returns [tokens, heads, dim]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_blocks = k_cache.view(-1, meta.block_size, *k_cache.shape[1:])  # [blocks, size, kv, dim]
+    v_blocks = v_cache.view(-1, meta.block_size, *v_cache.shape[1:])
     out = torch.empty_like(q)
     for g in meta.groups:
         queries = q[g.token_index].transpose(1, 2)  # [seqs, heads, max_q, dim]
-        keys = k_cache[g.key_slots].transpose(1, 2)  # [seqs, kv_heads, max_ctx, dim]
-        values = v_cache[g.key_slots].transpose(1, 2)
+        keys = k_blocks[g.key_blocks].flatten(1, 2).transpose(1, 2)  # [seqs, kv, ctx, dim]
+        values = v_blocks[g.key_blocks].flatten(1, 2).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
         )

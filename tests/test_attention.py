@@ -23,7 +23,9 @@ def test_decodes_and_prefills_form_separate_groups():
     )
     decode, prefill = meta.groups
     assert decode.token_index.tolist() == [[0], [1]]
-    assert decode.key_slots.tolist() == [[0, 1, 2, 0, 0, 0], [4, 5, 6, 7, 8, 9]]
+    assert decode.key_blocks.tolist() == [[0, 0], [1, 2]]  # seq 0 padded with block 0
+    # seq 0 sees positions 0..2 of block 0; seq 1 sees positions 0..5 of blocks 1, 2
+    assert decode.mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 5, [True] * 6 + [False] * 2]
     assert prefill.token_index.tolist() == [[2, 3, 4]]
 
 
