@@ -28,6 +28,7 @@ class AttentionGroup:
 
 @dataclass
 class AttentionMetadata:
+    positions: torch.Tensor  # [num_tokens] position of each new token in its sequence
     slot_mapping: torch.Tensor  # [num_tokens] cache slot that each new token's K/V is written to
     groups: list[AttentionGroup]
     block_size: int
@@ -75,7 +76,7 @@ def build_attention_metadata(
                     device,
                 )
             )
-    return AttentionMetadata(slot_mapping.to(device), groups, block_size)
+    return AttentionMetadata(position.to(device), slot_mapping.to(device), groups, block_size)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

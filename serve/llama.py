@@ -207,8 +207,9 @@ class LlamaModel:
         s = self.shape
         n = input_ids.shape[0]
         x = self.embed[input_ids]  # [n, hidden]
-        cos = self.cos[ctx.positions].unsqueeze(1)  # [n, 1, head_dim]
-        sin = self.sin[ctx.positions].unsqueeze(1)
+        positions = ctx.attention.positions
+        cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
             q, k, v = self._proj(layer, i, ("q_proj", "k_proj", "v_proj"), h, lora, ctx)

@@ -21,8 +21,7 @@ from serve.scheduler import SchedulerOutput
 class ForwardContext:
     """Per-step metadata the layers read, passed explicitly (no globals)."""
 
-    positions: torch.Tensor  # [num_tokens] position of each token in its sequence
-    attention: AttentionMetadata
+    attention: AttentionMetadata  # positions, cache slots, block tables of the step
     lora: LoraBatch | None  # how LoRA applies this step; None when no sequence has an adapter
 
 
@@ -72,11 +71,10 @@ class ModelRunner:
         attention = build_attention_metadata(
             [s.block_table for s in seqs], computed, new, self.block_size, device
         )
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(computed, new, strict=True)])
         lora = None
         if self.pool is not None:
             lora = LoraBatch.build(plan.lora_slots, new, device)
-        ctx = ForwardContext(positions.to(device), attention, lora)
+        ctx = ForwardContext(attention, lora)
         hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
 
         ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch
@@ -100,9 +98,8 @@ class ModelRunner:
         for seq, c, n in zip(plan.seqs, computed, plan.num_new_tokens, strict=True):
             scored = []
             wanted = seq.params.prompt_logprobs
-            last = min(
-                c + n, seq.num_prompt_tokens - 1
-            )  # positions c .. last-1 score a prompt token
+            # positions c .. last-1 score a prompt token
+            last = min(c + n, seq.num_prompt_tokens - 1)
             if wanted is not None and last > c:
                 logprobs = self.model.logits(hidden[start : start + last - c]).log_softmax(-1)
                 targets = seq.token_ids[c + 1 : last + 1]
