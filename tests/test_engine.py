@@ -172,6 +172,46 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
     assert len(ok.token_ids) == 2
 
 
+def test_adapter_loads_while_a_request_decodes(tiny_base, tmp_path):
+    engine = AsyncLLM(
+        LLM(
+            base_model=str(tiny_base.path),
+            quantization=None,
+            num_kv_blocks=128,
+            block_size=4,
+            max_lora_rank=8,
+        ).engine
+    )
+    folder = make_lora(tiny_base, tmp_path / "late", rank=4, targets=["q_proj", "v_proj"])
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+
+    async def main():
+        events = []
+
+        async def stream():
+            last = None
+            async for last in engine.generate(PROMPTS[2], params):  # noqa: B007
+                events.append("token")
+            return last.token_ids
+
+        task = asyncio.create_task(stream())
+        while not events:
+            await asyncio.sleep(0.01)
+        await engine.load_adapter("late", str(folder))
+        events.append("loaded")
+        tokens = await task
+        [with_adapter] = [
+            o async for o in engine.generate(PROMPTS[2], params, adapter="late") if o.finished
+        ]
+        return events, tokens, with_adapter
+
+    events, tokens, with_adapter = asyncio.run(main())
+    engine.shutdown()
+    loaded_at = events.index("loaded")
+    assert 0 < loaded_at < len(events) - 1  # loaded mid-stream, and the stream went on
+    assert len(tokens) == 300 and len(with_adapter.token_ids) == 300
+
+
 def test_async_engine_streams_deltas_and_abort_frees_blocks(tiny_base):
     engine = AsyncLLM(
         LLM(
