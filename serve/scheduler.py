@@ -67,10 +67,23 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        plan: list[tuple[Sequence, int]] = []
+        plan, preempted, budget = self._continue_running(budget)
         loads: list[tuple[int, str]] = []
-        preempted: list[Sequence] = []
+        if not preempted:  # newcomers would only be preempted next
+            loads = self._admit_waiting(plan, budget)
+        plan.sort(key=lambda item: self._slot(item[0]))
+        return SchedulerOutput(
+            seqs=[seq for seq, _ in plan],
+            num_new_tokens=[n for _, n in plan],
+            lora_slots=[self._slot(seq) for seq, _ in plan],
+            lora_loads=loads,
+            preempted=preempted,
+        )
 
+    def _continue_running(self, budget: int):
+        """Running sequences, oldest first; the newest is preempted while blocks run out."""
+        plan: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
         running = list(self.running)
         i = 0
         while i < len(running) and budget > 0:
@@ -88,17 +101,19 @@ class Scheduler:
                 budget -= n
                 i += 1
         self.running = running
+        return plan, preempted, budget
 
-        # Newcomers wait while anyone is being preempted: they would only be preempted next.
+    def _admit_waiting(self, plan: list[tuple[Sequence, int]], budget: int):
+        """Waiting sequences in arrival order while budget, slots and blocks last; a sequence
+        whose adapter finds no free slot lets the others pass. Returns the slot loads."""
+        loads: list[tuple[int, str]] = []
         skipped: list[Sequence] = []
-        while (
-            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             slot = None
             if seq.adapter_uid is not None:
                 slot = self.slots.acquire(seq.adapter_uid)
-                if slot is None:  # every slot pinned by other adapters: let others pass
+                if slot is None:
                     skipped.append(self.waiting.popleft())
                     continue
             if not seq.block_table:
@@ -118,15 +133,7 @@ class Scheduler:
             plan.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-
-        plan.sort(key=lambda item: self._slot(item[0]))
-        return SchedulerOutput(
-            seqs=[seq for seq, _ in plan],
-            num_new_tokens=[n for _, n in plan],
-            lora_slots=[self._slot(seq) for seq, _ in plan],
-            lora_loads=loads,
-            preempted=preempted,
-        )
+        return loads
 
     def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
         """Apply a step's result: computed tokens and one sampled token per sequence that had
