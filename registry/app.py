@@ -26,3 +26,4 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info
 app.command("train")(train_cli.train)
 app.add_typer(registry_cli.app, name="registry")
 app.command("generate")(serve_cli.generate)
+app.command("serve")(serve_cli.serve)

@@ -53,3 +53,43 @@ def generate(
         else:
             [output] = llm.chat([{"role": "user", "content": prompt}], params, adapters=[name])
     print(output.text)
+
+
+def serve(
+    base_model: Annotated[str | None, typer.Option(help="Embedded name or HF folder.")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=REF to load at start (REF: registry reference or folder)."),
+    ] = None,
+    quantization: Annotated[str, typer.Option(help="nf4, fp4 or none.")] = "nf4",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Default max_tokens.")] = 256,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Serve the base model and adapters over an OpenAI-compatible REST API."""
+    from registry.home import setup_environment
+
+    with user_errors():
+        setup_environment()
+        import uvicorn
+
+        from registry.errors import UsageError
+        from serve import LLM
+        from serve.async_engine import AsyncLLM
+        from serve.server import create_app
+
+        if quantization not in ("nf4", "fp4", "none"):
+            raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
+        args = {"tracking_uri": tracking_uri}
+        if base_model:
+            args["base_model"] = base_model
+        llm = LLM(quantization=None if quantization == "none" else quantization, **args)
+        for item in adapter or []:
+            name, sep, ref = item.partition("=")
+            if not sep:
+                raise UsageError(f"--adapter {item!r}: expected NAME=REF")
+            llm.load_adapter(name, ref)
+        base_name = llm.engine.base.name
+        app = create_app(AsyncLLM(llm.engine), base_name, max_tokens)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

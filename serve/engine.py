@@ -17,7 +17,7 @@ import torch
 from registry.base_model import resolve_base_model
 from registry.errors import NotFoundError, UsageError
 from registry.home import setup_environment
-from registry.refs import check_name
+from registry.refs import is_ref
 from registry.resolve import resolve_adapter
 from serve.adapter_pool import AdapterPool, LoraWeights, read_peft_lora
 from serve.block_allocator import BlockAllocator
@@ -121,7 +121,11 @@ class LLMEngine:
     def read_adapter(self, name: str, source: str) -> tuple[AdapterInfo, LoraWeights]:
         """The slow half of loading (registry download, checks, reading weights); touches no
         engine state, so a server runs it while the engine keeps stepping."""
-        check_name(name, "adapter name")
+        if not is_ref(name):  # a plain name, or the registry reference it was loaded by
+            raise UsageError(
+                f"adapter name {name!r} must be NAME, NAME/VERSION or NAME@ALIAS "
+                "(letters, digits, '.', '_' and '-')"
+            )
         resolved = resolve_adapter(
             source,
             base_fingerprint=self.base.fingerprint,

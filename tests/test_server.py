@@ -1,0 +1,161 @@
+"""The REST server with the stock `openai` client against uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import openai
+import pytest
+
+from serve import LLM, SamplingParams
+from tests.helpers import make_lora
+
+QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+
+
+def _engine_args(tiny_base):
+    return dict(
+        base_model=str(tiny_base.path),
+        quantization=None,
+        num_kv_blocks=128,
+        block_size=4,
+        max_lora_rank=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    import uvicorn
+
+    from serve.async_engine import AsyncLLM
+    from serve.server import create_app
+
+    folder = make_lora(
+        tiny_base,
+        tmp_path_factory.mktemp("srv") / "faq",
+        rank=4,
+        targets=["q_proj", "v_proj"],
+        b_scale=1.0,
+    )
+    llm = LLM(**_engine_args(tiny_base))
+    llm.load_adapter("faq", str(folder))
+    engine = AsyncLLM(llm.engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(engine, "tiny", default_max_tokens=16),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    reference = LLM(**_engine_args(tiny_base))
+    reference.load_adapter("faq", str(folder))
+    yield f"http://127.0.0.1:{port}/v1", reference
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+def test_chat_answers_equal_the_offline_engine_per_adapter(server):
+    url, reference = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    for model, adapter in (("tiny", None), ("faq", "faq")):
+        reply = client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=12, temperature=0
+        )
+        [expected] = reference.chat(
+            QUESTION, SamplingParams(max_tokens=12, temperature=0), adapters=[adapter]
+        )
+        assert reply.choices[0].message.content == expected.text
+        assert reply.usage.completion_tokens == len(expected.token_ids)
+        assert reply.choices[0].finish_reason == expected.finish_reason
+    models = {m.id for m in client.models.list().data}
+    assert models == {"tiny", "faq"}
+
+
+def test_streaming_chunks_add_up_to_the_answer_with_usage_at_the_end(server):
+    url, reference = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    chunks = list(
+        client.chat.completions.create(
+            model="faq",
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    [expected] = reference.chat(
+        QUESTION, SamplingParams(max_tokens=12, temperature=0), adapters=["faq"]
+    )
+    assert text == expected.text
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert len([c for c in chunks if c.choices]) > 2  # streamed token by token
+
+
+def test_async_client_and_completions_with_token_prompts(server):
+    url, reference = server
+    prompt = [1, 300, 301, 302, 303]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused")
+        return await asyncio.gather(
+            *(
+                client.completions.create(
+                    model="faq",
+                    prompt=prompt,
+                    max_tokens=8,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
+                for _ in range(4)
+            )
+        )
+
+    replies = asyncio.run(main())
+    [expected] = reference.generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), adapters=["faq"]
+    )
+    assert {r.choices[0].text for r in replies} == {expected.text}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        (dict(model="no such model"), openai.NotFoundError, "'no such model' does not exist"),
+        (dict(model="nope"), openai.NotFoundError, "no registered adapter named 'nope'"),
+        (dict(model="tiny", temperature=5), openai.BadRequestError, "temperature"),
+        (dict(model="tiny", max_tokens=0), openai.BadRequestError, "max_tokens"),
+        (dict(model="tiny", messages=[]), openai.BadRequestError, "messages"),
+        (
+            dict(model="tiny", messages=[{"role": "user", "content": "x " * 600}]),
+            openai.BadRequestError,
+            "context length",
+        ),
+        (dict(model="missing@champion"), openai.NotFoundError, "no registered adapter"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
+    server, kwargs, error, fragment
+):
+    url, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    args = {"messages": QUESTION, "max_tokens": 4, **kwargs}
+    with pytest.raises(error) as raised:
+        client.chat.completions.create(**args)
+    assert fragment in str(raised.value)
+    ok = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
