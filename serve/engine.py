@@ -107,6 +107,7 @@ class LLMEngine:
         )
         self.adapters: dict[str, AdapterInfo] = {}
         self.requests: dict[str, RequestState] = {}
+        self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
 
     # -- adapters ----------------------------------------------------------------------------
@@ -220,6 +221,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
         self.sampler.forget(request_id)
+        self.num_aborted += 1
         return True
 
     @property
@@ -261,6 +263,7 @@ class LLMEngine:
             "prefix_cache_hit_blocks": a.prefix_hits,
             "prefix_cache_query_blocks": a.prefix_queries,
             "preemptions": self.scheduler.num_preemptions,
+            "requests_aborted": self.num_aborted,
             "adapter_slot_loads": self.slots.loads,
             "adapter_slot_evictions": self.slots.evictions,
             "adapter_host_evictions": self.pool.host_evictions,

@@ -61,14 +61,14 @@ def server(tiny_base, tmp_path_factory):
         time.sleep(0.05)
     reference = LLM(**_engine_args(tiny_base))
     reference.load_adapter("faq", str(folder))
-    yield f"http://127.0.0.1:{port}/v1", reference
+    yield f"http://127.0.0.1:{port}/v1", reference, engine
     server.should_exit = True
     thread.join(timeout=10)
     engine.shutdown()
 
 
 def test_chat_answers_equal_the_offline_engine_per_adapter(server):
-    url, reference = server
+    url, reference, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused")
     for model, adapter in (("tiny", None), ("faq", "faq")):
         reply = client.chat.completions.create(
@@ -85,7 +85,7 @@ def test_chat_answers_equal_the_offline_engine_per_adapter(server):
 
 
 def test_streaming_chunks_add_up_to_the_answer_with_usage_at_the_end(server):
-    url, reference = server
+    url, reference, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused")
     chunks = list(
         client.chat.completions.create(
@@ -107,7 +107,7 @@ def test_streaming_chunks_add_up_to_the_answer_with_usage_at_the_end(server):
 
 
 def test_async_client_and_completions_with_token_prompts(server):
-    url, reference = server
+    url, reference, _ = server
     prompt = [1, 300, 301, 302, 303]
 
     async def main():
@@ -151,7 +151,7 @@ def test_async_client_and_completions_with_token_prompts(server):
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     server, kwargs, error, fragment
 ):
-    url, _ = server
+    url, _, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     args = {"messages": QUESTION, "max_tokens": 4, **kwargs}
     with pytest.raises(error) as raised:
@@ -159,3 +159,26 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     assert fragment in str(raised.value)
     ok = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
+    url, _, engine = server
+    aborted = engine.stats()["requests_aborted"]
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    stream = client.chat.completions.create(
+        model="faq",
+        messages=QUESTION,
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _chunk in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.stats()["kv_blocks_used"] or engine.stats()["running"]:
+        assert time.monotonic() < deadline, "the request kept its blocks after the disconnect"
+        time.sleep(0.05)
+    assert engine.stats()["requests_aborted"] == aborted + 1  # aborted, not run to the end
