@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -90,6 +91,6 @@ def serve(
             if not sep:
                 raise UsageError(f"--adapter {item!r}: expected NAME=REF")
             llm.load_adapter(name, ref)
-        base_name = llm.engine.base.name
+        base_name = Path(llm.engine.base.name).name  # a folder is served by its own name
         app = create_app(AsyncLLM(llm.engine), base_name, max_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning")
