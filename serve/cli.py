@@ -31,14 +31,9 @@ def generate(
     with user_errors():
         setup_environment()
         from registry.errors import UsageError
-        from serve import LLM, SamplingParams
+        from serve import SamplingParams
 
-        if quantization not in ("nf4", "fp4", "none"):
-            raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
-        args = {"tracking_uri": tracking_uri}
-        if base_model:
-            args["base_model"] = base_model
-        llm = LLM(quantization=None if quantization == "none" else quantization, **args)
+        llm = _make_llm(base_model, quantization, tracking_uri)
         name = None
         if adapter:
             name = "adapter"
@@ -76,16 +71,10 @@ def serve(
         import uvicorn
 
         from registry.errors import UsageError
-        from serve import LLM
         from serve.async_engine import AsyncLLM
         from serve.server import create_app
 
-        if quantization not in ("nf4", "fp4", "none"):
-            raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
-        args = {"tracking_uri": tracking_uri}
-        if base_model:
-            args["base_model"] = base_model
-        llm = LLM(quantization=None if quantization == "none" else quantization, **args)
+        llm = _make_llm(base_model, quantization, tracking_uri)
         for item in adapter or []:
             name, sep, ref = item.partition("=")
             if not sep:
@@ -94,3 +83,15 @@ def serve(
         base_name = Path(llm.engine.base.name).name  # a folder is served by its own name
         app = create_app(AsyncLLM(llm.engine), base_name, max_tokens)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | None):
+    from registry.errors import UsageError
+    from serve import LLM
+
+    if quantization not in ("nf4", "fp4", "none"):
+        raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
+    args = {"tracking_uri": tracking_uri}
+    if base_model:
+        args["base_model"] = base_model
+    return LLM(quantization=None if quantization == "none" else quantization, **args)

@@ -94,7 +94,7 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
         stream = await _started(engine.generate(prompt, params, adapter))
         rid = new_id("chatcmpl")
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, body, len(prompt)))
+            return _sse(_chat_chunks(stream, rid, body))
         final = await _last(stream)
         return {
             "id": rid,
@@ -175,48 +175,30 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def _chat_chunks(stream, rid: str, body: ChatCompletionRequest, n_prompt: int):
+async def _chunks(stream, base: dict, include_usage: bool, choice) -> AsyncIterator[dict]:
+    """One chunk per output that adds text or finishes, then the usage when asked."""
+    final = None
+    async for out in stream:
+        final = out
+        if out.delta_text or out.finished:
+            fields = {"index": 0, **choice(out), "finish_reason": out.finish_reason}
+            yield {**base, "choices": [fields]}
+    if include_usage and final is not None:
+        yield {**base, "choices": [], "usage": _usage(final).model_dump()}
+
+
+async def _chat_chunks(stream, rid: str, body: ChatCompletionRequest):
     base = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": body.model}
-    yield {
-        **base,
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        ],
-    }
-    final = None
-    async for out in stream:
-        final = out
-        if out.delta_text or out.finished:
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"content": out.delta_text},
-                        "finish_reason": out.finish_reason,
-                    }
-                ],
-            }
-    if body.include_usage and final is not None:
-        yield {**base, "choices": [], "usage": _usage(final).model_dump()}
+    role = {"role": "assistant", "content": ""}
+    yield {**base, "choices": [{"index": 0, "delta": role, "finish_reason": None}]}
+    async for chunk in _chunks(
+        stream, base, body.include_usage, lambda out: {"delta": {"content": out.delta_text}}
+    ):
+        yield chunk
 
 
-async def _completion_chunks(stream, rid: str, body: CompletionRequest):
+def _completion_chunks(stream, rid: str, body: CompletionRequest):
     base = {"id": rid, "object": "text_completion", "created": now(), "model": body.model}
-    final = None
-    async for out in stream:
-        final = out
-        if out.delta_text or out.finished:
-            yield {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": out.delta_text,
-                        "finish_reason": out.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-            }
-    if body.include_usage and final is not None:
-        yield {**base, "choices": [], "usage": _usage(final).model_dump()}
+    return _chunks(
+        stream, base, body.include_usage, lambda out: {"text": out.delta_text, "logprobs": None}
+    )
