@@ -55,7 +55,10 @@ def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    try:
+        peft_type = json.loads(config_file.read_text()).get("peft_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise AdapterError(f"{config_file} is not a JSON object") from None
     if peft_type != "LORA":
         raise AdapterError(f"{adapter_dir} is a {peft_type} adapter; only LoRA adapters are served")
     lineage = Lineage.read(adapter_dir)

@@ -58,7 +58,13 @@ def read_peft_lora(path: Path, uid: str, shape: ModelShape, max_rank: int) -> Lo
     files = [path / "adapter_model.safetensors"]
     if not files[0].is_file():
         raise AdapterError(f"{name}: {path} has no adapter_model.safetensors")
-    state = load_file(str(files[0]))
+    try:
+        state = load_file(str(files[0]))
+    except Exception as error:  # safetensors raises its own error type for corrupt files
+        raise AdapterError(
+            f"{name}: {files[0]} is not a readable safetensors file ({error})"
+        ) from None
+
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unsupported = set()
     for key, tensor in state.items():

@@ -78,6 +78,10 @@ class AsyncLLM:
     async def unload_adapter(self, name: str) -> None:
         await asyncio.wrap_future(self._submit(lambda: self.engine.unload_adapter(name)))
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
     def stats(self, timeout: float = 30) -> dict[str, float]:
         """Engine counters, read between two steps (blocks the calling thread, not the engine)."""
         return self._submit(lambda: self.engine.stats).result(timeout)

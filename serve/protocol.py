@@ -65,6 +65,13 @@ class CompletionRequest(_Request):
     prompt: str | list[int]
 
 
+class AdapterLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # what requests will call it in `model`
+    source: str  # registry reference or PEFT folder
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

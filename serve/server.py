@@ -18,6 +18,7 @@ from registry.refs import is_ref
 from serve.async_engine import AsyncLLM
 from serve.outputs import RequestOutput
 from serve.protocol import (
+    AdapterLoad,
     ChatCompletionRequest,
     CompletionRequest,
     Usage,
@@ -63,6 +64,29 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad):
+        info = await engine.load_adapter(body.name, body.source)
+        return {
+            "name": info.name,
+            "uid": info.uid,
+            "source": info.source,
+            "version": info.version,
+            "rank": info.rank,
+            "modules": info.modules,
+        }
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        await engine.unload_adapter(name)
+        return {"name": name, "unloaded": True}
 
     @app.get("/v1/models")
     async def models():

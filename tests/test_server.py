@@ -182,3 +182,46 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
         assert time.monotonic() < deadline, "the request kept its blocks after the disconnect"
         time.sleep(0.05)
     assert engine.stats()["requests_aborted"] == aborted + 1  # aborted, not run to the end
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
+    server, tiny_base, tmp_path
+):
+    url, _, _ = server
+    root = url.removesuffix("/v1")
+    assert _http("GET", f"{root}/ready") == (200, {"status": "ready"})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "lora_alpha": 8}')
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    status, body = _http("POST", f"{url}/adapters", {"name": "broken", "source": str(broken)})
+    assert status == 400 and "error" in body
+
+    folder = make_lora(tiny_base, tmp_path / "late", rank=2, targets=["o_proj"])
+    status, body = _http("POST", f"{url}/adapters", {"name": "late", "source": str(folder)})
+    assert status == 200 and body["rank"] == 2 and body["modules"] == ["o_proj"]
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="late", messages=QUESTION, max_tokens=3)
+    assert reply.usage.completion_tokens >= 1
+    assert _http("DELETE", f"{url}/adapters/late")[0] == 200
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="late", messages=QUESTION, max_tokens=3)
+    assert _http("DELETE", f"{url}/adapters/late")[0] == 404
+    ok = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
