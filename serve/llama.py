@@ -106,11 +106,13 @@ _FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 
 
 class Layer:
-    def __init__(self, norms, linears):
+    def __init__(self, norms, linears, shape: ModelShape):
         self.input_norm, self.post_norm = norms  # [hidden] each
         # module names -> DenseLinear | Linear4bit over their stacked weights
         self.linears = linears
         self.group_of = {m: g for g in linears for m in g}
+        # output width of each module of a group, to split the stacked output
+        self.widths = {g: [shape.lora_dims(m)[1] for m in g] for g in linears}
 
 
 class LlamaModel:
@@ -187,7 +189,7 @@ class LlamaModel:
                 take(f"{p}.post_attention_layernorm.weight"),
             )
             linears = {g: linear_group(p, g) for g in groups}
-            self.layers.append(Layer(norms, linears))
+            self.layers.append(Layer(norms, linears, s))
         self.norm = take("norm.weight")
         lm_head = tensors.pop("lm_head.weight", None)
         self.lm_head = (
@@ -238,8 +240,7 @@ class LlamaModel:
         outs = []
         for group in dict.fromkeys(layer.group_of[m] for m in modules):
             y = layer.linears[group](x)
-            widths = [self.shape.lora_dims(m)[1] for m in group]
-            outs += list(y.split(widths, dim=-1)) if len(group) > 1 else [y]
+            outs += list(y.split(layer.widths[group], dim=-1)) if len(group) > 1 else [y]
         if lora is not None and ctx.lora is not None:
             for m, y in zip(modules, outs, strict=True):
                 lora.apply(y, x, i, m, ctx.lora)

@@ -174,7 +174,6 @@ class Scheduler:
         if seq.adapter_uid is not None:
             self.slots.release(seq.adapter_uid)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

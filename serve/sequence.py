@@ -42,7 +42,6 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
-    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
