@@ -26,8 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def write_random_adapters(base_path: Path, folder: Path, count: int, rank: int) -> list[Path]:
     """PEFT LoRA folders written directly (no model instantiation): fast for 128 adapters."""
@@ -35,7 +33,7 @@ def write_random_adapters(base_path: Path, folder: Path, count: int, rank: int) 
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from serve.llama import ModelShape
+    from serve.llama import LORA_MODULES, PARENT_OF, ModelShape
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(base_path))
     paths = []
@@ -43,10 +41,9 @@ def write_random_adapters(base_path: Path, folder: Path, count: int, rank: int) 
         gen = torch.Generator().manual_seed(i)
         state = {}
         for layer in range(shape.num_layers):
-            for m in MODULES:
+            for m in LORA_MODULES:
                 fan_in, fan_out = shape.lora_dims(m)
-                parent = "self_attn" if m in MODULES[:4] else "mlp"
-                key = f"base_model.model.model.layers.{layer}.{parent}.{m}"
+                key = f"base_model.model.model.layers.{layer}.{PARENT_OF[m]}.{m}"
                 state[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.02
                 state[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.02
         path = folder / f"adapter-{i:03d}"
@@ -59,7 +56,7 @@ def write_random_adapters(base_path: Path, folder: Path, count: int, rank: int) 
                     "task_type": "CAUSAL_LM",
                     "r": rank,
                     "lora_alpha": 2 * rank,
-                    "target_modules": MODULES,
+                    "target_modules": list(LORA_MODULES),
                     "lora_dropout": 0.0,
                     "bias": "none",
                     "base_model_name_or_path": str(base_path),

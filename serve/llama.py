@@ -19,7 +19,7 @@ from serve.linear import DenseLinear, Linear4bit, quantize_then_dequantize
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {m: "self_attn" for m in LORA_MODULES[:4]} | {m: "mlp" for m in LORA_MODULES[4:]}
+PARENT_OF = {m: "self_attn" for m in LORA_MODULES[:4]} | {m: "mlp" for m in LORA_MODULES[4:]}
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class LlamaModel:
             several small ones (packed 4-bit weights stay one per module)."""
             weights, biases = [], []
             for m in modules:
-                name = f"{prefix}.{_PARENT[m]}.{m}"
+                name = f"{prefix}.{PARENT_OF[m]}.{m}"
                 weight = take(f"{name}.weight")
                 if quantization is not None and not keep_quantized:
                     weight = quantize_then_dequantize(weight, quantization, double_quant, dtype)
