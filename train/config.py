@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from registry.base_model import DEFAULT_BASE_MODEL
+from registry.config_file import read_config, relative_to_file
 from registry.errors import ConfigError
 from registry.refs import check_name
 
@@ -106,57 +106,12 @@ class TrainConfig(_Strict):
 
 def load_config(path: Path, overrides: list[str] = ()) -> TrainConfig:
     """Read, override and validate a YAML config; ConfigError names the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of keys to values")
-    for override in overrides:
-        _apply_override(raw, override, path)
-    try:
-        config = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: invalid config\n" + format_errors(e)) from None
-    data_path = config.data.path.expanduser()
-    if not data_path.is_absolute():
-        data_path = (path.parent / data_path).resolve()
+    config = read_config(path, TrainConfig, overrides)
+    data_path = relative_to_file(path, config.data.path)
     if not data_path.is_file():
         raise ConfigError(f"{path}: data.path: file not found: {data_path}")
-    base = Path(config.base_model).expanduser()
-    if "/" in config.base_model and not base.is_absolute():
-        base_model = str((path.parent / base).resolve())
-        config = config.model_copy(update={"base_model": base_model})
+    if "/" in config.base_model:
+        config = config.model_copy(
+            update={"base_model": str(relative_to_file(path, Path(config.base_model)))}
+        )
     return config.model_copy(update={"data": config.data.model_copy(update={"path": data_path})})
-
-
-def format_errors(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"] if not _is_union_member(part))
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        got = "" if item["type"] in {"extra_forbidden", "missing"} else f" (got {item['input']!r})"
-        lines.append(f"  {key}: {message}{got}")
-    return "\n".join(dict.fromkeys(lines))
-
-
-def _is_union_member(part) -> bool:
-    # pydantic puts the union member it tried into the location ("str", "list[str]"): not a key.
-    return part in {"str", "list[str]"}
-
-
-def _apply_override(raw: dict, override: str, path: Path) -> None:
-    key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. training.max_steps=10")
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{path}: override {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(value) if value else ""

@@ -1,0 +1,71 @@
+"""Typed YAML config files shared by every command: read, `key=value` overrides, validate.
+
+Errors name the file and the dotted key, so `loraplex train|serve|gate CONFIG` all explain a
+bad config the same way (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from registry.errors import ConfigError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def read_config(path: Path, model: type[Config], overrides: list[str] = ()) -> Config:
+    """The YAML file at `path` with `overrides` applied, validated as `model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    for override in overrides:
+        _apply_override(raw, override, path)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: invalid config\n" + format_errors(e)) from None
+
+
+def relative_to_file(config_path: Path, value: Path) -> Path:
+    """A path written in a config file, read relative to that file unless absolute."""
+    value = Path(value).expanduser()
+    return value if value.is_absolute() else (Path(config_path).parent / value).resolve()
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not _is_union_member(part))
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        got = "" if item["type"] in {"extra_forbidden", "missing"} else f" (got {item['input']!r})"
+        lines.append(f"  {key}: {message}{got}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _is_union_member(part) -> bool:
+    # pydantic puts the union member it tried into the location ("str", "list[str]"): not a key.
+    return part in {"str", "list[str]"}
+
+
+def _apply_override(raw: dict, override: str, path: Path) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. training.max_steps=10")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value else ""
