@@ -170,7 +170,11 @@ class AdapterPool:
         self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoraBatch
     ) -> None:
         A, B = self.A[module][layer], self.B[module][layer]
-        if batch.chunk_tokens is not None:
+        if batch.segment_table is not None:  # built for the Triton kernel (CUDA)
+            from serve.kernels.lora_sgmv import lora_sgmv
+
+            lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len)
+        elif batch.chunk_tokens is not None:
             lora_gathered(y, x, A, B, batch)
         else:
             lora_segments(y, x, A, B, self.ranks[module][layer], batch.segments)

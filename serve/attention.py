@@ -30,8 +30,14 @@ class AttentionGroup:
 class AttentionMetadata:
     positions: torch.Tensor  # [num_tokens] position of each new token in its sequence
     slot_mapping: torch.Tensor  # [num_tokens] cache slot that each new token's K/V is written to
-    groups: list[AttentionGroup]
+    # padded batches of the reference op; None when built for the kernel only
+    groups: list[AttentionGroup] | None
     block_size: int
+    # What the kernel (serve.kernels.paged_attention) reads instead of the groups:
+    block_tables: torch.Tensor  # [seqs, width] int32 block table of each sequence, 0-padded
+    query_start: torch.Tensor  # [seqs + 1] int32 first token of each sequence in the batch
+    context_lens: torch.Tensor  # [seqs] int32 keys each sequence sees after this step
+    max_query_len: int  # most new tokens of one sequence
 
 
 def build_attention_metadata(
@@ -40,11 +46,13 @@ def build_attention_metadata(
     num_new: list[int],
     block_size: int,
     device,
+    padded_groups: bool = True,
 ) -> AttentionMetadata:
     """Slot mapping and padded attention groups of one step (pure: tables in, indices out).
 
     Sequence s computes tokens at positions num_computed[s] .. num_computed[s]+num_new[s]-1,
-    laid out one sequence after another in the flat batch.
+    laid out one sequence after another in the flat batch. Without `padded_groups` (the
+    kernel's case) the dense masks of the reference op are not built.
     """
     starts, total = [], 0
     for n in num_new:
@@ -59,24 +67,26 @@ def build_attention_metadata(
     position = computed[seq_of_token] + torch.arange(total) - torch.tensor(starts)[seq_of_token]
     slot_mapping = _slots(tables[seq_of_token], position[:, None], block_size)[:, 0]
 
-    groups = []
-    for members in (
-        [i for i, n in enumerate(num_new) if n == 1],
-        [i for i, n in enumerate(num_new) if n > 1],
-    ):
-        if members:
-            idx = torch.tensor(members)
-            groups.append(
-                _group(
-                    tables[idx],
-                    computed[idx],
-                    new[idx],
-                    torch.tensor(starts)[idx],
-                    block_size,
-                    device,
-                )
+    groups = None
+    if padded_groups:
+        decodes = [i for i, n in enumerate(num_new) if n == 1]
+        chunks = [i for i, n in enumerate(num_new) if n > 1]
+        groups = [
+            _group(
+                tables[idx], computed[idx], new[idx], torch.tensor(starts)[idx], block_size, device
             )
-    return AttentionMetadata(position.to(device), slot_mapping.to(device), groups, block_size)
+            for idx in (torch.tensor(m) for m in (decodes, chunks) if m)
+        ]
+    return AttentionMetadata(
+        position.to(device),
+        slot_mapping.to(device),
+        groups,
+        block_size,
+        block_tables=tables.to(device=device, dtype=torch.int32),
+        query_start=torch.tensor([*starts, total], dtype=torch.int32, device=device),
+        context_lens=(computed + new).to(device=device, dtype=torch.int32),
+        max_query_len=max(num_new, default=0),
+    )
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -119,6 +129,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. q: [tokens, heads, dim]; k, v:
     [tokens, kv_heads, dim]; caches: [slots, kv_heads, dim]. Returns [tokens, heads, dim]."""
+    if meta.groups is None:
+        raise ValueError("paged_attention: metadata built without padded_groups")
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     k_blocks = k_cache.view(-1, meta.block_size, *k_cache.shape[1:])  # [blocks, size, kv, dim]

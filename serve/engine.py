@@ -22,6 +22,7 @@ from registry.resolve import resolve_adapter
 from serve.adapter_pool import AdapterPool, LoraWeights, read_peft_lora
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
+from serve.kernels import use_triton
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
 from serve.model_runner import ModelRunner
@@ -57,6 +58,7 @@ class LLMEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
         dtype = getattr(torch, dtype_name)
+        triton = use_triton(self.device, config.kernels)  # kernels for attention and LoRA
 
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -73,6 +75,7 @@ class LLMEngine:
                 else config.keep_quantized
             ),
             max_model_len=config.max_model_len,
+            use_triton=triton,
         )
         self.eos_token_ids = _eos_ids(self.base.path, self.tokenizer, GenerationConfig)
 

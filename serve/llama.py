@@ -117,7 +117,8 @@ class Layer:
 
 class LlamaModel:
     """Weights and forward pass. `quantization` is None, "nf4" or "fp4"; with
-    `keep_quantized` False the 4-bit weights are dequantized once at load (see serve.linear)."""
+    `keep_quantized` False the 4-bit weights are dequantized once at load (see serve.linear).
+    `use_triton`: attention through the Triton kernel (CUDA only, see serve.kernels)."""
 
     def __init__(
         self,
@@ -129,6 +130,7 @@ class LlamaModel:
         double_quant: bool = True,
         keep_quantized: bool = True,
         max_model_len: int | None = None,
+        use_triton: bool = False,
     ):
         from safetensors import safe_open
         from transformers import AutoConfig
@@ -199,6 +201,13 @@ class LlamaModel:
         )
         self.cos, self.sin = rope_tables(self.config, self.max_model_len, self.device)
         self.scale = s.head_dim**-0.5
+        # The Triton kernel on CUDA (see serve.kernels), else the plain-torch reference.
+        self.use_triton = use_triton
+        self.attention = paged_attention
+        if use_triton:
+            from serve.kernels.paged_attention import paged_attention_triton
+
+            self.attention = paged_attention_triton
 
     def forward(self, input_ids: torch.Tensor, ctx, kv_cache: torch.Tensor, lora) -> torch.Tensor:
         """Hidden states of every token of the step: [num_tokens, hidden].
@@ -220,7 +229,7 @@ class LlamaModel:
             v = v.reshape(n, s.num_kv_heads, s.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            attn = paged_attention(
+            attn = self.attention(
                 q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
             )
             [o] = self._proj(layer, i, ("o_proj",), attn.reshape(n, -1), lora, ctx)

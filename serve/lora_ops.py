@@ -71,16 +71,30 @@ class LoraBatch:
     chunk_slots: torch.Tensor | None = None  # [chunks] adapter slot of each chunk
     rows: torch.Tensor | None = None  # [real rows] flat index of the rows that are not padding
     dest: torch.Tensor | None = None  # [real rows] the token each real row adds to
+    # For the kernel (serve.kernels.lora_sgmv): [segments, 3] int32 (start, end, slot) rows
+    segment_table: torch.Tensor | None = None
+    max_segment_len: int = 0  # tokens of the longest segment
 
     @classmethod
-    def build(cls, slots: list[int], num_tokens: list[int], device) -> LoraBatch | None:
+    def build(
+        cls, slots: list[int], num_tokens: list[int], device, kernel: bool = False
+    ) -> LoraBatch | None:
+        """None when no token has an adapter: such a step pays nothing for LoRA. With
+        `kernel`, the segment table the Triton kernel reads instead of gathered chunks."""
         segments = segments_of(slots, num_tokens)
         if not segments:
             return None
+        if kernel:
+            table = torch.tensor(segments, dtype=torch.int32, device=device)
+            return cls(segments, segment_table=table, max_segment_len=_longest(segments))
         if len(segments) <= 2:
             return cls(segments)
         tokens, chunk_slots, rows, dest = (t.to(device) for t in chunk_rows(segments))
         return cls(segments, tokens, chunk_slots, rows, dest)
+
+
+def _longest(segments: list[tuple[int, int, int]]) -> int:
+    return max(end - start for start, end, _ in segments)
 
 
 def lora_segments(

@@ -68,12 +68,18 @@ class ModelRunner:
         ids = [
             t for s, c, n in zip(seqs, computed, new, strict=True) for t in s.token_ids[c : c + n]
         ]
+        kernels = self.model.use_triton  # the kernels read compact tables, not padded batches
         attention = build_attention_metadata(
-            [s.block_table for s in seqs], computed, new, self.block_size, device
+            [s.block_table for s in seqs],
+            computed,
+            new,
+            self.block_size,
+            device,
+            padded_groups=not kernels,
         )
         lora = None
         if self.pool is not None:
-            lora = LoraBatch.build(plan.lora_slots, new, device)
+            lora = LoraBatch.build(plan.lora_slots, new, device, kernel=kernels)
         ctx = ForwardContext(attention, lora)
         hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
 

@@ -1,0 +1,40 @@
+"""Triton kernels for CUDA, each behind the plain-torch reference op it replaces.
+
+- `paged_attention.paged_attention_triton` replaces `serve.attention.paged_attention`;
+- `lora_sgmv.lora_sgmv` replaces `serve.lora_ops.lora_segments` / `lora_gathered`.
+
+The engine picks them with `use_triton(device, mode)` once, at construction. This package
+imports no triton itself: on CPU, serving never imports it; the tests run the kernels on CPU
+through Triton's interpreter (`TRITON_INTERPRET=1`, set before a kernel module is imported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from registry.errors import UsageError
+
+MODES = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device, mode: str = "auto") -> bool:
+    """Whether the engine runs the Triton kernels: on a CUDA device with triton importable
+    ("auto"), never ("reference"), or always ("triton", an error where it cannot)."""
+    if mode not in MODES:
+        raise UsageError(f"kernels: {mode!r} is not one of {', '.join(MODES)}")
+    possible = torch.device(device).type == "cuda" and triton_available()
+    if mode == "triton" and not possible:
+        raise UsageError("kernels: 'triton' needs a CUDA device and the triton package")
+    return possible and mode != "reference"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"), as the reference does, not TF32; the
+    setting is ignored for 16-bit inputs, which use the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,182 @@
+"""Batched LoRA over many adapters in one launch per matrix (SGMV: segmented gather).
+
+    y[i] += (x[i] @ A[s]ᵀ) @ B[s]    for s = slot of the segment holding token i
+
+as `serve.lora_ops.lora_reference` defines it: A: [slots, R, in], B: [slots, R, out] = scale ·
+lora_Bᵀ, zero beyond each adapter's rank, so mixed ranks need no masking and a slot whose
+adapter skips this module adds zeros. Tokens of base-only sequences are in no segment.
+
+Two kernels, as in Punica: shrink (x @ Aᵀ into an fp32 [tokens, R] buffer) and expand
+(y += buffer @ B). Each program takes BLOCK_M tokens of one segment, so every program
+reads one adapter's A or B tile: a decode step over 8 adapters reads each adapter once. A
+step without segments launches nothing (the engine never calls it: `LoraBatch` is None).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from serve.kernels import dot_precision
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [tokens, in]
+    a_ptr,  # [slots, R, in]
+    out_ptr,  # [tokens, R] fp32, zeroed when SPLIT_K > 1
+    segment_ptr,  # [segments, 3] int32: start, end, slot
+    in_features,
+    rank,
+    stride_xt,
+    stride_as,
+    stride_ar,
+    stride_ot,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs sharing one tile's reduction over `in`
+    PRECISION: tl.constexpr,
+):
+    segment = segment_ptr + tl.program_id(0) * 3
+    end = tl.load(segment + 1)
+    m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    slot = tl.load(segment + 2).to(tl.int64)
+    t = m0 + tl.arange(0, BLOCK_M)
+    t_ok = t < end
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    x_rows = x_ptr + t.to(tl.int64)[:, None] * stride_xt
+    a_rows = a_ptr + slot * stride_as + r[None, :] * stride_ar
+    for k0 in range(tl.program_id(2) * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < in_features
+        x = tl.load(x_rows + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_rows + k[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc += tl.dot(x, a, input_precision=PRECISION)  # [BLOCK_M, BLOCK_R]
+    out = out_ptr + t.to(tl.int64)[:, None] * stride_ot + r[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=t_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(out, acc, mask=t_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    s_ptr,  # [tokens, R] fp32 from the shrink
+    b_ptr,  # [slots, R, out]
+    y_ptr,  # [tokens, out], rows may be strided (a split of a fused projection)
+    segment_ptr,
+    out_features,
+    rank,
+    stride_st,
+    stride_bs,
+    stride_br,
+    stride_yt,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    segment = segment_ptr + tl.program_id(0) * 3
+    end = tl.load(segment + 1)
+    m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    slot = tl.load(segment + 2).to(tl.int64)
+    t = m0 + tl.arange(0, BLOCK_M)
+    t_ok = t < end
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < out_features
+    shrunk = tl.load(
+        s_ptr + t.to(tl.int64)[:, None] * stride_st + r[None, :],
+        mask=t_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    b = tl.load(
+        b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :],
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    y_tile = y_ptr + t.to(tl.int64)[:, None] * stride_yt + n[None, :]
+    mask = t_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
+    y += tl.dot(shrunk.to(b.dtype), b, input_precision=PRECISION)
+    tl.store(y_tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_sgmv(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    segments: torch.Tensor,
+    max_segment_len: int,
+    *,
+    split_k: int | None = None,
+) -> None:
+    """In place: y[i] += (x[i] @ A[s]ᵀ) @ B[s] for every token i of segment (start, end, s).
+
+    y: [tokens, out] (last dim contiguous); x: [tokens, in]; A: [slots, R, in]; B: [slots, R,
+    out]; segments: [segments, 3] int32 rows (start, end, slot) on y's device;
+    max_segment_len: the longest segment's tokens, for the grid.
+    """
+    num_segments = segments.shape[0]
+    if num_segments == 0 or max_segment_len == 0:
+        return
+    if y.stride(-1) != 1:
+        raise ValueError("lora_sgmv: y must be contiguous in its last dimension")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    A = A if A.stride(-1) == 1 else A.contiguous()
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    rank, in_features, out_features = A.shape[1], A.shape[2], B.shape[2]
+    block_m = 16 if max_segment_len <= 16 else 32
+    block_r = max(16, triton.next_power_of_2(rank))
+    tiles = triton.cdiv(max_segment_len, block_m)
+    if split_k is None:
+        # Few tiles (decode) leave most SMs idle on a long reduction: share it out.
+        split_k = max(1, min(8, in_features // 1024)) if num_segments * tiles < 64 else 1
+    precision = dot_precision(x.dtype)
+    shrunk = (torch.zeros if split_k > 1 else torch.empty)(
+        x.shape[0], rank, dtype=torch.float32, device=x.device
+    )
+    _shrink_kernel[(num_segments, tiles, split_k)](
+        x,
+        A,
+        shrunk,
+        segments,
+        in_features,
+        rank,
+        x.stride(0),
+        A.stride(0),
+        A.stride(1),
+        shrunk.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=64,
+        SPLIT_K=split_k,
+        PRECISION=precision,
+    )
+    block_n = 128
+    _expand_kernel[(num_segments, tiles, triton.cdiv(out_features, block_n))](
+        shrunk,
+        B,
+        y,
+        segments,
+        out_features,
+        rank,
+        shrunk.stride(0),
+        B.stride(0),
+        B.stride(1),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        PRECISION=precision,
+    )

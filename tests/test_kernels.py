@@ -1,0 +1,243 @@
+"""The Triton kernels against the plain-torch reference ops, on fresh random inputs of awkward
+sizes (odd token counts, block sizes, head dims and fan-ins, mixed ranks, empty segments).
+
+On CUDA they run compiled; without it, on CPU through Triton's interpreter. The interpreter
+is chosen when a kernel is defined (`@triton.jit` reads TRITON_INTERPRET), so the variable is
+set here, before the kernel modules are imported; serving never imports them on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from registry.errors import UsageError  # noqa: E402
+from serve.attention import build_attention_metadata, paged_attention  # noqa: E402
+from serve.kernels import lora_sgmv as sgmv_module  # noqa: E402
+from serve.kernels import use_triton  # noqa: E402
+from serve.kernels.lora_sgmv import lora_sgmv  # noqa: E402
+from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
+from serve.lora_ops import LoraBatch, lora_reference  # noqa: E402
+from tests.helpers import PROJECT  # noqa: E402
+
+pytestmark = pytest.mark.triton
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter multiplies bf16 wrongly (fp16 is right); CUDA runs bf16 as served.
+HALF = torch.bfloat16 if CUDA else torch.float16
+
+
+def _attention_case(gen, lengths, computed, kv_heads, group, dim, block_size, dtype):
+    """A pool with each sequence's blocks scattered over it, its cached context filled, and
+    this step's q, k, v: what a runner step hands attention."""
+    heads = kv_heads * group
+    blocks_per_seq = [-(-(c + n) // block_size) for c, n in zip(computed, lengths, strict=True)]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks: tables need not start at 0
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for count in blocks_per_seq:
+        tables.append(order[used : used + count])
+        used += count
+    slots = num_blocks * block_size
+    k_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    tokens = sum(lengths)
+    q = torch.randn(tokens, heads, dim, generator=gen).to(dtype)
+    k = torch.randn(tokens, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(tokens, kv_heads, dim, generator=gen).to(dtype)
+    return tables, [t.to(DEVICE) for t in (q, k, v, k_cache, v_cache)]
+
+
+@pytest.mark.parametrize(
+    ("computed", "new", "kv_heads", "group", "dim", "block_size"),
+    [
+        ([0, 7, 13], [5, 1, 1], 2, 1, 24, 5),  # a prompt and two decodes, MHA
+        ([3, 0, 21, 9], [1, 19, 1, 6], 1, 3, 40, 3),  # GQA 3, chunked prefill after a context
+        ([0, 30, 2, 8, 17], [1, 1, 1, 1, 1], 2, 3, 16, 7),  # decodes only
+        ([4, 0], [20, 3], 3, 1, 16, 16),  # a chunk of more tokens than one program takes
+    ],
+    ids=["mixed-mha", "chunked-gqa3", "decode-gqa3", "long-chunk"],
+)
+def test_paged_attention_kernel_equals_the_reference(
+    computed, new, kv_heads, group, dim, block_size
+):
+    gen = torch.Generator().manual_seed(sum(computed) + sum(new))
+    tables, (q, k, v, k_cache, v_cache) = _attention_case(
+        gen, new, computed, kv_heads, group, dim, block_size, torch.float32
+    )
+    ref_meta = build_attention_metadata(tables, computed, new, block_size, DEVICE)
+    meta = build_attention_metadata(tables, computed, new, block_size, DEVICE, padded_groups=False)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expected = paged_attention(q, k, v, ref_k, ref_v, ref_meta, scale=dim**-0.5)
+    # key tiles of 16: several per sequence, so the online softmax is exercised
+    out = paged_attention_triton(q, k, v, k_cache, v_cache, meta, scale=dim**-0.5, block_n=16)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the step's K/V written
+
+
+def test_paged_attention_kernel_in_half_precision_stays_close_to_fp32():
+    computed, new, block_size, dim = [5, 0, 11], [1, 9, 4], 4, 32
+    gen = torch.Generator().manual_seed(7)
+    tables, tensors = _attention_case(gen, new, computed, 2, 3, dim, block_size, torch.float32)
+    meta = build_attention_metadata(tables, computed, new, block_size, DEVICE)
+    expected = paged_attention(*tensors, meta, scale=dim**-0.5)
+    half = [t.to(HALF) for t in tensors]
+    out = paged_attention_triton(*half, meta, scale=dim**-0.5, block_n=16)
+    assert out.dtype == HALF
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def _adapters(gen, ranks, max_rank, fan_in, fan_out, dtype):
+    """A, B as the adapter pool stores them: zero beyond each slot's rank (0: not targeted)."""
+    A = torch.zeros(len(ranks), max_rank, fan_in)
+    B = torch.zeros(len(ranks), max_rank, fan_out)
+    for s, r in enumerate(ranks):
+        A[s, :r] = torch.randn(r, fan_in, generator=gen)
+        B[s, :r] = torch.randn(r, fan_out, generator=gen) * 0.1
+    return A.to(DEVICE, dtype), B.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "max_rank", "seq_slots", "seq_tokens", "fan_in", "fan_out", "split_k"),
+    [
+        # decodes over five adapters of mixed ranks, base rows between them
+        ([16, 4, 0, 7, 1], 16, [-1, 0, 0, 1, 2, 3, 4, -1], [1] * 8, 37, 23, 1),
+        # prefill chunks, a zero-token sequence and a run longer than one program's tile
+        ([3, 8, 5], 8, [2, 0, 1, 1, -1, 0], [40, 3, 0, 5, 2, 1], 150, 150, 1),
+        # the reduction over fan-in shared by three programs (atomic adds)
+        ([1, 2, 3, 4, 5, 6], 6, [5, 3, 1, 0, 4, 2], [2, 1, 3, 1, 1, 2], 200, 19, 3),
+        # rank 32: a rank tile wider than the minimum
+        ([32, 17], 32, [1, -1, 0], [3, 4, 2], 64, 48, 1),
+    ],
+    ids=["decode-mixed-ranks", "prefill-empty-segment", "split-k", "rank-32"],
+)
+def test_lora_sgmv_kernel_equals_the_per_token_reference(
+    ranks, max_rank, seq_slots, seq_tokens, fan_in, fan_out, split_k
+):
+    gen = torch.Generator().manual_seed(len(ranks) * 100 + fan_in)
+    A, B = _adapters(gen, ranks, max_rank, fan_in, fan_out, torch.float32)
+    tokens = sum(seq_tokens)
+    slot_of_token = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_tokens))
+    x = torch.randn(tokens, fan_in, generator=gen).to(DEVICE)
+    # y is a column split of a wider output, as the fused q/k/v projection hands it over
+    fused = torch.randn(tokens, fan_out + 5, generator=gen).to(DEVICE)
+    y = fused[:, 5:]
+    expected = lora_reference(y, x, A, B, slot_of_token.to(DEVICE))
+    untouched = fused[:, :5].clone()
+
+    batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
+    lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, split_k=split_k)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fused[:, :5], untouched)
+    base = (slot_of_token == -1).to(DEVICE)
+    assert torch.equal(y[base], expected[base])  # base-only rows exactly as they were
+
+
+def test_lora_sgmv_kernel_in_half_precision_stays_close_to_fp32():
+    gen = torch.Generator().manual_seed(3)
+    A, B = _adapters(gen, [16, 5, 9], 16, 96, 80, torch.float32)
+    seq_slots, seq_tokens = [0, 2, -1, 1], [7, 1, 2, 18]
+    slot_of_token = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_tokens))
+    x = torch.randn(len(slot_of_token), 96, generator=gen).to(DEVICE)
+    y = torch.randn(len(slot_of_token), 80, generator=gen).to(DEVICE)
+    expected = lora_reference(y, x, A, B, slot_of_token.to(DEVICE))
+    batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
+    y_half = y.to(HALF)
+    lora_sgmv(
+        y_half, x.to(HALF), A.to(HALF), B.to(HALF), batch.segment_table, batch.max_segment_len
+    )
+    torch.testing.assert_close(y_half.float(), expected, rtol=3e-2, atol=5e-2)
+
+
+def test_a_batch_without_adapters_launches_nothing(monkeypatch):
+    assert LoraBatch.build([-1, -1, -1], [4, 1, 1], DEVICE, kernel=True) is None
+
+    def no_launch(*_, **__):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(sgmv_module, "_shrink_kernel", no_launch)
+    monkeypatch.setattr(sgmv_module, "_expand_kernel", no_launch)
+    y = torch.randn(3, 8, device=DEVICE)
+    before = y.clone()
+    empty = torch.zeros(0, 3, dtype=torch.int32, device=DEVICE)
+    A, B = torch.randn(2, 4, 6, device=DEVICE), torch.randn(2, 4, 8, device=DEVICE)
+    lora_sgmv(y, torch.randn(3, 6, device=DEVICE), A, B, empty, 0)
+    assert torch.equal(y, before)
+
+
+def test_kernels_are_chosen_only_on_cuda():
+    assert use_triton("cpu", "auto") is False
+    assert use_triton("cpu", "reference") is False
+    with pytest.raises(UsageError, match="kernels: 'triton' needs a CUDA device"):
+        use_triton("cpu", "triton")
+    with pytest.raises(UsageError, match="kernels: 'fast' is not one of"):
+        use_triton("cpu", "fast")
+    if CUDA:
+        assert use_triton("cuda", "auto") is True
+        assert use_triton("cuda", "reference") is False
+
+
+def test_importing_the_engine_does_not_import_triton():
+    code = "import sys, serve, serve.engine; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_engine_through_the_kernels_generates_the_reference_tokens(
+    tiny_base, tmp_path, monkeypatch
+):
+    """The wiring: compact metadata from the runner, the model's attention and the pool's LoRA
+    all through the kernels, with chunked prefill (8-token budget) and three adapters."""
+    import serve.engine
+    from serve import LLM, SamplingParams
+    from tests.helpers import make_lora
+
+    if not CUDA:  # "auto" picks the kernels on CUDA only; here they run interpreted
+        monkeypatch.setattr(serve.engine, "use_triton", lambda _, mode: mode != "reference")
+    folders = {
+        "qv": make_lora(tiny_base, tmp_path / "qv", rank=8, targets=["q_proj", "v_proj"]),
+        "mlp": make_lora(
+            tiny_base, tmp_path / "mlp", rank=3, targets=["gate_proj", "down_proj"], seed=1
+        ),
+        "all": make_lora(
+            tiny_base,
+            tmp_path / "all",
+            rank=5,
+            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            seed=2,
+        ),
+    }
+    prompts = [[1, 50, 60, 70, 80, 90, 91, 92, 93, 94, 95], [1, 5, 6], [1, 300, 301, 302, 303]]
+    adapters = ["qv", None, "all", "mlp"]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outputs = {}
+    for kernels in ("reference", "auto"):
+        llm = LLM(
+            base_model=str(tiny_base.path),
+            quantization=None,
+            device=DEVICE,
+            dtype="float32",
+            kernels=kernels,
+            num_kv_blocks=32,
+            block_size=4,
+            max_lora_rank=8,
+            max_num_batched_tokens=8,
+        )
+        assert llm.engine.model.use_triton is (kernels == "auto")
+        for name, folder in folders.items():
+            llm.load_adapter(name, str(folder))
+        batch = [prompts[i % 3] for i in range(4)]
+        outputs[kernels] = [o.token_ids for o in llm.generate(batch, params, adapters=adapters)]
+    assert outputs["auto"] == outputs["reference"]
