@@ -30,9 +30,14 @@ class EngineStepError(RuntimeError):
     """The engine step that was computing this request failed."""
 
 
+class QueueFull(RuntimeError):
+    """`max_waiting` requests are already queued: the server is overloaded."""
+
+
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
         self.engine = engine
+        self.max_waiting = max_waiting  # queued requests beyond which `generate` refuses
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (command, future)
         self._work = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -50,11 +55,19 @@ class AsyncLLM:
         stream = (asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> str:
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are already waiting; try again later")
             rid = self.engine.add_request(prompt, params, adapter, request_id)
             self._streams[rid] = stream
             return rid
 
-        request_id = await asyncio.wrap_future(self._submit(add))
+        added = self._submit(add)
+        try:
+            request_id = await asyncio.wrap_future(added)
+        except asyncio.CancelledError:  # gave up while queued: abort it if it was added
+            added.add_done_callback(self._abort_if_added)
+            raise
         finished = False
         try:
             while not finished:
@@ -86,6 +99,10 @@ class AsyncLLM:
         """Engine counters, read between two steps (blocks the calling thread, not the engine)."""
         return self._submit(lambda: self.engine.stats).result(timeout)
 
+    async def stats_async(self) -> dict[str, float]:
+        """Engine counters, read between two steps without blocking the event loop."""
+        return await asyncio.wrap_future(self._submit(lambda: self.engine.stats))
+
     def shutdown(self) -> None:
         self._stopped = True
         self._work.set()
@@ -97,6 +114,10 @@ class AsyncLLM:
         self._work.set()
         return future
 
+    def _abort_if_added(self, added: concurrent.futures.Future) -> None:
+        if not added.cancelled() and added.exception() is None:
+            self._submit(lambda: self._abort(added.result()))
+
     def _abort(self, request_id: str) -> bool:
         self._streams.pop(request_id, None)
         return self.engine.abort(request_id)
@@ -105,6 +126,8 @@ class AsyncLLM:
         while not self._stopped:
             while not self._inbox.empty():
                 command, future = self._inbox.get()
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller gave up (timeout, disconnect) before it ran
                 try:
                     future.set_result(command())
                 except Exception as error:  # the caller's mistake: it gets the error

@@ -52,37 +52,64 @@ def generate(
 
 
 def serve(
+    config: Annotated[
+        Path | None, typer.Argument(help="Serve YAML, e.g. configs/serve/X.yaml (optional).")
+    ] = None,
     base_model: Annotated[str | None, typer.Option(help="Embedded name or HF folder.")] = None,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="NAME=REF to load at start (REF: registry reference or folder)."),
     ] = None,
-    quantization: Annotated[str, typer.Option(help="nf4, fp4 or none.")] = "nf4",
-    max_tokens: Annotated[int, typer.Option(min=1, help="Default max_tokens.")] = 256,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Serve the base model and adapters over an OpenAI-compatible REST API."""
+    """Serve the base model and adapters over an OpenAI-compatible REST API.
+
+    Settings come from the YAML (see configs/serve/); the options override it.
+    """
     from registry.home import setup_environment
 
     with user_errors():
         setup_environment()
-        import uvicorn
+        from registry.errors import ConfigError
+        from serve.serve_config import ServeConfig, load_serve_config
 
-        from registry.errors import UsageError
-        from serve.async_engine import AsyncLLM
-        from serve.server import create_app
-
-        llm = _make_llm(base_model, quantization, tracking_uri)
+        settings = load_serve_config(config) if config else ServeConfig()
+        update = {"base_model": base_model, "host": host, "port": port}
+        update = {key: value for key, value in update.items() if value is not None}
+        if tracking_uri:
+            update["tracking_uri"] = tracking_uri
+        preload = dict(settings.adapters)
         for item in adapter or []:
             name, sep, ref = item.partition("=")
             if not sep:
-                raise UsageError(f"--adapter {item!r}: expected NAME=REF")
-            llm.load_adapter(name, ref)
-        base_name = Path(llm.engine.base.name).name  # a folder is served by its own name
-        app = create_app(AsyncLLM(llm.engine), base_name, max_tokens)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+                raise ConfigError(f"--adapter {item!r}: expected NAME=REF")
+            preload[name] = ref
+        settings = ServeConfig.model_validate(
+            {**settings.model_dump(exclude_unset=True), **update, "adapters": preload}
+        )
+        _serve(settings)
+
+
+def _serve(settings) -> None:
+    import uvicorn
+
+    from serve import LLM
+    from serve.async_engine import AsyncLLM
+    from serve.server import create_app
+
+    llm = LLM(**settings.engine_config().model_dump())
+    for name, source in settings.adapters.items():
+        llm.load_adapter(name, source)
+    base_name = Path(llm.engine.base.name).name  # a folder is served by its own name
+    app = create_app(AsyncLLM(llm.engine, settings.max_waiting), base_name, settings)
+    print(
+        f"serving {base_name} and {len(settings.adapters)} adapters on "
+        f"http://{settings.host}:{settings.port}/v1",
+        flush=True,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
 def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | None):

@@ -19,6 +19,7 @@ class LoraSlots:
         self._idle: OrderedDict[str, None] = OrderedDict()  # unpinned uids, LRU first
         self.contents: list[str | None] = [None] * max_loras  # uid whose weights fill each slot
         self.loads = 0  # adapters copied into a slot, for metrics
+        self.hits = 0  # admissions whose adapter was already in its slot
         self.evictions = 0
 
     def acquire(self, uid: str) -> int | None:
@@ -45,6 +46,7 @@ class LoraSlots:
         """Whether the plan that runs `uid` must first copy its weights into its slot."""
         slot = self.slot_of[uid]
         if self.contents[slot] == uid:
+            self.hits += 1
             return False
         self.contents[slot] = uid
         self.loads += 1

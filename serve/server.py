@@ -2,20 +2,35 @@
 
 `model` is the base model's name, a loaded adapter, or a registry reference (`name`,
 `name@alias`, `name/3`) that is loaded on first use without a restart.
+
+Refusals and what OpenAI's clients do with them: 400/404 (not retried); 401/403 for keys and
+allow-lists; 429 with Retry-After (retried after that delay); 503 when `max_waiting` requests
+are queued (retried with back-off); 504 when a request outlives `request_timeout_s` (marked
+`x-should-retry: false`, since it would only time out again). A stream that times out ends
+with an error event, which the openai client raises as `APIError`: an answer cut short is
+never passed off as a finished one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from registry.errors import NotFoundError
 from registry.refs import is_ref
-from serve.async_engine import AsyncLLM
+from serve.adapter_watch import AdapterWatch
+from serve.api_keys import ApiKeys
+from serve.async_engine import AsyncLLM, EngineStepError, QueueFull
+from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
+from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.outputs import RequestOutput
 from serve.protocol import (
     AdapterLoad,
@@ -26,11 +41,47 @@ from serve.protocol import (
     new_id,
     now,
 )
+from serve.refusal import Refusal
+from serve.serve_config import ServeConfig
 
 
-def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) -> FastAPI:
-    app = FastAPI(title="loraplex", version="0.1.0")
+async def _authenticated(request: Request) -> RequestRecord:
+    """The request's record, with its caller (401 for a missing or unknown key)."""
+    record = request.scope[SCOPE_KEY]
+    record.caller = request.app.state.keys.caller(request.headers.get("authorization"))
+    record.key_id = record.caller.id
+    return record
+
+
+Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
+
+
+def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
     tokenizer = engine.engine.tokenizer
+    metrics = ServerMetrics()
+    keys = ApiKeys(config.api_keys)
+    adapters = AdapterWatch(engine, lambda reason: metrics.adapter_loads.labels(reason).inc())
+    audit = AuditLog(
+        config.audit.path or engine.engine.home.root / "audit.jsonl", config.audit.include_prompts
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        follower = asyncio.create_task(adapters.follow(config.alias_poll_interval_s))
+        yield
+        follower.cancel()
+        audit.close()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+
+    def finished(record: RequestRecord) -> None:
+        metrics.observe(record)
+        if record.caller is not None:
+            keys.charge(record.caller, record.prompt_tokens + record.completion_tokens)
+        audit.write(record)
+
+    app.add_middleware(RecordRequests, on_finish=finished)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
@@ -50,16 +101,57 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
     async def _bad_value(request: Request, error: ValueError):
         return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
 
+    @app.exception_handler(Refusal)
+    async def _refused(request: Request, error: Refusal):
+        return JSONResponse(
+            error_body(str(error), error.kind, None, error.code),
+            status_code=error.status,
+            headers=error.headers,
+        )
+
+    @app.exception_handler(QueueFull)
+    async def _overloaded(request: Request, error: QueueFull):
+        return JSONResponse(
+            error_body(f"server overloaded: {error}", "server_overloaded", None, "queue_full"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     async def adapter_for(model: str) -> str | None:
         """The adapter a request's `model` names (None: the base), loaded on first use."""
         if model == base_name:
             return None
-        if model in engine.engine.adapters:
+        if model in adapters.loaded:
             return model
         if not is_ref(model):
             raise NotFoundError(f"model {model!r} does not exist (base: {base_name!r})")
-        await engine.load_adapter(model, model)
+        await adapters.ensure(model)
         return model
+
+    async def start(record: RequestRecord, body, prompt) -> AsyncIterator[RequestOutput]:
+        """Queue the request on its adapter; its outputs, once the first is there (so a refusal
+        is an error status, not a broken stream), and cut at the request's deadline."""
+        loop = asyncio.get_running_loop()
+        elapsed = time.monotonic() - record.started
+        deadline = loop.time() + config.request_timeout_s - elapsed
+        params = body.sampling_params(config.default_max_tokens, None)
+        try:
+            async with asyncio.timeout_at(deadline):
+                adapter = await adapter_for(body.model)
+                record.model = body.model
+                if adapter is not None:
+                    record.adapter_uid = adapters.loaded[adapter].uid
+                outputs = engine.generate(prompt, params, adapter, record.request_id)
+                observed = _observed(outputs, record, metrics.itl.labels(body.model))
+                return _until(await _started(observed), deadline, record)
+        except TimeoutError:
+            raise _timed_out(config.request_timeout_s) from None
+
+    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        try:
+            return await _last(stream)
+        except TimeoutError:
+            raise _timed_out(config.request_timeout_s) from None
 
     @app.get("/health")
     async def health():
@@ -71,55 +163,49 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ready"}
 
+    @app.get("/metrics")
+    async def prometheus():
+        stats = await asyncio.wait_for(engine.stats_async(), 30) if engine.alive else {}
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE)
+
     @app.post("/v1/adapters")
-    async def load_adapter(body: AdapterLoad):
-        info = await engine.load_adapter(body.name, body.source)
-        return {
-            "name": info.name,
-            "uid": info.uid,
-            "source": info.source,
-            "version": info.version,
-            "rank": info.rank,
-            "modules": info.modules,
-        }
+    async def load_adapter(record: Authenticated, body: AdapterLoad):
+        keys.require_admin(record.caller)
+        info = await adapters.load(body.name, body.source)
+        return _adapter_entry(info, base_name)
 
     @app.delete("/v1/adapters/{name}")
-    async def unload_adapter(name: str):
+    async def unload_adapter(record: Authenticated, name: str):
+        keys.require_admin(record.caller)
         await engine.unload_adapter(name)
         return {"name": name, "unloaded": True}
 
     @app.get("/v1/models")
-    async def models():
-        names = [base_name, *sorted(engine.engine.adapters)]
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "loraplex",
-                    "root": base_name,
-                    "parent": None if name == base_name else base_name,
-                }
-                for name in names
-            ],
-        }
+    async def models(record: Authenticated):
+        entries = {base_name: _model_entry(base_name, base_name)}
+        for name, info in sorted(adapters.loaded.items()):
+            entries[name] = _adapter_entry(info, base_name)
+        for registered in await adapters.registered():
+            refs = [registered.name, *(f"{registered.name}@{a}" for a in registered.aliases)]
+            for ref in refs:
+                entries.setdefault(ref, {**_model_entry(ref, base_name), "loaded": False})
+        visible = [entry for entry in entries.values() if record.caller.may_use(entry["id"])]
+        return {"object": "list", "data": visible}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        adapter = await adapter_for(body.model)
+    async def chat(record: Authenticated, body: ChatCompletionRequest):
+        keys.admit(record.caller, body.model)
         messages = [m.model_dump() for m in body.messages]
+        record.prompt = messages
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
-        params = body.sampling_params(default_max_tokens, None)
-        stream = await _started(engine.generate(prompt, params, adapter))
+        stream = await start(record, body, prompt)
         rid = new_id("chatcmpl")
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, body))
-        final = await _last(stream)
+            return _sse(_chat_chunks(stream, rid, body), config.request_timeout_s)
+        final = await last(stream)
         return {
             "id": rid,
             "object": "chat.completion",
@@ -136,14 +222,14 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        adapter = await adapter_for(body.model)
-        params = body.sampling_params(default_max_tokens, None)
-        stream = await _started(engine.generate(body.prompt, params, adapter))
+    async def completions(record: Authenticated, body: CompletionRequest):
+        keys.admit(record.caller, body.model)
+        record.prompt = body.prompt
+        stream = await start(record, body, body.prompt)
         rid = new_id("cmpl")
         if body.stream:
-            return _sse(_completion_chunks(stream, rid, body))
-        final = await _last(stream)
+            return _sse(_completion_chunks(stream, rid, body), config.request_timeout_s)
+        final = await last(stream)
         return {
             "id": rid,
             "object": "text_completion",
@@ -160,7 +246,74 @@ def create_app(engine: AsyncLLM, base_name: str, default_max_tokens: int = 256) 
             "usage": _usage(final).model_dump(),
         }
 
+    app.state.keys = keys
+    app.state.metrics = metrics
+    app.state.adapters = adapters
     return app
+
+
+def _model_entry(name: str, base_name: str) -> dict:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "loraplex",
+        "root": base_name,
+        "parent": None if name == base_name else base_name,
+    }
+
+
+def _adapter_entry(info, base_name: str) -> dict:
+    return {
+        **_model_entry(info.name, base_name),
+        "loaded": True,
+        "uid": info.uid,
+        "source": info.source,
+        "version": info.version,
+        "rank": info.rank,
+        "modules": info.modules,
+    }
+
+
+def _timed_out(seconds: float) -> Refusal:
+    return Refusal(
+        504,
+        f"request timed out after {seconds:g} s and was aborted",
+        "timeout",
+        "request_timeout",
+        {"x-should-retry": "false"},
+    )
+
+
+async def _observed(stream, record: RequestRecord, itl) -> AsyncIterator[RequestOutput]:
+    """The outputs, with their tokens and timings noted on the record as they pass."""
+    last_token_at = None
+    async for out in stream:
+        record.prompt_tokens = len(out.prompt_token_ids)
+        record.completion_tokens = len(out.token_ids)
+        record.finish_reason = out.finish_reason
+        if out.delta_token_ids:
+            at = time.monotonic()
+            if record.first_token_at is None:
+                record.first_token_at = at
+            else:
+                itl.observe(at - last_token_at)
+            last_token_at = at
+        yield out
+
+
+async def _until(stream, deadline: float, record: RequestRecord) -> AsyncIterator[RequestOutput]:
+    """The outputs until the deadline (loop time); then TimeoutError, the request aborted."""
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                out = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            record.finish_reason = "timeout"
+            raise
+        yield out
 
 
 async def _started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -190,10 +343,19 @@ def _usage(output: RequestOutput) -> Usage:
     )
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict], timeout_s: float) -> StreamingResponse:
+    """Server-sent events; a stream cut by its deadline or a failed step ends with an error
+    event (OpenAI's shape, which its client raises) before `[DONE]`."""
+
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except TimeoutError:
+            error = _timed_out(timeout_s)
+            yield f"data: {json.dumps(error_body(str(error), error.kind, None, error.code))}\n\n"
+        except EngineStepError as error:
+            yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")

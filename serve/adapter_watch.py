@@ -1,0 +1,90 @@
+"""The server's adapters: loaded on first use, followed when their registry reference moves.
+
+A request for `name@alias` (or a bare `name`, the latest version) loads it once, however many
+requests ask at the same time. Every `interval` seconds the references of loaded adapters that
+can move are resolved again; one that now points at another version is read and installed
+under the same name. New requests get the new version; requests in flight keep the adapter
+uid (name/version) they started with, and so their slot and their prefix-cache entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from registry.refs import parse_ref
+from registry.store import AdapterRegistry, RegisteredAdapter
+from serve.async_engine import AsyncLLM
+from serve.engine import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+
+class AdapterWatch:
+    def __init__(self, engine: AsyncLLM, on_load: Callable[[str], None] = lambda reason: None):
+        self.engine = engine
+        self.on_load = on_load  # called with the reason: first_use, api or alias_moved
+        self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
+        self._loading: dict[str, asyncio.Future] = {}
+
+    @property
+    def loaded(self) -> dict[str, AdapterInfo]:
+        return self.engine.engine.adapters
+
+    async def load(self, name: str, source: str, reason: str = "api") -> AdapterInfo:
+        info = await self.engine.load_adapter(name, source)
+        self.on_load(reason)
+        return info
+
+    async def ensure(self, ref: str) -> AdapterInfo:
+        """The adapter loaded under the name `ref` (a registry reference), loaded once."""
+        if ref in self.loaded:
+            return self.loaded[ref]
+        pending = self._loading.get(ref)
+        if pending is None:
+            pending = asyncio.ensure_future(self.load(ref, ref, "first_use"))
+            self._loading[ref] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(ref, None))
+        # Shielded: a caller that times out must not cancel the load others wait for.
+        return await asyncio.shield(pending)
+
+    async def follow_moves(self) -> list[str]:
+        """Reload the adapters whose alias (or latest version) moved; their names."""
+        moved = []
+        for info in list(self.loaded.values()):
+            if info.version is None:
+                continue  # a folder
+            ref = parse_ref(info.source)
+            if ref.version is not None:
+                continue  # a fixed version never moves
+            try:
+                current = await asyncio.to_thread(self.registry.get, ref)
+            except Exception as error:  # registry down or the alias deleted: keep serving
+                log.warning("cannot resolve %s to follow it: %s", info.source, error)
+                continue
+            still_loaded = self.loaded.get(info.name)
+            if current.version == info.version or still_loaded is None:
+                continue
+            try:
+                new = await self.load(info.name, info.source, "alias_moved")
+            except Exception as error:
+                log.warning("cannot load %s version %d: %s", ref, current.version, error)
+                continue
+            log.info("%s now serves %s (was %s)", info.name, new.uid, info.uid)
+            moved.append(info.name)
+        return moved
+
+    async def follow(self, interval: float) -> None:
+        """`follow_moves` every `interval` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.follow_moves()
+
+    async def registered(self) -> list[RegisteredAdapter]:
+        """The registry's adapters; none (with a warning) when it cannot be read."""
+        try:
+            return await asyncio.to_thread(self.registry.list)
+        except Exception as error:
+            log.warning("cannot list the registry %s: %s", self.registry.tracking_uri, error)
+            return []

@@ -1,0 +1,110 @@
+"""One record per API request, filled as it runs, written as one JSON line when it ends.
+
+`RecordRequests` is a plain ASGI middleware (it wraps streamed bodies without buffering them):
+it opens the record, tags the response with `x-request-id` (the openai client reports it as
+`response._request_id`), takes the status, and hands the finished record to `on_finish`
+(metrics, rate limits, the audit log) even when the client went away mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve.protocol import new_id
+
+SCOPE_KEY = "loraplex.record"
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    endpoint: str  # the route, e.g. /v1/chat/completions
+    started: float = field(default_factory=time.monotonic)
+    key_id: str | None = None
+    caller: Any = None  # the api_keys.Caller, charged for the tokens when the request ends
+    model: str | None = None  # the base or adapter name the request resolved to
+    adapter_uid: str | None = None  # the adapter version it ran on
+    prompt: Any = None  # messages or prompt; written only with audit.include_prompts
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None  # monotonic
+    status: int = 0
+    latency_s: float = 0.0
+
+
+class RecordRequests:
+    def __init__(self, app, on_finish: Callable[[RequestRecord], None]):
+        self.app = app
+        self.on_finish = on_finish
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(new_id("req"), _endpoint(scope["path"]))
+        scope[SCOPE_KEY] = record
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                request_id = (b"x-request-id", record.request_id.encode())
+                message = {**message, "headers": [*message.get("headers", []), request_id]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            record.status = record.status or 500
+            raise
+        finally:
+            record.latency_s = time.monotonic() - record.started
+            self.on_finish(record)
+
+
+def _endpoint(path: str) -> str:
+    """The route, so that metrics labels stay few whatever paths clients send."""
+    if path.startswith("/v1/adapters/"):
+        return "/v1/adapters/{name}"
+    known = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters"}
+    return path if path in known else "other"
+
+
+class AuditLog:
+    """Appends one JSON line per request; never the API key, the prompt only when asked."""
+
+    def __init__(self, path: Path, include_prompts: bool = False):
+        self.path = Path(path)
+        self.include_prompts = include_prompts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write(self, record: RequestRecord) -> None:
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "request_id": record.request_id,
+            "key_id": record.key_id,
+            "endpoint": record.endpoint,
+            "model": record.model,
+            "adapter_uid": record.adapter_uid,
+            "status": record.status,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "finish_reason": record.finish_reason,
+            "latency_s": round(record.latency_s, 4),
+        }
+        if self.include_prompts:
+            line["prompt"] = record.prompt
+        with self._lock:
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,21 @@
+"""A request the server refuses with an OpenAI error body and a status other than 400/404."""
+
+from __future__ import annotations
+
+
+class Refusal(Exception):
+    """401, 403, 429, 503, 504: the status, OpenAI's error `type` and `code`, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.code = code
+        self.headers = headers or {}

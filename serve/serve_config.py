@@ -1,0 +1,116 @@
+"""The typed server config: `loraplex serve configs/serve/X.yaml [--host H] [--port P] ...`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from registry.base_model import DEFAULT_BASE_MODEL
+from registry.config_file import read_config, relative_to_file
+from registry.refs import is_ref
+from serve.config import EngineConfig
+
+# Set at the top level of the serve config, so they are refused inside `engine:`.
+_TOP_LEVEL = ("base_model", "quantization", "tracking_uri")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiKey(_Strict):
+    """One client key. The key itself is never stored: its SHA-256, or the variable holding it."""
+
+    id: str = Field(min_length=1, max_length=100)  # what the audit log and metrics call it
+    sha256: str | None = None  # hex digest of the key (`printf %s KEY | sha256sum`)
+    env: str | None = None  # or: the environment variable that holds the key
+    adapters: list[str] = Field(default_factory=lambda: ["*"])  # `model` values allowed; * = all
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + completion tokens; None: no cap
+    admin: bool = False  # may load and unload adapters (POST/DELETE /v1/adapters)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and re.fullmatch(r"[0-9a-fA-F]{64}", value) is None:
+            raise ValueError("must be the 64 hex digits of the key's SHA-256")
+        return None if value is None else value.lower()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError(f"key {self.id!r}: give exactly one of sha256 or env")
+        return self
+
+
+class AuditConfig(_Strict):
+    path: Path | None = None  # JSON lines, one per request; None: LORAPLEX_HOME/audit.jsonl
+    include_prompts: bool = False  # prompt text in the log (it may hold personal data)
+
+
+class ServeConfig(_Strict):
+    base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"  # as the adapters were trained
+    tracking_uri: str | None = None  # registry of adapter references (default: embedded)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    adapters: dict[str, str] = Field(default_factory=dict)  # name -> registry REF or folder
+    default_max_tokens: int = Field(256, ge=1)  # for requests that do not say
+    max_waiting: int = Field(256, ge=0)  # queued requests beyond which new ones get 503
+    request_timeout_s: float = Field(300, gt=0)  # a request still running then is aborted
+    alias_poll_interval_s: float = Field(10, gt=0)  # how soon a moved alias is followed
+    engine: EngineConfig = EngineConfig()
+    api_keys: list[ApiKey] = Field(default_factory=list)  # empty: no keys asked
+    audit: AuditConfig = AuditConfig()
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if not is_ref(name):
+                raise ValueError(f"{name!r}: names are letters, digits, '.', '_' and '-'")
+        return adapters
+
+    @field_validator("engine")
+    @classmethod
+    def _no_top_level_keys(cls, engine: EngineConfig) -> EngineConfig:
+        repeated = [key for key in _TOP_LEVEL if key in engine.model_fields_set]
+        if repeated:
+            raise ValueError(f"set {', '.join(repeated)} at the top level, not under engine")
+        return engine
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_ids(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        ids = [key.id for key in keys]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"key ids must be unique (got {ids})")
+        return keys
+
+    def engine_config(self) -> EngineConfig:
+        quantization = None if self.quantization == "none" else self.quantization
+        return self.engine.model_copy(
+            update={
+                "base_model": self.base_model,
+                "quantization": quantization,
+                "tracking_uri": self.tracking_uri,
+            }
+        )
+
+
+def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
+    """Read and validate a serve YAML; paths in it are relative to the file."""
+    config = read_config(path, ServeConfig, overrides)
+    update: dict = {}
+    if "/" in config.base_model:
+        update["base_model"] = str(relative_to_file(path, Path(config.base_model)))
+    update["adapters"] = {
+        name: str(relative_to_file(path, Path(source))) if source.startswith(".") else source
+        for name, source in config.adapters.items()
+    }
+    if config.audit.path is not None:
+        audit_path = relative_to_file(path, config.audit.path)
+        update["audit"] = config.audit.model_copy(update={"path": audit_path})
+    return config.model_copy(update=update)
