@@ -72,22 +72,15 @@ def serve(
 
     with user_errors():
         setup_environment()
-        from registry.errors import ConfigError
-        from serve.serve_config import ServeConfig, load_serve_config
+        from serve.serve_config import serve_settings
 
-        settings = load_serve_config(config) if config else ServeConfig()
-        update = {"base_model": base_model, "host": host, "port": port}
-        update = {key: value for key, value in update.items() if value is not None}
-        if tracking_uri:
-            update["tracking_uri"] = tracking_uri
-        preload = dict(settings.adapters)
-        for item in adapter or []:
-            name, sep, ref = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--adapter {item!r}: expected NAME=REF")
-            preload[name] = ref
-        settings = ServeConfig.model_validate(
-            {**settings.model_dump(exclude_unset=True), **update, "adapters": preload}
+        settings = serve_settings(
+            config,
+            adapter or [],
+            base_model=base_model,
+            host=host,
+            port=port,
+            tracking_uri=tracking_uri,
         )
         _serve(settings)
 

@@ -6,10 +6,18 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from registry.base_model import DEFAULT_BASE_MODEL
-from registry.config_file import read_config, relative_to_file
+from registry.config_file import format_errors, read_config, relative_to_file
+from registry.errors import ConfigError
 from registry.refs import is_ref
 from serve.config import EngineConfig
 
@@ -114,3 +122,21 @@ def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
         audit_path = relative_to_file(path, config.audit.path)
         update["audit"] = config.audit.model_copy(update={"path": audit_path})
     return config.model_copy(update=update)
+
+
+def serve_settings(path: Path | None, adapters: list[str] = (), **flags) -> ServeConfig:
+    """The YAML at `path` (defaults without one) under command-line flags (None: not given);
+    `adapters` are NAME=REF items added to the YAML's."""
+    config = load_serve_config(path) if path else ServeConfig()
+    preload = dict(config.adapters)
+    for item in adapters:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise ConfigError(f"--adapter {item!r}: expected NAME=REF")
+        preload[name] = ref
+    given = {key: value for key, value in flags.items() if value is not None}
+    raw = {**config.model_dump(exclude_unset=True), **given, "adapters": preload}
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("invalid command-line options\n" + format_errors(e)) from None
