@@ -121,20 +121,22 @@ def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
     }
 
 
-def run_peft(base_path, folders, prompts, lengths, adapter_index, quantization, batch=32):
+def run_peft(
+    base_path, folders, prompts, lengths, adapter_index, quantization, batch=32, device="cpu"
+):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.float32}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # as the engine's "auto"
+    kwargs = {"dtype": dtype, "device_map": device}
     if quantization:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     model = PeftModel.from_pretrained(model, folders[0], adapter_name="a0")
     for i, folder in enumerate(folders[1:], start=1):
@@ -152,6 +154,7 @@ def run_peft(base_path, folders, prompts, lengths, adapter_index, quantization, 
             torch.arange(width)[None, :]
             >= torch.tensor([width - len(prompts[i]) for i in group])[:, None]
         ).long()
+        ids, mask = ids.to(device), mask.to(device)
         steps = max(lengths[i] for i in group)
         with torch.no_grad():
             model.generate(
