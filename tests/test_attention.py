@@ -58,3 +58,20 @@ def test_paged_attention_equals_dense_causal_attention():
             enable_gqa=True,
         )[0].transpose(0, 1)
         torch.testing.assert_close(out[i], expected[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_tables_are_compact_and_skip_the_padded_groups():
+    meta = build_attention_metadata(
+        [[7, 2], [5], [1, 4, 6]],
+        num_computed=[3, 0, 9],
+        num_new=[2, 3, 1],
+        block_size=4,
+        device="cpu",
+        padded_groups=False,
+    )
+    assert meta.groups is None
+    assert meta.block_tables.tolist() == [[7, 2, 0], [5, 0, 0], [1, 4, 6]]
+    assert meta.query_start.tolist() == [0, 2, 5, 6]
+    assert meta.context_lens.tolist() == [5, 3, 10]
+    assert meta.max_query_len == 3
+    assert meta.slot_mapping.tolist() == [31, 8, 20, 21, 22, 25]  # as with the groups

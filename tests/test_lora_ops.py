@@ -78,3 +78,12 @@ def test_batch_gathers_only_when_there_are_several_runs():
     assert single.chunk_tokens is None and single.segments == [(0, 401, 0)]
     decode = LoraBatch.build([0, 0, 1, 1, 2, 2, 3, 3], [1] * 8, "cpu")
     assert decode.chunk_tokens.shape == (4, 2) and decode.chunk_slots.tolist() == [0, 1, 2, 3]
+
+
+def test_kernel_batch_is_the_segment_table():
+    batch = LoraBatch.build([-1, 0, 0, 2, -1, 1], [3, 1, 4, 2, 1, 6], "cpu", kernel=True)
+    assert batch.segment_table.tolist() == [[3, 8, 0], [8, 10, 2], [11, 17, 1]]
+    assert batch.segment_table.dtype == torch.int32
+    assert batch.max_segment_len == 6
+    assert batch.chunk_tokens is None  # the gathered chunks are not built
+    assert LoraBatch.build([-1], [5], "cpu", kernel=True) is None
