@@ -145,6 +145,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 observed = _observed(outputs, record, metrics.itl.labels(body.model))
                 return _until(await _started(observed), deadline, record)
         except TimeoutError:
+            record.finish_reason = "timeout"
             raise _timed_out(config.request_timeout_s) from None
 
     async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -3,67 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import openai
 import pytest
 
 from serve import LLM, SamplingParams
-from tests.helpers import make_lora
+from tests.helpers import make_lora, running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 
 
-def _engine_args(tiny_base):
+def _engine_args(tiny_base, tracking_uri=None):
     return dict(
         base_model=str(tiny_base.path),
         quantization=None,
         num_kv_blocks=128,
         block_size=4,
         max_lora_rank=8,
+        tracking_uri=tracking_uri,
     )
 
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    import uvicorn
-
     from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
     from serve.server import create_app
 
-    folder = make_lora(
-        tiny_base,
-        tmp_path_factory.mktemp("srv") / "faq",
-        rank=4,
-        targets=["q_proj", "v_proj"],
-        b_scale=1.0,
-    )
-    llm = LLM(**_engine_args(tiny_base))
+    root = tmp_path_factory.mktemp("srv")
+    folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
+    # An empty registry of its own, so the models it lists are known.
+    llm = LLM(**_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
     llm.load_adapter("faq", str(folder))
     engine = AsyncLLM(llm.engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(engine, "tiny", default_max_tokens=16),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
     reference = LLM(**_engine_args(tiny_base))
     reference.load_adapter("faq", str(folder))
-    yield f"http://127.0.0.1:{port}/v1", reference, engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(engine, "tiny", config)) as url:
+        yield url, reference, engine
     engine.shutdown()
 
 

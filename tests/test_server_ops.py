@@ -1,0 +1,279 @@
+"""The server's operational side on a tiny random base: API keys, allow-lists, token rate
+limits, the audit log, the waiting-queue cap, request timeouts and Prometheus metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import LLM
+from tests.helpers import make_lora, running_server
+
+QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+OPS_KEY = "sk-ops-not-a-real-secret"
+FAQ_KEY = "sk-faq-not-a-real-secret"
+
+
+@pytest.fixture(scope="module")
+def faq_folder(tiny_base, tmp_path_factory):
+    return make_lora(tiny_base, tmp_path_factory.mktemp("ops") / "faq", rank=4, targets=["q_proj"])
+
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory) -> str:
+    """One empty MLflow store for the module (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('ops-registry') / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def serving(tiny_base, faq_folder, registry_uri, tmp_path, max_waiting=None, **settings):
+    """uvicorn on 127.0.0.1 over a fresh tiny engine with adapter `faq`; (url, engine)."""
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    llm = LLM(
+        base_model=str(tiny_base.path),
+        quantization=None,
+        num_kv_blocks=128,
+        block_size=4,
+        max_lora_rank=8,
+        max_num_seqs=4,
+        tracking_uri=registry_uri,
+    )
+    llm.load_adapter("faq", str(faq_folder))
+    engine = AsyncLLM(llm.engine, max_waiting)
+    audit = {"path": tmp_path / "audit.jsonl", **settings.pop("audit", {})}
+    config = ServeConfig(audit=audit, **settings)
+    try:
+        with running_server(create_app(engine, "tiny", config)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
+
+
+@contextlib.contextmanager
+def paused(engine):
+    """Hold the engine thread between two steps (a test hook: commands queue up behind it)."""
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        gate.wait(60)
+
+    engine._submit(hold)
+    assert holding.wait(10)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def _audit(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def _wait_until_idle(engine):
+    deadline = time.monotonic() + 10
+    while (stats := engine.stats())["running"] or stats["waiting"] or stats["kv_blocks_used"]:
+        assert time.monotonic() < deadline, f"engine still busy: {stats}"
+        time.sleep(0.05)
+
+
+def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
+    tiny_base, faq_folder, empty_registry, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LORAPLEX_TEST_FAQ_KEY", FAQ_KEY)
+    keys = [
+        {"id": "ops", "sha256": hashlib.sha256(OPS_KEY.encode()).hexdigest(), "admin": True},
+        {
+            "id": "faq-team",
+            "env": "LORAPLEX_TEST_FAQ_KEY",
+            "adapters": ["faq"],
+            "tokens_per_minute": 20,
+        },
+    ]
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, api_keys=keys) as (url, _):
+
+        def client(key):
+            return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+        def ask(key, model="faq"):
+            return client(key).chat.completions.create(model=model, messages=QUESTION, max_tokens=4)
+
+        assert httpx.get(f"{url}/models").status_code == 401  # no Authorization header
+        with pytest.raises(openai.AuthenticationError, match="unknown API key"):
+            ask("sk-guessed")
+        with pytest.raises(openai.PermissionDeniedError, match="may not use model 'tiny'"):
+            ask(FAQ_KEY, model="tiny")
+        assert [m.id for m in client(FAQ_KEY).models.list().data] == ["faq"]
+        with pytest.raises(openai.PermissionDeniedError, match="may not load or unload"):
+            client(FAQ_KEY).post("/adapters", body={"name": "x", "source": "y"}, cast_to=dict)
+
+        raw = client(FAQ_KEY).chat.completions.with_raw_response.create(
+            model="faq", messages=QUESTION, max_tokens=4
+        )
+        served = raw.parse()
+        # It spent more than the 20 tokens a minute: the level is 20 - total, and the next
+        # request waits until one token has come back, at 1/3 token a second.
+        with pytest.raises(openai.RateLimitError) as limited:
+            ask(FAQ_KEY)
+        wait = 3 * (1 + served.usage.total_tokens - 20)
+        assert wait - 10 < int(limited.value.response.headers["retry-after"]) <= wait
+        assert ask(OPS_KEY, model="tiny").usage.completion_tokens >= 1  # other keys unaffected
+
+    lines = _audit(tmp_path)
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert OPS_KEY not in text and FAQ_KEY not in text and "Norway" not in text
+    assert [(line["key_id"], line["status"]) for line in lines] == [
+        (None, 401),
+        (None, 401),
+        ("faq-team", 403),
+        ("faq-team", 200),
+        ("faq-team", 403),
+        ("faq-team", 200),
+        ("faq-team", 429),
+        ("ops", 200),
+    ]
+    line = next(x for x in lines if x["request_id"] == raw.headers["x-request-id"])
+    assert line["model"] == "faq" and line["endpoint"] == "/v1/chat/completions"
+    assert line["prompt_tokens"] == served.usage.prompt_tokens
+    assert line["completion_tokens"] == served.usage.completion_tokens
+    assert line["adapter_uid"].startswith("faq#") and line["latency_s"] > 0
+
+
+def test_a_full_waiting_queue_gets_503_and_the_queued_requests_finish(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, max_waiting=2) as (url, engine):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+        def ask():
+            try:
+                reply = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=3)
+                return 200, reply.usage.completion_tokens
+            except openai.APIStatusError as error:
+                return error.status_code, error.response.headers.get("retry-after")
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            with paused(engine):  # three requests queue up behind a held engine
+                futures = [pool.submit(ask) for _ in range(3)]
+                deadline = time.monotonic() + 20
+                while engine._inbox.qsize() < 3:
+                    assert time.monotonic() < deadline, "the requests did not reach the engine"
+                    time.sleep(0.02)
+            results = sorted(f.result() for f in futures)
+        assert [status for status, _ in results] == [200, 200, 503]
+        assert results[2][1] == "1"  # Retry-After
+        _wait_until_idle(engine)
+        assert client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+
+
+def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, request_timeout_s=2) as (
+        url,
+        engine,
+    ):
+        client = openai.OpenAI(base_url=url, api_key="unused")  # default retries
+        with paused(engine), pytest.raises(openai.InternalServerError) as timed_out:
+            client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=8)
+        assert timed_out.value.status_code == 504
+        assert "timed out after 2 s" in str(timed_out.value)
+
+        aborted = engine.stats()["requests_aborted"]
+        stream = client.chat.completions.create(
+            model="faq",
+            messages=QUESTION,
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
+        with paused(engine), pytest.raises(openai.APIError, match="timed out after 2 s"):
+            for _ in chunks:
+                pass
+        _wait_until_idle(engine)
+        assert engine.stats()["requests_aborted"] == aborted + 1
+        samples = _metrics(url)
+    # x-should-retry: false kept the client from sending the timed-out request again.
+    key = (("endpoint", "/v1/chat/completions"), ("model", "faq"), ("status", "504"))
+    assert samples[("loraplex_requests_total", key)] == 1
+    assert [line["finish_reason"] for line in _audit(tmp_path)] == ["timeout", "timeout"]
+
+
+def test_metrics_count_requests_tokens_latencies_and_engine_state(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(
+        tiny_base, faq_folder, empty_registry, tmp_path, audit={"include_prompts": True}
+    ) as (url, eng):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        replies = [
+            client.chat.completions.create(
+                model="faq", messages=QUESTION, max_tokens=6, extra_body={"ignore_eos": True}
+            )
+            for _ in range(2)
+        ]
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=QUESTION,
+                max_tokens=5,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no such model", messages=QUESTION)
+        loaded = httpx.post(f"{url}/adapters", json={"name": "faq2", "source": str(faq_folder)})
+        assert loaded.status_code == 200
+        _wait_until_idle(eng)
+        m = _metrics(url)
+
+    def value(name, **labels):
+        return m.get((name, tuple(sorted(labels.items()))), 0)
+
+    chat = "/v1/chat/completions"
+    assert value("loraplex_requests_total", endpoint=chat, model="faq", status="200") == 2
+    assert value("loraplex_requests_total", endpoint=chat, model="tiny", status="200") == 1
+    assert value("loraplex_requests_total", endpoint=chat, model="none", status="404") == 1
+    assert value("loraplex_completion_tokens_total", model="faq") == 12
+    prompt_tokens = chunks[-1].usage.prompt_tokens
+    assert value("loraplex_prompt_tokens_total", model="faq") == 2 * prompt_tokens
+    assert sum(r.usage.prompt_tokens for r in replies) == 2 * prompt_tokens
+    assert value("loraplex_time_to_first_token_seconds_count", model="faq") == 2
+    assert value("loraplex_request_latency_seconds_count", model="tiny") == 1
+    # One inter-token gap per token after the first.
+    assert value("loraplex_inter_token_latency_seconds_count", model="faq") == 2 * 5
+    assert value("loraplex_inter_token_latency_seconds_count", model="tiny") == 4
+    assert value("loraplex_adapter_loads_total", reason="api") == 1
+    assert value("loraplex_kv_cache_blocks_total") == 128
+    assert value("loraplex_kv_cache_blocks_used") == 0
+    assert value("loraplex_num_requests_running") == 0
+    assert value("loraplex_num_requests_waiting") == 0
+    assert value("loraplex_adapter_slot_loads_total") == 1
+    assert value("loraplex_prefix_cache_query_blocks_total") > 0
+    prompts = [line["prompt"] for line in _audit(tmp_path) if line["status"] == 200][:1]
+    assert prompts == [QUESTION]
