@@ -94,11 +94,23 @@ def test_unknown_shape_is_refused_with_its_columns(tmp_path):
         detect_format(["question", "answer"], tmp_path / "d.jsonl")
 
 
+KEYS = [f"question {i}" for i in range(50)]
+
+
+def test_records_asking_the_same_question_share_one_split_part():
+    keys = [f"q{i % 20}" for i in range(60)]  # every question three times
+    parts = split_indices(keys, 0.1, 0.2, seed=0)
+    for name, part in parts.items():
+        others = {keys[i] for other, p in parts.items() if other != name for i in p}
+        assert not {keys[i] for i in part} & others
+    assert [len(parts[name]) for name in ("validation", "test")] == [3 * 2, 3 * 4]
+
+
 @pytest.mark.parametrize(("validation", "test"), [(0.1, 0.1), (5, 7), (0.25, 3)])
 def test_split_is_deterministic_disjoint_and_complete(validation, test):
-    first = split_indices(50, validation, test, seed=3)
-    assert first == split_indices(50, validation, test, seed=3)
-    assert first != split_indices(50, validation, test, seed=4)
+    first = split_indices(KEYS, validation, test, seed=3)
+    assert first == split_indices(KEYS, validation, test, seed=3)
+    assert first != split_indices(KEYS, validation, test, seed=4)
     parts = [set(first[name]) for name in ("train", "validation", "test")]
     assert set.union(*parts) == set(range(50))
     assert sum(len(p) for p in parts) == 50
@@ -109,7 +121,7 @@ def test_split_is_deterministic_disjoint_and_complete(validation, test):
 @pytest.mark.parametrize(("validation", "test"), [(30, 30), (0.01, 0.1), (0.5, 0.5)])
 def test_split_that_leaves_a_part_empty_is_refused(validation, test):
     with pytest.raises(ConfigError, match=r"data\.split"):
-        split_indices(20, validation, test, seed=0)
+        split_indices(KEYS[:20], validation, test, seed=0)
 
 
 def test_pack_keeps_every_token_in_rows_of_block_size():

@@ -107,25 +107,46 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def split_indices(n: int, validation: float, test: float, seed: int) -> dict[str, list[int]]:
-    """A deterministic split of range(n): sizes below 1 are shares, others are counts."""
+def split_indices(
+    keys: list[str], validation: float, test: float, seed: int
+) -> dict[str, list[int]]:
+    """A deterministic split of record indices; records with equal keys land in the same part.
+
+    The key is a record's prompt, so a question asked twice in the data cannot be trained on
+    and then tested. Sizes below 1 are shares, others are counts, both of distinct keys.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    n = len(groups)
     sizes = {
         name: int(size) if size >= 1 else round(size * n)
         for name, size in (("validation", validation), ("test", test))
     }
     if sizes["validation"] < 1 or sizes["test"] < 1 or sum(sizes.values()) >= n:
         raise ConfigError(
-            f"data.split: validation={validation} and test={test} of {n} examples leave "
+            f"data.split: validation={validation} and test={test} of {n} distinct prompts leave "
             f"validation={sizes['validation']}, test={sizes['test']}, "
             f"train={n - sum(sizes.values())}; each needs at least 1"
         )
-    order = np.random.default_rng(seed).permutation(n).tolist()
+    members = list(groups.values())
+    order = [members[i] for i in np.random.default_rng(seed).permutation(n)]
     n_val, n_test = sizes["validation"], sizes["test"]
-    return {
-        "test": sorted(order[:n_test]),
-        "validation": sorted(order[n_test : n_test + n_val]),
-        "train": sorted(order[n_test + n_val :]),
+    parts = {
+        "test": order[:n_test],
+        "validation": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :],
     }
+    return {name: sorted(i for group in part for i in group) for name, part in parts.items()}
+
+
+def prompt_key(record: dict, fmt: str) -> str:
+    """What a record asks: its conversation before the last answer (text records: the text)."""
+    if fmt == "text":
+        return record["text"]
+    messages = to_messages(record, fmt)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last])
 
 
 def pack(examples: list[dict], block_size: int) -> list[dict]:
@@ -161,7 +182,8 @@ def load_splits(data_config) -> SplitData:
     if fmt == "auto":
         fmt = detect_format(records.column_names, data_config.path)
     split = data_config.split
-    indices = split_indices(len(records), split.validation, split.test, split.seed)
+    keys = [prompt_key(r, fmt) for r in records]
+    indices = split_indices(keys, split.validation, split.test, split.seed)
     return SplitData(
         fmt, *(records.select(indices[name]) for name in ("train", "validation", "test"))
     )
