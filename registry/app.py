@@ -6,6 +6,7 @@ Only typer is imported here; each command imports torch, peft or mlflow when it 
 
 import typer
 
+from eval import cli as eval_cli
 from registry import cli as registry_cli
 from registry.console import setup_logging
 from serve import cli as serve_cli
@@ -27,3 +28,4 @@ app.command("train")(train_cli.train)
 app.add_typer(registry_cli.app, name="registry")
 app.command("generate")(serve_cli.generate)
 app.command("serve")(serve_cli.serve)
+app.command("gate")(eval_cli.gate)

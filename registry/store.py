@@ -151,6 +151,19 @@ class AdapterRegistry:
         self.client.set_registered_model_alias(name, alias, str(target.version))
         return previous
 
+    def record_gate(
+        self, version: AdapterVersion, metrics: dict[str, float], tags: dict[str, str], folder: Path
+    ) -> None:
+        """A gate's outcome: metrics and report files on the version's training run, tags on
+        the version itself (so `registry show` and searches see the result)."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(version.name, str(version.version), key, value)
+        if version.run_id is None:
+            return
+        for key, value in metrics.items():
+            self.client.log_metric(version.run_id, key, value)
+        self.client.log_artifacts(version.run_id, str(folder), "gate")
+
     def download(self, ref: AdapterRef, dest: Path) -> Path:
         """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
         if dest.exists() and any(dest.iterdir()):

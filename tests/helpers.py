@@ -67,6 +67,18 @@ def make_adapter(
     return dest
 
 
+def register_folder(registry, folder: Path, name: str) -> int:
+    """What a training run does: log the folder as a run's `adapter` artifact, register it."""
+    from registry.lineage import Lineage
+
+    client = registry.client
+    run = client.create_run(registry.experiment_id("tests"))
+    client.log_artifacts(run.info.run_id, str(folder), artifact_path="adapter")
+    lineage = Lineage.read(folder)
+    version = registry.register(name, run.info.run_id, f"{run.info.artifact_uri}/adapter", lineage)
+    return version.version
+
+
 def run_cli(
     *args: str, env: dict | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:

@@ -12,17 +12,7 @@ from registry.lineage import Lineage
 from registry.refs import AdapterRef, parse_ref
 from registry.resolve import resolve_adapter
 from registry.store import AdapterRegistry
-from tests.helpers import make_adapter, run_cli
-
-
-def _register(registry: AdapterRegistry, folder, name: str) -> int:
-    """What a training run does: log the folder as the run's `adapter` artifact, register it."""
-    client = registry.client
-    run = client.create_run(registry.experiment_id("tests"))
-    client.log_artifacts(run.info.run_id, str(folder), artifact_path="adapter")
-    lineage = Lineage.read(folder)
-    version = registry.register(name, run.info.run_id, f"{run.info.artifact_uri}/adapter", lineage)
-    return version.version
+from tests.helpers import make_adapter, register_folder, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,7 @@ def adapters(tiny_base, tmp_path_factory):
 
 
 def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
-    assert [_register(registry, folder, "facts") for folder in adapters] == [1, 2]
+    assert [register_folder(registry, folder, "facts") for folder in adapters] == [1, 2]
 
     [listed] = registry.list()
     assert (listed.name, listed.latest_version, listed.aliases) == ("facts", 2, {})
@@ -87,7 +77,7 @@ def test_register_promote_download_on_a_real_mlflow_server(
 
 
 def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
-    _register(registry, adapters[0], "facts")
+    register_folder(registry, adapters[0], "facts")
     with pytest.raises(
         NotFoundError, match=r"no registered adapter named 'fact' .*registered: facts"
     ):
@@ -101,7 +91,7 @@ def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
 
 
 def test_download_refuses_a_non_empty_destination(registry, adapters, tmp_path):
-    _register(registry, adapters[0], "facts")
+    register_folder(registry, adapters[0], "facts")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="exists and is not empty"):

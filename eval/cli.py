@@ -1,0 +1,50 @@
+"""`loraplex gate CONFIG --candidate NAME/VERSION [--baseline REF] [--promote]`.
+
+Exit codes for CI: 0 the candidate passed, 1 it failed (a regression), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from registry.console import TrackingUri, user_errors
+
+
+def gate(
+    config: Annotated[Path, typer.Argument(help="Gate YAML, e.g. configs/gates/X.yaml.")],
+    candidate: Annotated[str, typer.Option(help="The version to judge: NAME/VERSION or REF.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="KEY=VALUE overrides, e.g. eval_set.max_samples=8.")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="Compare against this REF (default: NAME@champion).")
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Move the champion alias to the candidate on pass.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Folder for report.json and report.md (default: in LORAPLEX_HOME)."),
+    ] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Judge a candidate adapter against its champion and the base; exit 1 on regression."""
+    from registry.home import setup_environment
+
+    with user_errors():
+        home = setup_environment()
+        from eval.gate import QualityGate
+        from eval.gate_config import load_gate_config
+
+        cfg = load_gate_config(config, overrides or [])
+        job = QualityGate(cfg, candidate, baseline, tracking_uri)
+        folder = output or home.root / "gates" / job.candidate.name / str(job.candidate.version)
+        report = job.run(folder, promote=promote)
+    print(report.to_markdown())
+    print(f"report: {folder / 'report.md'}")
+    if promote and report.passed:
+        print(f"{report.candidate} is now {cfg.adapter}@champion")
+    raise typer.Exit(0 if report.passed else 1)

@@ -1,0 +1,77 @@
+"""The eval set: held-out questions with reference answers and retrieved contexts.
+
+Built from the adapter's test split (the same `load_splits` the trainer used, so no example
+it trained on can appear). The knowledge base a question retrieves from is every passage of
+the data file: each record's `context_field`, or its answer when the data has no passages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from registry.errors import ConfigError
+from train.data import SplitData, to_messages
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    messages: list[dict]  # the conversation up to the answer (what the model is asked)
+    question: str  # the last user message
+    reference: str  # the reference answer
+    reference_contexts: list[str]  # the passage the answer comes from
+    retrieved_contexts: list[str]  # the top-k passages the retriever finds for the question
+
+
+def select_test_records(splits: SplitData, max_samples: int):
+    """The first `max_samples` records of the test split (the split order is already random)."""
+    return splits.test.select(range(min(max_samples, len(splits.test))))
+
+
+def build_eval_set(splits: SplitData, records, context_field: str | None, top_k: int, embed):
+    """EvalSamples of `records` (from the test split); `embed(texts) -> [n, d]` unit vectors."""
+    if splits.format == "text":
+        raise ConfigError("the RAGAS metrics need question/answer data (alpaca or chat), not text")
+    every = [*splits.train, *splits.validation, *splits.test]
+    if context_field is not None and context_field not in splits.test.column_names:
+        raise ConfigError(
+            f"eval_set.context_field: no column {context_field!r} in the data "
+            f"(columns: {sorted(splits.test.column_names)})"
+        )
+    passages = list(dict.fromkeys(_passage(r, splits.format, context_field) for r in every))
+    samples = [_conversation(r, splits.format) for r in records]
+    questions = [q for _, q, _ in samples]
+    retrieved = _retrieve(embed(questions), embed(passages), top_k)
+    return [
+        EvalSample(
+            messages=messages,
+            question=question,
+            reference=reference,
+            reference_contexts=[_passage(record, splits.format, context_field)],
+            retrieved_contexts=[passages[i] for i in hits],
+        )
+        for (messages, question, reference), record, hits in zip(
+            samples, records, retrieved, strict=True
+        )
+    ]
+
+
+def _conversation(record: dict, fmt: str) -> tuple[list[dict], str, str]:
+    messages = to_messages(record, fmt)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = messages[:last]
+    question = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return prompt, question, messages[last]["content"]
+
+
+def _passage(record: dict, fmt: str, context_field: str | None) -> str:
+    if context_field is not None:
+        return record[context_field]
+    return _conversation(record, fmt)[2]
+
+
+def _retrieve(queries: np.ndarray, passages: np.ndarray, top_k: int) -> list[list[int]]:
+    """Indices of the top_k passages by cosine similarity, best first. Inputs are unit rows."""
+    scores = queries @ passages.T  # [questions, passages]
+    return np.argsort(-scores, axis=1, kind="stable")[:, :top_k].tolist()

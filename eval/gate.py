@@ -1,0 +1,168 @@
+"""A quality gate run: measure the candidate, its baseline and the base; decide; record; promote.
+
+    gate = QualityGate(config, candidate="construction-faq/3")
+    report = gate.run(output=Path("reports"), promote=True)   # report.passed
+
+The baseline is `--baseline` if given, else the adapter's champion; with no champion yet the
+base model is the baseline, so a first adapter must at least beat (or match) the base.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from eval.decision import Samples, Verdict, judge
+from eval.eval_set import build_eval_set, select_test_records
+from eval.gate_config import GateConfig
+from eval.measure import answer_likelihoods, answers
+from eval.report import GateReport
+from eval.scores import Scorer
+from registry.errors import NotFoundError, UsageError
+from registry.refs import AdapterRef, parse_ref
+from registry.store import AdapterRegistry, AdapterVersion
+
+log = logging.getLogger(__name__)
+CHAMPION = "champion"
+CANDIDATE, BASELINE = "candidate", "baseline"  # their names inside the engine
+
+
+class QualityGate:
+    def __init__(
+        self,
+        config: GateConfig,
+        candidate: str,
+        baseline: str | None = None,
+        tracking_uri: str | None = None,
+    ):
+        from train.config import load_config
+
+        self.config = config
+        self.train = load_config(config.train_config)
+        self.registry = AdapterRegistry(tracking_uri)
+        self.candidate = self._version(candidate, "--candidate")
+        self.baseline = self._baseline(baseline)
+
+    def run(self, output: Path, promote: bool = False) -> GateReport:
+        report = self.measure()
+        files = report.write(output)
+        self.registry.record_gate(self.candidate, *self._record(report), output)
+        if promote and report.passed:
+            self.registry.promote(self.candidate.name, self.candidate.version, CHAMPION)
+        log.info("gate report: %s", files[1])
+        return report
+
+    def measure(self) -> GateReport:
+        from serve import LLM
+        from train.data import load_splits
+
+        train = self.train
+        method = train.quantization.method
+        llm = LLM(
+            base_model=train.base_model,
+            quantization=None if method == "none" else method,
+            max_loras=self.config.generation.max_loras,
+            tracking_uri=self.registry.tracking_uri,
+        )
+        models: list[str | None] = [CANDIDATE]
+        llm.load_adapter(CANDIDATE, _ref(self.candidate))
+        if self.baseline is not None:
+            llm.load_adapter(BASELINE, _ref(self.baseline))
+            models.append(BASELINE)
+        models.append(None)
+
+        splits = load_splits(train.data)
+        records = select_test_records(splits, self.config.eval_set.max_samples)
+        measured: dict[str, dict[str | None, Samples]] = {}
+        ppl_examples = 0
+        if "perplexity" in self.config.metrics:
+            nll = answer_likelihoods(llm, records, splits.format, train.data.max_seq_length, models)
+            ppl_examples = len(nll[CANDIDATE])
+            measured["perplexity"] = {
+                m: Samples(
+                    _array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True
+                )
+                for m, v in nll.items()
+            }
+        ragas = [m for m in self.config.metrics if m != "perplexity"]
+        samples = []
+        if ragas:
+            scorer = Scorer(self.config.judge)
+            settings = self.config.eval_set
+            samples = build_eval_set(
+                splits, records, settings.context_field, settings.top_k, scorer.embed
+            )
+            answered = answers(
+                llm, [s.messages for s in samples], self.config.generation.max_tokens, models
+            )
+            for metric in ragas:
+                measured[metric] = {
+                    m: Samples.scores(scorer.score(metric, samples, answered[m])) for m in models
+                }
+        verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
+        return GateReport(
+            adapter=self.config.adapter,
+            candidate=f"{self.candidate.name}/{self.candidate.version}",
+            baseline=self._baseline_label(),
+            base_model=train.base_model,
+            samples=len(samples),
+            perplexity_examples=ppl_examples,
+            rules=dict(self.config.metrics),
+            verdicts=verdicts,
+        )
+
+    def _verdict(self, metric: str, by_model: dict[str | None, Samples]) -> Verdict:
+        # With no champion the base is the baseline: compared (and gated) once, as the baseline.
+        baseline = by_model[BASELINE] if self.baseline is not None else by_model[None]
+        return judge(
+            metric,
+            self.config.metrics[metric],
+            by_model[CANDIDATE],
+            baseline,
+            by_model[None],
+            self.config.bootstrap,
+        )
+
+    def _record(self, report: GateReport) -> tuple[dict[str, float], dict[str, str]]:
+        metrics = {f"gate_{v.metric}": v.candidate for v in report.verdicts}
+        metrics["gate_passed"] = float(report.passed)
+        tags = {
+            "gate_result": "pass" if report.passed else "fail",
+            "gate_baseline": report.baseline,
+            "gate_failed_metrics": ",".join(report.failed_metrics) or "none",
+        }
+        return metrics, tags
+
+    def _version(self, text: str, option: str) -> AdapterVersion:
+        ref = parse_ref(text)
+        if ref.name != self.config.adapter:
+            raise UsageError(
+                f"{option} {text!r} is not a version of {self.config.adapter!r}, "
+                "the adapter this gate config is for"
+            )
+        return self.registry.get(ref)
+
+    def _baseline(self, baseline: str | None) -> AdapterVersion | None:
+        if baseline is not None:
+            return self._version(baseline, "--baseline")
+        try:
+            return self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
+        except NotFoundError:
+            return None  # no champion yet: judged against the floors and the base
+
+    def _baseline_label(self) -> str:
+        if self.baseline is None:
+            return "base (no champion yet)"
+        v = self.baseline
+        aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
+        return f"{v.name}/{v.version}{aliases}"
+
+
+def _ref(version: AdapterVersion) -> str:
+    return f"{version.name}/{version.version}"
+
+
+def _array(values: list[float]):
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float64)

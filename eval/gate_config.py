@@ -1,0 +1,102 @@
+"""The typed gate config: what a candidate adapter is measured on and what it must reach.
+
+One YAML per adapter in `configs/gates/`. Every metric has a direction (higher or lower is
+better); a rule gives an absolute bound and a tolerated regression against the baseline, both
+in the metric's own units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from registry.config_file import read_config, relative_to_file
+from registry.errors import ConfigError
+from registry.refs import check_name
+
+# name -> True when higher is better. Perplexity comes from the engine's prompt logprobs on the
+# held-out test split; the others are RAGAS metrics of generated answers on the eval set.
+METRICS: dict[str, bool] = {
+    "perplexity": False,
+    "rouge_l": True,
+    "bleu": True,
+    "chrf": True,
+    "string_similarity": True,
+    "semantic_similarity": True,
+    "context_recall": True,  # of the retrieved contexts: the same for every model, a data check
+    "faithfulness": True,  # LLM-judged: needs `judge`
+    "answer_relevancy": True,  # LLM-judged: needs `judge`
+}
+JUDGED = {"faithfulness", "answer_relevancy"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricRule(_Strict):
+    floor: float | None = None  # the candidate fails below it (metrics where higher is better)
+    ceiling: float | None = None  # the candidate fails above it (perplexity)
+    tolerance: float = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
+
+
+class EvalSetConfig(_Strict):
+    max_samples: int = Field(32, ge=2)  # test examples used; time grows linearly with it
+    context_field: str | None = None  # column with each record's passage; None: its answer
+    top_k: int = Field(2, ge=1, le=20)  # passages retrieved per question for the context metrics
+
+
+class GenerationConfig(_Strict):
+    max_tokens: int = Field(64, ge=1)
+    max_loras: int = Field(4, ge=1)
+
+
+class BootstrapConfig(_Strict):
+    resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 0
+
+
+class JudgeConfig(_Strict):
+    base_url: str  # any OpenAI-compatible server, `loraplex serve` included
+    model: str
+    api_key_env: str | None = None  # environment variable holding its key
+
+
+class GateConfig(_Strict):
+    adapter: str  # the registered model whose versions are gated
+    train_config: Path  # its data and split: the test split is the held-out eval data
+    eval_set: EvalSetConfig = EvalSetConfig()
+    generation: GenerationConfig = GenerationConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    judge: JudgeConfig | None = None
+    metrics: dict[str, MetricRule] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateConfig:
+        check_name(self.adapter)
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"metrics: unknown {sorted(unknown)}; choose from {sorted(METRICS)}")
+        judged = JUDGED & set(self.metrics)
+        if judged and self.judge is None:
+            raise ValueError(f"metrics {sorted(judged)} are LLM-judged: set `judge`")
+        for name, rule in self.metrics.items():
+            wrong = "ceiling" if METRICS[name] else "floor"
+            if getattr(rule, wrong) is not None:
+                better = "higher" if METRICS[name] else "lower"
+                raise ValueError(f"metrics.{name}: {better} is better, so it takes no {wrong}")
+        return self
+
+
+def load_gate_config(path: Path, overrides: list[str] = ()) -> GateConfig:
+    """Read and validate a gate YAML; the training config it names must load too."""
+    from train.config import load_config
+
+    config = read_config(path, GateConfig, overrides)
+    train_config = relative_to_file(path, config.train_config)
+    if not train_config.is_file():
+        raise ConfigError(f"{path}: train_config: file not found: {train_config}")
+    load_config(train_config)  # fails now, naming its own file, rather than after loading models
+    return config.model_copy(update={"train_config": train_config})

