@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import pct, run_loraplex, run_peft, write_random_adapters  # noqa: E402
+from serve.llama import LORA_MODULES, PARENT_OF, ModelShape  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(
@@ -104,13 +105,11 @@ def write_random_base(folder: Path, shape: dict, device, dtype) -> Path:
     if (folder / "complete").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2).save_pretrained(
-        folder
-    )
+    config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config.save_pretrained(folder)
     write_tokenizer(folder, min(shape["vocab_size"], 1000))
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = h // shape["num_attention_heads"]
-    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    model_shape = ModelShape.from_config(config)
+    h = shape["hidden_size"]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*size):
@@ -131,18 +130,12 @@ def write_random_base(folder: Path, shape: dict, device, dtype) -> Path:
             "model.norm.weight": ones,
         },
     )
-    dims = {
-        "self_attn.q_proj": (q, h),
-        "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, q),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
     for layer in range(shape["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        tensors = {f"{p}.{m}.weight": rand(*size) for m, size in dims.items()}
+        tensors = {
+            f"{p}.{PARENT_OF[m]}.{m}.weight": rand(*reversed(model_shape.lora_dims(m)))
+            for m in LORA_MODULES
+        }
         tensors[f"{p}.input_layernorm.weight"] = ones.clone()
         tensors[f"{p}.post_attention_layernorm.weight"] = ones.clone()
         save(f"layer-{layer:03d}.safetensors", tensors)
@@ -262,14 +255,13 @@ def section_matmul(cfg, args, results) -> None:
     """bitsandbytes NF4 against a bf16 matmul for one layer's projections, per batch size."""
     import torch
     import torch.nn.functional as F
+    from transformers import LlamaConfig
 
     from serve.linear import Linear4bit
 
     shape = SHAPES[cfg["shape"]]
-    h, i = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = h // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
-    dims = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in)
+    model_shape = ModelShape.from_config(LlamaConfig(**shape))
+    dims = [tuple(reversed(model_shape.lora_dims(m))) for m in LORA_MODULES]  # (out, in)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     weights = [torch.randn(o, n, device=args.device, dtype=dtype) * 0.02 for o, n in dims]
     packed = [Linear4bit(w, None, "nf4", True, dtype) for w in weights]

@@ -22,6 +22,14 @@ from serve.kernels import dot_precision
 
 
 @triton.jit
+def _tile(segment_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its first token, its segment's end and the segment's slot."""
+    segment = segment_ptr + tl.program_id(0) * 3
+    m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
+    return m0, tl.load(segment + 1), tl.load(segment + 2).to(tl.int64)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,  # [tokens, in]
     a_ptr,  # [slots, R, in]
@@ -39,12 +47,9 @@ def _shrink_kernel(
     SPLIT_K: tl.constexpr,  # programs sharing one tile's reduction over `in`
     PRECISION: tl.constexpr,
 ):
-    segment = segment_ptr + tl.program_id(0) * 3
-    end = tl.load(segment + 1)
-    m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
+    m0, end, slot = _tile(segment_ptr, BLOCK_M)
     if m0 >= end:
         return
-    slot = tl.load(segment + 2).to(tl.int64)
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
     r = tl.arange(0, BLOCK_R)
@@ -82,12 +87,9 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    segment = segment_ptr + tl.program_id(0) * 3
-    end = tl.load(segment + 1)
-    m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
+    m0, end, slot = _tile(segment_ptr, BLOCK_M)
     if m0 >= end:
         return
-    slot = tl.load(segment + 2).to(tl.int64)
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
     r = tl.arange(0, BLOCK_R)
