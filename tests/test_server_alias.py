@@ -1,0 +1,79 @@
+"""Registry references on the real SmolLM2: `adapter@alias` follows `promote` without a
+restart, a request in flight finishes on the version it started with, and /v1/models lists
+registered adapters that are not loaded yet."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from serve import LLM
+from tests.helpers import make_lora, register_folder, running_server
+from tests.test_server_ops import paused
+
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+ANSWER = dict(max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.mark.slow
+def test_a_promoted_alias_reaches_new_requests_and_one_in_flight_keeps_its_version(
+    smollm2, registry, tmp_path
+):
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    for seed in (1, 2):
+        folder = make_lora(
+            smollm2, tmp_path / f"v{seed}", rank=4, targets=["q_proj", "v_proj"], seed=seed
+        )
+        register_folder(registry, folder, "faq")
+    registry.promote("faq", 1)
+    llm = LLM(
+        base_model=str(smollm2.path),
+        quantization=None,
+        num_kv_blocks=64,
+        max_num_seqs=4,
+        tracking_uri=registry.tracking_uri,
+    )
+    engine = AsyncLLM(llm.engine)
+    config = ServeConfig(alias_poll_interval_s=0.2, audit={"path": tmp_path / "audit.jsonl"})
+    with running_server(create_app(engine, "smollm2", config)) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+        def answer(model: str) -> str:
+            reply = client.chat.completions.create(model=model, messages=QUESTION, **ANSWER)
+            return reply.choices[0].message.content
+
+        def listed() -> dict[str, dict]:
+            return {m["id"]: m for m in httpx.get(f"{url}/models").json()["data"]}
+
+        models = listed()
+        assert models["faq"]["loaded"] is False and models["faq@champion"]["loaded"] is False
+        v1, v2 = answer("faq/1"), answer("faq/2")
+        assert v1 != v2  # the two versions answer differently
+        assert answer("faq@champion") == v1
+        assert listed()["faq@champion"]["version"] == 1
+
+        stream = client.chat.completions.create(
+            model="faq@champion", messages=QUESTION, stream=True, **ANSWER
+        )
+        chunks = iter(stream)
+        text = next(chunks).choices[0].delta.content
+        with paused(engine):  # the swap lands between two steps of the streaming request
+            assert len(engine.engine.requests) == 1  # still generating
+            registry.promote("faq", 2)
+            deadline = time.monotonic() + 60
+            while engine._inbox.qsize() == 0:  # the new version is read, waiting to install
+                assert time.monotonic() < deadline, "the alias move was not followed"
+                time.sleep(0.05)
+        text += "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == v1
+        assert answer("faq@champion") == v2
+        assert listed()["faq@champion"]["version"] == 2
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        assert 'loraplex_adapter_loads_total{reason="alias_moved"} 1.0' in metrics
+    engine.shutdown()
