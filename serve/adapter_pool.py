@@ -130,6 +130,10 @@ class AdapterPool:
             self.B[m] = torch.zeros(L, max_loras, max_rank, fan_out, dtype=dtype, device=device)
         # Host-side per (module, layer, slot): the slot's rank there (0: not targeted).
         self.ranks = {m: [[0] * max_loras for _ in range(L)] for m in LORA_MODULES}
+        # The same on the device, [layers, slots] int32 per module, for the Triton kernel
+        self.rank_table = {
+            m: torch.zeros(L, max_loras, dtype=torch.int32, device=device) for m in LORA_MODULES
+        }
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
         self.paths: dict[str, Path] = {}
         self.host_evictions = 0
@@ -165,6 +169,9 @@ class AdapterPool:
             self.A[m][layer, slot, :r].copy_(a)
             self.B[m][layer, slot, :r].copy_(b.T * scale)
             self.ranks[m][layer][slot] = r
+        for m in LORA_MODULES:
+            column = [ranks[slot] for ranks in self.ranks[m]]
+            self.rank_table[m][:, slot] = torch.tensor(column, dtype=torch.int32)
 
     def apply(
         self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoraBatch
@@ -173,7 +180,8 @@ class AdapterPool:
         if batch.segment_table is not None:  # built for the Triton kernel (CUDA)
             from serve.kernels.lora_sgmv import lora_sgmv
 
-            lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len)
+            ranks = self.rank_table[module][layer]
+            lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, ranks)
         elif batch.chunk_tokens is not None:
             lora_gathered(y, x, A, B, batch)
         else:

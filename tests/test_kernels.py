@@ -134,7 +134,9 @@ def test_lora_sgmv_kernel_equals_the_per_token_reference(
     untouched = fused[:, :5].clone()
 
     batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
-    lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, split_k=split_k)
+    table, longest = batch.segment_table, batch.max_segment_len
+    rank_of = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    lora_sgmv(y, x, A, B, table, longest, rank_of, split_k=split_k)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(fused[:, :5], untouched)
     base = (slot_of_token == -1).to(DEVICE)
@@ -155,6 +157,26 @@ def test_lora_sgmv_kernel_in_half_precision_stays_close_to_fp32():
         y_half, x.to(HALF), A.to(HALF), B.to(HALF), batch.segment_table, batch.max_segment_len
     )
     torch.testing.assert_close(y_half.float(), expected, rtol=3e-2, atol=5e-2)
+
+
+def test_lora_sgmv_kernel_reads_each_slot_only_up_to_its_rank():
+    gen = torch.Generator().manual_seed(11)
+    ranks = [2, 0, 5]
+    A, B = _adapters(gen, ranks, 8, 33, 21, torch.float32)
+    # Rows beyond a slot's rank hold stale values (say, of a larger adapter evicted before).
+    stale_A, stale_B = A.clone(), B.clone()
+    for s, r in enumerate(ranks):
+        stale_A[s, r:] = 7.0
+        stale_B[s, r:] = -3.0
+    seq_slots, seq_tokens = [1, 0, 2, 1], [3, 2, 4, 1]
+    slot_of_token = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_tokens))
+    x = torch.randn(len(slot_of_token), 33, generator=gen).to(DEVICE)
+    y = torch.randn(len(slot_of_token), 21, generator=gen).to(DEVICE)
+    expected = lora_reference(y, x, A, B, slot_of_token.to(DEVICE))
+    batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
+    rank_of = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    lora_sgmv(y, x, stale_A, stale_B, batch.segment_table, batch.max_segment_len, rank_of)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_batch_without_adapters_launches_nothing(monkeypatch):

@@ -3,8 +3,9 @@
     y[i] += (x[i] @ A[s]ᵀ) @ B[s]    for s = slot of the segment holding token i
 
 as `serve.lora_ops.lora_reference` defines it: A: [slots, R, in], B: [slots, R, out] = scale ·
-lora_Bᵀ, zero beyond each adapter's rank, so mixed ranks need no masking and a slot whose
-adapter skips this module adds zeros. Tokens of base-only sequences are in no segment.
+lora_Bᵀ, zero beyond each adapter's rank. Each slot's rank for the module bounds what is read
+(mixed ranks in one launch cost their own rank, not R); a slot whose adapter skips the module
+(rank 0) costs one exiting program. Tokens of base-only sequences are in no segment.
 
 Two kernels, as in Punica: shrink (x @ Aᵀ into an fp32 [tokens, R] buffer) and expand
 (y += buffer @ B). Each program takes BLOCK_M tokens of one segment, so every program
@@ -22,11 +23,13 @@ from serve.kernels import dot_precision
 
 
 @triton.jit
-def _tile(segment_ptr, BLOCK_M: tl.constexpr):
-    """This program's tile: its first token, its segment's end and the segment's slot."""
+def _tile(segment_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its first token, its segment's end, the segment's slot and that
+    slot's rank."""
     segment = segment_ptr + tl.program_id(0) * 3
     m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
-    return m0, tl.load(segment + 1), tl.load(segment + 2).to(tl.int64)
+    slot = tl.load(segment + 2)
+    return m0, tl.load(segment + 1), slot.to(tl.int64), tl.load(ranks_ptr + slot)
 
 
 @triton.jit
@@ -35,8 +38,8 @@ def _shrink_kernel(
     a_ptr,  # [slots, R, in]
     out_ptr,  # [tokens, R] fp32, zeroed when SPLIT_K > 1
     segment_ptr,  # [segments, 3] int32: start, end, slot
+    ranks_ptr,  # [slots] int32: each slot's rank for this module, 0 if not targeted
     in_features,
-    rank,
     stride_xt,
     stride_as,
     stride_ar,
@@ -47,8 +50,8 @@ def _shrink_kernel(
     SPLIT_K: tl.constexpr,  # programs sharing one tile's reduction over `in`
     PRECISION: tl.constexpr,
 ):
-    m0, end, slot = _tile(segment_ptr, BLOCK_M)
-    if m0 >= end:
+    m0, end, slot, rank = _tile(segment_ptr, ranks_ptr, BLOCK_M)
+    if (m0 >= end) | (rank == 0):
         return
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
@@ -76,8 +79,8 @@ def _expand_kernel(
     b_ptr,  # [slots, R, out]
     y_ptr,  # [tokens, out], rows may be strided (a split of a fused projection)
     segment_ptr,
+    ranks_ptr,
     out_features,
-    rank,
     stride_st,
     stride_bs,
     stride_br,
@@ -87,8 +90,8 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    m0, end, slot = _tile(segment_ptr, BLOCK_M)
-    if m0 >= end:
+    m0, end, slot, rank = _tile(segment_ptr, ranks_ptr, BLOCK_M)
+    if (m0 >= end) | (rank == 0):
         return
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
@@ -120,6 +123,7 @@ def lora_sgmv(
     B: torch.Tensor,
     segments: torch.Tensor,
     max_segment_len: int,
+    ranks: torch.Tensor | None = None,
     *,
     split_k: int | None = None,
 ) -> None:
@@ -127,7 +131,8 @@ def lora_sgmv(
 
     y: [tokens, out] (last dim contiguous); x: [tokens, in]; A: [slots, R, in]; B: [slots, R,
     out]; segments: [segments, 3] int32 rows (start, end, slot) on y's device;
-    max_segment_len: the longest segment's tokens, for the grid.
+    max_segment_len: the longest segment's tokens, for the grid; ranks: [slots] int32 rank of
+    each slot for this module (None: R for every slot).
     """
     num_segments = segments.shape[0]
     if num_segments == 0 or max_segment_len == 0:
@@ -138,6 +143,8 @@ def lora_sgmv(
     A = A if A.stride(-1) == 1 else A.contiguous()
     B = B if B.stride(-1) == 1 else B.contiguous()
     rank, in_features, out_features = A.shape[1], A.shape[2], B.shape[2]
+    if ranks is None:
+        ranks = torch.full((A.shape[0],), rank, dtype=torch.int32, device=A.device)
     block_m = 16 if max_segment_len <= 16 else 32
     block_r = max(16, triton.next_power_of_2(rank))
     tiles = triton.cdiv(max_segment_len, block_m)
@@ -153,8 +160,8 @@ def lora_sgmv(
         A,
         shrunk,
         segments,
+        ranks,
         in_features,
-        rank,
         x.stride(0),
         A.stride(0),
         A.stride(1),
@@ -171,8 +178,8 @@ def lora_sgmv(
         B,
         y,
         segments,
+        ranks,
         out_features,
-        rank,
         shrunk.stride(0),
         B.stride(0),
         B.stride(1),
