@@ -8,6 +8,9 @@ Random weights of the real shapes (speed depends on shapes, not values; nothing 
 downloaded on the GPU machine), written once to --workdir and reused by later runs. Prompts
 are random token ids with chat-like lengths; outputs are forced with ignore_eos. Sections:
 
+- kernels: each Triton kernel against the reference op it replaces, alone, on the model's
+           shapes (decode and prefill attention, LoRA over distinct adapters), with the
+           bandwidth it reaches: where to tune before looking at whole steps;
 - matmul:  bitsandbytes' NF4 linear against bf16 for one layer's seven projections, and what
            that costs a step (decides whether a fused NF4 kernel is worth writing);
 - serve:   tokens/s, TTFT and ITL of loraplex over all requests with 100 adapters, and the same
@@ -28,10 +31,12 @@ import argparse
 import gc
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +67,7 @@ SHAPES = {
         max_position_embeddings=1024,
     ),
 }
-SECTIONS = ("matmul", "serve", "peft", "decode", "load")
+SECTIONS = ("kernels", "matmul", "serve", "peft", "decode", "load")
 # Per mode: requests, adapters, rank, prompt and output (median, max) tokens, max running
 # sequences, peft requests, decode (batch, context), KV pool GiB, matmul batch sizes.
 MODES = {
@@ -249,6 +254,78 @@ def stop(engine, ids) -> None:
         engine.abort(request_id)
     while engine.has_unfinished:
         engine.step()
+
+
+def section_kernels(cfg, args, results) -> None:
+    import torch
+    from transformers import LlamaConfig
+
+    from serve.attention import build_attention_metadata, paged_attention
+    from serve.kernels.lora_sgmv import lora_sgmv
+    from serve.kernels.paged_attention import paged_attention_triton
+    from serve.lora_ops import LoraBatch, lora_gathered
+
+    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, context = cfg["decode"]
+    chunk = args.max_batched_tokens
+    rows = {}
+
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    # attention: `batch` decodes after `context` tokens each; one prefill chunk after as many
+    for label, seqs, computed, new in (
+        ("decode", batch, context, 1),
+        ("prefill", 1, chunk, chunk),
+    ):
+        block = 16
+        per_seq = -(-(computed + new) // block)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
+        k_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
+        v_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
+        q = randn(seqs * new, s.num_heads, s.head_dim)
+        k, v = (randn(seqs * new, s.num_kv_heads, s.head_dim) for _ in range(2))
+        args_ = (tables, [computed] * seqs, [new] * seqs, block, device)
+        reference = build_attention_metadata(*args_)
+        compact = build_attention_metadata(*args_, padded_groups=False)
+        scale = s.head_dim**-0.5
+        tensors = (q, k, v, k_cache, v_cache)
+        t_ref = _median_time(partial(paged_attention, *tensors, reference, scale), device)
+        t_kernel = _median_time(partial(paged_attention_triton, *tensors, compact, scale), device)
+        kv_bytes = k_cache.nbytes + v_cache.nbytes
+        rows[f"attention_{label}"] = _kernel_row(
+            f"attention {label} ({seqs} x {new} new after {computed})", t_ref, t_kernel, kv_bytes
+        )
+
+    # LoRA: `batch` decode tokens, each of its own adapter (slot), at full rank
+    rank = cfg["rank"]
+    ranks = torch.full((batch,), rank, dtype=torch.int32, device=device)
+    gathered = LoraBatch.build(list(range(batch)), [1] * batch, device)
+    segments = LoraBatch.build(list(range(batch)), [1] * batch, device, kernel=True)
+    table = (segments.segment_table, segments.max_segment_len)
+    for module in ("q_proj", "gate_proj", "down_proj"):
+        fan_in, fan_out = s.lora_dims(module)
+        A, B = randn(batch, rank, fan_in), randn(batch, rank, fan_out)
+        x, y = randn(batch, fan_in), randn(batch, fan_out)
+        t_ref = _median_time(partial(lora_gathered, y, x, A, B, gathered), device)
+        t_kernel = _median_time(partial(lora_sgmv, y, x, A, B, *table, ranks), device)
+        rows[f"lora_{module}"] = _kernel_row(
+            f"lora {module} ({batch} tokens, {batch} adapters)",
+            t_ref,
+            t_kernel,
+            A.nbytes + B.nbytes,
+        )
+    results["kernels"] = rows
+
+
+def _kernel_row(label: str, t_ref: float, t_kernel: float, nbytes: int) -> dict:
+    print(
+        f"kernels    {label}: reference {t_ref * 1e3:.3f} ms, triton {t_kernel * 1e3:.3f} ms "
+        f"({t_ref / t_kernel:.2f}x); triton reads {nbytes / t_kernel / 1e9:.0f} GB/s"
+    )
+    return {"reference_ms": t_ref * 1e3, "triton_ms": t_kernel * 1e3, "bytes": nbytes}
 
 
 def section_matmul(cfg, args, results) -> None:
@@ -479,6 +556,9 @@ def main() -> None:
     cfg["vocab"] = shape["vocab_size"]
     args.device = "cpu" if args.tiny else "cuda"
     if args.tiny:
+        # The kernels run on CPU only through Triton's interpreter, chosen when they are
+        # defined: set before anything imports them (timings then mean nothing).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         args.workdir = args.workdir.with_name(args.workdir.name + "-tiny")
         args.max_batched_tokens = 64
         args.decode_steps = 4
@@ -506,9 +586,11 @@ def main() -> None:
         f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
         f"{cfg['adapters']} adapters of rank {cfg['rank']}: {time.perf_counter() - t0:.0f} s"
     )
-    results: dict = {"mode": mode, "kernels": args.kernels, "quantization": args.quantization}
+    results: dict = {"mode": mode, "kernel_mode": args.kernels, "quantization": args.quantization}
     if args.device == "cuda":
         results["device"] = torch.cuda.get_device_name()
+    if "kernels" in sections:
+        section_kernels(cfg, args, results)
     if "matmul" in sections:
         section_matmul(cfg, args, results)
     peft_later = None
