@@ -2,7 +2,9 @@
 
 `paged_attention` is the plain-torch reference a GPU kernel replaces: its semantics are
     out[t] = softmax(q[t] · K[seq(t), :pos(t)+1]ᵀ · scale) · V[seq(t), :pos(t)+1]
-with K, V of a sequence gathered from the cache slots its block table names.
+with K, V of a sequence gathered from the cache slots its block table names. On CUDA the
+Triton kernel `serve.kernels.paged_attention` replaces it, reading the metadata's compact
+tables instead of the padded groups.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Two implementations with one meaning, chosen per step (`LoraBatch.build`):
   padding costs at most as many rows as there are tokens; launches no longer grow with the
   number of adapters, which is what decode steps over many adapters need.
 Neither loops over sequences. `lora_reference` (a per-token gather) is what tests compare
-them with; GPU kernels replace both behind the same arguments.
+them with. On CUDA the Triton kernel `serve.kernels.lora_sgmv` replaces both; it reads the
+segment table that `LoraBatch.build(..., kernel=True)` makes.
 """
 
 from __future__ import annotations
@@ -86,15 +87,12 @@ class LoraBatch:
             return None
         if kernel:
             table = torch.tensor(segments, dtype=torch.int32, device=device)
-            return cls(segments, segment_table=table, max_segment_len=_longest(segments))
+            longest = max(end - start for start, end, _ in segments)
+            return cls(segments, segment_table=table, max_segment_len=longest)
         if len(segments) <= 2:
             return cls(segments)
         tokens, chunk_slots, rows, dest = (t.to(device) for t in chunk_rows(segments))
         return cls(segments, tokens, chunk_slots, rows, dest)
-
-
-def _longest(segments: list[tuple[int, int, int]]) -> int:
-    return max(end - start for start, end, _ in segments)
 
 
 def lora_segments(
