@@ -292,11 +292,14 @@ def section_kernels(cfg, args, results) -> None:
         compact = build_attention_metadata(*args_, padded_groups=False)
         scale = s.head_dim**-0.5
         tensors = (q, k, v, k_cache, v_cache)
-        t_ref = _median_time(partial(paged_attention, *tensors, reference, scale), device)
-        t_kernel = _median_time(partial(paged_attention_triton, *tensors, compact, scale), device)
-        kv_bytes = k_cache.nbytes + v_cache.nbytes
+        ref = partial(paged_attention, *tensors, reference, scale)
+        kernel = partial(paged_attention_triton, *tensors, compact, scale)
         rows[f"attention_{label}"] = _kernel_row(
-            f"attention {label} ({seqs} x {new} new after {computed})", t_ref, t_kernel, kv_bytes
+            f"attention {label} ({seqs} x {new} new after {computed})",
+            _relative_error(kernel(), ref()),
+            _median_time(ref, device),
+            _median_time(kernel, device),
+            k_cache.nbytes + v_cache.nbytes,
         )
 
     # LoRA: `batch` decode tokens, each of its own adapter (slot), at full rank
@@ -307,25 +310,38 @@ def section_kernels(cfg, args, results) -> None:
     table = (segments.segment_table, segments.max_segment_len)
     for module in ("q_proj", "gate_proj", "down_proj"):
         fan_in, fan_out = s.lora_dims(module)
-        A, B = randn(batch, rank, fan_in), randn(batch, rank, fan_out)
+        A, B = randn(batch, rank, fan_in) * 0.05, randn(batch, rank, fan_out) * 0.05
         x, y = randn(batch, fan_in), randn(batch, fan_out)
-        t_ref = _median_time(partial(lora_gathered, y, x, A, B, gathered), device)
-        t_kernel = _median_time(partial(lora_sgmv, y, x, A, B, *table, ranks), device)
+        y_ref, y_kernel = y.clone(), y.clone()
+        lora_gathered(y_ref, x, A, B, gathered)
+        lora_sgmv(y_kernel, x, A, B, *table, ranks)
         rows[f"lora_{module}"] = _kernel_row(
             f"lora {module} ({batch} tokens, {batch} adapters)",
-            t_ref,
-            t_kernel,
+            _relative_error(y_kernel, y_ref),
+            _median_time(partial(lora_gathered, y, x, A, B, gathered), device),
+            _median_time(partial(lora_sgmv, y, x, A, B, *table, ranks), device),
             A.nbytes + B.nbytes,
         )
     results["kernels"] = rows
 
 
-def _kernel_row(label: str, t_ref: float, t_kernel: float, nbytes: int) -> dict:
+def _relative_error(out, expected) -> float:
+    """max |out - expected| / max |expected|: the kernel must agree before its time counts."""
+    return float((out.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+def _kernel_row(label: str, error: float, t_ref: float, t_kernel: float, nbytes: int) -> dict:
     print(
         f"kernels    {label}: reference {t_ref * 1e3:.3f} ms, triton {t_kernel * 1e3:.3f} ms "
-        f"({t_ref / t_kernel:.2f}x); triton reads {nbytes / t_kernel / 1e9:.0f} GB/s"
+        f"({t_ref / t_kernel:.2f}x); triton reads {nbytes / t_kernel / 1e9:.0f} GB/s; "
+        f"relative error {error:.1e}"
     )
-    return {"reference_ms": t_ref * 1e3, "triton_ms": t_kernel * 1e3, "bytes": nbytes}
+    return {
+        "reference_ms": t_ref * 1e3,
+        "triton_ms": t_kernel * 1e3,
+        "bytes": nbytes,
+        "relative_error": error,
+    }
 
 
 def section_matmul(cfg, args, results) -> None:
