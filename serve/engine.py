@@ -22,6 +22,7 @@ from registry.resolve import resolve_adapter
 from serve.adapter_pool import AdapterPool, LoraWeights, read_peft_lora
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
+from serve.guided import GuidedDecoding
 from serve.kernels import use_triton
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
@@ -104,7 +105,8 @@ class LLMEngine:
         self.pool = AdapterPool(
             shape, config.max_loras, config.max_lora_rank, config.max_cpu_loras, dtype, self.device
         )
-        self.sampler = Sampler(self.device, config.seed)
+        self.guided = GuidedDecoding(self.tokenizer, shape.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed, self.guided)
         self.runner = ModelRunner(
             self.model, self.num_blocks, config.block_size, self.pool, self.sampler
         )
@@ -204,6 +206,8 @@ class LLMEngine:
             )
         if any(not 0 <= t < self.model.shape.vocab_size for t in prompt_ids):
             raise UsageError("prompt holds token ids outside the vocabulary")
+        if params.response_format is not None:  # last check: it holds state for the request
+            self.guided.start(request_id, params.response_format)
         seq = Sequence(
             request_id,
             prompt_ids,
@@ -243,6 +247,8 @@ class LLMEngine:
             state = self.requests.get(seq.request_id)
             if state is None:
                 continue
+            if result.sampled[i] is not None and self.guided.finished(seq):
+                self.scheduler.finish(seq, Status.FINISHED_STOPPED)  # the JSON is complete
             state.update(result.logprobs[i], result.prompt_logprobs[i])
             if state.stopped_by_string:
                 self.scheduler.finish(seq, Status.FINISHED_STOPPED)

@@ -6,9 +6,25 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve.response_format import ResponseFormat
 from serve.sampling_params import SamplingParams
+
+
+class JsonSchemaSpec(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # the JSON schema the output must match
+    strict: bool | None = None  # always enforced, as strict: true
+
+
+class ResponseFormatSpec(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def parsed(self) -> ResponseFormat | None:
+        return ResponseFormat.parse(self.model_dump(by_alias=True))
 
 
 class _Request(BaseModel):
@@ -29,6 +45,14 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
+    response_format: ResponseFormatSpec | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _enforceable(cls, value: ResponseFormatSpec | None):
+        if value is not None:
+            value.parsed()  # a schema llguidance cannot enforce is a 400 naming the field
+        return value
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -44,6 +68,7 @@ class _Request(BaseModel):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            response_format=self.response_format.parsed() if self.response_format else None,
         )
 
     @property

@@ -1,8 +1,10 @@
 """From the logits of each sequence's last token to its next token, batched over the step.
 
-Penalties, then greedy rows by argmax; the others by temperature, top-k, top-p and a draw from
-the request's own generator when it set a seed. Log-probabilities are those of the model's
-distribution (before penalties and temperature), as OpenAI reports them.
+Rows with a `response_format` first lose the tokens their grammar forbids (greedy and sampled
+rows both obey it); then penalties, then greedy rows by argmax; the others by temperature, top-k,
+top-p and a draw from the request's own generator when it set a seed. Log-probabilities are those
+of the model's distribution (before the grammar, penalties and temperature), as OpenAI reports
+them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serve.guided import GuidedDecoding
 from serve.sequence import Sequence
 
 
@@ -56,18 +59,23 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 class Sampler:
-    def __init__(self, device, seed: int = 0):
+    def __init__(self, device, seed: int = 0, guided: GuidedDecoding | None = None):
         self.device = device
+        self.guided = guided  # grammar state of requests with a response_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._seeded: dict[str, torch.Generator] = {}  # request id -> its own generator
 
     def forget(self, request_id: str) -> None:
         self._seeded.pop(request_id, None)
+        if self.guided is not None:
+            self.guided.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
         """logits: [rows, vocab] fp32. Returns (token per row, TokenLogprobs or None per row)."""
         wanted = [s.params.logprobs for s in seqs]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in wanted) else None
+        if self.guided is not None and any(s.params.response_format is not None for s in seqs):
+            logits = self.guided.mask(logits, seqs)
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serve.response_format import ResponseFormat
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -11,7 +13,8 @@ class SamplingParams:
 
     temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. Penalties follow
     OpenAI (frequency, presence: subtracted from logits of generated tokens) and CTRL
-    (repetition: divides positive logits of prompt and generated tokens).
+    (repetition: divides positive logits of prompt and generated tokens). `response_format`
+    constrains the output to JSON (OpenAI's shape, e.g. `{"type": "json_object"}`).
     """
 
     max_tokens: int = 16
@@ -28,6 +31,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n alternatives per generated token (0: only the chosen)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    response_format: ResponseFormat | None = None  # None: free text
 
     def __post_init__(self):
         # Lists are accepted for convenience; stored as tuples so params stay hashable.
@@ -35,6 +39,8 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _tuple(self.stop_token_ids, int, "stop_token_ids")
         )
+        # OpenAI's dict is accepted; stored as a frozen ResponseFormat (or None for "text").
+        object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
         _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)

@@ -1,0 +1,116 @@
+"""Grammar-constrained decoding: which tokens keep each guided request's output inside its schema.
+
+llguidance compiles a schema once per engine (cached by schema text) and, each step, fills a
+bitmask of the tokens allowed next for every guided row of the batch; rows without a
+`response_format` are never touched. A request's grammar state follows its output tokens: it
+catches up with `seq.output_token_ids` before each use, so a preempted sequence that is
+recomputed (keeping its tokens) resumes exactly where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from functools import cached_property, lru_cache
+
+import numpy as np
+import torch
+
+from serve.response_format import FIELD, ResponseFormat, grammar
+from serve.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class _Matcher:
+    """One request's grammar state and how many of its output tokens it has consumed."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher  # llguidance.LLMatcher
+        self.consumed = 0
+
+    def catch_up(self, seq: Sequence) -> None:
+        new = seq.output_token_ids[self.consumed :]
+        if new:
+            # Tokens were drawn under this grammar's mask, so they always fit; a failure leaves
+            # the matcher stopped, which ends the request instead of the engine.
+            if not self.matcher.consume_tokens(new):
+                log.warning("%s: grammar refused a token: %s", seq.request_id, self.error)
+            self.consumed += len(new)
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error()
+
+
+class GuidedDecoding:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
+        self.hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size  # logits width
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._matchers: dict[str, _Matcher] = {}  # request id -> its grammar state
+        self._template = lru_cache(maxsize=64)(self._new_template)  # schema -> fresh matcher
+
+    @cached_property
+    def tokenizer(self):
+        """llguidance's view of the vocabulary (≈0.4 s): built on the first guided request."""
+        import llguidance.hf
+
+        n_vocab = max(self.vocab_size, len(self.hf_tokenizer))
+        return llguidance.hf.from_tokenizer(
+            self.hf_tokenizer, n_vocab=n_vocab, eos_token=self.eos_token_ids
+        )
+
+    def start(self, request_id: str, fmt: ResponseFormat) -> None:
+        """Give a request the grammar of `fmt`; ValueError naming the field when it cannot be."""
+        self._matchers[request_id] = _Matcher(self._template(fmt.json_schema).deep_copy())
+
+    def forget(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def finished(self, seq: Sequence) -> bool:
+        """The grammar is complete (or broken): nothing but EOS may follow, so the request ends."""
+        state = self._matchers.get(seq.request_id)
+        if state is None:
+            return False
+        state.catch_up(seq)
+        return state.matcher.is_stopped()
+
+    def mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits[i, t] = -inf where row i is guided and its grammar forbids token t next.
+
+        logits: [rows, vocab], one row per sequence (out of place). Unguided rows are copied.
+        """
+        from llguidance.numpy import fill_next_token_bitmask
+
+        rows = [i for i, s in enumerate(seqs) if s.request_id in self._matchers]
+        if not rows:
+            return logits
+        words = (self.tokenizer.vocab_size + 31) // 32
+        bitmask = np.empty((len(rows), words), dtype=np.int32)  # bit t%32 of word t//32: t ok
+        for j, i in enumerate(rows):
+            state = self._matchers[seqs[i].request_id]
+            state.catch_up(seqs[i])
+            fill_next_token_bitmask(state.matcher, bitmask, j)
+        allowed = unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)
+        index = torch.tensor(rows, device=logits.device)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def _new_template(self, json_schema: str):
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar(json_schema), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"{FIELD} cannot be enforced: {matcher.get_error()}")
+        return matcher
+
+
+def unpack_bitmask(bitmask: np.ndarray, vocab: int) -> torch.Tensor:
+    """allowed[r, t] = bit (t mod 32) of bitmask[r, t // 32]. bitmask: [rows, words] int32;
+    returns [rows, vocab] bool on the CPU (tokens past the bitmask's end are not allowed)."""
+    # Little-endian words: byte k of a row holds tokens 8k .. 8k+7, lowest bit first.
+    little = bitmask.astype("<i4", copy=False).view(np.uint8)
+    bits = np.unpackbits(little, axis=1, count=vocab, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)  # [rows, vocab]
