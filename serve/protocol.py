@@ -40,10 +40,10 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # beyond, logits overflow
     ignore_eos: bool = False
     response_format: ResponseFormatSpec | None = None
 
@@ -58,7 +58,8 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
+            # As vLLM: below 1e-5 is greedy (dividing logits by it overflows to inf).
+            temperature=0.0 if self.temperature < 1e-5 else self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             frequency_penalty=self.frequency_penalty,

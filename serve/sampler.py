@@ -53,8 +53,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
     drop = rank >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Keep a token while the mass before it is below top_p: the first token always stays.
-    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    # Keep a token while the mass before it is below top_p; the first token always stays,
+    # even for a top_p that rounds to 0 in float32.
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (rank > 0)
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 

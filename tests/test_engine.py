@@ -126,6 +126,12 @@ def test_top_k_and_top_p_keep_the_expected_tokens():
     torch.testing.assert_close(kept[0, :2], logits[0, :2])
 
 
+def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    kept = filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1e-300]))
+    assert torch.isfinite(kept).tolist() == [[False, True, False]]
+
+
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm):
     with pytest.raises(NotFoundError, match=r"adapter 'nope' is not loaded"):
         llm.generate([PROMPTS[0]], adapters=["nope"])
