@@ -76,27 +76,27 @@ class GuidedDecoding:
         state.catch_up(seq)
         return state.matcher.is_stopped()
 
-    def mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def mask_(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """logits[i, t] = -inf where row i is guided and its grammar forbids token t next.
 
-        logits: [rows, vocab], one row per sequence (out of place). Unguided rows are copied.
+        logits: [rows, vocab], one row per sequence, changed in place; unguided rows are not
+        read or written.
         """
         from llguidance.numpy import fill_next_token_bitmask
 
         rows = [i for i, s in enumerate(seqs) if s.request_id in self._matchers]
         if not rows:
-            return logits
+            return
         words = (self.tokenizer.vocab_size + 31) // 32
         bitmask = np.empty((len(rows), words), dtype=np.int32)  # bit t%32 of word t//32: t ok
         for j, i in enumerate(rows):
             state = self._matchers[seqs[i].request_id]
             state.catch_up(seqs[i])
             fill_next_token_bitmask(state.matcher, bitmask, j)
-        allowed = unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)
-        index = torch.tensor(rows, device=logits.device)
-        logits = logits.clone()
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-        return logits
+        forbidden = ~unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)  # [guided, vocab]
+        # Row by row in place: a gather and scatter of the guided rows would cost two more passes.
+        for j, i in enumerate(rows):
+            logits[i].masked_fill_(forbidden[j], float("-inf"))
 
     def _new_template(self, json_schema: str):
         import llguidance

@@ -72,11 +72,12 @@ class Sampler:
             self.guided.forget(request_id)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
-        """logits: [rows, vocab] fp32. Returns (token per row, TokenLogprobs or None per row)."""
+        """logits: [rows, vocab] fp32, the runner's own: guided rows are masked in place.
+        Returns (token per row, TokenLogprobs or None per row)."""
         wanted = [s.params.logprobs for s in seqs]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in wanted) else None
         if self.guided is not None and any(s.params.response_format is not None for s in seqs):
-            logits = self.guided.mask(logits, seqs)
+            self.guided.mask_(logits, seqs)
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
