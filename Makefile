@@ -1,6 +1,7 @@
 # make install: .venv with the CPU torch build and everything else under constraints.txt.
 # make demo:    the main job on the embedded defaults: train and register the demo adapters,
-#               then answer one question with each through the serving engine.
+#               then start `loraplex serve`, ask each one question with the openai client
+#               and stop the server.
 # make test:    lint and the whole test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,8 +32,9 @@ demo: install
 	$(BIN)/loraplex train configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml
 	$(BIN)/loraplex train configs/train/country-facts_smollm2-135m_qlora_cpu.yaml
 	$(BIN)/loraplex registry list
-	$(BIN)/loraplex generate "Do I need a building permit for a garden shed?" --adapter construction-faq
-	$(BIN)/loraplex generate "What is the capital of Norway?" --adapter country-facts
+	$(BIN)/python -m serve.demo_client configs/serve/smollm2-135m_nf4_cpu.yaml \
+		"construction-faq=Do I need a building permit for a garden shed?" \
+		"country-facts=What is the capital of Norway?"
 
 lint: install
 	$(BIN)/ruff check .
