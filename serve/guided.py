@@ -44,6 +44,8 @@ class _Matcher:
 
 
 class GuidedDecoding:
+    """The engine's grammars: compiled per schema, one state per guided request."""
+
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
         self.hf_tokenizer = tokenizer
         self.vocab_size = vocab_size  # logits width
