@@ -274,6 +274,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "requests_aborted": self.num_aborted,
             "adapter_slot_loads": self.slots.loads,
+            "adapter_slot_hits": self.slots.hits,
             "adapter_slot_evictions": self.slots.evictions,
             "adapter_host_evictions": self.pool.host_evictions,
         }

@@ -274,6 +274,7 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     assert value("loraplex_num_requests_running") == 0
     assert value("loraplex_num_requests_waiting") == 0
     assert value("loraplex_adapter_slot_loads_total") == 1
+    assert value("loraplex_adapter_slot_hits_total") == 1  # the second faq request
     assert value("loraplex_prefix_cache_query_blocks_total") > 0
     prompts = [line["prompt"] for line in _audit(tmp_path) if line["status"] == 200][:1]
     assert prompts == [QUESTION]
