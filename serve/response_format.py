@@ -32,7 +32,8 @@ class ResponseFormat:
     def parse(cls, value) -> ResponseFormat | None:
         """From OpenAI's shape: `{"type": "text"}` (None: no constraint), `{"type":
         "json_object"}`, or `{"type": "json_schema", "json_schema": {"name": ..., "schema":
-        {...}, "strict": ...}}`. The schema is always enforced, as OpenAI's `strict: true`."""
+        {...}, "strict": ...}}`, or `{"type": "json_object", "schema": {...}}`. The schema is
+        always enforced, as OpenAI's `strict: true`."""
         if value is None or isinstance(value, ResponseFormat):
             return value
         if not isinstance(value, dict):
@@ -42,13 +43,18 @@ class ResponseFormat:
         kind = value.get("type")
         if kind == "text":
             return None
-        if kind == "json_object":
+        if kind == "json_object" and value.get("schema") is None:
             return cls()
-        if kind != "json_schema":
+        if kind == "json_object":
+            # The schema beside the type: what instructor's JSON_SCHEMA mode (RAGAS judges),
+            # Together and Fireworks send.
+            spec = {"schema": value["schema"]}
+        elif kind == "json_schema":
+            spec = value.get("json_schema")
+        else:
             raise ValueError(
                 f"{FIELD}.type must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
             )
-        spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise ValueError(

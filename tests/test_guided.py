@@ -142,6 +142,13 @@ def test_text_format_means_no_constraint_and_params_stay_hashable():
     assert a == b and hash(a) == hash(b)
 
 
+def test_a_schema_beside_json_object_is_enforced_like_json_schema():
+    # instructor's JSON_SCHEMA mode (RAGAS' judges), Together and Fireworks send this shape.
+    beside = SamplingParams(response_format={"type": "json_object", "schema": PERSON})
+    assert beside.response_format == SamplingParams(response_format=PERSON_FORMAT).response_format
+    assert beside.response_format != SamplingParams(response_format=JSON_OBJECT).response_format
+
+
 @pytest.mark.parametrize(
     ("bits", "allowed"),
     [
