@@ -56,6 +56,9 @@ async def _authenticated(request: Request) -> RequestRecord:
 Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 
 
+_DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is there
+
+
 def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     tokenizer = engine.engine.tokenizer
@@ -148,11 +151,20 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             record.finish_reason = "timeout"
             raise _timed_out(config.request_timeout_s) from None
 
-    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async def last(request: Request, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        """The final output. A client that hangs up first aborts the request (the stream's
+        end frees its KV blocks), as a streaming client does by closing the stream."""
+        final = asyncio.ensure_future(_last(stream))
         try:
-            return await _last(stream)
+            while not (await asyncio.wait({final}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    request.scope[SCOPE_KEY].finish_reason = "abort"
+                    raise Refusal(499, "client closed the request", "client_closed_request")
+            return final.result()
         except TimeoutError:
             raise _timed_out(config.request_timeout_s) from None
+        finally:
+            final.cancel()
 
     @app.get("/health")
     async def health():
@@ -194,7 +206,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         return {"object": "list", "data": visible}
 
     @app.post("/v1/chat/completions")
-    async def chat(record: Authenticated, body: ChatCompletionRequest):
+    async def chat(request: Request, record: Authenticated, body: ChatCompletionRequest):
         keys.admit(record.caller, body.model)
         messages = [m.model_dump() for m in body.messages]
         record.prompt = messages
@@ -206,7 +218,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         rid = new_id("chatcmpl")
         if body.stream:
             return _sse(_chat_chunks(stream, rid, body), config.request_timeout_s)
-        final = await last(stream)
+        final = await last(request, stream)
         return {
             "id": rid,
             "object": "chat.completion",
@@ -223,14 +235,14 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         }
 
     @app.post("/v1/completions")
-    async def completions(record: Authenticated, body: CompletionRequest):
+    async def completions(request: Request, record: Authenticated, body: CompletionRequest):
         keys.admit(record.caller, body.model)
         record.prompt = body.prompt
         stream = await start(record, body, body.prompt)
         rid = new_id("cmpl")
         if body.stream:
             return _sse(_completion_chunks(stream, rid, body), config.request_timeout_s)
-        final = await last(stream)
+        final = await last(request, stream)
         return {
             "id": rid,
             "object": "text_completion",

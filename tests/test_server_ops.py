@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import socket
 import threading
 import time
 
@@ -220,6 +221,38 @@ def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
     key = (("endpoint", "/v1/chat/completions"), ("model", "faq"), ("status", "504"))
     assert samples[("loraplex_requests_total", key)] == 1
     assert [line["finish_reason"] for line in _audit(tmp_path)] == ["timeout", "timeout"]
+
+
+def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        aborted = engine.stats()["requests_aborted"]
+        body = {"model": "faq", "messages": QUESTION, "max_tokens": 400, "ignore_eos": True}
+        payload = json.dumps(body).encode()
+        host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+        with contextlib.ExitStack() as hold:
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+                deadline = time.monotonic() + 20
+                while engine.stats()["running"] == 0:
+                    assert time.monotonic() < deadline, "the request did not start"
+                    time.sleep(0.01)
+                hold.enter_context(paused(engine))  # it cannot finish now; the client hangs up
+            deadline = time.monotonic() + 20
+            while not _audit(tmp_path):  # its line is written when the handler ends
+                assert time.monotonic() < deadline, "the server did not notice the hang-up"
+                time.sleep(0.05)
+        _wait_until_idle(engine)
+        assert engine.stats()["requests_aborted"] == aborted + 1
+    [line] = _audit(tmp_path)
+    assert (line["status"], line["finish_reason"]) == (499, "abort")
+    assert 0 < line["completion_tokens"] < 400
 
 
 def test_metrics_count_requests_tokens_latencies_and_engine_state(
