@@ -22,6 +22,8 @@ class JsonSchemaSpec(BaseModel):
 class ResponseFormatSpec(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+    # json_object's schema beside the type (instructor's JSON_SCHEMA mode, Together, Fireworks)
+    schema_: dict | None = Field(None, alias="schema")
 
     def parsed(self) -> ResponseFormat | None:
         return ResponseFormat.parse(self.model_dump(by_alias=True))

@@ -149,6 +149,17 @@ def test_a_schema_beside_json_object_is_enforced_like_json_schema():
     assert beside.response_format != SamplingParams(response_format=JSON_OBJECT).response_format
 
 
+def test_server_requests_keep_a_schema_beside_json_object():
+    from serve.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": ASK_PERSON}
+    beside = {**JSON_OBJECT, "schema": PERSON}
+    for fmt, expected in ((JSON_OBJECT, JSON_OBJECT), (beside, PERSON_FORMAT)):
+        request = ChatCompletionRequest.model_validate({**body, "response_format": fmt})
+        params = request.sampling_params(16, None)
+        assert params == SamplingParams(max_tokens=16, response_format=expected)
+
+
 @pytest.mark.parametrize(
     ("bits", "allowed"),
     [
