@@ -212,3 +212,21 @@ def running_server(app, timeout: float = 30):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def paused(engine):
+    """Hold an AsyncLLM's engine thread between two steps: its commands (add, abort, install
+    an adapter) queue up behind the hold and run, in order, when it ends."""
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        gate.wait(60)
+
+    engine._submit(hold)
+    assert holding.wait(10), "the engine thread did not take the hold"
+    try:
+        yield
+    finally:
+        gate.set()

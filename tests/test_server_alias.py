@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from serve import LLM
-from tests.helpers import make_lora, register_folder, running_server
-from tests.test_server_ops import paused
+from tests.helpers import make_lora, paused, register_folder, running_server
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 ANSWER = dict(max_tokens=24, temperature=0, extra_body={"ignore_eos": True})

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve import LLM
-from tests.helpers import make_lora, running_server
+from tests.helpers import make_lora, paused, running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 OPS_KEY = "sk-ops-not-a-real-secret"
@@ -60,23 +59,6 @@ def serving(tiny_base, faq_folder, registry_uri, tmp_path, max_waiting=None, **s
             yield url, engine
     finally:
         engine.shutdown()
-
-
-@contextlib.contextmanager
-def paused(engine):
-    """Hold the engine thread between two steps (a test hook: commands queue up behind it)."""
-    gate, holding = threading.Event(), threading.Event()
-
-    def hold():
-        holding.set()
-        gate.wait(60)
-
-    engine._submit(hold)
-    assert holding.wait(10)
-    try:
-        yield
-    finally:
-        gate.set()
 
 
 def _audit(tmp_path) -> list[dict]:
