@@ -45,9 +45,14 @@ class AdapterWatch:
         if pending is None:
             pending = asyncio.ensure_future(self.load(ref, ref, "first_use"))
             self._loading[ref] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(ref, None))
+            pending.add_done_callback(lambda done: self._loaded(ref, done))
         # Shielded: a caller that times out must not cancel the load others wait for.
         return await asyncio.shield(pending)
+
+    def _loaded(self, ref: str, done: asyncio.Future) -> None:
+        self._loading.pop(ref, None)
+        if not done.cancelled():
+            done.exception()  # its waiters have it; marked retrieved even if all gave up
 
     async def follow_moves(self) -> list[str]:
         """Reload the adapters whose alias (or latest version) moved; their names."""

@@ -142,8 +142,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             async with asyncio.timeout_at(deadline):
                 adapter = await adapter_for(body.model)
                 record.model = body.model
-                if adapter is not None:
-                    record.adapter_uid = adapters.loaded[adapter].uid
+                info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
+                record.adapter_uid = info.uid if info else None
                 outputs = engine.generate(prompt, params, adapter, record.request_id)
                 observed = _observed(outputs, record, metrics.itl.labels(body.model))
                 return _until(await _started(observed), deadline, record)
