@@ -1,6 +1,6 @@
 """Registry references on the real SmolLM2: `adapter@alias` follows `promote` without a
-restart, a request in flight finishes on the version it started with, and /v1/models lists
-registered adapters that are not loaded yet."""
+restart (and a bare name its latest version), a request in flight finishes on the version it
+started with, and /v1/models lists registered adapters that are not loaded yet."""
 
 from __future__ import annotations
 
@@ -73,6 +73,14 @@ def test_a_promoted_alias_reaches_new_requests_and_one_in_flight_keeps_its_versi
         assert text == v1
         assert answer("faq@champion") == v2
         assert listed()["faq@champion"]["version"] == 2
+        # A bare name is the latest version, and follows new registrations the same way.
+        assert answer("faq") == v2
+        register_folder(registry, tmp_path / "v1", "faq")  # version 3: v1's weights again
+        deadline = time.monotonic() + 60
+        while listed()["faq"]["version"] != 3:
+            assert time.monotonic() < deadline, "the new latest version was not followed"
+            time.sleep(0.1)
+        assert answer("faq") == v1
         metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
-        assert 'loraplex_adapter_loads_total{reason="alias_moved"} 1.0' in metrics
+        assert 'loraplex_adapter_loads_total{reason="alias_moved"} 2.0' in metrics
     engine.shutdown()
