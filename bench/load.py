@@ -172,7 +172,8 @@ def main() -> None:
 
     result = {
         "clients": args.clients,
-        "duration_s": round(wall, 1),
+        "new_requests_for_s": args.duration,
+        "wall_s_with_drain": round(wall, 1),  # the rates below are over this
         "models": len(models),
         "completed": tally.completed,
         "requests_per_s": round(tally.completed / wall, 2),
