@@ -31,7 +31,19 @@ class Samples:
 
     @property
     def statistic(self) -> float:
-        return float(_statistic(self.values[None], self.weights[None], self.exponent)[0])
+        """Over the samples that could be scored (an LLM judge may give NaN); NaN if none."""
+        ok = self.scored
+        if not ok.any():
+            return float("nan")
+        return float(self.on(np.flatnonzero(ok)[None])[0])
+
+    def on(self, index: np.ndarray) -> np.ndarray:
+        """The statistic of each row of sample indices [rows, n] -> [rows]."""
+        return _statistic(self.values[index], self.weights[index], self.exponent)
+
+    @property
+    def scored(self) -> np.ndarray:
+        return ~np.isnan(self.values)  # [n] bool
 
 
 @dataclass(frozen=True)
@@ -59,18 +71,24 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
 
-def compare(candidate: Samples, other: Samples, higher_is_better: bool, boot: BootstrapConfig):
-    """The candidate's gain over `other`, with a `boot.confidence` paired bootstrap interval."""
-    n = len(candidate.values)
+def compare(
+    candidate: Samples, other: Samples, higher_is_better: bool, boot: BootstrapConfig
+) -> Comparison | None:
+    """The candidate's gain over `other` on the samples both have scores for, with a
+    `boot.confidence` paired bootstrap interval; None when no sample has both."""
+    both = np.flatnonzero(candidate.scored & other.scored)  # pairs need both scores
+    if len(both) == 0:
+        return None
     rng = np.random.default_rng(boot.seed)
-    index = rng.integers(0, n, size=(boot.resamples, n))  # [resamples, n], shared by both models
-    ours = _statistic(candidate.values[index], candidate.weights[index], candidate.exponent)
-    theirs = _statistic(other.values[index], other.weights[index], other.exponent)
+    # [resamples, n] sample indices, shared by both models
+    index = both[rng.integers(0, len(both), size=(boot.resamples, len(both)))]
+    ours, theirs = candidate.on(index), other.on(index)
     gains = ours - theirs if higher_is_better else theirs - ours
     tail = (1 - boot.confidence) / 2
     low, high = np.quantile(gains, [tail, 1 - tail])
     sign = 1 if higher_is_better else -1
-    return Comparison(sign * (candidate.statistic - other.statistic), float(low), float(high))
+    point = candidate.on(both[None])[0] - other.on(both[None])[0]
+    return Comparison(float(sign * point), float(low), float(high))
 
 
 def judge(
@@ -94,6 +112,8 @@ def judge(
         compare(candidate, base, higher, boot) if base is not None else None,
     )
     value = verdict.candidate
+    if np.isnan(value):
+        verdict.reasons.append("no sample could be scored")
     if rule.floor is not None and value < rule.floor:
         verdict.reasons.append(f"{value:.4g} is below the floor {rule.floor:g}")
     if rule.ceiling is not None and value > rule.ceiling:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,13 +76,22 @@ class GateReport:
         """report.json and report.md in `folder`; the markdown also goes to the GitHub summary."""
         folder.mkdir(parents=True, exist_ok=True)
         files = [folder / "report.json", folder / "report.md"]
-        files[0].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        files[0].write_text(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
         files[1].write_text(self.to_markdown())
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a") as f:
                 f.write(self.to_markdown() + "\n")
         return files
+
+
+def _finite(value):
+    """NaN (a metric no sample could be scored on) as null: strict JSON readers refuse NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _num(value: float | None) -> str:

@@ -74,12 +74,21 @@ class Scorer:
 
     @cached_property
     def _judge_llm(self):
+        """The judge as RAGAS' instructor LLM, asking for JSON that follows each output schema.
+
+        RAGAS' own factory uses instructor's JSON mode (`json_object` plus the schema in the
+        prompt), which only a large judge follows; JSON_SCHEMA mode sends the schema as
+        `response_format`, so a constrained server (ours, vLLM, OpenAI) always returns parseable
+        output whatever the judge's size.
+        """
+        import instructor
         from openai import AsyncOpenAI
-        from ragas.llms import llm_factory
+        from ragas.llms.base import InstructorLLM
 
         key = os.environ.get(self.judge.api_key_env, "") if self.judge.api_key_env else ""
         client = AsyncOpenAI(base_url=self.judge.base_url, api_key=key or "unused")
-        return llm_factory(self.judge.model, provider="openai", client=client)
+        patched = instructor.from_openai(client, mode=instructor.Mode.JSON_SCHEMA)
+        return InstructorLLM(client=patched, model=self.judge.model, provider="openai")
 
 
 def _context_recall(sample: EvalSample) -> float:

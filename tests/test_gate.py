@@ -79,6 +79,16 @@ def test_a_regression_within_noise_does_not_fail():
     assert verdict.vs_baseline.high > 0 and verdict.passed
 
 
+def test_unscored_samples_are_left_out_of_pairs_and_an_unscorable_metric_fails():
+    nan = float("nan")
+    candidate = Samples.scores([0.9, nan, 0.5, 0.7])
+    baseline = Samples.scores([0.8, 0.1, nan, 0.6])
+    assert candidate.statistic == pytest.approx(0.7)  # its own three scores
+    assert compare(candidate, baseline, True, BOOT).gain == pytest.approx(0.1)  # pairs 0 and 3
+    verdict = judge("faithfulness", MetricRule(), Samples.scores([nan, nan]), None, None, BOOT)
+    assert not verdict.passed and verdict.reasons == ["no sample could be scored"]
+
+
 def _write_gate(tmp_path, body: str):
     path = tmp_path / "gate.yaml"
     path.write_text(f"adapter: country-facts\ntrain_config: {TRAIN_CONFIG}\n{body}")
@@ -204,7 +214,9 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
     run = registry.client.get_run(champion.run_id)
     assert run.data.metrics["gate_perplexity"] == pytest.approx(ppl["candidate"])
 
-    bad = _degrade(registry.fetch(parse_ref("country-facts/1")), tmp_path / "bad", 6.0)
+    # B scaled by -5: the learned update reversed and amplified (a larger positive factor can
+    # even help an adapter trained only 8 steps).
+    bad = _degrade(registry.fetch(parse_ref("country-facts/1")), tmp_path / "bad", -5.0)
     assert register_folder(registry, bad, "country-facts") == 2
     result = _gate(gate, "--candidate", "country-facts/2", "--promote",
                    "--output", str(tmp_path / "v2"), "--tracking-uri", tracking_uri)  # fmt: skip
@@ -216,3 +228,32 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
     assert "FAIL" in result.output
     assert registry.get(parse_ref("country-facts@champion")).version == 1  # not promoted
     assert registry.get(parse_ref("country-facts/2")).tags["gate_result"] == "fail"
+
+
+@pytest.mark.slow
+def test_llm_judged_metrics_run_against_our_own_server_as_the_judge(smollm2):
+    """RAGAS' judges ask for JSON under a schema; our server constrains decoding to it, so even
+    a 135M judge answers parseably (whether it judges well is another matter)."""
+    from eval.eval_set import EvalSample
+    from eval.gate_config import JudgeConfig
+    from eval.scores import Scorer
+    from serve import LLM
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+    from tests.helpers import running_server
+
+    llm = LLM(base_model=str(smollm2.path), quantization=None)
+    engine = AsyncLLM(llm.engine)
+    passage = "Norway is a country in Northern Europe. Its capital is Oslo."
+    sample = EvalSample([], "What is the capital of Norway?", "Oslo.", [passage], [passage])
+    try:
+        app = create_app(engine, "judge", ServeConfig(default_max_tokens=128))
+        with running_server(app) as url:
+            scorer = Scorer(JudgeConfig(base_url=url, model="judge"))
+            [relevancy] = scorer.score("answer_relevancy", [sample], ["Oslo is the capital."])
+            [faithful] = scorer.score("faithfulness", [sample], ["Oslo is the capital."])
+    finally:
+        engine.shutdown()
+    assert 0.0 <= relevancy <= 1.0
+    assert np.isnan(faithful) or 0.0 <= faithful <= 1.0  # NaN: the judge found no statement
