@@ -19,3 +19,14 @@ class Refusal(Exception):
         self.kind = kind
         self.code = code
         self.headers = headers or {}
+
+
+def timed_out(seconds: float) -> Refusal:
+    """504 past `request_timeout_s`; `x-should-retry: false` stops openai clients re-running it."""
+    return Refusal(
+        504,
+        f"request timed out after {seconds:g} s and was aborted",
+        "timeout",
+        "request_timeout",
+        {"x-should-retry": "false"},
+    )

@@ -14,7 +14,6 @@ never passed off as a finished one.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,13 +21,13 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from registry.errors import NotFoundError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
-from serve.async_engine import AsyncLLM, EngineStepError, QueueFull
+from serve.async_engine import AsyncLLM, QueueFull
 from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
 from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.outputs import RequestOutput
@@ -36,13 +35,22 @@ from serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
     CompletionRequest,
-    Usage,
     error_body,
     new_id,
     now,
 )
-from serve.refusal import Refusal
+from serve.refusal import Refusal, timed_out
 from serve.serve_config import ServeConfig
+from serve.streaming import (
+    chat_chunks,
+    completion_chunks,
+    last_output,
+    observed,
+    sse,
+    started,
+    until,
+    usage,
+)
 
 
 async def _authenticated(request: Request) -> RequestRecord:
@@ -145,16 +153,16 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
                 record.adapter_uid = info.uid if info else None
                 outputs = engine.generate(prompt, params, adapter, record.request_id)
-                observed = _observed(outputs, record, metrics.itl.labels(body.model))
-                return _until(await _started(observed), deadline, record)
+                watched = observed(outputs, record, metrics.itl.labels(body.model))
+                return until(await started(watched), deadline, record)
         except TimeoutError:
             record.finish_reason = "timeout"
-            raise _timed_out(config.request_timeout_s) from None
+            raise timed_out(config.request_timeout_s) from None
 
     async def last(request: Request, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
         """The final output. A client that hangs up first aborts the request (the stream's
         end frees its KV blocks), as a streaming client does by closing the stream."""
-        final = asyncio.ensure_future(_last(stream))
+        final = asyncio.ensure_future(last_output(stream))
         try:
             while not (await asyncio.wait({final}, timeout=_DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():
@@ -162,7 +170,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                     raise Refusal(499, "client closed the request", "client_closed_request")
             return final.result()
         except TimeoutError:
-            raise _timed_out(config.request_timeout_s) from None
+            raise timed_out(config.request_timeout_s) from None
         finally:
             final.cancel()
 
@@ -217,7 +225,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         stream = await start(record, body, prompt)
         rid = new_id("chatcmpl")
         if body.stream:
-            return _sse(_chat_chunks(stream, rid, body), config.request_timeout_s)
+            return sse(chat_chunks(stream, rid, body), config.request_timeout_s)
         final = await last(request, stream)
         return {
             "id": rid,
@@ -231,7 +239,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                     "message": {"role": "assistant", "content": final.text},
                 }
             ],
-            "usage": _usage(final).model_dump(),
+            "usage": usage(final).model_dump(),
         }
 
     @app.post("/v1/completions")
@@ -241,7 +249,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         stream = await start(record, body, body.prompt)
         rid = new_id("cmpl")
         if body.stream:
-            return _sse(_completion_chunks(stream, rid, body), config.request_timeout_s)
+            return sse(completion_chunks(stream, rid, body), config.request_timeout_s)
         final = await last(request, stream)
         return {
             "id": rid,
@@ -256,7 +264,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                     "logprobs": None,
                 }
             ],
-            "usage": _usage(final).model_dump(),
+            "usage": usage(final).model_dump(),
         }
 
     app.state.keys = keys
@@ -286,118 +294,3 @@ def _adapter_entry(info, base_name: str) -> dict:
         "rank": info.rank,
         "modules": info.modules,
     }
-
-
-def _timed_out(seconds: float) -> Refusal:
-    return Refusal(
-        504,
-        f"request timed out after {seconds:g} s and was aborted",
-        "timeout",
-        "request_timeout",
-        {"x-should-retry": "false"},
-    )
-
-
-async def _observed(stream, record: RequestRecord, itl) -> AsyncIterator[RequestOutput]:
-    """The outputs, with their tokens and timings noted on the record as they pass."""
-    last_token_at = None
-    async for out in stream:
-        record.prompt_tokens = len(out.prompt_token_ids)
-        record.completion_tokens = len(out.token_ids)
-        record.finish_reason = out.finish_reason
-        if out.delta_token_ids:
-            at = time.monotonic()
-            if record.first_token_at is None:
-                record.first_token_at = at
-            else:
-                itl.observe(at - last_token_at)
-            last_token_at = at
-        yield out
-
-
-async def _until(stream, deadline: float, record: RequestRecord) -> AsyncIterator[RequestOutput]:
-    """The outputs until the deadline (loop time); then TimeoutError, the request aborted."""
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                out = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            record.finish_reason = "timeout"
-            raise
-        yield out
-
-
-async def _started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """Wait for the first output, so a refused request fails before any response is sent."""
-    first = await anext(stream)
-
-    async def chained():
-        yield first
-        if not first.finished:
-            async for out in stream:
-                yield out
-
-    return chained()
-
-
-async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for final in stream:  # noqa: B007 - only the last output matters
-        pass
-    return final
-
-
-def _usage(output: RequestOutput) -> Usage:
-    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
-
-
-def _sse(events: AsyncIterator[dict], timeout_s: float) -> StreamingResponse:
-    """Server-sent events; a stream cut by its deadline or a failed step ends with an error
-    event (OpenAI's shape, which its client raises) before `[DONE]`."""
-
-    async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except TimeoutError:
-            error = _timed_out(timeout_s)
-            yield f"data: {json.dumps(error_body(str(error), error.kind, None, error.code))}\n\n"
-        except EngineStepError as error:
-            yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def _chunks(stream, base: dict, include_usage: bool, choice) -> AsyncIterator[dict]:
-    """One chunk per output that adds text or finishes, then the usage when asked."""
-    final = None
-    async for out in stream:
-        final = out
-        if out.delta_text or out.finished:
-            fields = {"index": 0, **choice(out), "finish_reason": out.finish_reason}
-            yield {**base, "choices": [fields]}
-    if include_usage and final is not None:
-        yield {**base, "choices": [], "usage": _usage(final).model_dump()}
-
-
-async def _chat_chunks(stream, rid: str, body: ChatCompletionRequest):
-    base = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": body.model}
-    role = {"role": "assistant", "content": ""}
-    yield {**base, "choices": [{"index": 0, "delta": role, "finish_reason": None}]}
-    async for chunk in _chunks(
-        stream, base, body.include_usage, lambda out: {"delta": {"content": out.delta_text}}
-    ):
-        yield chunk
-
-
-def _completion_chunks(stream, rid: str, body: CompletionRequest):
-    base = {"id": rid, "object": "text_completion", "created": now(), "model": body.model}
-    return _chunks(
-        stream, base, body.include_usage, lambda out: {"text": out.delta_text, "logprobs": None}
-    )
