@@ -1,7 +1,7 @@
 # make install: .venv with the CPU torch build and everything else under constraints.txt.
 # make demo:    the main job on the embedded defaults: train and register the demo adapters,
-#               then start `loraplex serve`, ask each one question with the openai client
-#               and stop the server.
+#               gate them (each becomes champion if it passes), then start `loraplex serve`,
+#               ask each one question with the openai client and stop the server.
 # make test:    lint and the whole test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/loraplex train configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml
 	$(BIN)/loraplex train configs/train/country-facts_smollm2-135m_qlora_cpu.yaml
+	$(BIN)/loraplex gate configs/gates/construction-faq.yaml --candidate construction-faq --promote
+	$(BIN)/loraplex gate configs/gates/country-facts.yaml --candidate country-facts --promote
 	$(BIN)/loraplex registry list
 	$(BIN)/python -m serve.demo_client configs/serve/smollm2-135m_nf4_cpu.yaml \
 		"construction-faq=Do I need a building permit for a garden shed?" \
