@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eval.gate_config import load_gate_config
 from registry.errors import ConfigError
 from serve.serve_config import load_serve_config, serve_settings
 from tests.helpers import PROJECT, run_cli
 from train.config import load_config
 
-LOADERS = {"train": load_config, "serve": load_serve_config}
+LOADERS = {"train": load_config, "serve": load_serve_config, "gates": load_gate_config}
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,8 @@ def test_every_shipped_config_validates(path):
     config = loader(path)
     if path.parent.name == "train":
         assert config.data.path.is_file()
+    if path.parent.name == "gates":  # one gate per adapter, named after it
+        assert config.adapter == path.stem
 
 
 GOOD = {
