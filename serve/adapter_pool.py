@@ -18,7 +18,11 @@ import torch
 
 from registry.errors import AdapterError
 from serve.llama import LORA_MODULES, ModelShape
-from serve.lora_ops import LoraBatch, lora_gathered, lora_segments
+from serve.lora_ops import LoraBatch, lora_gathered, lora_gathered_shared, lora_segments
+
+# Modules that read the same input: their A live stacked along the rank, so that one shrink
+# matmul serves them all (`lora_gathered_shared`); each module's A is a view of its rows.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -123,9 +127,22 @@ class AdapterPool:
         self.dtype = dtype
         L = shape.num_layers
         self.A, self.B = {}, {}
+        # modules -> [layers, slots, modules · max_rank, in] A of modules sharing their input
+        self.A_shared = {}
+        for group in SHARED_INPUT:
+            fan_in = shape.lora_dims(group[0])[0]
+            stacked = torch.zeros(
+                L, max_loras, len(group) * max_rank, fan_in, dtype=dtype, device=device
+            )
+            self.A_shared[group] = stacked
+            for j, m in enumerate(group):
+                self.A[m] = stacked[:, :, j * max_rank : (j + 1) * max_rank]
         for m in LORA_MODULES:
             fan_in, fan_out = shape.lora_dims(m)
-            self.A[m] = torch.zeros(L, max_loras, max_rank, fan_in, dtype=dtype, device=device)
+            if m not in self.A:
+                self.A[m] = torch.zeros(
+                    L, max_loras, max_rank, fan_in, dtype=dtype, device=device
+                )
             # scale · lora_Bᵀ: the expand matrix, laid out so that slots flatten without a copy
             self.B[m] = torch.zeros(L, max_loras, max_rank, fan_out, dtype=dtype, device=device)
         # Host-side per (module, layer, slot): the slot's rank there (0: not targeted).
@@ -172,6 +189,22 @@ class AdapterPool:
         for m in LORA_MODULES:
             column = [ranks[slot] for ranks in self.ranks[m]]
             self.rank_table[m][:, slot] = torch.tensor(column, dtype=torch.int32)
+
+    def apply_modules(
+        self,
+        ys: list[torch.Tensor],
+        x: torch.Tensor,
+        layer: int,
+        modules: tuple[str, ...],
+        batch: LoraBatch,
+    ) -> None:
+        """`apply` for each of `modules`, all reading x; one shared shrink when they can."""
+        if modules in self.A_shared and batch.chunk_tokens is not None:
+            B = [self.B[m][layer] for m in modules]
+            lora_gathered_shared(ys, x, self.A_shared[modules][layer], B, batch)
+            return
+        for y, m in zip(ys, modules, strict=True):
+            self.apply(y, x, layer, m, batch)
 
     def apply(
         self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str, batch: LoraBatch

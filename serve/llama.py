@@ -217,18 +217,19 @@ class LlamaModel:
         """
         s = self.shape
         n = input_ids.shape[0]
-        x = self.embed[input_ids]  # [n, hidden]
+        # index_select rather than advanced indexing: whole-row copies, faster on CPU
+        x = self.embed.index_select(0, input_ids)  # [n, hidden]
         positions = ctx.attention.positions
-        cos = self.cos[positions].unsqueeze(1)  # [n, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [n, 1, head_dim]
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
             q, k, v = self._proj(layer, i, ("q_proj", "k_proj", "v_proj"), h, lora, ctx)
-            q = q.reshape(n, s.num_heads, s.head_dim)
-            k = k.reshape(n, s.num_kv_heads, s.head_dim)
+            # RoPE on q and k heads together: one set of elementwise ops instead of two
+            qk = torch.cat((q, k), dim=-1).view(n, s.num_heads + s.num_kv_heads, s.head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
             v = v.reshape(n, s.num_kv_heads, s.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             attn = self.attention(
                 q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
             )
@@ -251,6 +252,5 @@ class LlamaModel:
             y = layer.linears[group](x)
             outs += list(y.split(layer.widths[group], dim=-1)) if len(group) > 1 else [y]
         if lora is not None and ctx.lora is not None:
-            for m, y in zip(modules, outs, strict=True):
-                lora.apply(y, x, i, m, ctx.lora)
+            lora.apply_modules(outs, x, i, modules, ctx.lora)
         return outs

@@ -8,10 +8,15 @@ A: [slots, max_rank, in] is PEFT's lora_A; B: [slots, max_rank, out] is scale ·
 Two implementations with one meaning, chosen per step (`LoraBatch.build`):
 - segments (SGMV): the scheduler orders the batch by slot, so each adapter's tokens are one
   contiguous run; two matmuls per run at the adapter's own rank. Used for one or two runs.
-- gathered (BGMV): runs are cut into chunks of equal width, padded, and computed as two
-  batched matmuls for all adapters at once, each chunk with its own slot's A and B. The
-  padding costs at most as many rows as there are tokens; launches no longer grow with the
-  number of adapters, which is what decode steps over many adapters need.
+- gathered (BGMV): tokens are laid out as chunks of equal width, padded, and computed as two
+  batched matmuls for all adapters at once, each chunk with its own slot's A and B. Launches
+  no longer grow with the number of adapters, which is what decode steps over many adapters
+  need. When one chunk per slot (each slot's tokens, padded to the busiest slot's count) costs
+  at most twice the tokens' rows, chunk c is slot c and the slots' A and B are read in place,
+  not copied per step (`slot_rows`); otherwise runs are cut into chunks of about the mean run
+  length (`chunk_rows`), whose padding costs at most as many rows as there are tokens.
+  Modules that read the same input (q, k, v; gate, up) share one shrink matmul against
+  their A stacked along the rank (`lora_gathered_shared`).
 Neither loops over sequences. `lora_reference` (a per-token gather) is what tests compare
 them with. On CUDA the Triton kernel `serve.kernels.lora_sgmv` replaces both; it reads the
 segment table that `LoraBatch.build(..., kernel=True)` makes.
@@ -62,6 +67,33 @@ def chunk_rows(segments: list[tuple[int, int, int]]):
     return tokens, torch.tensor([slot for _, _, slot in chunks]), rows, tokens.flatten()[rows]
 
 
+def slot_rows(segments: list[tuple[int, int, int]]):
+    """One chunk per slot 0..max slot: chunk s holds slot s's tokens, padded to the busiest
+    slot's count; None when that padding would be more than the tokens themselves.
+
+    Returns (tokens [slots, width]: the token of each row, padding repeats the slot's last
+    token or, for a slot with no tokens, the first token of the batch; rows [real rows]: flat
+    row index of each real row; dest [real rows]: the token it belongs to). Pure, so it is
+    tested on tables.
+    """
+    of_slot: dict[int, list[int]] = {}
+    for start, end, slot in segments:
+        of_slot.setdefault(slot, []).extend(range(start, end))
+    total = sum(len(t) for t in of_slot.values())
+    slots, width = max(of_slot) + 1, max(len(t) for t in of_slot.values())
+    if slots * width > 2 * total:
+        return None
+    first = segments[0][0]
+    tokens, rows = [], []
+    for s in range(slots):
+        own = of_slot.get(s, [])
+        rows += range(s * width, s * width + len(own))
+        tokens.append(own + [own[-1] if own else first] * (width - len(own)))
+    tokens = torch.tensor(tokens)
+    rows = torch.tensor(rows, dtype=torch.long)
+    return tokens, rows, tokens.flatten()[rows]
+
+
 @dataclass
 class LoraBatch:
     """How this step applies LoRA: its segments, and the gathered chunks when there are
@@ -69,7 +101,8 @@ class LoraBatch:
 
     segments: list[tuple[int, int, int]]  # (start, end, slot)
     chunk_tokens: torch.Tensor | None = None  # [chunks, width] token of each row
-    chunk_slots: torch.Tensor | None = None  # [chunks] adapter slot of each chunk
+    # [chunks] adapter slot of each chunk; None with chunk_tokens: chunk c is slot c
+    chunk_slots: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # [real rows] flat index of the rows that are not padding
     dest: torch.Tensor | None = None  # [real rows] the token each real row adds to
     # For the kernel (serve.kernels.lora_sgmv): [segments, 3] int32 (start, end, slot) rows
@@ -91,6 +124,10 @@ class LoraBatch:
             return cls(segments, segment_table=table, max_segment_len=longest)
         if len(segments) <= 2:
             return cls(segments)
+        by_slot = slot_rows(segments)
+        if by_slot is not None:
+            tokens, rows, dest = (t.to(device) for t in by_slot)
+            return cls(segments, tokens, None, rows, dest)
         tokens, chunk_slots, rows, dest = (t.to(device) for t in chunk_rows(segments))
         return cls(segments, tokens, chunk_slots, rows, dest)
 
@@ -114,12 +151,36 @@ def lora_segments(
 def lora_gathered(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoraBatch
 ) -> None:
-    """In place: y[t] += (x[t] @ A[c]ᵀ) @ B[c] for each real row t of each chunk c's slot."""
-    xs = x[batch.chunk_tokens]  # [chunks, width, in]
-    a = A.index_select(0, batch.chunk_slots)  # [chunks, max_rank, in]
-    b = B.index_select(0, batch.chunk_slots)  # [chunks, max_rank, out]
-    out = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [chunks, width, out]
-    y.index_add_(0, batch.dest, out.flatten(0, 1).index_select(0, batch.rows))
+    """In place: y[t] += (x[t] @ A[s]ᵀ) @ B[s] for each real row t of each chunk, s its slot."""
+    lora_gathered_shared([y], x, A, [B], batch)
+
+
+def _of_chunks(W: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    """Each chunk's slot of W [slots, ...]: a view when chunk c is slot c, else a copy."""
+    if batch.chunk_slots is None:
+        return W[: batch.chunk_tokens.shape[0]]
+    return W.index_select(0, batch.chunk_slots)
+
+
+def lora_gathered_shared(
+    ys: list[torch.Tensor],
+    x: torch.Tensor,
+    A: torch.Tensor,
+    Bs: list[torch.Tensor],
+    batch: LoraBatch,
+) -> None:
+    """In place, modules j = 0.. that read the same x, A = their A stacked along the rank
+    ([slots, modules · max_rank, in]): y_j[t] += (x[t] @ A_j[s]ᵀ) @ B_j[s], s the slot of t.
+
+    One shrink matmul for all the modules instead of one each."""
+    rank = Bs[0].shape[1]
+    # [chunks, width, in]; index_select copies whole rows, faster than x[chunk_tokens] on CPU
+    xs = x.index_select(0, batch.chunk_tokens.flatten()).unflatten(0, batch.chunk_tokens.shape)
+    shrunk = torch.bmm(xs, _of_chunks(A, batch).transpose(1, 2))  # [chunks, width, j · rank]
+    for j, (y, B) in enumerate(zip(ys, Bs, strict=True)):
+        part = shrunk[..., j * rank : (j + 1) * rank]
+        out = torch.bmm(part, _of_chunks(B, batch))  # [chunks, width, out]
+        y.index_add_(0, batch.dest, out.flatten(0, 1).index_select(0, batch.rows))
 
 
 def lora_reference(

@@ -88,7 +88,7 @@ class ModelRunner:
         sampled: list[int | None] = [None] * len(seqs)
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if samples:
-            logits = self.model.logits(hidden[ends[samples].to(device)])
+            logits = self.model.logits(hidden.index_select(0, ends[samples].to(device)))
             tokens, chosen = self.sampler(logits, [seqs[i] for i in samples])
             for i, token, lp in zip(samples, tokens, chosen, strict=True):
                 sampled[i], logprobs[i] = token, lp
