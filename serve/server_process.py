@@ -42,15 +42,21 @@ def served(config: Path, log: Path, timeout: float = 600) -> Iterator[tuple[str,
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    if not answers(f"{url}/ready", process, timeout):
+        process.kill()
+        raise RuntimeError(f"loraplex serve did not start:\n{log.read_text()[-3000:]}")
+
+
+def answers(url: str, process: subprocess.Popen, timeout: float) -> bool:
+    """Poll `url` until it answers 200 (True), or until `process` exits or `timeout` s pass."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except OSError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"loraplex serve did not start:\n{log.read_text()[-3000:]}")
+            return False
         time.sleep(0.5)

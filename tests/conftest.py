@@ -7,12 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-import urllib.request
 
 import pytest
 
 from registry.home import Home, setup_environment
+from serve.server_process import answers
 from tests.helpers import BIN, TINY_SHAPE
 
 
@@ -101,20 +100,9 @@ def mlflow_server(tmp_path_factory):
         stderr=log,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(
-                "mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:]
-            )
-        time.sleep(0.5)
+    if not answers(f"{uri}/health", process, timeout=90):
+        process.kill()
+        pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
     yield uri
     process.terminate()
     process.wait(timeout=30)
