@@ -95,10 +95,15 @@ class QualityGate:
             answered = answers(
                 llm, [s.messages for s in samples], self.config.generation.max_tokens, models
             )
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ragas) * len(models), desc="scoring", unit="metric")
             for metric in ragas:
-                measured[metric] = {
-                    m: Samples.scores(scorer.score(metric, samples, answered[m])) for m in models
-                }
+                measured[metric] = {}
+                for m in models:
+                    measured[metric][m] = Samples.scores(scorer.score(metric, samples, answered[m]))
+                    bar.update(1)
+            bar.close()
         verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
         return GateReport(
             adapter=self.config.adapter,
