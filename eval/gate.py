@@ -53,13 +53,44 @@ class QualityGate:
         return report
 
     def measure(self) -> GateReport:
-        from serve import LLM
         from train.data import load_splits
 
-        train = self.train
-        method = train.quantization.method
+        llm, models = self._engine()
+        splits = load_splits(self.train.data)
+        records = select_test_records(splits, self.config.eval_set.max_samples)
+        measured: dict[str, dict[str | None, Samples]] = {}
+        if "perplexity" in self.config.metrics:
+            measured["perplexity"] = self._perplexity(llm, models, records, splits.format)
+        ragas = [m for m in self.config.metrics if m != "perplexity"]
+        samples = []
+        if ragas:
+            scorer = Scorer(self.config.judge)
+            settings = self.config.eval_set
+            samples = build_eval_set(
+                splits, records, settings.context_field, settings.top_k, scorer.embed
+            )
+            measured |= self._ragas(llm, models, samples, scorer, ragas)
+        verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
+        ppl = measured.get("perplexity")
+        return GateReport(
+            adapter=self.config.adapter,
+            candidate=f"{self.candidate.name}/{self.candidate.version}",
+            baseline=self._baseline_label(),
+            base_model=self.train.base_model,
+            samples=len(samples),
+            perplexity_examples=len(ppl[CANDIDATE].values) if ppl else 0,
+            rules=dict(self.config.metrics),
+            verdicts=verdicts,
+        )
+
+    def _engine(self):
+        """The serving engine over the base as trained, with candidate and baseline loaded;
+        and the models to measure (adapter names; None is the base)."""
+        from serve import LLM
+
+        method = self.train.quantization.method
         llm = LLM(
-            base_model=train.base_model,
+            base_model=self.train.base_model,
             quantization=None if method == "none" else method,
             max_loras=self.config.generation.max_loras,
             tracking_uri=self.registry.tracking_uri,
@@ -69,52 +100,27 @@ class QualityGate:
         if self.baseline is not None:
             llm.load_adapter(BASELINE, _ref(self.baseline))
             models.append(BASELINE)
-        models.append(None)
+        return llm, [*models, None]
 
-        splits = load_splits(train.data)
-        records = select_test_records(splits, self.config.eval_set.max_samples)
-        measured: dict[str, dict[str | None, Samples]] = {}
-        ppl_examples = 0
-        if "perplexity" in self.config.metrics:
-            nll = answer_likelihoods(llm, records, splits.format, train.data.max_seq_length, models)
-            ppl_examples = len(nll[CANDIDATE])
-            measured["perplexity"] = {
-                m: Samples(
-                    _array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True
-                )
-                for m, v in nll.items()
-            }
-        ragas = [m for m in self.config.metrics if m != "perplexity"]
-        samples = []
-        if ragas:
-            scorer = Scorer(self.config.judge)
-            settings = self.config.eval_set
-            samples = build_eval_set(
-                splits, records, settings.context_field, settings.top_k, scorer.embed
-            )
-            answered = answers(
-                llm, [s.messages for s in samples], self.config.generation.max_tokens, models
-            )
-            from tqdm import tqdm
+    def _perplexity(self, llm, models, records, fmt: str) -> dict[str | None, Samples]:
+        nll = answer_likelihoods(llm, records, fmt, self.train.data.max_seq_length, models)
+        return {
+            m: Samples(_array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True)
+            for m, v in nll.items()
+        }
 
-            bar = tqdm(total=len(ragas) * len(models), desc="scoring", unit="metric")
-            for metric in ragas:
-                measured[metric] = {}
+    def _ragas(self, llm, models, samples, scorer, metrics) -> dict[str, dict]:
+        from tqdm import tqdm
+
+        conversations = [s.messages for s in samples]
+        answered = answers(llm, conversations, self.config.generation.max_tokens, models)
+        measured: dict[str, dict[str | None, Samples]] = {metric: {} for metric in metrics}
+        with tqdm(total=len(metrics) * len(models), desc="scoring", unit="metric") as bar:
+            for metric in metrics:
                 for m in models:
                     measured[metric][m] = Samples.scores(scorer.score(metric, samples, answered[m]))
                     bar.update(1)
-            bar.close()
-        verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
-        return GateReport(
-            adapter=self.config.adapter,
-            candidate=f"{self.candidate.name}/{self.candidate.version}",
-            baseline=self._baseline_label(),
-            base_model=train.base_model,
-            samples=len(samples),
-            perplexity_examples=ppl_examples,
-            rules=dict(self.config.metrics),
-            verdicts=verdicts,
-        )
+        return measured
 
     def _verdict(self, metric: str, by_model: dict[str | None, Samples]) -> Verdict:
         # With no champion the base is the baseline: compared (and gated) once, as the baseline.
