@@ -1,6 +1,6 @@
 """Serving throughput: loraplex against peft's mixed-adapter `generate` in static batches.
 
-    .venv/bin/python bench/throughput.py [--requests 128] [--adapters 8] [--sweep]
+    .venv/bin/python bench/throughput.py [--requests 128] [--adapters 8] [--sweep] [--threads N]
 
 Same process, same SmolLM2 base (NF4 by default), same prompts (questions from the demo data)
 and the same output lengths, drawn heavy-tailed like chat traffic and forced with ignore_eos.
@@ -187,7 +187,17 @@ def main() -> None:
         action="store_true",
         help="also tokens/s with 1, 8, 32, 128 distinct adapters (8 slots)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the whole process, both sides (default: torch's)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from registry.base_model import resolve_base_model
     from registry.home import setup_environment
