@@ -9,20 +9,9 @@ import openai
 import pytest
 
 from serve import LLM, SamplingParams
-from tests.helpers import make_lora, running_server
+from tests.helpers import make_lora, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
-
-
-def _engine_args(tiny_base, tracking_uri=None):
-    return dict(
-        base_model=str(tiny_base.path),
-        quantization=None,
-        num_kv_blocks=128,
-        block_size=4,
-        max_lora_rank=8,
-        tracking_uri=tracking_uri,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +23,11 @@ def server(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("srv")
     folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
     # An empty registry of its own, so the models it lists are known.
-    llm = LLM(**_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
+    llm = LLM(**tiny_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
     llm.load_adapter("faq", str(folder))
     engine = AsyncLLM(llm.engine)
     config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
-    reference = LLM(**_engine_args(tiny_base))
+    reference = LLM(**tiny_engine_args(tiny_base))
     reference.load_adapter("faq", str(folder))
     with running_server(create_app(engine, "tiny", config)) as url:
         yield url, reference, engine

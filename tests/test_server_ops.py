@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve import LLM
-from tests.helpers import make_lora, paused, running_server
+from tests.helpers import make_lora, paused, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 OPS_KEY = "sk-ops-not-a-real-secret"
@@ -41,15 +41,7 @@ def serving(tiny_base, faq_folder, registry_uri, tmp_path, max_waiting=None, **s
     from serve.serve_config import ServeConfig
     from serve.server import create_app
 
-    llm = LLM(
-        base_model=str(tiny_base.path),
-        quantization=None,
-        num_kv_blocks=128,
-        block_size=4,
-        max_lora_rank=8,
-        max_num_seqs=4,
-        tracking_uri=registry_uri,
-    )
+    llm = LLM(**tiny_engine_args(tiny_base, registry_uri, max_num_seqs=4))
     llm.load_adapter("faq", str(faq_folder))
     engine = AsyncLLM(llm.engine, max_waiting)
     audit = {"path": tmp_path / "audit.jsonl", **settings.pop("audit", {})}
