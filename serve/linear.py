@@ -10,6 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# oneDNN's fp32 linear (the op torch.compile emits on CPU). torch sends fp32 F.linear to MKL,
+# whose sgemm runs 1.3-1.9x slower than oneDNN's at the 8-64 rows of a serving step on this
+# AMD CPU (bench/cpu_notes.md); the tokens stay those of transformers (the parity tests).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """y = x @ weightᵀ + bias, through oneDNN for fp32 on the CPU, else F.linear."""
+    if (
+        _ONEDNN_LINEAR is not None
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+    ):
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -17,7 +34,7 @@ class DenseLinear:
         self.bias = bias  # [out] or None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Linear4bit:

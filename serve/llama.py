@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from registry.errors import UsageError
 from serve.attention import paged_attention
-from serve.linear import DenseLinear, Linear4bit, quantize_then_dequantize
+from serve.linear import DenseLinear, Linear4bit, linear, quantize_then_dequantize
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -248,7 +248,7 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> [rows, vocab] in fp32."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
     def _proj(self, layer, i, modules, x, lora, ctx) -> list[torch.Tensor]:
         """Base projections of `modules` (all reading x), each plus its LoRA delta in place."""
