@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # oneDNN's fp32 linear (the op torch.compile emits on CPU). torch sends fp32 F.linear to MKL,
-# whose sgemm runs 1.3-1.9x slower than oneDNN's at the 8-64 rows of a serving step on this
+# whose sgemm runs 1.1-1.7x slower than oneDNN's at the 8-256 rows of a serving step on this
 # AMD CPU (bench/cpu_notes.md); the tokens stay those of transformers (the parity tests).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
