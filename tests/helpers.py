@@ -29,16 +29,16 @@ TINY_SHAPE = dict(
 
 
 def tiny_engine_args(tiny_base, tracking_uri=None, **overrides) -> dict:
-    """LLM(...) arguments for a small, fast engine over the tiny base (fp32, 4-token blocks)."""
-    return dict(
-        base_model=str(tiny_base.path),
-        quantization=None,
-        num_kv_blocks=128,
-        block_size=4,
-        max_lora_rank=8,
-        tracking_uri=tracking_uri,
-        **overrides,
-    )
+    """LLM(...) arguments for a small, fast engine over the tiny base (fp32, 4-token blocks);
+    `overrides` replace or add to them."""
+    return {
+        "base_model": str(tiny_base.path),
+        "quantization": None,
+        "num_kv_blocks": 128,
+        "block_size": 4,
+        "max_lora_rank": 8,
+        "tracking_uri": tracking_uri,
+    } | overrides
 
 
 def make_adapter(

@@ -15,20 +15,14 @@ from registry.errors import AdapterError, BaseMismatchError, NotFoundError, Usag
 from serve import LLM, AsyncLLM, SamplingParams
 from serve.sampler import apply_penalties, filter_top_k_top_p
 from serve.sequence import Sequence
-from tests.helpers import make_lora
+from tests.helpers import make_lora, tiny_engine_args
 
 PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 5, 6, 7], [1, 300, 301, 302, 303, 304, 305, 306, 307]]
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_base):
-    return LLM(
-        base_model=str(tiny_base.path),
-        quantization=None,
-        num_kv_blocks=64,
-        block_size=4,
-        max_lora_rank=8,
-    )
+    return LLM(**tiny_engine_args(tiny_base, num_kv_blocks=64))
 
 
 @pytest.fixture(scope="module")
