@@ -11,8 +11,9 @@ are random token ids with chat-like lengths; outputs are forced with ignore_eos.
 - kernels: each Triton kernel against the reference op it replaces, alone, on the model's
            shapes (decode and prefill attention, LoRA over distinct adapters), with the
            bandwidth it reaches: where to tune before looking at whole steps;
-- matmul:  bitsandbytes' NF4 linear against bf16 for one layer's seven projections, and what
-           that costs a step (decides whether a fused NF4 kernel is worth writing);
+- matmul:  one layer's seven base projections: bitsandbytes' NF4 against the Triton NF4
+           kernel (q/k/v and gate/up stacked, as the engine runs them) and bf16, per batch;
+- tune:    the Triton NF4 kernel's block sizes, split and warps swept per batch size;
 - serve:   tokens/s, TTFT and ITL of loraplex over all requests with 100 adapters, and the same
            requests with no adapter (goal: adapters keep >= 90 % of the tokens/s);
 - peft:    peft's mixed-batch `generate` in static batches against loraplex on the same first
@@ -67,7 +68,7 @@ SHAPES = {
         max_position_embeddings=1024,
     ),
 }
-SECTIONS = ("kernels", "matmul", "serve", "peft", "decode", "load")
+SECTIONS = ("kernels", "matmul", "tune", "serve", "peft", "decode", "load")
 # Per mode: requests, adapters, rank, prompt and output (median, max) tokens, max running
 # sequences, peft requests, decode (batch, context), KV pool GiB, matmul batch sizes.
 MODES = {
@@ -344,38 +345,122 @@ def _kernel_row(label: str, error: float, t_ref: float, t_kernel: float, nbytes:
     }
 
 
-def section_matmul(cfg, args, results) -> None:
-    """bitsandbytes NF4 against a bf16 matmul for one layer's projections, per batch size."""
+def _layer_weights(cfg, args):
+    """One layer's seven projections of random weights ([out, in], scaled as a model's)."""
     import torch
-    import torch.nn.functional as F
     from transformers import LlamaConfig
 
-    from serve.linear import Linear4bit
-
-    shape = SHAPES[cfg["shape"]]
-    model_shape = ModelShape.from_config(LlamaConfig(**shape))
-    dims = [tuple(reversed(model_shape.lora_dims(m))) for m in LORA_MODULES]  # (out, in)
+    model_shape = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    weights = [torch.randn(o, n, device=args.device, dtype=dtype) * 0.02 for o, n in dims]
-    packed = [Linear4bit(w, None, "nf4", True, dtype) for w in weights]
+    return {
+        m: torch.randn(*reversed(model_shape.lora_dims(m)), device=args.device, dtype=dtype) * 0.02
+        for m in LORA_MODULES
+    }, dtype
+
+
+def section_matmul(cfg, args, results) -> None:
+    """One layer's base projections per batch size: bitsandbytes NF4 (one module at a time, as
+    peft and `--kernels reference` run them), the Triton NF4 kernel (q/k/v and gate/up stacked,
+    as the engine runs them on CUDA) and bf16 (what 4x the memory buys)."""
+    import torch
+    import torch.nn.functional as F
+
+    from serve.linear import Linear4bit, PackedLinear4bit
+
+    weights, dtype = _layer_weights(cfg, args)
+    groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    bnb = {m: Linear4bit(w, None, "nf4", True, dtype) for m, w in weights.items()}
+    fused = {
+        g: PackedLinear4bit([weights[m] for m in g], [None] * len(g), "nf4", True, dtype)
+        for g in groups
+    }
+    packed_bytes = sum(f.packed.nbytes + f.absmax.nbytes for f in fused.values())
+    layers = SHAPES[cfg["shape"]]["num_hidden_layers"]
     rows = {}
-
-    def layer(linears, xs):
-        return [linear(xs[n]) for linear, (_, n) in zip(linears, dims, strict=True)]
-
-    dense = [lambda x, w=w: F.linear(x, w) for w in weights]
     for m in cfg["matmul_batches"]:
-        xs = {n: torch.randn(m, n, device=args.device, dtype=dtype) for _, n in dims}
-        t_nf4 = _median_time(lambda xs=xs: layer(packed, xs), args.device)
-        t_dense = _median_time(lambda xs=xs: layer(dense, xs), args.device)
-        rows[m] = {"nf4_ms": t_nf4 * 1e3, "dense_ms": t_dense * 1e3}
-        layers = shape["num_hidden_layers"]
+        xs = {
+            g: torch.randn(m, weights[g[0]].shape[1], device=args.device, dtype=dtype)
+            for g in groups
+        }
+
+        def run_bnb(xs=xs):
+            return [torch.cat([bnb[mod](x) for mod in g], dim=1) for g, x in xs.items()]
+
+        def run_fused(xs=xs):
+            return [fused[g](x) for g, x in xs.items()]
+
+        def run_dense(xs=xs):
+            return [
+                torch.cat([F.linear(x, weights[mod]) for mod in g], dim=1) for g, x in xs.items()
+            ]
+
+        error = max(_relative_error(o, e) for o, e in zip(run_fused(), run_bnb(), strict=True))
+        t_bnb, t_fused, t_dense = (
+            _median_time(f, args.device) for f in (run_bnb, run_fused, run_dense)
+        )
+        rows[m] = {
+            "bnb_ms": t_bnb * 1e3,
+            "triton_ms": t_fused * 1e3,
+            "dense_ms": t_dense * 1e3,
+            "triton_gb_s": packed_bytes / t_fused / 1e9,
+            "relative_error": error,
+        }
         print(
-            f"matmul     batch {m:4d}: one layer NF4 {t_nf4 * 1e3:7.3f} ms, dense "
-            f"{t_dense * 1e3:7.3f} ms ({t_nf4 / t_dense:5.2f}x); a step's {layers} layers: NF4 "
-            f"{t_nf4 * layers * 1e3:7.2f} ms"
+            f"matmul     batch {m:4d}, one layer: bnb NF4 {t_bnb * 1e3:7.3f} ms, triton NF4 "
+            f"{t_fused * 1e3:7.3f} ms ({t_bnb / t_fused:5.2f}x, reads "
+            f"{packed_bytes / t_fused / 1e9:5.0f} GB/s), bf16 {t_dense * 1e3:7.3f} ms; "
+            f"{layers} layers: bnb {t_bnb * layers * 1e3:6.2f} ms, triton "
+            f"{t_fused * layers * 1e3:6.2f} ms; relative error {error:.1e}"
         )
     results["matmul"] = rows
+
+
+def section_tune(cfg, args, results) -> None:
+    """The Triton NF4 kernel's knobs swept on the stacked q/k/v and on down_proj per batch
+    size: the fastest setting of each, to carry into `nf4_matmul`'s defaults."""
+    import itertools
+
+    import torch
+
+    from serve.kernels.nf4_matmul import nf4_matmul
+    from serve.linear import PackedLinear4bit
+
+    weights, dtype = _layer_weights(cfg, args)
+    targets = {"qkv": ("q_proj", "k_proj", "v_proj"), "down": ("down_proj",)}
+    tiny = cfg["shape"] == "tiny"
+    space = dict(
+        block_n=(32, 64) if tiny else (32, 64, 128),
+        block_k=(64,) if tiny else (64, 128, 256),
+        split_k=(1, 2) if tiny else (1, 2, 4, 8),
+        num_warps=(4,) if tiny else (2, 4, 8),
+        num_stages=(2,) if tiny else (2, 3, 4),
+    )
+    best = {}
+    for name, group in targets.items():
+        linear = PackedLinear4bit(
+            [weights[m] for m in group], [None] * len(group), "nf4", True, dtype
+        )
+        operands = (linear.packed, linear.absmax, linear.code, linear.out_features)
+        nbytes = linear.packed.nbytes + linear.absmax.nbytes
+        for m in cfg["matmul_batches"]:
+            x = torch.randn(m, weights[group[0]].shape[1], device=args.device, dtype=dtype)
+            timed = []
+            for values in itertools.product(*space.values()):
+                knobs = dict(zip(space, values, strict=True))
+                try:
+                    t = _median_time(partial(nf4_matmul, x, *operands, **knobs), args.device)
+                except Exception as error:  # a setting past the SM's shared memory, say
+                    print(f"tune       {name} batch {m}: {knobs} failed: {type(error).__name__}")
+                    continue
+                timed.append((t, knobs))
+            t_default = _median_time(partial(nf4_matmul, x, *operands), args.device)
+            t, knobs = min(timed, key=lambda item: item[0])
+            best[f"{name}/{m}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
+            print(
+                f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
+                f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
+            )
+    results["tune"] = best
 
 
 def _median_time(fn, device, repeats: int = 10) -> float:
@@ -588,20 +673,6 @@ def main() -> None:
     from registry.home import setup_environment
 
     setup_environment()  # LORAPLEX_HOME, as the engine expects
-    t0 = time.perf_counter()
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    base = write_random_base(args.workdir / "base", shape, args.device, dtype)
-    adapters_dir = args.workdir / f"adapters-r{cfg['rank']}"
-    folders = sorted(adapters_dir.glob("adapter-*"))
-    if len(folders) < cfg["adapters"]:
-        import shutil
-
-        shutil.rmtree(adapters_dir, ignore_errors=True)
-        folders = write_random_adapters(base, adapters_dir, cfg["adapters"], cfg["rank"])
-    print(
-        f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
-        f"{cfg['adapters']} adapters of rank {cfg['rank']}: {time.perf_counter() - t0:.0f} s"
-    )
     results: dict = {"mode": mode, "kernel_mode": args.kernels, "quantization": args.quantization}
     if args.device == "cuda":
         results["device"] = torch.cuda.get_device_name()
@@ -609,8 +680,24 @@ def main() -> None:
         section_kernels(cfg, args, results)
     if "matmul" in sections:
         section_matmul(cfg, args, results)
+    if "tune" in sections:
+        section_tune(cfg, args, results)
     peft_later = None
-    if {"serve", "peft", "decode", "load"} & set(sections):
+    if {"serve", "peft", "decode", "load"} & set(sections):  # these need a model on disk
+        t0 = time.perf_counter()
+        dtype = torch.float32 if args.tiny else torch.bfloat16
+        base = write_random_base(args.workdir / "base", shape, args.device, dtype)
+        adapters_dir = args.workdir / f"adapters-r{cfg['rank']}"
+        folders = sorted(adapters_dir.glob("adapter-*"))
+        if len(folders) < cfg["adapters"]:
+            import shutil
+
+            shutil.rmtree(adapters_dir, ignore_errors=True)
+            folders = write_random_adapters(base, adapters_dir, cfg["adapters"], cfg["rank"])
+        print(
+            f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
+            f"{cfg['adapters']} adapters of rank {cfg['rank']}: {time.perf_counter() - t0:.0f} s"
+        )
         t0 = time.perf_counter()
         llm = make_llm(cfg, args, base)
         names = [f"a{i}" for i in range(cfg["adapters"])]

@@ -31,7 +31,7 @@ class EngineConfig(BaseModel):
     max_cpu_loras: int = Field(32, ge=1)  # adapters kept in host memory
     enable_prefix_caching: bool = True
     seed: int = 0  # of the sampler for requests without their own seed
-    # Triton kernels for attention and LoRA: "auto" on CUDA when triton imports; "reference"
-    # forces the plain-torch ops (to compare, or to rule the kernels out)
+    # Triton kernels for attention, LoRA and 4-bit matmuls: "auto" on CUDA when triton
+    # imports; "reference" forces the plain ops (to compare, or to rule the kernels out)
     kernels: Literal["auto", "triton", "reference"] = "auto"
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)

@@ -59,7 +59,7 @@ class LLMEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
         dtype = getattr(torch, dtype_name)
-        triton = use_triton(self.device, config.kernels)  # kernels for attention and LoRA
+        triton = use_triton(self.device, config.kernels)  # kernels: attention, LoRA, 4-bit
 
         from transformers import AutoTokenizer, GenerationConfig
 

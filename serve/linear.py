@@ -50,15 +50,7 @@ class Linear4bit:
         double_quant: bool,
         compute_dtype: torch.dtype,
     ):
-        import bitsandbytes.functional as bnbf
-
-        self.packed, self.state = bnbf.quantize_4bit(
-            weight.contiguous(),
-            blocksize=64,
-            compress_statistics=double_quant,
-            quant_type=quant_type,
-            quant_storage=torch.uint8,
-        )
+        self.packed, self.state = quantize_4bit(weight, quant_type, double_quant)
         self.bias = None if bias is None else bias.to(compute_dtype)
         self.compute_dtype = compute_dtype
 
@@ -72,17 +64,94 @@ class Linear4bit:
         return out.to(dtype)
 
 
-def quantize_then_dequantize(
-    weight: torch.Tensor, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
-) -> torch.Tensor:
-    """The weight the 4-bit base computes with: W -> quantize_4bit -> dequantize_4bit."""
+class PackedLinear4bit:
+    """Modules that read the same input (q/k/v, gate/up) as one 4-bit weight, multiplied by
+    the Triton kernel `serve.kernels.nf4_matmul` in one launch. Each module is quantized on
+    its own, exactly as `Linear4bit` (and the trainer) quantizes it; their packed bytes and
+    fp32 scales are then laid end to end, which is the stacked weight's layout when every
+    module holds a whole number of 64-weight blocks (`stackable`)."""
+
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor | None],
+        quant_type: str,
+        double_quant: bool,
+        compute_dtype: torch.dtype,
+    ):
+        from serve.kernels.nf4_matmul import nf4_matmul
+
+        if not stackable(weights):
+            shapes = [tuple(w.shape) for w in weights]
+            raise ValueError(f"4-bit weights {shapes} cannot be stacked: see `stackable`")
+        packs, scales = [], []
+        for weight in weights:
+            packed, state = quantize_4bit(weight, quant_type, double_quant)
+            packs.append(packed.flatten())
+            scales.append(_absmax(state))
+        self.packed, self.absmax = torch.cat(packs), torch.cat(scales)
+        self.code = state.code.to(device=self.packed.device, dtype=torch.float32)
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.bias = stacked_bias(weights, biases)
+        if self.bias is not None:
+            self.bias = self.bias.to(compute_dtype)
+        self._matmul = nf4_matmul
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.packed, self.absmax, self.code, self.out_features, self.bias)
+
+
+def stackable(weights: list[torch.Tensor]) -> bool:
+    """Whether `PackedLinear4bit` can hold these [out, in] weights: a shared, even `in` (bytes
+    hold two weights of one row) and 64-weight blocks that end where each module ends."""
+    in_features = weights[0].shape[1]
+    return (
+        in_features % 2 == 0
+        and all(w.shape[1] == in_features for w in weights)
+        and all(w.numel() % 64 == 0 for w in weights[:-1])
+    )
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
+    """bitsandbytes' packed 4-bit weight and QuantState, with the trainer's settings."""
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(
+    return bnbf.quantize_4bit(
         weight.contiguous(),
         blocksize=64,
         compress_statistics=double_quant,
         quant_type=quant_type,
         quant_storage=torch.uint8,
     )
+
+
+def quantize_then_dequantize(
+    weight: torch.Tensor, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight the 4-bit base computes with: W -> quantize_4bit -> dequantize_4bit."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = quantize_4bit(weight, quant_type, double_quant)
     return bnbf.dequantize_4bit(packed, state).to(compute_dtype)
+
+
+def _absmax(state) -> torch.Tensor:
+    """A QuantState's fp32 scale per 64 weights, double quantization undone as
+    `dequantize_4bit` undoes it."""
+    if not state.nested:
+        return state.absmax.float()
+    import bitsandbytes.functional as bnbf
+
+    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def stacked_bias(weights, biases) -> torch.Tensor | None:
+    """The modules' biases end to end (zeros for a module without one), or None."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat(
+        [
+            b if b is not None else w.new_zeros(w.shape[0])
+            for w, b in zip(weights, biases, strict=True)
+        ]
+    )

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 
 from registry.errors import UsageError
 from serve.attention import paged_attention
-from serve.linear import DenseLinear, Linear4bit, linear, quantize_then_dequantize
+from serve.linear import (
+    DenseLinear,
+    Linear4bit,
+    PackedLinear4bit,
+    linear,
+    quantize_then_dequantize,
+    stacked_bias,
+)
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,7 +130,8 @@ class Layer:
 class LlamaModel:
     """Weights and forward pass. `quantization` is None, "nf4" or "fp4"; with
     `keep_quantized` False the 4-bit weights are dequantized once at load (see serve.linear).
-    `use_triton`: attention through the Triton kernel (CUDA only, see serve.kernels)."""
+    `use_triton`: attention and 4-bit matmuls through the Triton kernels (CUDA only, see
+    serve.kernels)."""
 
     def __init__(
         self,
@@ -159,10 +167,20 @@ class LlamaModel:
             return tensors.pop(name).to(device=self.device, dtype=dtype)
 
         packed = quantization is not None and keep_quantized
+        # On CUDA with the kernels, 4-bit modules that read the same input are one stacked
+        # weight and one launch (serve.kernels.nf4_matmul); bitsandbytes takes them one by one.
+        packed_kernel = (
+            packed
+            and use_triton
+            and all(
+                in_features % 2 == 0 and in_features * out_features % 64 == 0
+                for in_features, out_features in map(self.shape.lora_dims, LORA_MODULES)
+            )
+        )
 
         def linear_group(prefix: str, modules: tuple[str, ...]):
             """One linear over the modules' stacked weights: one larger matmul instead of
-            several small ones (packed 4-bit weights stay one per module)."""
+            several small ones."""
             weights, biases = [], []
             for m in modules:
                 name = f"{prefix}.{PARENT_OF[m]}.{m}"
@@ -171,20 +189,14 @@ class LlamaModel:
                     weight = quantize_then_dequantize(weight, quantization, double_quant, dtype)
                 weights.append(weight)
                 biases.append(take(f"{name}.bias") if f"{name}.bias" in tensors else None)
+            if packed_kernel:
+                return PackedLinear4bit(weights, biases, quantization, double_quant, dtype)
             if packed:
                 [weight], [bias] = weights, biases
                 return Linear4bit(weight, bias, quantization, double_quant, dtype)
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat(
-                    [
-                        b if b is not None else w.new_zeros(w.shape[0])
-                        for w, b in zip(weights, biases, strict=True)
-                    ]
-                )
-            return DenseLinear(torch.cat(weights), bias)
+            return DenseLinear(torch.cat(weights), stacked_bias(weights, biases))
 
-        groups = [(m,) for m in LORA_MODULES] if packed else _FUSED
+        groups = [(m,) for m in LORA_MODULES] if packed and not packed_kernel else _FUSED
 
         s = self.shape
         self.embed = take("embed_tokens.weight")  # [vocab, hidden]

@@ -25,7 +25,9 @@ from serve.attention import build_attention_metadata, paged_attention  # noqa: E
 from serve.kernels import lora_sgmv as sgmv_module  # noqa: E402
 from serve.kernels import use_triton  # noqa: E402
 from serve.kernels.lora_sgmv import lora_sgmv  # noqa: E402
+from serve.kernels.nf4_matmul import nf4_matmul  # noqa: E402
 from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
+from serve.linear import Linear4bit, PackedLinear4bit, quantize_4bit  # noqa: E402
 from serve.lora_ops import LoraBatch, lora_reference  # noqa: E402
 from tests.helpers import PROJECT  # noqa: E402
 
@@ -195,6 +197,78 @@ def test_a_batch_without_adapters_launches_nothing(monkeypatch):
     assert torch.equal(y, before)
 
 
+def _dequantized(packed, state):
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features", "quant_type", "double_quant", "split_k"),
+    [
+        (1, 40, 128, "nf4", True, 1),  # a decode row, double-quantized scales
+        (37, 100, 192, "nf4", False, 1),  # several row tiles, features not a tile multiple
+        (5, 24, 130, "fp4", True, 1),  # rows of 130: 64-blocks straddle rows
+        (19, 72, 512, "nf4", True, 3),  # the reduction shared by three programs (atomics)
+    ],
+    ids=["decode", "row-tiles", "fp4-straddling-blocks", "split-k"],
+)
+def test_nf4_matmul_kernel_equals_dequantize_then_matmul(
+    rows, out_features, in_features, quant_type, double_quant, split_k
+):
+    gen = torch.Generator().manual_seed(rows * 1000 + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).to(DEVICE)
+    packed, state = quantize_4bit(weight, quant_type, double_quant)
+    bias = torch.randn(out_features, generator=gen).to(DEVICE)
+    x = torch.randn(rows, in_features, generator=gen).to(DEVICE)
+    expected = x @ _dequantized(packed, state).T + bias
+    scales = PackedLinear4bit([weight], [None], quant_type, double_quant, torch.float32).absmax
+    code = state.code.to(DEVICE, torch.float32)
+    out = nf4_matmul(
+        x, packed.flatten(), scales, code, out_features, bias, block_k=64, split_k=split_k
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_matmul_kernel_in_half_precision_stays_close_to_fp32():
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(48, 256, generator=gen).to(DEVICE)
+    packed, state = quantize_4bit(weight, "nf4", True)
+    x = torch.randn(9, 256, generator=gen).to(DEVICE)
+    expected = x @ _dequantized(packed, state).T
+    linear = PackedLinear4bit([weight], [None], "nf4", True, HALF)
+    out = linear(x.to(HALF))
+    assert out.dtype == HALF
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=1e-1)
+
+
+def test_stacked_4bit_modules_equal_each_module_through_bitsandbytes():
+    """q/k/v as one stacked weight: the same output as three bitsandbytes matmuls, since each
+    module keeps its own quantization (scales and all)."""
+    gen = torch.Generator().manual_seed(8)
+    widths = (64, 32, 32)
+    weights = [torch.randn(w, 64, generator=gen).to(DEVICE) for w in widths]
+    biases = [None, torch.randn(32, generator=gen).to(DEVICE), None]
+    x = torch.randn(6, 64, generator=gen).to(DEVICE)
+    stacked = PackedLinear4bit(weights, biases, "nf4", True, torch.float32)
+    one_by_one = [
+        Linear4bit(w, b, "nf4", True, torch.float32)(x)
+        for w, b in zip(weights, biases, strict=True)
+    ]
+    torch.testing.assert_close(stacked(x), torch.cat(one_by_one, dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_4bit_weights_that_cannot_be_stacked_are_refused():
+    odd_blocks = [torch.randn(3, 10), torch.randn(4, 10)]  # 30 weights: a block spans both
+    with pytest.raises(ValueError, match=r"4-bit weights \[\(3, 10\), \(4, 10\)\] cannot"):
+        PackedLinear4bit(odd_blocks, [None, None], "nf4", True, torch.float32)
+    with pytest.raises(ValueError, match="K must be even"):
+        nf4_matmul(
+            torch.randn(2, 3), torch.zeros(3, dtype=torch.uint8), torch.ones(1), torch.ones(16), 2
+        )
+
+
 def test_kernels_are_chosen_only_on_cuda():
     assert use_triton("cpu", "auto") is False
     assert use_triton("cpu", "reference") is False
@@ -218,10 +292,12 @@ def test_importing_the_engine_does_not_import_triton_on_cpu():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("quantization", [None, "nf4"], ids=["dense", "nf4"])
 def test_engine_through_the_kernels_generates_the_reference_tokens(
-    tiny_base, tmp_path, monkeypatch
+    quantization, tiny_base, tmp_path, monkeypatch
 ):
-    """The wiring: compact metadata from the runner, the model's attention and the pool's LoRA
+    """The wiring: compact metadata from the runner, the model's attention, the pool's LoRA
+    and the 4-bit base (stacked q/k/v and gate/up against bitsandbytes one module at a time)
     all through the kernels, with chunked prefill (8-token budget) and three adapters."""
     import serve.engine
     from serve import LLM, SamplingParams
@@ -249,7 +325,8 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     for kernels in ("reference", "auto"):
         llm = LLM(
             base_model=str(tiny_base.path),
-            quantization=None,
+            quantization=quantization,
+            keep_quantized=True,
             device=DEVICE,
             dtype="float32",
             kernels=kernels,
@@ -259,6 +336,9 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
             max_num_batched_tokens=8,
         )
         assert llm.engine.model.use_triton is (kernels == "auto")
+        layer = llm.engine.model.layers[0]
+        linear = layer.linears[layer.group_of["q_proj"]]
+        assert isinstance(linear, PackedLinear4bit) is (kernels == "auto" and bool(quantization))
         for name, folder in folders.items():
             llm.load_adapter(name, str(folder))
         batch = [prompts[i % 3] for i in range(4)]

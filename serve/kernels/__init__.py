@@ -1,7 +1,8 @@
 """Triton kernels for CUDA, each behind the plain-torch reference op it replaces.
 
 - `paged_attention.paged_attention_triton` replaces `serve.attention.paged_attention`;
-- `lora_sgmv.lora_sgmv` replaces `serve.lora_ops.lora_segments` / `lora_gathered`.
+- `lora_sgmv.lora_sgmv` replaces `serve.lora_ops.lora_segments` / `lora_gathered`;
+- `nf4_matmul.nf4_matmul` replaces bitsandbytes' `matmul_4bit` (`serve.linear.PackedLinear4bit`).
 
 The engine picks them with `use_triton(device, mode)` once, at construction. This package
 imports no triton itself: on CPU, serving never imports it; the tests run the kernels on CPU
