@@ -34,4 +34,7 @@ class EngineConfig(BaseModel):
     # Triton kernels for attention, LoRA and 4-bit matmuls: "auto" on CUDA when triton
     # imports; "reference" forces the plain ops (to compare, or to rule the kernels out)
     kernels: Literal["auto", "triton", "reference"] = "auto"
+    # Decode steps replayed as CUDA graphs (serve.cuda_graph); needs the kernels. Off until
+    # measured on a GPU (bench/gpu_notes.md)
+    cuda_graphs: bool = False
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)

@@ -60,6 +60,8 @@ class LLMEngine:
             dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
         dtype = getattr(torch, dtype_name)
         triton = use_triton(self.device, config.kernels)  # kernels: attention, LoRA, 4-bit
+        if config.cuda_graphs and not triton:
+            raise UsageError("cuda_graphs: needs the Triton kernels (kernels 'auto' on CUDA)")
 
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -108,7 +110,13 @@ class LLMEngine:
         self.guided = GuidedDecoding(self.tokenizer, shape.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(self.device, config.seed, self.guided)
         self.runner = ModelRunner(
-            self.model, self.num_blocks, config.block_size, self.pool, self.sampler
+            self.model,
+            self.num_blocks,
+            config.block_size,
+            self.pool,
+            self.sampler,
+            cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
         )
         self.adapters: dict[str, AdapterInfo] = {}
         self.requests: dict[str, RequestState] = {}

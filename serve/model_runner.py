@@ -11,6 +11,7 @@ import torch
 
 from serve.adapter_pool import AdapterPool
 from serve.attention import AttentionMetadata, build_attention_metadata
+from serve.cuda_graph import DecodeGraphs
 from serve.llama import LlamaModel
 from serve.lora_ops import LoraBatch
 from serve.sampler import Sampler, TokenLogprobs, token_logprobs
@@ -41,22 +42,40 @@ class ModelRunner:
         block_size: int,
         pool: AdapterPool | None,
         sampler: Sampler,
+        *,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 1,
     ):
         s = model.shape
         self.model = model
         self.block_size = block_size
         self.pool = pool
         self.sampler = sampler
-        # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset
+        # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset. One
+        # block past the allocator's is scratch: padding rows of a decode graph write there.
         self.kv_cache = torch.zeros(
             s.num_layers,
             2,
-            num_blocks * block_size,
+            (num_blocks + 1) * block_size,
             s.num_kv_heads,
             s.head_dim,
             dtype=model.dtype,
             device=model.device,
         )
+        self.graphs = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(
+                self._forward,
+                model.device,
+                block_size,
+                num_blocks,
+                model.max_model_len,
+                max_num_seqs,
+            )
+
+    def _forward(self, ids: torch.Tensor, attention: AttentionMetadata, lora: LoraBatch | None):
+        ctx = ForwardContext(attention, lora)
+        return self.model.forward(ids, ctx, self.kv_cache, self.pool)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -68,6 +87,28 @@ class ModelRunner:
         ids = [
             t for s, c, n in zip(seqs, computed, new, strict=True) for t in s.token_ids[c : c + n]
         ]
+        if self.graphs is not None and self.graphs.fits(new):
+            lora_slots = plan.lora_slots if self.pool is not None else None
+            tables = [s.block_table for s in seqs]
+            hidden = self.graphs.run(ids, tables, computed, lora_slots)
+        else:
+            hidden = self._eager(plan, ids, computed)
+
+        ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch
+        samples = [i for i, s in enumerate(seqs) if computed[i] + new[i] == s.num_tokens]
+        sampled: list[int | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if samples:
+            logits = self.model.logits(hidden.index_select(0, ends[samples].to(device)))
+            tokens, chosen = self.sampler(logits, [seqs[i] for i in samples])
+            for i, token, lp in zip(samples, tokens, chosen, strict=True):
+                sampled[i], logprobs[i] = token, lp
+        return RunnerOutput(sampled, logprobs, self._prompt_logprobs(plan, computed, hidden))
+
+    def _eager(self, plan: SchedulerOutput, ids: list[int], computed: list[int]):
+        """The step's hidden states through the model as it is: any mix of prefill chunks
+        and decodes."""
+        seqs, new, device = plan.seqs, plan.num_new_tokens, self.model.device
         kernels = self.model.use_triton  # the kernels read compact tables, not padded batches
         attention = build_attention_metadata(
             [s.block_table for s in seqs],
@@ -80,19 +121,7 @@ class ModelRunner:
         lora = None
         if self.pool is not None:
             lora = LoraBatch.build(plan.lora_slots, new, device, kernel=kernels)
-        ctx = ForwardContext(attention, lora)
-        hidden = self.model.forward(torch.tensor(ids, device=device), ctx, self.kv_cache, self.pool)
-
-        ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch
-        samples = [i for i, s in enumerate(seqs) if computed[i] + new[i] == s.num_tokens]
-        sampled: list[int | None] = [None] * len(seqs)
-        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        if samples:
-            logits = self.model.logits(hidden.index_select(0, ends[samples].to(device)))
-            tokens, chosen = self.sampler(logits, [seqs[i] for i in samples])
-            for i, token, lp in zip(samples, tokens, chosen, strict=True):
-                sampled[i], logprobs[i] = token, lp
-        return RunnerOutput(sampled, logprobs, self._prompt_logprobs(plan, computed, hidden))
+        return self._forward(torch.tensor(ids, device=device), attention, lora)
 
     def _prompt_logprobs(self, plan, computed, hidden) -> list[list[tuple[int, TokenLogprobs]]]:
         """Log-probability of each prompt token after the first, for requests that ask.

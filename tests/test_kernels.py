@@ -29,7 +29,7 @@ from serve.kernels.nf4_matmul import nf4_matmul  # noqa: E402
 from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
 from serve.linear import Linear4bit, PackedLinear4bit, quantize_4bit  # noqa: E402
 from serve.lora_ops import LoraBatch, lora_reference  # noqa: E402
-from tests.helpers import PROJECT  # noqa: E402
+from tests.helpers import PROJECT, tiny_engine_args  # noqa: E402
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if CUDA else "cpu"
@@ -306,7 +306,9 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     if not CUDA:  # "auto" picks the kernels on CUDA only; here they run interpreted
         monkeypatch.setattr(serve.engine, "use_triton", lambda _, mode: mode != "reference")
     folders = {
-        "qv": make_lora(tiny_base, tmp_path / "qv", rank=8, targets=["q_proj", "v_proj"]),
+        "qv": make_lora(
+            tiny_base, tmp_path / "qv", rank=8, targets=["q_proj", "v_proj"], b_scale=1.0
+        ),
         "mlp": make_lora(
             tiny_base, tmp_path / "mlp", rank=3, targets=["gate_proj", "down_proj"], seed=1
         ),
@@ -320,27 +322,100 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     }
     prompts = [[1, 50, 60, 70, 80, 90, 91, 92, 93, 94, 95], [1, 5, 6], [1, 300, 301, 302, 303]]
     adapters = ["qv", None, "all", "mlp"]
-    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    # logprobs too: the tiny random model repeats its token, so the tokens alone would not
+    # show a decode step that went wrong
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
+    variants = {
+        "reference": {"kernels": "reference"},
+        "kernels": {"kernels": "auto"},
+        # decode steps padded into static buffers (captured as CUDA graphs on CUDA)
+        "graphs": {"kernels": "auto", "cuda_graphs": True},
+    }
     outputs = {}
-    for kernels in ("reference", "auto"):
+    for label, options in variants.items():
         llm = LLM(
             base_model=str(tiny_base.path),
             quantization=quantization,
             keep_quantized=True,
             device=DEVICE,
             dtype="float32",
-            kernels=kernels,
             num_kv_blocks=32,
             block_size=4,
             max_lora_rank=8,
             max_num_batched_tokens=8,
+            **options,
         )
-        assert llm.engine.model.use_triton is (kernels == "auto")
+        kernels = label != "reference"
+        assert llm.engine.model.use_triton is kernels
         layer = llm.engine.model.layers[0]
         linear = layer.linears[layer.group_of["q_proj"]]
-        assert isinstance(linear, PackedLinear4bit) is (kernels == "auto" and bool(quantization))
+        assert isinstance(linear, PackedLinear4bit) is (kernels and bool(quantization))
         for name, folder in folders.items():
             llm.load_adapter(name, str(folder))
         batch = [prompts[i % 3] for i in range(4)]
-        outputs[kernels] = [o.token_ids for o in llm.generate(batch, params, adapters=adapters)]
-    assert outputs["auto"] == outputs["reference"]
+        outputs[label] = [
+            llm.generate(batch, params, adapters=adapters),
+            llm.generate(prompts, params),  # no adapter at all
+        ]
+
+    def tokens(label):
+        return [[o.token_ids for o in outs] for outs in outputs[label]]
+
+    def logprobs(label):
+        return torch.tensor(
+            [lp.logprob for outs in outputs[label] for o in outs for lp in o.logprobs]
+        )
+
+    for label in ("kernels", "graphs"):
+        assert tokens(label) == tokens("reference"), label
+        torch.testing.assert_close(logprobs(label), logprobs("reference"), rtol=1e-4, atol=1e-4)
+    # the adapters matter, so a path that dropped them would show
+    with_adapters, without = outputs["reference"]
+    assert [o.logprobs[-1].logprob for o in with_adapters[:3]] != pytest.approx(
+        [o.logprobs[-1].logprob for o in without]
+    )
+    # four sequences with adapters, and three without them padded to four, went through
+    assert {(4, True), (4, False)} <= set(llm.engine.runner.graphs.steps)
+
+
+def test_decode_graph_step_pads_into_static_buffers():
+    """What the graph reads: the step's rows, then padding rows that write K/V only to the
+    scratch block, attend to one key and have no adapter; the segment table past the step's
+    segments is empty. Off CUDA the forward runs eagerly on those buffers."""
+    from serve.cuda_graph import DecodeGraphs, batch_sizes
+
+    seen = []
+
+    def forward(ids, attention, lora):
+        seen.append((ids.clone(), attention, None if lora is None else lora.segment_table.clone()))
+        return torch.arange(len(ids), dtype=torch.float32)[:, None] * torch.ones(1, 3)
+
+    scratch, block_size = 9, 4
+    graphs = DecodeGraphs(forward, torch.device("cpu"), block_size, scratch, 40, max_seqs=12)
+    assert graphs.sizes == batch_sizes(12) == [1, 2, 4, 8, 12]
+    assert graphs.fits([1] * 12) and not graphs.fits([1] * 13) and not graphs.fits([1, 2])
+
+    tables = [[3, 5], [0], [7, 1, 2]]
+    computed = [6, 2, 9]  # positions of this step's tokens
+    hidden = graphs.run([11, 12, 13], tables, computed, lora_slots=[2, 2, -1])
+    assert torch.equal(hidden, torch.arange(3.0)[:, None] * torch.ones(1, 3))
+    ids, meta, segments = seen[-1]
+    assert ids.tolist() == [11, 12, 13, 0]
+    assert meta.positions.tolist() == [6, 2, 9, 0]
+    assert meta.slot_mapping.tolist() == [5 * 4 + 2, 0 * 4 + 2, 2 * 4 + 1, scratch * 4]
+    assert meta.context_lens.tolist() == [7, 3, 10, 1]
+    assert meta.query_start.tolist() == [0, 1, 2, 3, 4]
+    assert meta.block_tables[3, 0] == scratch and meta.block_tables[0, :2].tolist() == [3, 5]
+    assert meta.block_tables.shape == (4, 10)  # room for the longest sequence: 40 / 4 blocks
+    assert segments.tolist() == [[0, 2, 2], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+    graphs.run([21, 22], [[4], [6]], [0, 1], lora_slots=[-1, -1])  # no adapter: no LoRA
+    assert seen[-1][2] is None
+    assert set(graphs.steps) == {(4, True), (2, False)}
+
+
+def test_cuda_graphs_need_the_kernels(tiny_base):
+    from serve import LLM
+
+    with pytest.raises(UsageError, match="cuda_graphs: needs the Triton kernels"):
+        LLM(**tiny_engine_args(tiny_base, device="cpu", cuda_graphs=True))
