@@ -83,7 +83,7 @@ MODES = {
         peft_requests=64,
         decode=(64, 512),
         kv_gb=20.0,
-        matmul_batches=(1, 16, 64, 256),
+        matmul_batches=(1, 16, 64, 256, 1024),
     ),
     "tiny": dict(
         shape="tiny",
@@ -96,7 +96,7 @@ MODES = {
         peft_requests=8,
         decode=(4, 24),
         kv_gb=0.05,
-        matmul_batches=(1, 8),
+        matmul_batches=(1, 8, 300),
     ),
 }
 
@@ -418,25 +418,25 @@ def section_matmul(cfg, args, results) -> None:
 
 
 def section_tune(cfg, args, results) -> None:
-    """The Triton NF4 kernel's knobs swept on the stacked q/k/v and on down_proj per batch
-    size: the fastest setting of each, to carry into `nf4_matmul`'s defaults."""
-    import itertools
-
+    """The Triton NF4 kernel's knobs swept on the stacked q/k/v and on down_proj at the batch
+    sizes it serves (up to DEQUANTIZE_ABOVE_ROWS): tiles and split first, then warps and
+    stages around the best tiles (each setting compiles once: a full grid would take most
+    of a 10-minute call). Prints the fastest of each, to carry into `nf4_matmul`."""
     import torch
 
     from serve.kernels.nf4_matmul import nf4_matmul
-    from serve.linear import PackedLinear4bit
+    from serve.linear import DEQUANTIZE_ABOVE_ROWS, PackedLinear4bit
 
     weights, dtype = _layer_weights(cfg, args)
     targets = {"qkv": ("q_proj", "k_proj", "v_proj"), "down": ("down_proj",)}
     tiny = cfg["shape"] == "tiny"
-    space = dict(
+    tiles = dict(
         block_n=(32, 64) if tiny else (32, 64, 128),
         block_k=(64,) if tiny else (64, 128, 256),
         split_k=(1, 2) if tiny else (1, 2, 4, 8),
-        num_warps=(4,) if tiny else (2, 4, 8),
-        num_stages=(2,) if tiny else (2, 3, 4),
     )
+    launch = dict(num_warps=(4,) if tiny else (2, 4, 8), num_stages=(2,) if tiny else (2, 3, 4))
+    batches = [m for m in cfg["matmul_batches"] if m <= DEQUANTIZE_ABOVE_ROWS]
     best = {}
     for name, group in targets.items():
         linear = PackedLinear4bit(
@@ -444,25 +444,34 @@ def section_tune(cfg, args, results) -> None:
         )
         operands = (linear.packed, linear.absmax, linear.code, linear.out_features)
         nbytes = linear.packed.nbytes + linear.absmax.nbytes
-        for m in cfg["matmul_batches"]:
+        for m in batches:
             x = torch.randn(m, weights[group[0]].shape[1], device=args.device, dtype=dtype)
-            timed = []
-            for values in itertools.product(*space.values()):
-                knobs = dict(zip(space, values, strict=True))
-                try:
-                    t = _median_time(partial(nf4_matmul, x, *operands, **knobs), args.device)
-                except Exception as error:  # a setting past the SM's shared memory, say
-                    print(f"tune       {name} batch {m}: {knobs} failed: {type(error).__name__}")
-                    continue
-                timed.append((t, knobs))
-            t_default = _median_time(partial(nf4_matmul, x, *operands), args.device)
-            t, knobs = min(timed, key=lambda item: item[0])
+
+            run = partial(nf4_matmul, x, *operands)
+            label = f"tune       {name} batch {m}"
+            _, knobs = _fastest(run, tiles, {}, args.device, label)
+            t, knobs = _fastest(run, launch, knobs, args.device, label)
+            t_default = _median_time(run, args.device)
             best[f"{name}/{m}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
             print(
                 f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
                 f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
             )
     results["tune"] = best
+
+
+def _fastest(fn, space: dict, fixed: dict, device, label: str) -> tuple[float, dict]:
+    """The fastest fn(**fixed, **setting) over the grid of settings `space`: (s, knobs)."""
+    import itertools
+
+    timed = []
+    for values in itertools.product(*space.values()):
+        knobs = {**fixed, **dict(zip(space, values, strict=True))}
+        try:
+            timed.append((_median_time(partial(fn, **knobs), device), knobs))
+        except Exception as error:  # a tile past the SM's shared memory, say
+            print(f"{label}: {knobs}: {type(error).__name__}")
+    return min(timed, key=lambda item: item[0])
 
 
 def _median_time(fn, device, repeats: int = 10) -> float:

@@ -140,9 +140,7 @@ class AdapterPool:
         for m in LORA_MODULES:
             fan_in, fan_out = shape.lora_dims(m)
             if m not in self.A:
-                self.A[m] = torch.zeros(
-                    L, max_loras, max_rank, fan_in, dtype=dtype, device=device
-                )
+                self.A[m] = torch.zeros(L, max_loras, max_rank, fan_in, dtype=dtype, device=device)
             # scale · lora_Bᵀ: the expand matrix, laid out so that slots flatten without a copy
             self.B[m] = torch.zeros(L, max_loras, max_rank, fan_out, dtype=dtype, device=device)
         # Host-side per (module, layer, slot): the slot's rank there (0: not targeted).

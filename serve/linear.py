@@ -64,9 +64,16 @@ class Linear4bit:
         return out.to(dtype)
 
 
+# Rows past which PackedLinear4bit writes the dense weight out once and multiplies densely:
+# a compute-bound prefill chunk, where rebuilding W per row tile costs more (a prediction,
+# bench/gpu_throughput.py's matmul section measures both sides).
+DEQUANTIZE_ABOVE_ROWS = 256
+
+
 class PackedLinear4bit:
     """Modules that read the same input (q/k/v, gate/up) as one 4-bit weight, multiplied by
-    the Triton kernel `serve.kernels.nf4_matmul` in one launch. Each module is quantized on
+    the Triton kernel `serve.kernels.nf4_matmul` in one launch (dequantized first for
+    prefill-sized inputs). Each module is quantized on
     its own, exactly as `Linear4bit` (and the trainer) quantizes it; their packed bytes and
     fp32 scales are then laid end to end, which is the stacked weight's layout when every
     module holds a whole number of 64-weight blocks (`stackable`)."""
@@ -79,7 +86,7 @@ class PackedLinear4bit:
         double_quant: bool,
         compute_dtype: torch.dtype,
     ):
-        from serve.kernels.nf4_matmul import nf4_matmul
+        from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul
 
         if not stackable(weights):
             shapes = [tuple(w.shape) for w in weights]
@@ -95,10 +102,13 @@ class PackedLinear4bit:
         self.bias = stacked_bias(weights, biases)
         if self.bias is not None:
             self.bias = self.bias.to(compute_dtype)
-        self._matmul = nf4_matmul
+        self._matmul, self._dequantize = nf4_matmul, nf4_dequantize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.packed, self.absmax, self.code, self.out_features, self.bias)
+        operands = (self.packed, self.absmax, self.code, self.out_features)
+        if x.shape[0] > DEQUANTIZE_ABOVE_ROWS:
+            return F.linear(x, self._dequantize(*operands, x.dtype), self.bias)
+        return self._matmul(x, *operands, self.bias)
 
 
 def stackable(weights: list[torch.Tensor]) -> bool:

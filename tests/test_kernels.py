@@ -25,7 +25,7 @@ from serve.attention import build_attention_metadata, paged_attention  # noqa: E
 from serve.kernels import lora_sgmv as sgmv_module  # noqa: E402
 from serve.kernels import use_triton  # noqa: E402
 from serve.kernels.lora_sgmv import lora_sgmv  # noqa: E402
-from serve.kernels.nf4_matmul import nf4_matmul  # noqa: E402
+from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul  # noqa: E402
 from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
 from serve.linear import Linear4bit, PackedLinear4bit, quantize_4bit  # noqa: E402
 from serve.lora_ops import LoraBatch, lora_reference  # noqa: E402
@@ -241,6 +241,33 @@ def test_nf4_matmul_kernel_in_half_precision_stays_close_to_fp32():
     out = linear(x.to(HALF))
     assert out.dtype == HALF
     torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=["fp32", "half"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nf4_dequantize_kernel_gives_bitsandbytes_weights_to_the_bit(quant_type, dtype):
+    gen = torch.Generator().manual_seed(13)
+    weight = torch.randn(37, 130, generator=gen).to(DEVICE, dtype)  # blocks straddle rows
+    packed, state = quantize_4bit(weight, quant_type, True)
+    linear = PackedLinear4bit([weight], [None], quant_type, True, dtype)
+    dense = nf4_dequantize(linear.packed, linear.absmax, linear.code, 37, dtype)
+    assert dense.dtype == dtype and dense.shape == (37, 130)
+    import bitsandbytes.functional as bnbf
+
+    assert torch.equal(dense, bnbf.dequantize_4bit(packed, state).to(dtype))
+
+
+def test_prefill_sized_inputs_dequantize_then_multiply(monkeypatch):
+    import serve.linear
+
+    gen = torch.Generator().manual_seed(21)
+    weights = [torch.randn(64, 128, generator=gen).to(DEVICE) for _ in range(2)]
+    linear = PackedLinear4bit(weights, [None, None], "nf4", True, torch.float32)
+    x = torch.randn(9, 128, generator=gen).to(DEVICE)
+    fused = linear(x)
+    monkeypatch.setattr(serve.linear, "DEQUANTIZE_ABOVE_ROWS", 8)
+    monkeypatch.setattr(linear, "_matmul", None)  # must not be called past the threshold
+    torch.testing.assert_close(linear(x), fused, rtol=1e-4, atol=1e-4)
 
 
 def test_stacked_4bit_modules_equal_each_module_through_bitsandbytes():

@@ -13,6 +13,10 @@ A program takes BLOCK_M rows of x and BLOCK_N output features; the even and odd 
 meet the high and low nibbles of each byte in two dots, so no tile is interleaved. SPLIT_K
 programs share one tile's reduction over K (atomic adds into fp32) when there are too few
 tiles to fill the GPU: a decode step has one row tile.
+
+Past a few hundred rows (prefill chunks) the matmul is bound by compute, and building W
+again for every row tile costs more than writing it out once: `nf4_dequantize` does that,
+for a dense matmul after (what bitsandbytes does at every batch size).
 """
 
 from __future__ import annotations
@@ -145,3 +149,39 @@ def nf4_matmul(
             out += bias.float()
         out = out.to(x.dtype)
     return out
+
+
+@triton.jit
+def _dequantize_kernel(
+    packed_ptr,  # [N * K / 2] uint8
+    absmax_ptr,  # [N * K / 64] fp32
+    code_ptr,  # [16] fp32
+    out_ptr,  # [N * K] in the output dtype
+    num_bytes,
+    BLOCK: tl.constexpr,  # bytes per program
+):
+    byte_index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = byte_index < num_bytes
+    byte = tl.load(packed_ptr + byte_index, mask=ok, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + byte_index // 32, mask=ok, other=0.0)  # 32 bytes: 64 weights
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + 2 * byte_index, (tl.load(code_ptr + (byte >> 4)) * scale).to(dtype), ok)
+    tl.store(out_ptr + 2 * byte_index + 1, (tl.load(code_ptr + (byte & 15)) * scale).to(dtype), ok)
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """W[n, k] = code[q[n·K + k]] · absmax[(n·K + k) // 64] as a dense [out_features, K]
+    tensor of `dtype`: bitsandbytes' `dequantize_4bit` of the same weight, to the bit."""
+    num_bytes = packed.numel()
+    out = torch.empty(2 * num_bytes, dtype=dtype, device=packed.device)
+    block = 1024
+    _dequantize_kernel[(triton.cdiv(num_bytes, block),)](
+        packed, absmax, code, out, num_bytes, BLOCK=block
+    )
+    return out.view(out_features, -1)
