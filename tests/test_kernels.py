@@ -296,6 +296,41 @@ def test_4bit_weights_that_cannot_be_stacked_are_refused():
         )
 
 
+@pytest.mark.skipif(CUDA, reason="on CUDA the other tests compile the kernels for the device")
+def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
+    """The real toolchain (Triton to PTX to ptxas, no GPU needed) over each wrapper's
+    launches at Llama-3-8B shapes in bf16: what the interpreter lets through may not
+    compile. Shared memory must fit an H100 block (227 KiB); the matmuls must use the
+    tensor cores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run(
+        [sys.executable, "tests/kernels_sm90.py"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    launches = [json.loads(line) for line in result.stdout.splitlines()]
+    kernels = sorted({launch["kernel"] for launch in launches})
+    assert kernels == sorted(
+        [
+            "_nf4_matmul_kernel",
+            "_dequantize_kernel",
+            "_shrink_kernel",
+            "_expand_kernel",
+            "_paged_attention_kernel",
+        ]
+    )
+    for launch in launches:
+        assert launch["shared_bytes"] <= 227 * 1024, launch
+        if launch["kernel"] != "_dequantize_kernel":
+            assert launch["mma"] in ("mma", "wgmma"), launch
+
+
 def test_kernels_are_chosen_only_on_cuda():
     assert use_triton("cpu", "auto") is False
     assert use_triton("cpu", "reference") is False
