@@ -149,8 +149,10 @@ def lora_sgmv(
     block_r = max(16, triton.next_power_of_2(rank))
     tiles = triton.cdiv(max_segment_len, block_m)
     if split_k is None:
-        # Few tiles (decode) leave most SMs idle on a long reduction: share it out.
-        split_k = max(1, min(8, in_features // 1024)) if num_segments * tiles < 64 else 1
+        # One program per tile leaves SMs idle (a decode step of 64 adapters is 64 programs
+        # for 132 SMs, each streaming its A alone): share the reduction out until there are
+        # about four programs per SM, keeping each at least 256 of the fan-in.
+        split_k = max(1, min(8, in_features // 256, 512 // (num_segments * tiles)))
     precision = dot_precision(x.dtype)
     shrunk = (torch.zeros if split_k > 1 else torch.empty)(
         x.shape[0], rank, dtype=torch.float32, device=x.device
