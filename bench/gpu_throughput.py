@@ -263,7 +263,7 @@ def section_kernels(cfg, args, results) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from serve.attention import build_attention_metadata, paged_attention
+    from serve.attention import paged_attention
     from serve.kernels.lora_sgmv import lora_sgmv
     from serve.kernels.paged_attention import paged_attention_triton
     from serve.lora_ops import LoraBatch, lora_gathered
@@ -271,30 +271,16 @@ def section_kernels(cfg, args, results) -> None:
     s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    batch, context = cfg["decode"]
-    chunk = args.max_batched_tokens
+    batch = cfg["decode"][0]
     rows = {}
 
     def randn(*size):
         return torch.randn(*size, device=device, dtype=dtype)
 
     # attention: `batch` decodes after `context` tokens each; one prefill chunk after as many
-    for label, seqs, computed, new in (
-        ("decode", batch, context, 1),
-        ("prefill", 1, chunk, chunk),
-    ):
-        block = 16
-        per_seq = -(-(computed + new) // block)
-        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
-        k_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
-        v_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
-        q = randn(seqs * new, s.num_heads, s.head_dim)
-        k, v = (randn(seqs * new, s.num_kv_heads, s.head_dim) for _ in range(2))
-        args_ = (tables, [computed] * seqs, [new] * seqs, block, device)
-        reference = build_attention_metadata(*args_)
-        compact = build_attention_metadata(*args_, padded_groups=False)
+    for label, seqs, computed, new in _attention_steps(cfg, args):
+        tensors, reference, compact = _attention_case(s, device, dtype, seqs, computed, new)
         scale = s.head_dim**-0.5
-        tensors = (q, k, v, k_cache, v_cache)
         ref = partial(paged_attention, *tensors, reference, scale)
         kernel = partial(paged_attention_triton, *tensors, compact, scale)
         rows[f"attention_{label}"] = _kernel_row(
@@ -302,7 +288,7 @@ def section_kernels(cfg, args, results) -> None:
             _relative_error(kernel(), ref()),
             _median_time(ref, device),
             _median_time(kernel, device),
-            k_cache.nbytes + v_cache.nbytes,
+            tensors[3].nbytes + tensors[4].nbytes,
         )
 
     # LoRA: `batch` decode tokens, each of its own adapter (slot), at full rank
@@ -326,6 +312,36 @@ def section_kernels(cfg, args, results) -> None:
             A.nbytes + B.nbytes,
         )
     results["kernels"] = rows
+
+
+def _attention_steps(cfg, args) -> list[tuple[str, int, int, int]]:
+    """(label, sequences, context before, new tokens each): a decode batch, a prefill chunk."""
+    batch, context = cfg["decode"]
+    chunk = args.max_batched_tokens
+    return [("decode", batch, context, 1), ("prefill", 1, chunk, chunk)]
+
+
+def _attention_case(s, device, dtype, seqs: int, computed: int, new: int):
+    """Random q, k, v and K/V pool of a step (16-token blocks), with its metadata for the
+    reference op and for the kernel."""
+    import torch
+
+    from serve.attention import build_attention_metadata
+
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    block = 16
+    per_seq = -(-(computed + new) // block)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
+    k_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
+    v_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
+    q = randn(seqs * new, s.num_heads, s.head_dim)
+    k, v = (randn(seqs * new, s.num_kv_heads, s.head_dim) for _ in range(2))
+    steps = (tables, [computed] * seqs, [new] * seqs, block, device)
+    reference = build_attention_metadata(*steps)
+    compact = build_attention_metadata(*steps, padded_groups=False)
+    return (q, k, v, k_cache, v_cache), reference, compact
 
 
 def _relative_error(out, expected) -> float:
@@ -457,6 +473,24 @@ def section_tune(cfg, args, results) -> None:
                 f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
                 f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
             )
+    # attention: keys per tile and warps (at 4 warps and 64 keys the tile addresses spill)
+    from transformers import LlamaConfig
+
+    from serve.kernels.paged_attention import paged_attention_triton
+
+    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
+    space = dict(block_n=(32, 64) if tiny else (32, 64, 128), num_warps=(4, 8))
+    for label, seqs, computed, new in _attention_steps(cfg, args):
+        tensors, _, compact = _attention_case(s, args.device, dtype, seqs, computed, new)
+        run = partial(paged_attention_triton, *tensors, compact, s.head_dim**-0.5)
+        t, knobs = _fastest(run, space, {}, args.device, f"tune       attention {label}")
+        t_default = _median_time(run, args.device)
+        nbytes = tensors[3].nbytes + tensors[4].nbytes
+        best[f"attention/{label}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
+        print(
+            f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
+            f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
+        )
     results["tune"] = best
 
 

@@ -67,8 +67,34 @@ def compile_sm90(kernel, args, kwargs) -> dict:
     return {
         "kernel": kernel.__name__,
         "constexprs": {k: v for k, v in constexprs.items() if k != "PRECISION"},
+        "options": options,
         "shared_bytes": compiled.metadata.shared,
         "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none",
+        **registers(ptx),
+    }
+
+
+def registers(ptx: str) -> dict:
+    """Registers per thread and bytes spilled to local memory, from `ptxas -v` (the ptxas
+    Triton itself assembles with)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run(
+            [get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o", str(source) + ".o"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", report)[1]),
+        "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report)[1]),
     }
 
 

@@ -300,8 +300,8 @@ def test_4bit_weights_that_cannot_be_stacked_are_refused():
 def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     """The real toolchain (Triton to PTX to ptxas, no GPU needed) over each wrapper's
     launches at Llama-3-8B shapes in bf16: what the interpreter lets through may not
-    compile. Shared memory must fit an H100 block (227 KiB); the matmuls must use the
-    tensor cores."""
+    compile. Shared memory must fit an H100 block (227 KiB), no register may spill, and the
+    matmuls must use the tensor cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
@@ -327,6 +327,7 @@ def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     )
     for launch in launches:
         assert launch["shared_bytes"] <= 227 * 1024, launch
+        assert launch["spill_bytes"] == 0, launch  # registers spilled to local memory
         if launch["kernel"] != "_dequantize_kernel":
             assert launch["mma"] in ("mma", "wgmma"), launch
 

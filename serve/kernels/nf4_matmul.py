@@ -91,9 +91,9 @@ def nf4_matmul(
     *,
     block_m: int | None = None,
     block_n: int = 64,
-    block_k: int = 128,
+    block_k: int = 64,
     split_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 8,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """x @ Wᵀ + bias in x's dtype, W the [out_features, K] 4-bit weight described above.
@@ -101,7 +101,9 @@ def nf4_matmul(
     x: [M, K], K even; packed: uint8 holding out_features·K/2 bytes; absmax: fp32
     [ceil(out_features·K / 64)]; code: fp32 [16], the quantization's value of each index;
     bias: [out_features] or None. The keywords are tuning knobs (None: chosen from the shape;
-    bench/gpu_throughput.py's `tune` section sweeps them).
+    bench/gpu_throughput.py's `tune` section sweeps them). The defaults compile for sm_90
+    without spills (80-127 registers); BLOCK_K 128 or 4 warps take all 255 and spill at 64
+    rows (`tests/kernels_sm90.py`).
     """
     rows, in_features = x.shape
     if in_features % 2:

@@ -117,10 +117,14 @@ def paged_attention_triton(
     meta,
     scale: float,
     block_n: int = 64,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Drop-in for `serve.attention.paged_attention`: write this step's K/V into the cache,
     then attend. q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [slots,
-    kv_heads, dim]; meta: AttentionMetadata. Returns [tokens, heads, dim]."""
+    kv_heads, dim]; meta: AttentionMetadata. Returns [tokens, heads, dim].
+
+    num_warps 8: at 4 the gathered K/V tiles' addresses need more than 255 registers and
+    spill (head dim 128; `tests/kernels_sm90.py` reports registers and spills)."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     tokens, heads, dim = q.shape
@@ -162,5 +166,6 @@ def paged_attention_triton(
         BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
         PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
     )
     return out
