@@ -40,6 +40,7 @@ class AttentionMetadata:
     query_start: torch.Tensor  # [seqs + 1] int32 first token of each sequence in the batch
     context_lens: torch.Tensor  # [seqs] int32 keys each sequence sees after this step
     max_query_len: int  # most new tokens of one sequence
+    max_context_len: int = 0  # most keys one sequence sees (an upper bound is enough)
 
 
 def build_attention_metadata(
@@ -88,6 +89,7 @@ def build_attention_metadata(
         query_start=torch.tensor([*starts, total], dtype=torch.int32, device=device),
         context_lens=(computed + new).to(device=device, dtype=torch.int32),
         max_query_len=max(num_new, default=0),
+        max_context_len=int((computed + new).max()) if num_new else 0,
     )
 
 

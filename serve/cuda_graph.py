@@ -47,6 +47,8 @@ class _StaticStep:
             query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
             context_lens=torch.ones(size, dtype=torch.int32, device=device),
             max_query_len=1,
+            # the kernel's split over keys is fixed at capture: for the longest sequence
+            max_context_len=width * block_size,
         )
         # Every segment may hold all rows, so the kernel's grid covers the largest; segments
         # past the step's are empty (start = end) and their programs return at once.

@@ -108,7 +108,7 @@ def launches() -> list:
     for module, names in (
         (nf4_matmul, ("_nf4_matmul_kernel", "_dequantize_kernel")),
         (lora_sgmv, ("_shrink_kernel", "_expand_kernel")),
-        (paged_attention, ("_paged_attention_kernel",)),
+        (paged_attention, ("_paged_attention_kernel", "_combine_kernel")),
     ):
         for name in names:
             setattr(module, name, Recorder(getattr(module, name), recorded))
@@ -137,6 +137,11 @@ def launches() -> list:
         q = torch.zeros(tokens, 32, head_dim, dtype=bf16)
         k = torch.zeros(tokens, kv_heads, head_dim, dtype=bf16)
         paged_attention.paged_attention_triton(q, k, k.clone(), cache, cache.clone(), meta, 0.1)
+        if seqs > 1:  # a lone sequence's decode: its keys split over programs, then merged
+            one = build_attention_metadata(tables[:1], [599], [1], 16, "cpu", padded_groups=False)
+            paged_attention.paged_attention_triton(
+                q[:1], k[:1], k[:1].clone(), cache, cache.clone(), one, 0.1, splits=16
+            )
     return recorded
 
 

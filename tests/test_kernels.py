@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 from registry.errors import UsageError  # noqa: E402
 from serve.attention import build_attention_metadata, paged_attention  # noqa: E402
 from serve.kernels import lora_sgmv as sgmv_module  # noqa: E402
+from serve.kernels import paged_attention as attention_module  # noqa: E402
 from serve.kernels import use_triton  # noqa: E402
 from serve.kernels.lora_sgmv import lora_sgmv  # noqa: E402
 from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul  # noqa: E402
@@ -83,6 +84,24 @@ def test_paged_attention_kernel_equals_the_reference(
     out = paged_attention_triton(q, k, v, k_cache, v_cache, meta, scale=dim**-0.5, block_n=16)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)  # the step's K/V written
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+def test_decode_attention_split_over_keys_equals_the_reference(splits):
+    """Flash-decoding: each sequence's keys shared by `splits` programs, merged after; with
+    short contexts some splits get no key at all (they must weigh nothing)."""
+    computed, new, block_size, dim = [40, 5, 0, 70], [1, 1, 1, 1], 4, 24
+    gen = torch.Generator().manual_seed(splits)
+    tables, tensors = _attention_case(gen, new, computed, 2, 3, dim, block_size, torch.float32)
+    q, k, v, k_cache, v_cache = tensors
+    ref_meta = build_attention_metadata(tables, computed, new, block_size, DEVICE)
+    meta = build_attention_metadata(tables, computed, new, block_size, DEVICE, padded_groups=False)
+    assert meta.max_context_len == 71
+    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), ref_meta, dim**-0.5)
+    out = paged_attention_triton(
+        q, k, v, k_cache, v_cache, meta, scale=dim**-0.5, block_n=16, splits=splits
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_paged_attention_kernel_in_half_precision_stays_close_to_fp32():
@@ -323,12 +342,13 @@ def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
             "_shrink_kernel",
             "_expand_kernel",
             "_paged_attention_kernel",
+            "_combine_kernel",
         ]
     )
     for launch in launches:
         assert launch["shared_bytes"] <= 227 * 1024, launch
         assert launch["spill_bytes"] == 0, launch  # registers spilled to local memory
-        if launch["kernel"] != "_dequantize_kernel":
+        if launch["kernel"] not in ("_dequantize_kernel", "_combine_kernel"):  # no matmul
             assert launch["mma"] in ("mma", "wgmma"), launch
 
 
@@ -368,6 +388,8 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
 
     if not CUDA:  # "auto" picks the kernels on CUDA only; here they run interpreted
         monkeypatch.setattr(serve.engine, "use_triton", lambda _, mode: mode != "reference")
+        # and decode steps split their keys as few sequences on a GPU would
+        monkeypatch.setattr(attention_module, "decode_splits", lambda *_: 3)
     folders = {
         "qv": make_lora(
             tiny_base, tmp_path / "qv", rank=8, targets=["q_proj", "v_proj"], b_scale=1.0

@@ -11,6 +11,11 @@ One program computes BLOCK_M new tokens of one sequence for all G query heads of
 head, so each K/V tile is read once for its G heads (rows = token x head pairs), with an
 online softmax over tiles of BLOCK_N keys. A tile stops at the last key its latest token
 may see, so chunked prefill skips the masked upper triangle.
+
+A decode step of few sequences would give few programs (one Llama-3-8B sequence: 8, for
+132 SMs), so decode-only steps split each sequence's keys over SPLITS programs
+(flash-decoding): each writes its unnormalized output with its running max and sum, and
+`_combine_kernel` merges them, out = Σ 2^(m_s - M) acc_s / Σ 2^(m_s - M) l_s.
 """
 
 from __future__ import annotations
@@ -51,9 +56,13 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
     PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr,  # programs sharing one tile's keys (decode only), else 1
+    partial_acc_ptr,  # [tokens, heads, SPLITS, BLOCK_D] fp32 when SPLITS > 1
+    partial_ml_ptr,  # [tokens, heads, SPLITS, 2] fp32: running max and sum
 ):
     seq = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
+    m0 = (tl.program_id(1) // SPLITS) * BLOCK_M
+    split = tl.program_id(1) % SPLITS
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
@@ -75,7 +84,11 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_M * GROUP_PAD, BLOCK_D], tl.float32)
     end = tl.minimum(context, context - q_len + m0 + BLOCK_M)  # keys the tile's rows may see
-    for n0 in range(0, end, BLOCK_N):
+    # this program's share of them: whole tiles, so splits never share one
+    per_split = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(end, start + per_split)
+    for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         block = tl.load(block_tables_ptr + seq * stride_bt + n // block_size, mask=n_ok, other=0)
@@ -99,13 +112,55 @@ def _paged_attention_kernel(
         )  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    o_offsets = (q_start + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-    tl.store(
-        out_ptr + o_offsets + d[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    if SPLITS == 1:
+        acc = acc / l_i[:, None]
+        o_offsets = (q_start + token).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(
+            out_ptr + o_offsets + d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+    else:  # a split past the context leaves max -inf and sum 0: it weighs nothing
+        heads = tl.num_programs(2) * GROUP
+        part = ((q_start + token).to(tl.int64) * heads + head) * SPLITS + split  # [rows]
+        tl.store(partial_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(partial_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(partial_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    partial_acc_ptr,  # [tokens, heads, SPLITS, BLOCK_D] fp32
+    partial_ml_ptr,  # [tokens, heads, SPLITS, 2] fp32
+    out_ptr,  # [tokens, heads, dim]
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # SPLITS rounded up to a power of two
+):
+    """out[t, h] = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s over the splits of (t, h)."""
+    token, head = tl.program_id(0), tl.program_id(1)
+    part = (token.to(tl.int64) * tl.num_programs(1) + head) * SPLITS + tl.arange(0, BLOCK_S)
+    s_ok = tl.arange(0, BLOCK_S) < SPLITS
+    maxes = tl.load(partial_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
+    sums = tl.load(partial_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+    weight = tl.exp2(maxes - tl.max(maxes, 0))  # split 0 always holds keys: a finite max
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(partial_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None])
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(sums * weight, 0)
+    o = out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + d
+    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_splits(programs: int, max_context_len: int, block_n: int, device) -> int:
+    """Key splits for a decode step of `programs` (sequences x KV heads) tiles: enough for two
+    programs per SM, each with at least 4 tiles of keys."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(2 * sms // programs, max_context_len // (4 * block_n), 32))
 
 
 def paged_attention_triton(
@@ -118,13 +173,15 @@ def paged_attention_triton(
     scale: float,
     block_n: int = 64,
     num_warps: int = 8,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Drop-in for `serve.attention.paged_attention`: write this step's K/V into the cache,
     then attend. q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [slots,
     kv_heads, dim]; meta: AttentionMetadata. Returns [tokens, heads, dim].
 
     num_warps 8: at 4 the gathered K/V tiles' addresses need more than 255 registers and
-    spill (head dim 128; `tests/kernels_sm90.py` reports registers and spills)."""
+    spill (head dim 128; `tests/kernels_sm90.py` reports registers and spills). splits:
+    programs per decode tile's keys (None: `decode_splits`; prefill steps take 1)."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     tokens, heads, dim = q.shape
@@ -139,7 +196,16 @@ def paged_attention_triton(
     rows = 16 if meta.max_query_len == 1 else 64
     block_m = max(1, rows // group_pad)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    grid = (seqs, triton.cdiv(meta.max_query_len, block_m), kv_heads)
+    block_d = max(16, triton.next_power_of_2(dim))
+    if meta.max_query_len != 1:
+        splits = 1  # a split could hold no key a prefill row may see
+    elif splits is None:
+        splits = decode_splits(seqs * kv_heads, meta.max_context_len, block_n, q.device)
+    partial_acc = partial_ml = out  # unused at one split
+    if splits > 1:
+        partial_acc = torch.empty(tokens, heads, splits, block_d, device=q.device)
+        partial_ml = torch.empty(tokens, heads, splits, 2, device=q.device)
+    grid = (seqs, triton.cdiv(meta.max_query_len, block_m) * splits, kv_heads)
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -164,8 +230,23 @@ def paged_attention_triton(
         GROUP_PAD=group_pad,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
+        SPLITS=splits,
+        partial_acc_ptr=partial_acc,
+        partial_ml_ptr=partial_ml,
         num_warps=num_warps,
     )
+    if splits > 1:
+        _combine_kernel[(tokens, heads)](
+            partial_acc,
+            partial_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=dim,
+            BLOCK_D=block_d,
+            SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits),
+        )
     return out
