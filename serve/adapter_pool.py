@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from registry.errors import AdapterError
-from serve.llama import LORA_MODULES, ModelShape
+from serve.llama import LORA_MODULES, PARENT_OF, ModelShape
 from serve.lora_ops import LoraBatch, lora_gathered, lora_gathered_shared, lora_segments
 
 # Modules that read the same input: their A live stacked along the rank, so that one shrink
@@ -29,23 +29,29 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight
 
 @dataclass
 class LoraWeights:
-    """One adapter in host memory."""
+    """One adapter in host memory, laid out as a slot holds it: a slot load is two copies per
+    module (from pinned memory where there is a GPU), no per-layer work."""
 
     uid: str
     path: Path
-    # (layer, module) -> (A [r, in], B [out, r], scale)
-    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+    # module -> A [layers, r, in] and B [layers, r, out] (= scale · lora_Bᵀ) in the slots'
+    # dtype, r the module's largest rank over the layers, zero past each layer's own rank
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    ranks: dict[str, list[int]]  # module -> its rank in each layer (0: not targeted there)
 
     @property
     def rank(self) -> int:
-        return max(a.shape[0] for a, _, _ in self.tensors.values())
+        return max(max(r) for r in self.ranks.values())
 
     @property
     def modules(self) -> list[str]:
-        return sorted({m for _, m in self.tensors})
+        return sorted(self.A)
 
 
-def read_peft_lora(path: Path, uid: str, shape: ModelShape, max_rank: int) -> LoraWeights:
+def read_peft_lora(
+    path: Path, uid: str, shape: ModelShape, max_rank: int, dtype: torch.dtype = torch.float32
+) -> LoraWeights:
     """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits."""
     from safetensors.torch import load_file
 
@@ -95,13 +101,35 @@ def read_peft_lora(path: Path, uid: str, shape: ModelShape, max_rank: int) -> Lo
                 f"this base needs A [{rank}, {fan_in}], B [{fan_out}, {rank}] "
                 f"over {shape.num_layers} layers"
             )
-        key = f"layers.{layer}.{module}"
+        # the module's name as peft matches alpha_pattern keys against it
+        key = f"model.layers.{layer}.{PARENT_OF[module]}.{module}"
         alpha = _pattern(config.get("alpha_pattern"), key, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         tensors[(layer, module)] = (a, b, scale)
     if not tensors:
         raise AdapterError(f"{name}: {path} holds no LoRA weights")
-    return LoraWeights(uid, path, tensors)
+    return slot_layout(uid, path, tensors, shape, dtype)
+
+
+def slot_layout(uid, path, tensors, shape: ModelShape, dtype) -> LoraWeights:
+    """(layer, module) -> (A [r, in], B [out, r], scale) stacked per module over the layers,
+    B scaled and transposed (in fp32, then rounded once to `dtype`, as a slot stores it)."""
+    pin = torch.cuda.is_available()  # pinned host memory: asynchronous, faster copies
+    A, B, ranks = {}, {}, {}
+    for m in sorted({m for _, m in tensors}):
+        fan_in, fan_out = shape.lora_dims(m)
+        ranks[m] = [0] * shape.num_layers
+        for (layer, module), (a, _, _) in tensors.items():
+            if module == m:
+                ranks[m][layer] = a.shape[0]
+        rank = max(ranks[m])
+        A[m] = torch.zeros(shape.num_layers, rank, fan_in, dtype=dtype, pin_memory=pin)
+        B[m] = torch.zeros(shape.num_layers, rank, fan_out, dtype=dtype, pin_memory=pin)
+    for (layer, m), (a, b, scale) in tensors.items():
+        r = a.shape[0]
+        A[m][layer, :r] = a
+        B[m][layer, :r] = b.T * scale
+    return LoraWeights(uid, path, A, B, ranks)
 
 
 def _pattern(patterns: dict | None, key: str, default):
@@ -167,25 +195,25 @@ class AdapterPool:
         if uid in self.host:
             self.host.move_to_end(uid)
             return self.host[uid]
-        weights = read_peft_lora(self.paths[uid], uid, self.shape, self.max_rank)
+        weights = read_peft_lora(self.paths[uid], uid, self.shape, self.max_rank, self.dtype)
         self.keep(weights)
         return weights
 
     def load_slot(self, slot: int, uid: str) -> None:
-        """Copy an adapter into a device slot, replacing whatever was there."""
+        """Copy an adapter into a device slot, replacing whatever was there: per module, its
+        A and B in one copy each, and zeros past its rank."""
         weights = self.weights(uid)
         for m in LORA_MODULES:
-            self.A[m][:, slot].zero_()
-            self.B[m][:, slot].zero_()
-            for layer in range(self.shape.num_layers):
-                self.ranks[m][layer][slot] = 0
-        for (layer, m), (a, b, scale) in weights.tensors.items():
-            r = a.shape[0]
-            self.A[m][layer, slot, :r].copy_(a)
-            self.B[m][layer, slot, :r].copy_(b.T * scale)
-            self.ranks[m][layer][slot] = r
-        for m in LORA_MODULES:
-            column = [ranks[slot] for ranks in self.ranks[m]]
+            A, B = self.A[m][:, slot], self.B[m][:, slot]  # [layers, max_rank, in / out]
+            r = weights.A[m].shape[1] if m in weights.A else 0
+            if r:
+                A[:, :r].copy_(weights.A[m], non_blocking=True)
+                B[:, :r].copy_(weights.B[m], non_blocking=True)
+            A[:, r:].zero_()
+            B[:, r:].zero_()
+            column = weights.ranks.get(m, [0] * self.shape.num_layers)
+            for layer, rank in enumerate(column):
+                self.ranks[m][layer][slot] = rank
             self.rank_table[m][:, slot] = torch.tensor(column, dtype=torch.int32)
 
     def apply_modules(

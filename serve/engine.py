@@ -153,7 +153,9 @@ class LLMEngine:
             stamp = weights_file.stat().st_mtime_ns if weights_file.exists() else 0
             digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
             uid = f"{name}#{digest}"
-        weights = read_peft_lora(resolved.path, uid, self.model.shape, self.config.max_lora_rank)
+        weights = read_peft_lora(
+            resolved.path, uid, self.model.shape, self.config.max_lora_rank, self.model.dtype
+        )
         info = AdapterInfo(
             name,
             uid,

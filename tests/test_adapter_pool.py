@@ -1,0 +1,89 @@
+"""The adapter host tier's slot layout and slot loads, with ranks and scales that vary by layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.adapter_pool import AdapterPool, read_peft_lora
+from serve.llama import LORA_MODULES, ModelShape
+
+
+@pytest.fixture(scope="module")
+def patterned(tiny_base, tmp_path_factory):
+    """A PEFT adapter on q_proj (rank 4, but 2 in layer 1) and down_proj (alpha 3 in layer
+    0, else 8), with its state dict."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"layers.0.mlp.down_proj": 3},
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    folder = tmp_path_factory.mktemp("patterned")
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder, load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _peft(state, layer, module, ab):
+    parent = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+    return state[f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_{ab}.weight"]
+
+
+def _shape(tiny_base):
+    from transformers import AutoConfig
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(tiny_base.path))
+
+
+def test_host_tier_holds_each_module_as_a_slot_does(tiny_base, patterned):
+    folder, state = patterned
+    weights = read_peft_lora(folder, "p#1", _shape(tiny_base), max_rank=8, dtype=torch.float16)
+    assert weights.modules == ["down_proj", "q_proj"] and weights.rank == 4
+    assert weights.ranks == {"q_proj": [4, 2], "down_proj": [4, 4]}
+    A, B = weights.A["q_proj"], weights.B["q_proj"]
+    assert A.dtype == torch.float16 and A.shape == (2, 4, 64) and B.shape == (2, 4, 64)
+    a, b = _peft(state, 1, "q_proj", "A"), _peft(state, 1, "q_proj", "B")
+    assert torch.equal(A[1, :2], a.half()) and torch.equal(B[1, :2], (b.T * 8 / 2).half())
+    assert not A[1, 2:].any() and not B[1, 2:].any()  # zero past layer 1's rank
+    b0, b1 = _peft(state, 0, "down_proj", "B"), _peft(state, 1, "down_proj", "B")
+    assert torch.equal(weights.B["down_proj"][0], (b0.T * 3 / 4).half())  # alpha_pattern
+    assert torch.equal(weights.B["down_proj"][1], (b1.T * 8 / 4).half())
+
+
+def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
+    folder, _ = patterned
+    shape = _shape(tiny_base)
+    pool = AdapterPool(shape, 3, 8, 4, torch.float32, "cpu")
+    weights = read_peft_lora(folder, "p#1", shape, 8)
+    # a rank-8 adapter on every module in slot 1 first: nothing of it may survive
+    full = {m: torch.ones(shape.num_layers, 8, shape.lora_dims(m)[0]) for m in LORA_MODULES}
+    stale = type(weights)(
+        "big#1",
+        folder,
+        full,
+        {m: torch.ones(shape.num_layers, 8, shape.lora_dims(m)[1]) for m in LORA_MODULES},
+        {m: [8] * shape.num_layers for m in LORA_MODULES},
+    )
+    for w in (stale, weights):
+        pool.keep(w)
+        pool.load_slot(1, w.uid)
+    for m in LORA_MODULES:
+        expected_A = torch.zeros(shape.num_layers, 8, shape.lora_dims(m)[0])
+        expected_B = torch.zeros(shape.num_layers, 8, shape.lora_dims(m)[1])
+        if m in weights.A:
+            expected_A[:, :4], expected_B[:, :4] = weights.A[m], weights.B[m]
+        assert torch.equal(pool.A[m][:, 1], expected_A), m
+        assert torch.equal(pool.B[m][:, 1], expected_B), m
+        ranks = weights.ranks.get(m, [0, 0])
+        assert pool.rank_table[m][:, 1].tolist() == ranks
+        assert [r[1] for r in pool.ranks[m]] == ranks
+        assert not pool.A[m][:, 0].any() and not pool.A[m][:, 2].any()  # other slots untouched
