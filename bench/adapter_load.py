@@ -6,7 +6,7 @@ A rank-`rank` adapter on all seven modules of every layer, random. The baseline 
 pool did before it kept adapters in the slot layout: per (layer, module), scale and
 transpose B on the host and copy A and B into the slot, 2 x layers x 7 copies (448 at 8B).
 `AdapterPool.load_slot` copies each module's A and B whole (14 copies) from the host tier,
-which holds them already scaled, in the slots' dtype (and pinned where there is a GPU).
+which holds them already scaled, in the slots' dtype (page-locked when slots are on a GPU).
 Both run in this process, alternating; the ratio is the median of each.
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
             fan_in, fan_out = shape.lora_dims(m)
             a = torch.randn(args.rank, fan_in, generator=gen)
             tensors[(layer, m)] = (a, torch.randn(fan_out, args.rank, generator=gen), 2.0)
-    weights = slot_layout("bench#1", Path("."), tensors, shape, dtype)
+    weights = slot_layout("bench#1", Path("."), tensors, shape, dtype, device.type == "cuda")
     pool.keep(weights)
 
     def timed(fn) -> float:

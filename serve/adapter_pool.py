@@ -30,7 +30,7 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight
 @dataclass
 class LoraWeights:
     """One adapter in host memory, laid out as a slot holds it: a slot load is two copies per
-    module (from pinned memory where there is a GPU), no per-layer work."""
+    module (from page-locked memory when the slots are on a GPU), no per-layer work."""
 
     uid: str
     path: Path
@@ -50,9 +50,15 @@ class LoraWeights:
 
 
 def read_peft_lora(
-    path: Path, uid: str, shape: ModelShape, max_rank: int, dtype: torch.dtype = torch.float32
+    path: Path,
+    uid: str,
+    shape: ModelShape,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    pin_memory: bool = False,
 ) -> LoraWeights:
-    """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits."""
+    """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits;
+    held in `dtype`, in page-locked memory with `pin_memory` (slots on a GPU)."""
     from safetensors.torch import load_file
 
     config = json.loads((path / "adapter_config.json").read_text())
@@ -108,13 +114,14 @@ def read_peft_lora(
         tensors[(layer, module)] = (a, b, scale)
     if not tensors:
         raise AdapterError(f"{name}: {path} holds no LoRA weights")
-    return slot_layout(uid, path, tensors, shape, dtype)
+    return slot_layout(uid, path, tensors, shape, dtype, pin_memory)
 
 
-def slot_layout(uid, path, tensors, shape: ModelShape, dtype) -> LoraWeights:
+def slot_layout(
+    uid, path, tensors, shape: ModelShape, dtype, pin_memory: bool = False
+) -> LoraWeights:
     """(layer, module) -> (A [r, in], B [out, r], scale) stacked per module over the layers,
     B scaled and transposed (in fp32, then rounded once to `dtype`, as a slot stores it)."""
-    pin = torch.cuda.is_available()  # pinned host memory: asynchronous, faster copies
     A, B, ranks = {}, {}, {}
     for m in sorted({m for _, m in tensors}):
         fan_in, fan_out = shape.lora_dims(m)
@@ -123,8 +130,8 @@ def slot_layout(uid, path, tensors, shape: ModelShape, dtype) -> LoraWeights:
             if module == m:
                 ranks[m][layer] = a.shape[0]
         rank = max(ranks[m])
-        A[m] = torch.zeros(shape.num_layers, rank, fan_in, dtype=dtype, pin_memory=pin)
-        B[m] = torch.zeros(shape.num_layers, rank, fan_out, dtype=dtype, pin_memory=pin)
+        A[m] = torch.zeros(shape.num_layers, rank, fan_in, dtype=dtype, pin_memory=pin_memory)
+        B[m] = torch.zeros(shape.num_layers, rank, fan_out, dtype=dtype, pin_memory=pin_memory)
     for (layer, m), (a, b, scale) in tensors.items():
         r = a.shape[0]
         A[m][layer, :r] = a
@@ -153,6 +160,7 @@ class AdapterPool:
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
+        self.device = torch.device(device)
         L = shape.num_layers
         self.A, self.B = {}, {}
         # modules -> [layers, slots, modules · max_rank, in] A of modules sharing their input
@@ -195,9 +203,14 @@ class AdapterPool:
         if uid in self.host:
             self.host.move_to_end(uid)
             return self.host[uid]
-        weights = read_peft_lora(self.paths[uid], uid, self.shape, self.max_rank, self.dtype)
+        weights = self.read(self.paths[uid], uid)
         self.keep(weights)
         return weights
+
+    def read(self, path: Path, uid: str) -> LoraWeights:
+        """Read an adapter folder into the host tier's layout (touches no pool state)."""
+        pin = self.device.type == "cuda"  # page-locked: asynchronous, faster copies to slots
+        return read_peft_lora(path, uid, self.shape, self.max_rank, self.dtype, pin)
 
     def load_slot(self, slot: int, uid: str) -> None:
         """Copy an adapter into a device slot, replacing whatever was there: per module, its

@@ -19,7 +19,7 @@ from registry.errors import NotFoundError, UsageError
 from registry.home import setup_environment
 from registry.refs import is_ref
 from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool, LoraWeights, read_peft_lora
+from serve.adapter_pool import AdapterPool, LoraWeights
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.guided import GuidedDecoding
@@ -153,9 +153,7 @@ class LLMEngine:
             stamp = weights_file.stat().st_mtime_ns if weights_file.exists() else 0
             digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
             uid = f"{name}#{digest}"
-        weights = read_peft_lora(
-            resolved.path, uid, self.model.shape, self.config.max_lora_rank, self.model.dtype
-        )
+        weights = self.pool.read(resolved.path, uid)
         info = AdapterInfo(
             name,
             uid,
