@@ -1,0 +1,76 @@
+"""On a CUDA GPU only: the engine's GPU path on the real SmolLM2, compiled kernels and CUDA
+graphs against the plain-torch path. Skipped without CUDA (CI has none); the kernels' own
+tests run everywhere (tests/test_kernels.py, interpreted on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PROMPTS = [
+    "What is the capital of Norway?",
+    "Do I need a building permit for a garden shed?",
+    "Name three primary colours.",
+]
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2, tmp_path_factory):
+    from tests.helpers import make_lora
+
+    root = tmp_path_factory.mktemp("gpu-adapters")
+    return {
+        "qv": make_lora(smollm2, root / "qv", rank=8, targets=["q_proj", "v_proj"]),
+        "all": make_lora(
+            smollm2,
+            root / "all",
+            rank=16,
+            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            seed=1,
+        ),
+    }
+
+
+def _generate(smollm2, adapters, **options):
+    from serve import LLM, SamplingParams
+
+    llm = LLM(base_model=str(smollm2.path), device="cuda", dtype="float32", **options)
+    for name, folder in adapters.items():
+        llm.load_adapter(name, str(folder))
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
+    outs = llm.generate(PROMPTS * 2, params, adapters=["qv", None, "all", "all", "qv", None])
+    return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs]
+
+
+def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(smollm2, adapters):
+    """NF4 base in fp32: bitsandbytes + SDPA + gathered LoRA against the Triton kernels, eager
+    and replayed from CUDA graphs."""
+    reference = _generate(smollm2, adapters, kernels="reference")
+    kernels = _generate(smollm2, adapters, kernels="auto")
+    graphs = _generate(smollm2, adapters, kernels="auto", cuda_graphs=True)
+    for tokens, logprobs in (kernels, graphs):
+        assert tokens == reference[0]
+        for ours, theirs in zip(logprobs, reference[1], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64, 300])
+def test_nf4_kernel_agrees_with_bitsandbytes_in_bf16(rows):
+    from serve.linear import Linear4bit, PackedLinear4bit
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    weights = [
+        torch.randn(o, 2048, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+        for o in (2048, 512, 512)
+    ]
+    x = torch.randn(rows, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    stacked = PackedLinear4bit(weights, [None] * 3, "nf4", True, torch.bfloat16)(x)
+    one_by_one = [Linear4bit(w, None, "nf4", True, torch.bfloat16)(x) for w in weights]
+    expected = torch.cat(one_by_one, dim=1).float()
+    error = (stacked.float() - expected).abs().max() / expected.abs().max()
+    assert error < 1e-2
