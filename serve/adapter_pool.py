@@ -181,10 +181,19 @@ class AdapterPool:
             self.B[m] = torch.zeros(L, max_loras, max_rank, fan_out, dtype=dtype, device=device)
         # Host-side per (module, layer, slot): the slot's rank there (0: not targeted).
         self.ranks = {m: [[0] * max_loras for _ in range(L)] for m in LORA_MODULES}
-        # The same on the device, [layers, slots] int32 per module, for the Triton kernel
-        self.rank_table = {
-            m: torch.zeros(L, max_loras, dtype=torch.int32, device=device) for m in LORA_MODULES
+        # The same on the device, [layers, slots] int32 per module, for the Triton kernel;
+        # modules sharing their input as views of one [layers, modules, slots] table
+        self.rank_table_shared = {
+            group: torch.zeros(L, len(group), max_loras, dtype=torch.int32, device=device)
+            for group in SHARED_INPUT
         }
+        self.rank_table = {}
+        for group, table in self.rank_table_shared.items():
+            for j, m in enumerate(group):
+                self.rank_table[m] = table[:, j]
+        for m in LORA_MODULES:
+            if m not in self.rank_table:
+                self.rank_table[m] = torch.zeros(L, max_loras, dtype=torch.int32, device=device)
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
         self.paths: dict[str, Path] = {}
         self.host_evictions = 0
@@ -238,6 +247,19 @@ class AdapterPool:
         batch: LoraBatch,
     ) -> None:
         """`apply` for each of `modules`, all reading x; one shared shrink when they can."""
+        if modules in self.A_shared and batch.segment_table is not None:  # the Triton kernel
+            from serve.kernels.lora_sgmv import lora_sgmv_shared
+
+            lora_sgmv_shared(
+                ys,
+                x,
+                self.A_shared[modules][layer],
+                [self.B[m][layer] for m in modules],
+                batch.segment_table,
+                batch.max_segment_len,
+                self.rank_table_shared[modules][layer],
+            )
+            return
         if modules in self.A_shared and batch.chunk_tokens is not None:
             B = [self.B[m][layer] for m in modules]
             lora_gathered_shared(ys, x, self.A_shared[modules][layer], B, batch)

@@ -128,6 +128,14 @@ def launches() -> list:
         A, B = torch.zeros(seqs, 16, hidden, dtype=bf16), torch.zeros(seqs, 16, qkv, dtype=bf16)
         y, x = torch.zeros(tokens, qkv, dtype=bf16), torch.zeros(tokens, hidden, dtype=bf16)
         lora_sgmv.lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, ranks)
+        # q/k/v: one shrink over their A stacked along the rank
+        stacked = torch.zeros(seqs, 3 * 16, hidden, dtype=bf16)
+        ys = list(y.split((4096, 1024, 1024), dim=1))
+        Bs = [torch.zeros(seqs, 16, w.shape[1], dtype=bf16) for w in ys]
+        table = torch.full((3, seqs), 16, dtype=torch.int32)
+        lora_sgmv.lora_sgmv_shared(
+            ys, x, stacked, Bs, batch.segment_table, batch.max_segment_len, table
+        )
 
         tables = [list(range(i * 40, (i + 1) * 40)) for i in range(seqs)]
         meta = build_attention_metadata(

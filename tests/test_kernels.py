@@ -25,7 +25,7 @@ from serve.attention import build_attention_metadata, paged_attention  # noqa: E
 from serve.kernels import lora_sgmv as sgmv_module  # noqa: E402
 from serve.kernels import paged_attention as attention_module  # noqa: E402
 from serve.kernels import use_triton  # noqa: E402
-from serve.kernels.lora_sgmv import lora_sgmv  # noqa: E402
+from serve.kernels.lora_sgmv import lora_sgmv, lora_sgmv_shared  # noqa: E402
 from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul  # noqa: E402
 from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
 from serve.linear import Linear4bit, PackedLinear4bit, quantize_4bit  # noqa: E402
@@ -198,6 +198,39 @@ def test_lora_sgmv_kernel_reads_each_slot_only_up_to_its_rank():
     rank_of = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
     lora_sgmv(y, x, stale_A, stale_B, batch.segment_table, batch.max_segment_len, rank_of)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_shrink_kernel_equals_each_module_against_the_reference():
+    """q/k/v in one shrink over their stacked A: each module up to its own rank per slot
+    (rows past it hold stale values), a module an adapter skips (rank 0) untouched."""
+    gen = torch.Generator().manual_seed(17)
+    max_rank, fan_in, widths = 8, 40, (24, 8, 8)
+    ranks = [[8, 3, 0], [2, 0, 5], [8, 1, 1]]  # module -> rank of slots 0..2
+    A, Bs = [], []
+    for module, width in enumerate(widths):
+        a, b = _adapters(gen, ranks[module], max_rank, fan_in, width, torch.float32)
+        A.append(a)
+        Bs.append(b)
+    stacked = torch.cat(A, dim=1)  # [slots, 3 * max_rank, in]
+    stale, stale_Bs = stacked.clone(), [b.clone() for b in Bs]
+    for module in range(3):
+        for slot, r in enumerate(ranks[module]):
+            stale[slot, module * max_rank + r : (module + 1) * max_rank] = 5.0
+            stale_Bs[module][slot, r:] = -3.0
+    seq_slots, seq_tokens = [2, 0, -1, 1, 0], [3, 1, 2, 17, 1]
+    slot_of_token = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_tokens))
+    x = torch.randn(len(slot_of_token), fan_in, generator=gen).to(DEVICE)
+    fused = torch.randn(len(slot_of_token), sum(widths), generator=gen).to(DEVICE)
+    ys = list(fused.split(widths, dim=1))  # column views, as the stacked projection gives
+    expected = [
+        lora_reference(y, x, a, b, slot_of_token.to(DEVICE))
+        for y, a, b in zip(ys, A, Bs, strict=True)
+    ]
+    batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
+    table = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    lora_sgmv_shared(ys, x, stale, stale_Bs, batch.segment_table, batch.max_segment_len, table)
+    for y, e in zip(ys, expected, strict=True):
+        torch.testing.assert_close(y, e, rtol=1e-4, atol=1e-4)
 
 
 def test_a_batch_without_adapters_launches_nothing(monkeypatch):

@@ -11,6 +11,8 @@ Two kernels, as in Punica: shrink (x @ Aᵀ into an fp32 [tokens, R] buffer) and
 (y += buffer @ B). Each program takes BLOCK_M tokens of one segment, so every program
 reads one adapter's A or B tile: a decode step over 8 adapters reads each adapter once. A
 step without segments launches nothing (the engine never calls it: `LoraBatch` is None).
+Modules that read the same input (q/k/v, gate/up) shrink in one launch over their A stacked
+along the rank (`lora_sgmv_shared`): x is read once, and one launch replaces three.
 """
 
 from __future__ import annotations
@@ -23,40 +25,43 @@ from serve.kernels import dot_precision
 
 
 @triton.jit
-def _tile(segment_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
-    """This program's tile: its first token, its segment's end, the segment's slot and that
-    slot's rank."""
+def _tile(segment_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its first token, its segment's end and the segment's slot."""
     segment = segment_ptr + tl.program_id(0) * 3
     m0 = tl.load(segment) + tl.program_id(1) * BLOCK_M
-    slot = tl.load(segment + 2)
-    return m0, tl.load(segment + 1), slot.to(tl.int64), tl.load(ranks_ptr + slot)
+    return m0, tl.load(segment + 1), tl.load(segment + 2).to(tl.int64)
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # [tokens, in]
-    a_ptr,  # [slots, R, in]
-    out_ptr,  # [tokens, R] fp32, zeroed when SPLIT_K > 1
+    a_ptr,  # [slots, GROUPS * RANK, in]: the modules' A stacked along the rank
+    out_ptr,  # [tokens, GROUPS * RANK] fp32, zeroed when SPLIT_K > 1
     segment_ptr,  # [segments, 3] int32: start, end, slot
-    ranks_ptr,  # [slots] int32: each slot's rank for this module, 0 if not targeted
+    ranks_ptr,  # [GROUPS, slots] int32: each slot's rank per module, 0 if not targeted
     in_features,
     stride_xt,
     stride_as,
     stride_ar,
     stride_ot,
+    stride_rg,
+    GROUPS: tl.constexpr,  # modules sharing this input
+    RANK: tl.constexpr,  # rows of A per module (the slots' padded rank)
     BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # GROUPS * RANK rounded up to a power of two
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing one tile's reduction over `in`
     PRECISION: tl.constexpr,
 ):
-    m0, end, slot, rank = _tile(segment_ptr, ranks_ptr, BLOCK_M)
-    if (m0 >= end) | (rank == 0):
+    m0, end, slot = _tile(segment_ptr, BLOCK_M)
+    r = tl.arange(0, BLOCK_R)
+    group = r // RANK
+    rank = tl.load(ranks_ptr + group * stride_rg + slot, mask=group < GROUPS, other=0)
+    if (m0 >= end) | (tl.max(rank, 0) == 0):
         return
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
+    r_ok = r % RANK < rank  # each module's rows up to its own rank
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     x_rows = x_ptr + t.to(tl.int64)[:, None] * stride_xt
     a_rows = a_ptr + slot * stride_as + r[None, :] * stride_ar
@@ -90,7 +95,8 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    m0, end, slot, rank = _tile(segment_ptr, ranks_ptr, BLOCK_M)
+    m0, end, slot = _tile(segment_ptr, BLOCK_M)
+    rank = tl.load(ranks_ptr + slot)
     if (m0 >= end) | (rank == 0):
         return
     t = m0 + tl.arange(0, BLOCK_M)
@@ -134,19 +140,48 @@ def lora_sgmv(
     max_segment_len: the longest segment's tokens, for the grid; ranks: [slots] int32 rank of
     each slot for this module (None: R for every slot).
     """
+    lora_sgmv_shared(
+        [y],
+        x,
+        A,
+        [B],
+        segments,
+        max_segment_len,
+        None if ranks is None else ranks[None],
+        split_k=split_k,
+    )
+
+
+def lora_sgmv_shared(
+    ys: list[torch.Tensor],
+    x: torch.Tensor,
+    A: torch.Tensor,
+    Bs: list[torch.Tensor],
+    segments: torch.Tensor,
+    max_segment_len: int,
+    ranks: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+) -> None:
+    """In place, for each module g of those reading x:
+    ys[g][i] += (x[i] @ A[s, gR : (g+1)R]ᵀ) @ Bs[g][s]  for s = slot of token i's segment.
+
+    A: [slots, G·R, in], the G modules' A stacked along the rank; Bs: G tensors [slots, R,
+    out_g]; ranks: [G, slots] int32 (None: R everywhere); the rest as in `lora_sgmv`. One
+    shrink launch for all G, then one expand per module.
+    """
     num_segments = segments.shape[0]
     if num_segments == 0 or max_segment_len == 0:
         return
-    if y.stride(-1) != 1:
+    if any(y.stride(-1) != 1 for y in ys):
         raise ValueError("lora_sgmv: y must be contiguous in its last dimension")
     x = x if x.stride(-1) == 1 else x.contiguous()
     A = A if A.stride(-1) == 1 else A.contiguous()
-    B = B if B.stride(-1) == 1 else B.contiguous()
-    rank, in_features, out_features = A.shape[1], A.shape[2], B.shape[2]
+    groups, rank = len(ys), Bs[0].shape[1]
+    in_features = A.shape[2]
     if ranks is None:
-        ranks = torch.full((A.shape[0],), rank, dtype=torch.int32, device=A.device)
+        ranks = torch.full((groups, A.shape[0]), rank, dtype=torch.int32, device=A.device)
     block_m = 16 if max_segment_len <= 16 else 32
-    block_r = max(16, triton.next_power_of_2(rank))
     tiles = triton.cdiv(max_segment_len, block_m)
     if split_k is None:
         # One program per tile leaves SMs idle (a decode step of 64 adapters is 64 programs
@@ -155,7 +190,7 @@ def lora_sgmv(
         split_k = max(1, min(8, in_features // 256, 512 // (num_segments * tiles)))
     precision = dot_precision(x.dtype)
     shrunk = (torch.zeros if split_k > 1 else torch.empty)(
-        x.shape[0], rank, dtype=torch.float32, device=x.device
+        x.shape[0], groups * rank, dtype=torch.float32, device=x.device
     )
     _shrink_kernel[(num_segments, tiles, split_k)](
         x,
@@ -168,26 +203,32 @@ def lora_sgmv(
         A.stride(0),
         A.stride(1),
         shrunk.stride(0),
+        ranks.stride(0),
+        GROUPS=groups,
+        RANK=rank,
         BLOCK_M=block_m,
-        BLOCK_R=block_r,
+        BLOCK_R=max(16, triton.next_power_of_2(groups * rank)),
         BLOCK_K=64,
         SPLIT_K=split_k,
         PRECISION=precision,
     )
     block_n = 128
-    _expand_kernel[(num_segments, tiles, triton.cdiv(out_features, block_n))](
-        shrunk,
-        B,
-        y,
-        segments,
-        ranks,
-        out_features,
-        shrunk.stride(0),
-        B.stride(0),
-        B.stride(1),
-        y.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        PRECISION=precision,
-    )
+    for g, (y, B) in enumerate(zip(ys, Bs, strict=True)):
+        B = B if B.stride(-1) == 1 else B.contiguous()
+        out_features = B.shape[2]
+        _expand_kernel[(num_segments, tiles, triton.cdiv(out_features, block_n))](
+            shrunk[:, g * rank :],
+            B,
+            y,
+            segments,
+            ranks[g],
+            out_features,
+            shrunk.stride(0),
+            B.stride(0),
+            B.stride(1),
+            y.stride(0),
+            BLOCK_M=block_m,
+            BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            BLOCK_N=block_n,
+            PRECISION=precision,
+        )
