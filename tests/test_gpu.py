@@ -21,6 +21,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def adapters(smollm2, tmp_path_factory):
+    from serve.llama import LORA_MODULES
     from tests.helpers import make_lora
 
     root = tmp_path_factory.mktemp("gpu-adapters")
@@ -30,7 +31,7 @@ def adapters(smollm2, tmp_path_factory):
             smollm2,
             root / "all",
             rank=16,
-            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            targets=LORA_MODULES,
             seed=1,
         ),
     }

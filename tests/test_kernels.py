@@ -29,6 +29,7 @@ from serve.kernels.lora_sgmv import lora_sgmv, lora_sgmv_shared  # noqa: E402
 from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul  # noqa: E402
 from serve.kernels.paged_attention import paged_attention_triton  # noqa: E402
 from serve.linear import Linear4bit, PackedLinear4bit, quantize_4bit  # noqa: E402
+from serve.llama import LORA_MODULES  # noqa: E402
 from serve.lora_ops import LoraBatch, lora_reference  # noqa: E402
 from tests.helpers import PROJECT, tiny_engine_args  # noqa: E402
 
@@ -434,7 +435,7 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
             tiny_base,
             tmp_path / "all",
             rank=5,
-            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            targets=LORA_MODULES,
             seed=2,
         ),
     }
