@@ -20,6 +20,8 @@ A decode step of few sequences would give few programs (one Llama-3-8B sequence:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -159,8 +161,14 @@ def decode_splits(programs: int, max_context_len: int, block_n: int, device) -> 
     programs per SM, each with at least 4 tiles of keys."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index or 0)
     return max(1, min(2 * sms // programs, max_context_len // (4 * block_n), 32))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    """SMs of a GPU, asked once: every layer of every decode step wants it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def paged_attention_triton(
