@@ -73,10 +73,10 @@ DEQUANTIZE_ABOVE_ROWS = 256
 class PackedLinear4bit:
     """Modules that read the same input (q/k/v, gate/up) as one 4-bit weight, multiplied by
     the Triton kernel `serve.kernels.nf4_matmul` in one launch (dequantized first for
-    prefill-sized inputs). Each module is quantized on
-    its own, exactly as `Linear4bit` (and the trainer) quantizes it; their packed bytes and
-    fp32 scales are then laid end to end, which is the stacked weight's layout when every
-    module holds a whole number of 64-weight blocks (`stackable`)."""
+    prefill-sized inputs). Each module is quantized on its own, exactly as `Linear4bit` (and
+    the trainer) quantizes it; their packed bytes and fp32 scales are then laid end to end,
+    which is the stacked weight's layout when every module holds a whole number of 64-weight
+    blocks (`stackable`)."""
 
     def __init__(
         self,
@@ -88,8 +88,8 @@ class PackedLinear4bit:
     ):
         from serve.kernels.nf4_matmul import nf4_dequantize, nf4_matmul
 
-        if not stackable(weights):
-            shapes = [tuple(w.shape) for w in weights]
+        shapes = [tuple(w.shape) for w in weights]
+        if not stackable(shapes):
             raise ValueError(f"4-bit weights {shapes} cannot be stacked: see `stackable`")
         packs, scales = [], []
         for weight in weights:
@@ -111,14 +111,15 @@ class PackedLinear4bit:
         return self._matmul(x, *operands, self.bias)
 
 
-def stackable(weights: list[torch.Tensor]) -> bool:
-    """Whether `PackedLinear4bit` can hold these [out, in] weights: a shared, even `in` (bytes
-    hold two weights of one row) and 64-weight blocks that end where each module ends."""
-    in_features = weights[0].shape[1]
+def stackable(shapes: list[tuple[int, int]]) -> bool:
+    """Whether `PackedLinear4bit` can hold weights of these (out, in) shapes: a shared, even
+    `in` (bytes hold two weights of one row) and 64-weight blocks that end where each module
+    ends."""
+    in_features = shapes[0][1]
     return (
         in_features % 2 == 0
-        and all(w.shape[1] == in_features for w in weights)
-        and all(w.numel() % 64 == 0 for w in weights[:-1])
+        and all(n == in_features for _, n in shapes)
+        and all(out * n % 64 == 0 for out, n in shapes[:-1])
     )
 
 

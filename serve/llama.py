@@ -21,6 +21,7 @@ from serve.linear import (
     PackedLinear4bit,
     linear,
     quantize_then_dequantize,
+    stackable,
     stacked_bias,
 )
 
@@ -172,10 +173,7 @@ class LlamaModel:
         packed_kernel = (
             packed
             and use_triton
-            and all(
-                in_features % 2 == 0 and in_features * out_features % 64 == 0
-                for in_features, out_features in map(self.shape.lora_dims, LORA_MODULES)
-            )
+            and all(stackable([self.shape.lora_dims(m)[::-1] for m in group]) for group in _FUSED)
         )
 
         def linear_group(prefix: str, modules: tuple[str, ...]):
