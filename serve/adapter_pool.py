@@ -122,16 +122,15 @@ def slot_layout(
 ) -> LoraWeights:
     """(layer, module) -> (A [r, in], B [out, r], scale) stacked per module over the layers,
     B scaled and transposed (in fp32, then rounded once to `dtype`, as a slot stores it)."""
-    A, B, ranks = {}, {}, {}
-    for m in sorted({m for _, m in tensors}):
+    ranks: dict[str, list[int]] = {}
+    for (layer, m), (a, _, _) in tensors.items():
+        ranks.setdefault(m, [0] * shape.num_layers)[layer] = a.shape[0]
+    A, B = {}, {}
+    for m, per_layer in ranks.items():
         fan_in, fan_out = shape.lora_dims(m)
-        ranks[m] = [0] * shape.num_layers
-        for (layer, module), (a, _, _) in tensors.items():
-            if module == m:
-                ranks[m][layer] = a.shape[0]
-        rank = max(ranks[m])
-        A[m] = torch.zeros(shape.num_layers, rank, fan_in, dtype=dtype, pin_memory=pin_memory)
-        B[m] = torch.zeros(shape.num_layers, rank, fan_out, dtype=dtype, pin_memory=pin_memory)
+        size = (shape.num_layers, max(per_layer))
+        A[m] = torch.zeros(*size, fan_in, dtype=dtype, pin_memory=pin_memory)
+        B[m] = torch.zeros(*size, fan_out, dtype=dtype, pin_memory=pin_memory)
     for (layer, m), (a, b, scale) in tensors.items():
         r = a.shape[0]
         A[m][layer, :r] = a
