@@ -40,7 +40,7 @@ class AttentionMetadata:
     query_start: torch.Tensor  # [seqs + 1] int32 first token of each sequence in the batch
     context_lens: torch.Tensor  # [seqs] int32 keys each sequence sees after this step
     max_query_len: int  # most new tokens of one sequence
-    max_context_len: int = 0  # most keys one sequence sees (an upper bound is enough)
+    max_context_len: int  # most keys one sequence sees (an upper bound is enough)
 
 
 def build_attention_metadata(
@@ -80,6 +80,7 @@ def build_attention_metadata(
             )
             for idx in (torch.tensor(m) for m in (decodes, chunks) if m)
         ]
+    context = computed + new  # keys each sequence sees after this step
     return AttentionMetadata(
         position.to(device),
         slot_mapping.to(device),
@@ -87,9 +88,9 @@ def build_attention_metadata(
         block_size,
         block_tables=tables.to(device=device, dtype=torch.int32),
         query_start=torch.tensor([*starts, total], dtype=torch.int32, device=device),
-        context_lens=(computed + new).to(device=device, dtype=torch.int32),
+        context_lens=context.to(device=device, dtype=torch.int32),
         max_query_len=max(num_new, default=0),
-        max_context_len=int((computed + new).max()) if num_new else 0,
+        max_context_len=int(context.max()) if num_new else 0,
     )
 
 
