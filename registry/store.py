@@ -70,9 +70,21 @@ class AdapterRegistry:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        # A server chooses its own (proxied) artifact store; SQLite would use ./mlruns in the cwd.
-        location = (self.home.artifacts / name).as_uri() if self.is_embedded else None
+        root = self._artifact_root()
+        location = (root / name).as_uri() if root else None
         return self.client.create_experiment(name, artifact_location=location)
+
+    def _artifact_root(self) -> Path | None:
+        """Where a new experiment keeps its artifacts: beside a SQLite store's file (so the
+        embedded store's are the data home's `mlartifacts/`), in the data home for other
+        databases, and wherever a server or a file store puts them (None). Left to MLflow, a
+        database store would write them to `./mlruns` in whatever folder the process runs in."""
+        scheme, sep, rest = self.tracking_uri.partition("://")
+        if not sep or scheme in ("file", "http", "https", "databricks"):
+            return None
+        if scheme == "sqlite":
+            return Path(rest.removeprefix("/")).resolve().parent / "mlartifacts"
+        return self.home.artifacts
 
     def register(self, name: str, run_id: str, source: str, lineage: Lineage) -> AdapterVersion:
         """Add a version of `name` whose weights are the artifact folder at `source`."""

@@ -60,8 +60,10 @@ def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
     assert json.loads((resolved.path / "adapter_config.json").read_text())["r"] == 4
 
 
-def test_register_promote_download_on_embedded_sqlite(registry, adapters, tmp_path, tiny_base):
+def test_register_promote_download_on_sqlite(registry, adapters, tmp_path, tiny_base):
     _exercise(registry, adapters, tmp_path, tiny_base)
+    # Artifacts live beside the store's file, not in ./mlruns of whatever folder ran this.
+    assert registry.get(parse_ref("facts/1")).source.startswith((tmp_path / "mlartifacts").as_uri())
 
 
 def test_register_promote_download_on_a_real_mlflow_server(
