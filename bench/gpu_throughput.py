@@ -4,16 +4,14 @@
     python bench/gpu_throughput.py --sections decode,load --kernels reference
     python bench/gpu_throughput.py --tiny               # CPU smoke run of every section
 
-Random weights of the real shapes (speed depends on shapes, not values; nothing can be
-downloaded on the GPU machine), written once to --workdir and reused by later runs. Prompts
-are random token ids with chat-like lengths; outputs are forced with ignore_eos. Sections:
+Random weights of the real shapes, written once to --workdir and reused by later runs
+(`bench/gpu_model.py`); prompts with chat-like lengths, outputs forced with ignore_eos.
+Sections (kernels, matmul and tune: `bench/gpu_kernels.py`, no model needed):
 
 - kernels: each Triton kernel against the reference op it replaces, alone, on the model's
-           shapes (decode and prefill attention, LoRA over distinct adapters), with the
-           bandwidth it reaches: where to tune before looking at whole steps;
-- matmul:  one layer's seven base projections: bitsandbytes' NF4 against the Triton NF4
-           kernel (q/k/v and gate/up stacked, as the engine runs them) and bf16, per batch;
-- tune:    the Triton NF4 kernel's block sizes, split and warps swept per batch size;
+           shapes, with the bandwidth it reaches: where to tune before looking at whole steps;
+- matmul:  one layer's base projections: bitsandbytes' NF4, the Triton NF4 kernel, bf16;
+- tune:    the Triton kernels' block sizes, split and warps swept per batch size;
 - serve:   tokens/s, TTFT and ITL of loraplex over all requests with 100 adapters, and the same
            requests with no adapter (goal: adapters keep >= 90 % of the tokens/s);
 - peft:    peft's mixed-batch `generate` in static batches against loraplex on the same first
@@ -31,43 +29,26 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gpu_kernels import (  # noqa: E402
+    copy_bandwidth,
+    median_time,
+    section_kernels,
+    section_matmul,
+    section_tune,
+)
+from bench.gpu_model import SHAPES, chat_workload, write_random_base  # noqa: E402
 from bench.throughput import pct, run_loraplex, run_peft, write_random_adapters  # noqa: E402
-from serve.llama import LORA_MODULES, PARENT_OF, ModelShape  # noqa: E402
 
-SHAPES = {
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-    ),
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
-}
 SECTIONS = ("kernels", "matmul", "tune", "serve", "peft", "decode", "load")
 # Per mode: requests, adapters, rank, prompt and output (median, max) tokens, max running
 # sequences, peft requests, decode (batch, context), KV pool GiB, matmul batch sizes.
@@ -99,107 +80,6 @@ MODES = {
         matmul_batches=(1, 8, 300),
     ),
 }
-
-
-def write_random_base(folder: Path, shape: dict, device, dtype) -> Path:
-    """A Llama folder of random weights (one safetensors shard per layer, with the index
-    transformers wants) and a word-level tokenizer: all an engine or peft needs to load."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    if (folder / "complete").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    config.save_pretrained(folder)
-    write_tokenizer(folder, min(shape["vocab_size"], 1000))
-    model_shape = ModelShape.from_config(config)
-    h = shape["hidden_size"]
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*size):
-        return (torch.randn(*size, generator=gen, device=device, dtype=dtype) * 0.02).cpu()
-
-    weight_map = {}
-
-    def save(name: str, tensors: dict) -> None:
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-
-    ones = torch.ones(h, dtype=dtype)
-    save(
-        "embed.safetensors",
-        {
-            "model.embed_tokens.weight": rand(shape["vocab_size"], h),
-            "lm_head.weight": rand(shape["vocab_size"], h),
-            "model.norm.weight": ones,
-        },
-    )
-    for layer in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        tensors = {
-            f"{p}.{PARENT_OF[m]}.{m}.weight": rand(*reversed(model_shape.lora_dims(m)))
-            for m in LORA_MODULES
-        }
-        tensors[f"{p}.input_layernorm.weight"] = ones.clone()
-        tensors[f"{p}.post_attention_layernorm.weight"] = ones.clone()
-        save(f"layer-{layer:03d}.safetensors", tensors)
-    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    (folder / "complete").touch()
-    return folder
-
-
-def write_tokenizer(folder: Path, size: int) -> None:
-    """Word-level tokens t0..t{size-1}: prompts are token ids, so only loading matters."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{j}": j for j in range(size)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t2"
-    ).save_pretrained(folder)
-
-
-def chat_workload(n: int, n_adapters: int, vocab: int, prompt, output, seed: int = 0):
-    """Random prompts and output lengths, both log-normal around the given medians (chat
-    traffic: mostly short, a long tail), clipped to the maxima; adapters round-robin."""
-    rng = random.Random(seed)
-
-    def draw(median, top, low):
-        return max(low, min(top, round(rng.lognormvariate(math.log(median), 0.8))))
-
-    prompts = [[rng.randrange(3, vocab) for _ in range(draw(*prompt, 4))] for _ in range(n)]
-    lengths = [draw(*output, 2) for _ in range(n)]
-    return prompts, lengths, [i % n_adapters for i in range(n)]
-
-
-def copy_bandwidth(device, nbytes: int) -> float:
-    """Device memory bandwidth in bytes/s from a large copy (each byte read and written)."""
-    import torch
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(7):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times[2:])
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_bytes(engine, seqs) -> dict[str, int]:
@@ -257,267 +137,6 @@ def stop(engine, ids) -> None:
         engine.abort(request_id)
     while engine.has_unfinished:
         engine.step()
-
-
-def section_kernels(cfg, args, results) -> None:
-    import torch
-    from transformers import LlamaConfig
-
-    from serve.attention import paged_attention
-    from serve.kernels.lora_sgmv import lora_sgmv
-    from serve.kernels.paged_attention import paged_attention_triton
-    from serve.lora_ops import LoraBatch, lora_gathered
-
-    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    batch = cfg["decode"][0]
-    rows = {}
-
-    def randn(*size):
-        return torch.randn(*size, device=device, dtype=dtype)
-
-    # attention: `batch` decodes after `context` tokens each; one prefill chunk after as many
-    for label, seqs, computed, new in _attention_steps(cfg, args):
-        tensors, reference, compact = _attention_case(s, device, dtype, seqs, computed, new)
-        scale = s.head_dim**-0.5
-        ref = partial(paged_attention, *tensors, reference, scale)
-        kernel = partial(paged_attention_triton, *tensors, compact, scale)
-        rows[f"attention_{label}"] = _kernel_row(
-            f"attention {label} ({seqs} x {new} new after {computed})",
-            _relative_error(kernel(), ref()),
-            _median_time(ref, device),
-            _median_time(kernel, device),
-            tensors[3].nbytes + tensors[4].nbytes,
-        )
-
-    # LoRA: `batch` decode tokens, each of its own adapter (slot), at full rank
-    rank = cfg["rank"]
-    ranks = torch.full((batch,), rank, dtype=torch.int32, device=device)
-    gathered = LoraBatch.build(list(range(batch)), [1] * batch, device)
-    segments = LoraBatch.build(list(range(batch)), [1] * batch, device, kernel=True)
-    table = (segments.segment_table, segments.max_segment_len)
-    for module in ("q_proj", "gate_proj", "down_proj"):
-        fan_in, fan_out = s.lora_dims(module)
-        A, B = randn(batch, rank, fan_in) * 0.05, randn(batch, rank, fan_out) * 0.05
-        x, y = randn(batch, fan_in), randn(batch, fan_out)
-        y_ref, y_kernel = y.clone(), y.clone()
-        lora_gathered(y_ref, x, A, B, gathered)
-        lora_sgmv(y_kernel, x, A, B, *table, ranks)
-        rows[f"lora_{module}"] = _kernel_row(
-            f"lora {module} ({batch} tokens, {batch} adapters)",
-            _relative_error(y_kernel, y_ref),
-            _median_time(partial(lora_gathered, y, x, A, B, gathered), device),
-            _median_time(partial(lora_sgmv, y, x, A, B, *table, ranks), device),
-            A.nbytes + B.nbytes,
-        )
-    results["kernels"] = rows
-
-
-def _attention_steps(cfg, args) -> list[tuple[str, int, int, int]]:
-    """(label, sequences, context before, new tokens each): a decode batch, a prefill chunk."""
-    batch, context = cfg["decode"]
-    chunk = args.max_batched_tokens
-    return [("decode", batch, context, 1), ("prefill", 1, chunk, chunk)]
-
-
-def _attention_case(s, device, dtype, seqs: int, computed: int, new: int):
-    """Random q, k, v and K/V pool of a step (16-token blocks), with its metadata for the
-    reference op and for the kernel."""
-    import torch
-
-    from serve.attention import build_attention_metadata
-
-    def randn(*size):
-        return torch.randn(*size, device=device, dtype=dtype)
-
-    block = 16
-    per_seq = -(-(computed + new) // block)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
-    k_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
-    v_cache = randn(seqs * per_seq * block, s.num_kv_heads, s.head_dim)
-    q = randn(seqs * new, s.num_heads, s.head_dim)
-    k, v = (randn(seqs * new, s.num_kv_heads, s.head_dim) for _ in range(2))
-    steps = (tables, [computed] * seqs, [new] * seqs, block, device)
-    reference = build_attention_metadata(*steps)
-    compact = build_attention_metadata(*steps, padded_groups=False)
-    return (q, k, v, k_cache, v_cache), reference, compact
-
-
-def _relative_error(out, expected) -> float:
-    """max |out - expected| / max |expected|: the kernel must agree before its time counts."""
-    return float((out.float() - expected.float()).abs().max() / expected.float().abs().max())
-
-
-def _kernel_row(label: str, error: float, t_ref: float, t_kernel: float, nbytes: int) -> dict:
-    print(
-        f"kernels    {label}: reference {t_ref * 1e3:.3f} ms, triton {t_kernel * 1e3:.3f} ms "
-        f"({t_ref / t_kernel:.2f}x); triton reads {nbytes / t_kernel / 1e9:.0f} GB/s; "
-        f"relative error {error:.1e}"
-    )
-    return {
-        "reference_ms": t_ref * 1e3,
-        "triton_ms": t_kernel * 1e3,
-        "bytes": nbytes,
-        "relative_error": error,
-    }
-
-
-def _layer_weights(cfg, args):
-    """One layer's seven projections of random weights ([out, in], scaled as a model's)."""
-    import torch
-    from transformers import LlamaConfig
-
-    model_shape = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    return {
-        m: torch.randn(*reversed(model_shape.lora_dims(m)), device=args.device, dtype=dtype) * 0.02
-        for m in LORA_MODULES
-    }, dtype
-
-
-def section_matmul(cfg, args, results) -> None:
-    """One layer's base projections per batch size: bitsandbytes NF4 (one module at a time, as
-    peft and `--kernels reference` run them), the Triton NF4 kernel (q/k/v and gate/up stacked,
-    as the engine runs them on CUDA) and bf16 (what 4x the memory buys)."""
-    import torch
-    import torch.nn.functional as F
-
-    from serve.linear import Linear4bit, PackedLinear4bit
-
-    weights, dtype = _layer_weights(cfg, args)
-    groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-    bnb = {m: Linear4bit(w, None, "nf4", True, dtype) for m, w in weights.items()}
-    fused = {
-        g: PackedLinear4bit([weights[m] for m in g], [None] * len(g), "nf4", True, dtype)
-        for g in groups
-    }
-    packed_bytes = sum(f.packed.nbytes + f.absmax.nbytes for f in fused.values())
-    layers = SHAPES[cfg["shape"]]["num_hidden_layers"]
-    rows = {}
-    for m in cfg["matmul_batches"]:
-        xs = {
-            g: torch.randn(m, weights[g[0]].shape[1], device=args.device, dtype=dtype)
-            for g in groups
-        }
-
-        def run_bnb(xs=xs):
-            return [torch.cat([bnb[mod](x) for mod in g], dim=1) for g, x in xs.items()]
-
-        def run_fused(xs=xs):
-            return [fused[g](x) for g, x in xs.items()]
-
-        def run_dense(xs=xs):
-            return [
-                torch.cat([F.linear(x, weights[mod]) for mod in g], dim=1) for g, x in xs.items()
-            ]
-
-        error = max(_relative_error(o, e) for o, e in zip(run_fused(), run_bnb(), strict=True))
-        t_bnb, t_fused, t_dense = (
-            _median_time(f, args.device) for f in (run_bnb, run_fused, run_dense)
-        )
-        rows[m] = {
-            "bnb_ms": t_bnb * 1e3,
-            "triton_ms": t_fused * 1e3,
-            "dense_ms": t_dense * 1e3,
-            "triton_gb_s": packed_bytes / t_fused / 1e9,
-            "relative_error": error,
-        }
-        print(
-            f"matmul     batch {m:4d}, one layer: bnb NF4 {t_bnb * 1e3:7.3f} ms, triton NF4 "
-            f"{t_fused * 1e3:7.3f} ms ({t_bnb / t_fused:5.2f}x, reads "
-            f"{packed_bytes / t_fused / 1e9:5.0f} GB/s), bf16 {t_dense * 1e3:7.3f} ms; "
-            f"{layers} layers: bnb {t_bnb * layers * 1e3:6.2f} ms, triton "
-            f"{t_fused * layers * 1e3:6.2f} ms; relative error {error:.1e}"
-        )
-    results["matmul"] = rows
-
-
-def section_tune(cfg, args, results) -> None:
-    """The Triton NF4 kernel's knobs swept on the stacked q/k/v and on down_proj at the batch
-    sizes it serves (up to DEQUANTIZE_ABOVE_ROWS): tiles and split first, then warps and
-    stages around the best tiles (each setting compiles once: a full grid would take most
-    of a 10-minute call). Prints the fastest of each, to carry into `nf4_matmul`."""
-    import torch
-
-    from serve.kernels.nf4_matmul import nf4_matmul
-    from serve.linear import DEQUANTIZE_ABOVE_ROWS, PackedLinear4bit
-
-    weights, dtype = _layer_weights(cfg, args)
-    targets = {"qkv": ("q_proj", "k_proj", "v_proj"), "down": ("down_proj",)}
-    tiny = cfg["shape"] == "tiny"
-    tiles = dict(
-        block_n=(32, 64) if tiny else (32, 64, 128),
-        block_k=(64,) if tiny else (64, 128, 256),
-        split_k=(1, 2) if tiny else (1, 2, 4, 8),
-    )
-    launch = dict(num_warps=(4,) if tiny else (2, 4, 8), num_stages=(2,) if tiny else (2, 3, 4))
-    batches = [m for m in cfg["matmul_batches"] if m <= DEQUANTIZE_ABOVE_ROWS]
-    best = {}
-    for name, group in targets.items():
-        linear = PackedLinear4bit(
-            [weights[m] for m in group], [None] * len(group), "nf4", True, dtype
-        )
-        operands = (linear.packed, linear.absmax, linear.code, linear.out_features)
-        nbytes = linear.packed.nbytes + linear.absmax.nbytes
-        for m in batches:
-            x = torch.randn(m, weights[group[0]].shape[1], device=args.device, dtype=dtype)
-
-            run = partial(nf4_matmul, x, *operands)
-            label = f"tune       {name} batch {m}"
-            _, knobs = _fastest(run, tiles, {}, args.device, label)
-            t, knobs = _fastest(run, launch, knobs, args.device, label)
-            t_default = _median_time(run, args.device)
-            best[f"{name}/{m}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-            print(
-                f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
-                f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
-            )
-    # attention: keys per tile and warps (at 4 warps and 64 keys the tile addresses spill)
-    from transformers import LlamaConfig
-
-    from serve.kernels.paged_attention import paged_attention_triton
-
-    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
-    space = dict(block_n=(32, 64) if tiny else (32, 64, 128), num_warps=(4, 8))
-    for label, seqs, computed, new in _attention_steps(cfg, args):
-        tensors, _, compact = _attention_case(s, args.device, dtype, seqs, computed, new)
-        run = partial(paged_attention_triton, *tensors, compact, s.head_dim**-0.5)
-        t, knobs = _fastest(run, space, {}, args.device, f"tune       attention {label}")
-        t_default = _median_time(run, args.device)
-        nbytes = tensors[3].nbytes + tensors[4].nbytes
-        best[f"attention/{label}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-        print(
-            f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
-            f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
-        )
-    results["tune"] = best
-
-
-def _fastest(fn, space: dict, fixed: dict, device, label: str) -> tuple[float, dict]:
-    """The fastest fn(**fixed, **setting) over the grid of settings `space`: (s, knobs)."""
-    import itertools
-
-    timed = []
-    for values in itertools.product(*space.values()):
-        knobs = {**fixed, **dict(zip(space, values, strict=True))}
-        try:
-            timed.append((_median_time(partial(fn, **knobs), device), knobs))
-        except Exception as error:  # a tile past the SM's shared memory, say
-            print(f"{label}: {knobs}: {type(error).__name__}")
-    return min(timed, key=lambda item: item[0])
-
-
-def _median_time(fn, device, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_llm(cfg, args, base: Path):
@@ -672,7 +291,7 @@ def section_load(llm, cfg, args, names, results) -> None:
             load_step = after.pop()
     uid = engine.adapters[outside[-1]].uid
     slot = engine.slots.slot_of[uid]
-    copy = _median_time(lambda: engine.pool.load_slot(slot, uid), args.device, repeats=3)
+    copy = median_time(lambda: engine.pool.load_slot(slot, uid), args.device, repeats=3)
     stop(engine, ids)
     base = statistics.median(before + after)
     print(
