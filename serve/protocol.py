@@ -56,8 +56,9 @@ class _Request(BaseModel):
             value.parsed()  # a schema llguidance cannot enforce is a 400 naming the field
         return value
 
-    def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        logprobs, prompt_logprobs = self.logprobs_asked()
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens,
             # As vLLM: below 1e-5 is greedy (dividing logits by it overflows to inf).
@@ -71,12 +72,17 @@ class _Request(BaseModel):
             stop=stop,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             response_format=self.response_format.parsed() if self.response_format else None,
         )
 
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        """Top alternatives wanted per output token and per prompt token (None: no logprobs)."""
+        return None, None
 
 
 class ChatMessage(BaseModel):
@@ -87,10 +93,27 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False  # each output token's logprob
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and its n likeliest alternatives
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only its own
+    echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
+
+    def logprobs_asked(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
 
 
 class AdapterLoad(BaseModel):

@@ -30,6 +30,7 @@ from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM, QueueFull
 from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
 from serve.metrics import CONTENT_TYPE, ServerMetrics
+from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs, LogprobsFormatter
 from serve.outputs import RequestOutput
 from serve.protocol import (
     AdapterLoad,
@@ -70,6 +71,7 @@ _DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cl
 def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     tokenizer = engine.engine.tokenizer
+    logprobs = LogprobsFormatter(tokenizer)
     metrics = ServerMetrics()
     keys = ApiKeys(config.api_keys)
     adapters = AdapterWatch(engine, lambda reason: metrics.adapter_loads.labels(reason).inc())
@@ -145,7 +147,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         loop = asyncio.get_running_loop()
         elapsed = time.monotonic() - record.started
         deadline = loop.time() + config.request_timeout_s - elapsed
-        params = body.sampling_params(config.default_max_tokens, None)
+        params = body.sampling_params(config.default_max_tokens)
         try:
             async with asyncio.timeout_at(deadline):
                 adapter = await adapter_for(body.model)
@@ -225,7 +227,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         stream = await start(record, body, prompt)
         rid = new_id("chatcmpl")
         if body.stream:
-            return sse(chat_chunks(stream, rid, body), config.request_timeout_s)
+            chunks = chat_chunks(stream, rid, body, ChatLogprobs(logprobs))
+            return sse(chunks, config.request_timeout_s)
         final = await last(request, stream)
         return {
             "id": rid,
@@ -237,6 +240,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                     "index": 0,
                     "finish_reason": final.finish_reason,
                     "message": {"role": "assistant", "content": final.text},
+                    "logprobs": ChatLogprobs(logprobs).take(final),
                 }
             ],
             "usage": usage(final).model_dump(),
@@ -248,8 +252,11 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         record.prompt = body.prompt
         stream = await start(record, body, body.prompt)
         rid = new_id("cmpl")
+        prompt = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(body.prompt)
+        scores = CompletionLogprobs(logprobs, prompt, body.echo)
         if body.stream:
-            return sse(completion_chunks(stream, rid, body), config.request_timeout_s)
+            chunks = completion_chunks(stream, rid, body, prompt if body.echo else "", scores)
+            return sse(chunks, config.request_timeout_s)
         final = await last(request, stream)
         return {
             "id": rid,
@@ -259,9 +266,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             "choices": [
                 {
                     "index": 0,
-                    "text": final.text,
+                    "text": prompt + final.text if body.echo else final.text,
                     "finish_reason": final.finish_reason,
-                    "logprobs": None,
+                    "logprobs": scores.take(final),
                 }
             ],
             "usage": usage(final).model_dump(),

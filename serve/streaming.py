@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from serve.async_engine import EngineStepError
 from serve.audit import RequestRecord
+from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs
 from serve.outputs import RequestOutput
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, now
 from serve.refusal import timed_out
@@ -105,18 +106,27 @@ async def _chunks(stream, base: dict, include_usage: bool, choice) -> AsyncItera
         yield {**base, "choices": [], "usage": usage(final).model_dump()}
 
 
-async def chat_chunks(stream, rid: str, body: ChatCompletionRequest):
+async def chat_chunks(stream, rid: str, body: ChatCompletionRequest, logprobs: ChatLogprobs):
     base = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": body.model}
     role = {"role": "assistant", "content": ""}
     yield {**base, "choices": [{"index": 0, "delta": role, "finish_reason": None}]}
-    async for chunk in _chunks(
-        stream, base, body.include_usage, lambda out: {"delta": {"content": out.delta_text}}
-    ):
+
+    def choice(out: RequestOutput) -> dict:
+        return {"delta": {"content": out.delta_text}, "logprobs": logprobs.take(out)}
+
+    async for chunk in _chunks(stream, base, body.include_usage, choice):
         yield chunk
 
 
-def completion_chunks(stream, rid: str, body: CompletionRequest):
+def completion_chunks(
+    stream, rid: str, body: CompletionRequest, echo: str, logprobs: CompletionLogprobs
+):
+    """Chunks of a completion; `echo` (the prompt, or nothing) leads the first one."""
     base = {"id": rid, "object": "text_completion", "created": now(), "model": body.model}
-    return _chunks(
-        stream, base, body.include_usage, lambda out: {"text": out.delta_text, "logprobs": None}
-    )
+    lead = [echo]
+
+    def choice(out: RequestOutput) -> dict:
+        text = lead.pop() + out.delta_text if lead else out.delta_text
+        return {"text": text, "logprobs": logprobs.take(out)}
+
+    return _chunks(stream, base, body.include_usage, choice)

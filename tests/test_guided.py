@@ -156,7 +156,7 @@ def test_server_requests_keep_a_schema_beside_json_object():
     beside = {**JSON_OBJECT, "schema": PERSON}
     for fmt, expected in ((JSON_OBJECT, JSON_OBJECT), (beside, PERSON_FORMAT)):
         request = ChatCompletionRequest.model_validate({**body, "response_format": fmt})
-        params = request.sampling_params(16, None)
+        params = request.sampling_params(16)
         assert params == SamplingParams(max_tokens=16, response_format=expected)
 
 

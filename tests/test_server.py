@@ -99,6 +99,71 @@ def test_async_client_and_completions_with_token_prompts(server):
     assert {r.choices[0].text for r in replies} == {expected.text}
 
 
+def test_chat_logprobs_are_the_engines_whole_or_streamed(server):
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    args = dict(model="faq", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
+    reply = client.chat.completions.create(**args, top_logprobs=3)
+    chunks = client.chat.completions.create(**args, top_logprobs=3, stream=True)
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    [expected] = reference.chat(
+        QUESTION, SamplingParams(max_tokens=6, temperature=0, logprobs=3), adapters=["faq"]
+    )
+    tokenizer = reference.engine.tokenizer
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(expected.logprobs) == len(streamed)
+    for got, seen, lp in zip(content, streamed, expected.logprobs, strict=True):
+        assert got.token == seen.token == tokenizer.decode([lp.token_id])
+        assert got.bytes == list(got.token.encode())
+        assert got.logprob == seen.logprob == pytest.approx(lp.logprob, abs=1e-5)
+        assert [t.token for t in got.top_logprobs] == [tokenizer.decode([t]) for t, _ in lp.top]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx(
+            [v for _, v in lp.top], abs=1e-5
+        )
+    plain = client.chat.completions.create(**{**args, "logprobs": False})
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
+    """What lm-eval-harness and the like send to score text: echo with logprobs."""
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    prompt = [1, 300, 301, 302, 303, 304]
+    args = dict(model="faq", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    reply = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True))
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2)
+    [expected] = reference.generate([prompt], params, adapters=["faq"])
+    tokenizer = reference.engine.tokenizer
+    choice = reply.choices[0]
+    assert choice.text == tokenizer.decode(prompt) + expected.text
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    scores = choice.logprobs
+    ids = prompt + expected.token_ids
+    assert scores.tokens == [tokenizer.decode([t]) for t in ids]
+    assert scores.token_logprobs[0] is None and scores.top_logprobs[0] is None
+    entries = expected.prompt_logprobs[1:] + expected.logprobs
+    assert scores.token_logprobs[1:] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    assert [list(t) for t in scores.top_logprobs[1:]] == [
+        [tokenizer.decode([t]) for t, _ in e.top] for e in entries
+    ]
+    assert scores.text_offset == [len("".join(scores.tokens[:i])) for i in range(len(ids))]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    for field in ("tokens", "text_offset", "token_logprobs"):
+        joined = [v for s in streamed for v in getattr(s, field)]
+        assert joined == getattr(scores, field), field
+
+    plain = client.completions.create(**{**args, "echo": False})
+    assert plain.choices[0].text == expected.text
+    assert plain.choices[0].logprobs.tokens == scores.tokens[len(prompt) :]
+    assert plain.choices[0].logprobs.text_offset[0] == len(tokenizer.decode(prompt))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "fragment"),
     [
@@ -113,6 +178,8 @@ def test_async_client_and_completions_with_token_prompts(server):
             "context length",
         ),
         (dict(model="missing@champion"), openai.NotFoundError, "no registered adapter"),
+        (dict(model="tiny", top_logprobs=2), openai.BadRequestError, "top_logprobs"),
+        (dict(model="tiny", logprobs=True, top_logprobs=21), openai.BadRequestError, "top_logp"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
