@@ -1,4 +1,4 @@
-"""`loraplex gate CONFIG --candidate NAME/VERSION [--baseline REF] [--promote]`.
+"""`loraplex gate CONFIG --candidate NAME/VERSION [--baseline REF] [--promote] [--server URL]`.
 
 Exit codes for CI: 0 the candidate passed, 1 it failed (a regression), 2 a usage error.
 """
@@ -29,6 +29,16 @@ def gate(
         Path | None,
         typer.Option(help="Folder for report.json and report.md (default: in LORAPLEX_HOME)."),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="Measure through this running server (e.g. http://host:8000/v1, `loraplex "
+            "serve` on the same registry) instead of an engine in this process."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LORAPLEX_API_KEY", help="The server's API key.")
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Judge a candidate adapter against its champion and the base; exit 1 on regression."""
@@ -40,7 +50,7 @@ def gate(
         from eval.gate_config import load_gate_config
 
         cfg = load_gate_config(config, overrides or [])
-        job = QualityGate(cfg, candidate, baseline, tracking_uri)
+        job = QualityGate(cfg, candidate, baseline, tracking_uri, server, api_key)
         folder = output or home.root / "gates" / job.candidate.name / str(job.candidate.version)
         report = job.run(folder, promote=promote)
     print(report.to_markdown())

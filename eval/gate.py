@@ -15,7 +15,7 @@ from pathlib import Path
 from eval.decision import Samples, Verdict, judge
 from eval.eval_set import build_eval_set, select_test_records
 from eval.gate_config import GateConfig
-from eval.measure import answer_likelihoods, answers
+from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
 from registry.errors import NotFoundError, UsageError
@@ -34,10 +34,13 @@ class QualityGate:
         candidate: str,
         baseline: str | None = None,
         tracking_uri: str | None = None,
+        server: str | None = None,
+        api_key: str | None = None,
     ):
         from train.config import load_config
 
         self.config = config
+        self.server, self.api_key = server, api_key  # measure through it (None: in process)
         self.train = load_config(config.train_config)
         self.registry = AdapterRegistry(tracking_uri)
         self.candidate = self._version(candidate, "--candidate")
@@ -55,12 +58,12 @@ class QualityGate:
     def measure(self) -> GateReport:
         from train.data import load_splits
 
-        llm, models = self._engine()
+        served, models = self._models()
         splits = load_splits(self.train.data)
         records = select_test_records(splits, self.config.eval_set.max_samples)
         measured: dict[str, dict[str | None, Samples]] = {}
         if "perplexity" in self.config.metrics:
-            measured["perplexity"] = self._perplexity(llm, models, records, splits.format)
+            measured["perplexity"] = self._perplexity(served, models, records, splits.format)
         ragas = [m for m in self.config.metrics if m != "perplexity"]
         samples = []
         if ragas:
@@ -69,7 +72,7 @@ class QualityGate:
             samples = build_eval_set(
                 splits, records, settings.context_field, settings.top_k, scorer.embed
             )
-            measured |= self._ragas(llm, models, samples, scorer, ragas)
+            measured |= self._ragas(served, models, samples, scorer, ragas)
         verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
         ppl = measured.get("perplexity")
         return GateReport(
@@ -77,15 +80,30 @@ class QualityGate:
             candidate=f"{self.candidate.name}/{self.candidate.version}",
             baseline=self._baseline_label(),
             base_model=self.train.base_model,
+            measured_on=self.server or "the serving engine, in process",
             samples=len(samples),
             perplexity_examples=len(ppl[CANDIDATE].values) if ppl else 0,
             rules=dict(self.config.metrics),
             verdicts=verdicts,
         )
 
-    def _engine(self):
-        """The serving engine over the base as trained, with candidate and baseline loaded;
-        and the models to measure (adapter names; None is the base)."""
+    def _models(self) -> tuple[Models, list[str | None]]:
+        """Where the models are measured, and their roles (None is the base): the server if
+        given, else the serving engine over the base as trained, candidate and baseline loaded."""
+        roles: list[str | None] = [CANDIDATE] if self.baseline is None else [CANDIDATE, BASELINE]
+        roles.append(None)
+        if self.server is not None:
+            from transformers import AutoTokenizer
+
+            from eval.served import ServedModels
+            from registry.base_model import resolve_base_model
+
+            base = resolve_base_model(self.train.base_model, self.registry.home)
+            refs = {CANDIDATE: _ref(self.candidate)}
+            if self.baseline is not None:
+                refs[BASELINE] = _ref(self.baseline)
+            tokenizer = AutoTokenizer.from_pretrained(base.path)
+            return ServedModels(self.server, self.api_key, tokenizer, refs), roles
         from serve import LLM
 
         method = self.train.quantization.method
@@ -95,25 +113,23 @@ class QualityGate:
             max_loras=self.config.generation.max_loras,
             tracking_uri=self.registry.tracking_uri,
         )
-        models: list[str | None] = [CANDIDATE]
         llm.load_adapter(CANDIDATE, _ref(self.candidate))
         if self.baseline is not None:
             llm.load_adapter(BASELINE, _ref(self.baseline))
-            models.append(BASELINE)
-        return llm, [*models, None]
+        return EngineModels(llm), roles
 
-    def _perplexity(self, llm, models, records, fmt: str) -> dict[str | None, Samples]:
-        nll = answer_likelihoods(llm, records, fmt, self.train.data.max_seq_length, models)
+    def _perplexity(self, served, models, records, fmt: str) -> dict[str | None, Samples]:
+        nll = answer_likelihoods(served, records, fmt, self.train.data.max_seq_length, models)
         return {
             m: Samples(_array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True)
             for m, v in nll.items()
         }
 
-    def _ragas(self, llm, models, samples, scorer, metrics) -> dict[str, dict]:
+    def _ragas(self, served, models, samples, scorer, metrics) -> dict[str, dict]:
         from tqdm import tqdm
 
         conversations = [s.messages for s in samples]
-        answered = answers(llm, conversations, self.config.generation.max_tokens, models)
+        answered = answers(served, conversations, self.config.generation.max_tokens, models)
         measured: dict[str, dict[str | None, Samples]] = {metric: {} for metric in metrics}
         with tqdm(total=len(metrics) * len(models), desc="scoring", unit="metric") as bar:
             for metric in metrics:

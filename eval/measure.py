@@ -1,15 +1,52 @@
-"""What the gate measures through the serving engine: answers and answer-token log-likelihoods.
+"""What the gate measures: answers and answer-token log-likelihoods, from the models as served.
 
-What is gated is what is served: the same `LLM` (base, quantization, adapter slots) as
-`loraplex serve`, never a separate transformers code path.
+Two ways to reach them, with the same two questions: `EngineModels` runs the serving engine in
+this process (the same `LLM`, base quantization and adapter slots as `loraplex serve`, never a
+separate transformers code path); `eval.served.ServedModels` asks a running server. Models are
+named by their role in the gate (candidate, baseline; None is the base).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from serve import LLM, SamplingParams
 from train.data import IGNORE_INDEX, encode
+
+
+class Models(Protocol):
+    tokenizer: object
+
+    def prompt_logprobs(
+        self, prompts: list[list[int]], models: list[str | None]
+    ) -> list[list[float | None]]:
+        """Per prompt, the logprob of each of its tokens given those before (first: None)."""
+
+    def answers(
+        self, conversations: list[list[dict]], max_tokens: int, models: list[str | None]
+    ) -> list[str]:
+        """Per conversation, the model's greedy answer (what the server returns)."""
+
+
+class EngineModels:
+    """The models in this process: adapters loaded into `llm` under their role's name."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+
+    def prompt_logprobs(self, prompts, models):
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        outputs = self.llm.generate(prompts, params, adapters=models, use_tqdm=True)
+        return [
+            [None if lp is None else lp.logprob for lp in out.prompt_logprobs] for out in outputs
+        ]
+
+    def answers(self, conversations, max_tokens, models):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        outputs = self.llm.chat(conversations, params, adapters=models, use_tqdm=True)
+        return [out.text for out in outputs]
 
 
 @dataclass(frozen=True)
@@ -21,38 +58,36 @@ class Likelihood:
 
 
 def answer_likelihoods(
-    llm: LLM, records, fmt: str, max_length: int, adapters: list[str | None]
+    models: Models, records, fmt: str, max_length: int, names: list[str | None]
 ) -> dict[str | None, list[Likelihood]]:
-    """Per adapter (None: the base), the Likelihood of each record's answer tokens.
+    """Per model, the Likelihood of each record's answer tokens.
 
-    The whole example is sent as a prompt and scored through the engine's prompt logprobs;
-    like the training loss, only tokens labelled as answer count.
+    The whole example is sent as a prompt and scored through its prompt logprobs; like the
+    training loss, only tokens labelled as answer count.
     """
-    examples = [encode(r, fmt, llm.tokenizer, max_length) for r in records]
+    examples = [encode(r, fmt, models.tokenizer, max_length) for r in records]
     examples = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-    prompts = [e["input_ids"] for e in examples] * len(adapters)
-    names = [a for a in adapters for _ in examples]
-    outputs = llm.generate(prompts, params, adapters=names, use_tqdm=True)
-    result: dict[str | None, list[Likelihood]] = {a: [] for a in adapters}
-    for name, example, output in zip(names, examples * len(adapters), outputs, strict=True):
-        scored = [
-            -lp.logprob
-            for label, lp in zip(example["labels"], output.prompt_logprobs, strict=True)
+    prompts = [e["input_ids"] for e in examples] * len(names)
+    per_prompt = [n for n in names for _ in examples]
+    scored = models.prompt_logprobs(prompts, per_prompt)
+    result: dict[str | None, list[Likelihood]] = {n: [] for n in names}
+    for name, example, logprobs in zip(per_prompt, examples * len(names), scored, strict=True):
+        nll = [
+            -lp
+            for label, lp in zip(example["labels"], logprobs, strict=True)
             if label != IGNORE_INDEX and lp is not None
         ]
-        result[name].append(Likelihood(sum(scored), len(scored)))
+        result[name].append(Likelihood(sum(nll), len(nll)))
     return result
 
 
 def answers(
-    llm: LLM, conversations: list[list[dict]], max_tokens: int, adapters: list[str | None]
+    models: Models, conversations: list[list[dict]], max_tokens: int, names: list[str | None]
 ) -> dict[str | None, list[str]]:
-    """Per adapter, its greedy answer to each conversation (what the server would return)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
-    names = [a for a in adapters for _ in conversations]
-    outputs = llm.chat(conversations * len(adapters), params, adapters=names, use_tqdm=True)
-    result: dict[str | None, list[str]] = {a: [] for a in adapters}
-    for name, output in zip(names, outputs, strict=True):
-        result[name].append(output.text.strip())
+    """Per model, its greedy answer to each conversation."""
+    per_conversation = [n for n in names for _ in conversations]
+    texts = models.answers(conversations * len(names), max_tokens, per_conversation)
+    result: dict[str | None, list[str]] = {n: [] for n in names}
+    for name, text in zip(per_conversation, texts, strict=True):
+        result[name].append(text.strip())
     return result

@@ -18,6 +18,7 @@ class GateReport:
     candidate: str  # name/version
     baseline: str  # name@alias (vN), or "base" when there is no champion yet
     base_model: str
+    measured_on: str  # the server's URL, or the engine in the gate's process
     samples: int  # eval set size (perplexity: test split examples with answer tokens)
     perplexity_examples: int
     rules: dict[str, MetricRule]
@@ -38,6 +39,7 @@ class GateReport:
             "candidate": self.candidate,
             "baseline": self.baseline,
             "base_model": self.base_model,
+            "measured_on": self.measured_on,
             "samples": self.samples,
             "perplexity_examples": self.perplexity_examples,
             "failed_metrics": self.failed_metrics,
@@ -52,7 +54,8 @@ class GateReport:
         lines = [
             f"## Quality gate {result}: {self.candidate}",
             "",
-            f"Baseline: {self.baseline}. Base model: {self.base_model}. "
+            f"Baseline: {self.baseline}. Base model: {self.base_model}, measured on "
+            f"{self.measured_on}. "
             f"{self.samples} eval questions, {self.perplexity_examples} perplexity examples.",
             "",
             "| metric | better | candidate | baseline | base | gain vs baseline [interval] "

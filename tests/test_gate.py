@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 from eval.decision import Samples, compare, judge
 from eval.gate_config import BootstrapConfig, MetricRule, load_gate_config
 from registry.app import app
-from registry.errors import ConfigError
+from registry.errors import ConfigError, UsageError
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry
 from tests.helpers import PROJECT, register_folder
+from train.config import load_config
 
 TRAIN_CONFIG = PROJECT / "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml"
 BOOT = BootstrapConfig(resamples=1000, confidence=0.95, seed=0)
@@ -195,11 +196,21 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
     gate = str(_write_gate(tmp_path, E2E_GATE))
     registry = AdapterRegistry(tracking_uri, home)
 
+    # Through a running `loraplex serve` on the same registry, which loads the candidate by
+    # reference: the same measurements as the engine in the gate's own process (below).
+    served = _gate_through_a_server(smollm2, tracking_uri, gate, tmp_path / "served")
+    assert served.exit_code == 0, served.output
+
     result = _gate(gate, "--candidate", "country-facts/1", "--promote",
                    "--output", str(tmp_path / "v1"), "--tracking-uri", tracking_uri)  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "v1/report.json").read_text())
     assert report["result"] == "pass" and report["baseline"] == "base (no champion yet)"
+    remote = json.loads((tmp_path / "served/report.json").read_text())
+    assert remote["measured_on"].startswith("http://127.0.0.1")
+    for metric, measured in report["metrics"].items():
+        for model in ("candidate", "base"):
+            assert remote["metrics"][metric][model] == pytest.approx(measured[model], rel=1e-4)
     ppl = report["metrics"]["perplexity"]
     assert ppl["candidate"] < ppl["base"]  # trained answers are likelier than the base's
     champion = registry.get(parse_ref("country-facts@champion"))
@@ -221,6 +232,65 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
     assert "FAIL" in result.output
     assert registry.get(parse_ref("country-facts@champion")).version == 1  # not promoted
     assert registry.get(parse_ref("country-facts/2")).tags["gate_result"] == "fail"
+
+
+def _gate_through_a_server(smollm2, tracking_uri: str, gate: str, output):
+    from serve import LLM
+    from serve.async_engine import AsyncLLM
+    from serve.server import create_app
+    from tests.helpers import running_server
+
+    method = load_config(TRAIN_CONFIG).quantization.method  # as the gate's own engine
+    llm = LLM(
+        base_model=str(smollm2.path),
+        quantization=None if method == "none" else method,
+        tracking_uri=tracking_uri,
+    )
+    engine = AsyncLLM(llm.engine)
+    try:
+        with running_server(create_app(engine, "smollm2")) as url:
+            return _gate(gate, "--candidate", "country-facts/1", "--server", url,
+                         "--output", str(output), "--tracking-uri", tracking_uri)  # fmt: skip
+    finally:
+        engine.shutdown()
+
+
+def test_a_server_measures_as_the_engine_and_its_refusals_are_usage_errors(tiny_base, tracking_uri):
+    import socket
+
+    from transformers import AutoTokenizer
+
+    from eval.measure import EngineModels
+    from eval.served import ServedModels
+    from serve import LLM
+    from serve.async_engine import AsyncLLM
+    from serve.server import create_app
+    from tests.helpers import running_server, tiny_engine_args
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base.path)
+    question = [[{"role": "user", "content": "What is the capital of Norway?"}]]
+    prompts = [[1, 300, 301, 302], [1, 40, 41]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(UsageError, match="cannot connect"):
+        ServedModels(nowhere, None, tokenizer, {}).answers(question, 4, [None])
+
+    reference = EngineModels(LLM(**tiny_engine_args(tiny_base)))
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, tracking_uri)).engine)
+    try:
+        with running_server(create_app(engine, "tiny")) as url:
+            served = ServedModels(url, None, tokenizer, {"candidate": "country-facts/9"})
+            scores = served.prompt_logprobs(prompts, [None, None])
+            answers = served.answers(question, 6, [None])
+            with pytest.raises(UsageError, match=r"404 .*country-facts"):
+                served.prompt_logprobs(prompts[:1], ["candidate"])
+    finally:
+        engine.shutdown()
+    expected = reference.prompt_logprobs(prompts, [None, None])
+    assert [s[0] for s in scores] == [None, None]
+    assert [s[1:] for s in scores] == [pytest.approx(e[1:], abs=1e-5) for e in expected]
+    assert answers == reference.answers(question, 6, [None])
 
 
 @pytest.mark.slow
