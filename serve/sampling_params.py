@@ -44,7 +44,10 @@ class SamplingParams:
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
         _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)", self.top_k)
+        # top_k becomes an int64 tensor row: past int32 it means "all" anyway
+        _check(
+            0 <= self.top_k < 2**31, "top_k", "must be in [0, 2**31) (0 disables it)", self.top_k
+        )
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _check(-2 <= value <= 2, name, "must be in [-2, 2]", value)

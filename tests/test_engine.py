@@ -133,6 +133,8 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match=r"top_k must be in \[0, 2\*\*31\)"):
+        SamplingParams(top_k=2**63)  # found by the server's fuzzing: it failed a whole step
     with pytest.raises(UsageError, match="the context length is 256"):
         llm.generate([[1] * 300])
     with pytest.raises(UsageError, match="outside the vocabulary"):
