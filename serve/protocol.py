@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Literal
@@ -29,6 +30,9 @@ class ResponseFormatSpec(BaseModel):
         return ResponseFormat.parse(self.model_dump(by_alias=True))
 
 
+MAX_CHOICES = 16  # `n`: each choice holds its own KV blocks and batch slot
+
+
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI's clients send fields this server does not use.
     model_config = ConfigDict(extra="ignore")
@@ -38,7 +42,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt, each its own request
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
@@ -76,6 +80,17 @@ class _Request(BaseModel):
             response_format=self.response_format.parsed() if self.response_format else None,
         )
 
+    def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:
+        """The params of each of the `n` choices: a given seed is offset per choice, so the
+        choices differ as OpenAI's do (the first keeps it, as with n=1)."""
+        params = self.sampling_params(default_max_tokens)
+        if self.seed is None:
+            return [params] * self.n
+        return [
+            params if j == 0 else dataclasses.replace(params, seed=(self.seed + j) % 2**63)
+            for j in range(self.n)
+        ]
+
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -108,12 +123,18 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only its own
     echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
 
     def logprobs_asked(self) -> tuple[int | None, int | None]:
         return self.logprobs, self.logprobs if self.echo else None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt, or a batch of them (OpenAI's list of strings or of token lists)."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class AdapterLoad(BaseModel):

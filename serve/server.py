@@ -43,12 +43,12 @@ from serve.protocol import (
 from serve.refusal import Refusal, timed_out
 from serve.serve_config import ServeConfig
 from serve.streaming import (
+    all_started,
     chat_chunks,
     completion_chunks,
-    last_output,
+    last_outputs,
     observed,
     sse,
-    started,
     until,
     usage,
 )
@@ -141,40 +141,47 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         await adapters.ensure(model)
         return model
 
-    async def start(record: RequestRecord, body, prompt) -> AsyncIterator[RequestOutput]:
-        """Queue the request on its adapter; its outputs, once the first is there (so a refusal
-        is an error status, not a broken stream), and cut at the request's deadline."""
+    async def start(record: RequestRecord, body, prompts: list) -> list[AsyncIterator]:
+        """Queue each choice (`n` per prompt, in order) on the request's adapter; their outputs,
+        once each has its first (so a refusal is an error status, not a broken stream), cut
+        at the request's deadline. One refused choice aborts the others."""
         loop = asyncio.get_running_loop()
         elapsed = time.monotonic() - record.started
         deadline = loop.time() + config.request_timeout_s - elapsed
-        params = body.sampling_params(config.default_max_tokens)
+        params = body.choice_params(config.default_max_tokens)
         try:
             async with asyncio.timeout_at(deadline):
                 adapter = await adapter_for(body.model)
                 record.model = body.model
                 info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
                 record.adapter_uid = info.uid if info else None
-                outputs = engine.generate(prompt, params, adapter, record.request_id)
-                watched = observed(outputs, record, metrics.itl.labels(body.model))
-                return until(await started(watched), deadline, record)
+                itl = metrics.itl.labels(body.model)
+                streams = []
+                for prompt in prompts:
+                    for j, choice_params in enumerate(params):
+                        rid = record.request_id + (f"-{len(streams)}" if streams else "")
+                        outputs = engine.generate(prompt, choice_params, adapter, rid)
+                        streams.append(observed(outputs, record, itl, counts_prompt=j == 0))
+                return [until(s, deadline, record) for s in await all_started(streams)]
         except TimeoutError:
             record.finish_reason = "timeout"
             raise timed_out(config.request_timeout_s) from None
 
-    async def last(request: Request, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        """The final output. A client that hangs up first aborts the request (the stream's
-        end frees its KV blocks), as a streaming client does by closing the stream."""
-        final = asyncio.ensure_future(last_output(stream))
+    async def last(request: Request, streams: list[AsyncIterator]) -> list[RequestOutput]:
+        """The final output of each choice. A client that hangs up first aborts the request
+        (the streams' end frees their KV blocks), as a streaming client does by closing the
+        stream."""
+        finals = asyncio.ensure_future(last_outputs(streams))
         try:
-            while not (await asyncio.wait({final}, timeout=_DISCONNECT_POLL_S))[0]:
+            while not (await asyncio.wait({finals}, timeout=_DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():
                     request.scope[SCOPE_KEY].finish_reason = "abort"
                     raise Refusal(499, "client closed the request", "client_closed_request")
-            return final.result()
+            return finals.result()
         except TimeoutError:
             raise timed_out(config.request_timeout_s) from None
         finally:
-            final.cancel()
+            finals.cancel()
 
     @app.get("/health")
     async def health():
@@ -224,54 +231,62 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
-        stream = await start(record, body, prompt)
+        streams = await start(record, body, [prompt])
         rid = new_id("chatcmpl")
+        scores = [ChatLogprobs(logprobs) for _ in streams]
         if body.stream:
-            chunks = chat_chunks(stream, rid, body, ChatLogprobs(logprobs))
-            return sse(chunks, config.request_timeout_s)
-        final = await last(request, stream)
+            return sse(chat_chunks(streams, rid, body, scores), config.request_timeout_s)
+        finals = await last(request, streams)
+        choices = [
+            {
+                "index": k,
+                "finish_reason": final.finish_reason,
+                "message": {"role": "assistant", "content": final.text},
+                "logprobs": scores[k].take(final),
+            }
+            for k, final in enumerate(finals)
+        ]
         return {
             "id": rid,
             "object": "chat.completion",
             "created": now(),
             "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": final.finish_reason,
-                    "message": {"role": "assistant", "content": final.text},
-                    "logprobs": ChatLogprobs(logprobs).take(final),
-                }
-            ],
-            "usage": usage(final).model_dump(),
+            "choices": choices,
+            "usage": usage(finals, body.n).model_dump(),
         }
 
     @app.post("/v1/completions")
     async def completions(request: Request, record: Authenticated, body: CompletionRequest):
         keys.admit(record.caller, body.model)
         record.prompt = body.prompt
-        stream = await start(record, body, body.prompt)
+        prompts = body.prompts()
+        streams = await start(record, body, prompts)
         rid = new_id("cmpl")
-        prompt = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(body.prompt)
-        scores = CompletionLogprobs(logprobs, prompt, body.echo)
+        # Per choice: its prompt's text (echoed, and where logprob offsets count from).
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+        texts = [text for text in texts for _ in range(body.n)]
+        scores = [CompletionLogprobs(logprobs, text, body.echo) for text in texts]
+        echo = texts if body.echo else [""] * len(texts)
         if body.stream:
-            chunks = completion_chunks(stream, rid, body, prompt if body.echo else "", scores)
+            chunks = completion_chunks(streams, rid, body, echo, scores)
             return sse(chunks, config.request_timeout_s)
-        final = await last(request, stream)
+        finals = await last(request, streams)
+        choices = [
+            {
+                "index": k,
+                "text": echo[k] + final.text,
+                "finish_reason": final.finish_reason,
+                "logprobs": scores[k].take(final),
+            }
+            for k, final in enumerate(finals)
+        ]
         return {
             "id": rid,
             "object": "text_completion",
             "created": now(),
             "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": prompt + final.text if body.echo else final.text,
-                    "finish_reason": final.finish_reason,
-                    "logprobs": scores.take(final),
-                }
-            ],
-            "usage": usage(final).model_dump(),
+            "choices": choices,
+            "usage": usage(finals, body.n).model_dump(),
         }
 
     app.state.keys = keys

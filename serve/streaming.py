@@ -18,18 +18,26 @@ from serve.protocol import ChatCompletionRequest, CompletionRequest, Usage, erro
 from serve.refusal import timed_out
 
 
-async def observed(stream, record: RequestRecord, itl) -> AsyncIterator[RequestOutput]:
-    """The outputs, with their tokens and timings noted on the record as they pass."""
+async def observed(
+    stream, record: RequestRecord, itl, counts_prompt: bool = True
+) -> AsyncIterator[RequestOutput]:
+    """The outputs, with their tokens and timings added to the record as they pass (a prompt
+    with several choices counts once: `counts_prompt` for one of them)."""
     last_token_at = None
+    prompt = completion = 0  # tokens already on the record
     async for out in stream:
-        record.prompt_tokens = len(out.prompt_token_ids)
-        record.completion_tokens = len(out.token_ids)
-        record.finish_reason = out.finish_reason
+        if counts_prompt:
+            record.prompt_tokens += len(out.prompt_token_ids) - prompt
+            prompt = len(out.prompt_token_ids)
+        record.completion_tokens += len(out.token_ids) - completion
+        completion = len(out.token_ids)
+        if out.finished:
+            record.finish_reason = out.finish_reason
         if out.delta_token_ids:
             at = time.monotonic()
             if record.first_token_at is None:
                 record.first_token_at = at
-            else:
+            elif last_token_at is not None:
                 itl.observe(at - last_token_at)
             last_token_at = at
         yield out
@@ -62,15 +70,55 @@ async def started(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Request
     return chained()
 
 
-async def last_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for final in stream:  # noqa: B007 - only the last output matters
-        pass
-    return final
+async def all_started(streams: list[AsyncIterator[RequestOutput]]) -> list[AsyncIterator]:
+    """`started` for all streams at once (their requests queue together); if one is refused,
+    the others are stopped, which aborts their requests, and the refusal raised."""
+    firsts = [asyncio.ensure_future(started(s)) for s in streams]
+    try:
+        return [await first for first in firsts]
+    except BaseException:
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
 
 
-def usage(output: RequestOutput) -> Usage:
-    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
+async def last_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def last(stream):
+        final = None
+        async for final in stream:  # noqa: B007 - only the last output matters
+            pass
+        return final
+
+    return list(await asyncio.gather(*(last(s) for s in streams)))
+
+
+async def interleaved(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(index, item) from all streams as each arrives. An error in one ends them all: the
+    others' pending reads are cancelled, which aborts their requests."""
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.get):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+                yield i, item
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+def usage(outputs: list[RequestOutput], n: int) -> Usage:
+    """Of all choices, `n` per prompt in order: each prompt counted once."""
+    prompt = sum(len(out.prompt_token_ids) for out in outputs[::n])
+    completion = sum(len(out.token_ids) for out in outputs)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
@@ -94,39 +142,42 @@ def sse(events: AsyncIterator[dict], timeout_s: float) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def _chunks(stream, base: dict, include_usage: bool, choice) -> AsyncIterator[dict]:
-    """One chunk per output that adds text or finishes, then the usage when asked."""
-    final = None
-    async for out in stream:
-        final = out
+async def _chunks(streams, base: dict, body, choice) -> AsyncIterator[dict]:
+    """One chunk per output that adds text or finishes, with its choice's index, then the
+    usage when asked. `choice(k, out)`: the choice's own fields."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async for k, out in interleaved(streams):
+        finals[k] = out
         if out.delta_text or out.finished:
-            fields = {"index": 0, **choice(out), "finish_reason": out.finish_reason}
+            fields = {"index": k, **choice(k, out), "finish_reason": out.finish_reason}
             yield {**base, "choices": [fields]}
-    if include_usage and final is not None:
-        yield {**base, "choices": [], "usage": usage(final).model_dump()}
+    if body.include_usage and all(finals):
+        yield {**base, "choices": [], "usage": usage(finals, body.n).model_dump()}
 
 
-async def chat_chunks(stream, rid: str, body: ChatCompletionRequest, logprobs: ChatLogprobs):
+async def chat_chunks(streams, rid: str, body: ChatCompletionRequest, logprobs: list[ChatLogprobs]):
     base = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": body.model}
     role = {"role": "assistant", "content": ""}
-    yield {**base, "choices": [{"index": 0, "delta": role, "finish_reason": None}]}
+    for k in range(len(streams)):
+        yield {**base, "choices": [{"index": k, "delta": role, "finish_reason": None}]}
 
-    def choice(out: RequestOutput) -> dict:
-        return {"delta": {"content": out.delta_text}, "logprobs": logprobs.take(out)}
+    def choice(k: int, out: RequestOutput) -> dict:
+        return {"delta": {"content": out.delta_text}, "logprobs": logprobs[k].take(out)}
 
-    async for chunk in _chunks(stream, base, body.include_usage, choice):
+    async for chunk in _chunks(streams, base, body, choice):
         yield chunk
 
 
 def completion_chunks(
-    stream, rid: str, body: CompletionRequest, echo: str, logprobs: CompletionLogprobs
+    streams, rid: str, body: CompletionRequest, echo: list[str], logprobs: list[CompletionLogprobs]
 ):
-    """Chunks of a completion; `echo` (the prompt, or nothing) leads the first one."""
+    """Chunks of a completion; each choice's `echo` (its prompt, or nothing) leads its first."""
     base = {"id": rid, "object": "text_completion", "created": now(), "model": body.model}
-    lead = [echo]
+    echoed: set[int] = set()
 
-    def choice(out: RequestOutput) -> dict:
-        text = lead.pop() + out.delta_text if lead else out.delta_text
-        return {"text": text, "logprobs": logprobs.take(out)}
+    def choice(k: int, out: RequestOutput) -> dict:
+        lead = "" if k in echoed else echo[k]
+        echoed.add(k)
+        return {"text": lead + out.delta_text, "logprobs": logprobs[k].take(out)}
 
-    return _chunks(stream, base, body.include_usage, choice)
+    return _chunks(streams, base, body, choice)

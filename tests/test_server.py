@@ -99,6 +99,62 @@ def test_async_client_and_completions_with_token_prompts(server):
     assert {r.choices[0].text for r in replies} == {expected.text}
 
 
+def test_completions_batch_prompts_and_n_choices_in_order_whole_or_streamed(server):
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    prompts = [[1, 300, 301], [1, 40, 41, 42]]
+    args = dict(model="faq", prompt=prompts, n=2, max_tokens=5, temperature=0)
+    args["extra_body"] = {"ignore_eos": True}
+    reply = client.completions.create(**args)
+    chunks = list(
+        client.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    expected = reference.generate(prompts, params, adapters=["faq", "faq"])
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [e.text for e in expected for _ in range(2)]
+    streamed = ["", "", "", ""]
+    for chunk in chunks[:-1]:
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [c.text for c in reply.choices]
+    prompt_tokens, completion_tokens = sum(map(len, prompts)), 4 * 5  # each prompt once
+    for used in (reply.usage, chunks[-1].usage):
+        assert (used.prompt_tokens, used.completion_tokens) == (prompt_tokens, completion_tokens)
+
+
+def test_n_sampled_choices_differ_and_a_seed_repeats_them(server):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    args = dict(model="tiny", messages=QUESTION, max_tokens=8, temperature=1.0, seed=7)
+    args["extra_body"] = {"ignore_eos": True}
+    first = [c.message.content for c in client.chat.completions.create(**args, n=3).choices]
+    again = [c.message.content for c in client.chat.completions.create(**args, n=3).choices]
+    alone = client.chat.completions.create(**args).choices[0].message.content
+    assert first == again and len(set(first)) == 3
+    assert first[0] == alone  # the first choice keeps the seed
+
+
+def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(server):
+    url, _, engine = server
+    aborted = engine.stats()["requests_aborted"]
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(
+            model="faq",
+            prompt=["a short one", "x " * 600],
+            max_tokens=400,
+            n=2,
+            extra_body={"ignore_eos": True},
+        )
+    deadline = time.monotonic() + 10
+    while engine.stats()["kv_blocks_used"] or engine.stats()["running"]:
+        assert time.monotonic() < deadline, "the batch's other requests kept their blocks"
+        time.sleep(0.05)
+    assert engine.stats()["requests_aborted"] == aborted + 2  # the short prompt's 2 choices
+    with pytest.raises(openai.BadRequestError, match="n: "):
+        client.completions.create(model="faq", prompt="hi", n=17)
+
+
 def test_chat_logprobs_are_the_engines_whole_or_streamed(server):
     url, reference, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused")
