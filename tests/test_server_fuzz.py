@@ -3,6 +3,8 @@ the answer is never a 5xx (a bounded number of cases per operation, on a tiny ra
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 from serve import LLM
 from tests.helpers import make_lora, running_server
 
-CASES_PER_OPERATION = 30
+# FUZZ_CASES=400 fuzzes deeper (minutes per operation); CI runs the default.
+CASES_PER_OPERATION = int(os.environ.get("FUZZ_CASES", "30"))
 
 
 @pytest.fixture(scope="module")
