@@ -212,8 +212,11 @@ class LLMEngine:
                 f"prompt has {len(prompt_ids)} tokens; the context length is "
                 f"{self.max_model_len}, with room for at least one output token"
             )
-        if any(not 0 <= t < self.model.shape.vocab_size for t in prompt_ids):
+        vocab = self.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
             raise UsageError("prompt holds token ids outside the vocabulary")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise UsageError(f"logit_bias holds token ids outside the vocabulary of {vocab}")
         if params.response_format is not None:  # last check: it holds state for the request
             self.guided.start(request_id, params.response_format)
         seq = Sequence(

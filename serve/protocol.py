@@ -52,6 +52,7 @@ class _Request(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # beyond, logits overflow
     ignore_eos: bool = False
     response_format: ResponseFormatSpec | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     @field_validator("response_format")
     @classmethod
@@ -78,6 +79,7 @@ class _Request(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             response_format=self.response_format.parsed() if self.response_format else None,
+            logit_bias=self.logit_bias,
         )
 
     def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:

@@ -45,6 +45,17 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's logit_bias: logits[row, token] += bias for each request's pairs (out of place)."""
+    rows, tokens, bias = zip(
+        *((row, t, b) for row, seq in enumerate(seqs) for t, b in seq.params.logit_bias),
+        strict=True,
+    )
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+    values = torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits.index_put(index, values, accumulate=True)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
     """Mask (to -inf) tokens outside each row's top-k and top-p nucleus. top_k 0: no limit."""
     vocab = logits.shape[1]
@@ -76,6 +87,8 @@ class Sampler:
         Returns (token per row, TokenLogprobs or None per row)."""
         wanted = [s.params.logprobs for s in seqs]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in wanted) else None
+        if any(s.params.logit_bias for s in seqs):
+            logits = apply_logit_bias(logits, seqs)  # before the grammar, which must win
         if self.guided is not None and any(s.params.response_format is not None for s in seqs):
             self.guided.mask_(logits, seqs)
         if any(s.params.has_penalties for s in seqs):

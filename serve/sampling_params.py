@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n alternatives per generated token (0: only the chosen)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first
     response_format: ResponseFormat | None = None  # None: free text
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())  # (token id, added to its logit)
 
     def __post_init__(self):
         # Lists are accepted for convenience; stored as tuples so params stay hashable.
@@ -39,6 +40,7 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _tuple(self.stop_token_ids, int, "stop_token_ids")
         )
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         # OpenAI's dict is accepted; stored as a frozen ResponseFormat (or None for "text").
         object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
@@ -79,6 +81,22 @@ def _tuple(value, kind, name: str) -> tuple:
     for item in items:
         _check(isinstance(item, kind), name, f"must hold {kind.__name__} values", item)
     return items
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {token id (a string in JSON): bias in [-100, 100]}, or (id, bias) pairs."""
+    pairs = value.items() if isinstance(value, dict) else value or ()
+    bias = []
+    for token, amount in pairs:
+        _check(
+            str(token).isascii() and str(token).isdigit(),
+            "logit_bias",
+            "keys must be token ids",
+            token,
+        )
+        _check(-100 <= amount <= 100, "logit_bias", "values must be in [-100, 100]", amount)
+        bias.append((int(token), float(amount)))
+    return tuple(sorted(bias))
 
 
 def _check(ok: bool, name: str, rule: str, value) -> None:

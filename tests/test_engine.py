@@ -112,6 +112,26 @@ def test_penalties_follow_openai_and_ctrl_definitions():
     torch.testing.assert_close(out, expected)
 
 
+def test_logit_bias_forces_or_bans_tokens_per_request_in_one_batch(llm):
+    def params(**bias):
+        return SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, **bias)
+
+    [alone] = llm.generate([PROMPTS[0]], params())
+    plain, forced = llm.generate([PROMPTS[0]] * 2, [params(), params(logit_bias={"7": 100})])
+    assert forced.token_ids == [7] * 6
+    assert plain.token_ids == alone.token_ids  # the other request in the batch is untouched
+    ban = {str(t): -100 for t in alone.token_ids}
+    [banned] = llm.generate([PROMPTS[0]], params(logit_bias=ban))
+    assert not set(banned.token_ids) & set(alone.token_ids)
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={"5": 101})
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        SamplingParams(logit_bias={"five": 1})
+    with pytest.raises(UsageError, match="logit_bias holds token ids outside the vocabulary"):
+        llm.generate([PROMPTS[0]], SamplingParams(logit_bias={str(10**7): 1}))
+    assert not llm.engine.has_unfinished
+
+
 def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.6, 0.25, 0.05]]))
     kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.8]))

@@ -122,6 +122,16 @@ def test_completions_batch_prompts_and_n_choices_in_order_whole_or_streamed(serv
         assert (used.prompt_tokens, used.completion_tokens) == (prompt_tokens, completion_tokens)
 
 
+def test_logit_bias_reaches_the_sampler(server):
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    reply = client.completions.create(
+        model="faq", prompt=[1, 300], max_tokens=4, logprobs=0, logit_bias={"7": 100}
+    )
+    assert reply.choices[0].logprobs.tokens == [reference.engine.tokenizer.decode([7])] * 4
+    assert reply.usage.completion_tokens == 4
+
+
 def test_n_sampled_choices_differ_and_a_seed_repeats_them(server):
     url, _, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused")
@@ -235,6 +245,8 @@ def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
         ),
         (dict(model="missing@champion"), openai.NotFoundError, "no registered adapter"),
         (dict(model="tiny", top_logprobs=2), openai.BadRequestError, "top_logprobs"),
+        (dict(model="tiny", logit_bias={"5": 300}), openai.BadRequestError, "logit_bias values"),
+        (dict(model="tiny", logit_bias={"9999999": 1}), openai.BadRequestError, "vocabulary"),
         (dict(model="tiny", logprobs=True, top_logprobs=21), openai.BadRequestError, "top_logp"),
     ],
 )
