@@ -197,12 +197,14 @@ def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
     assert [line["finish_reason"] for line in _audit(tmp_path)] == ["timeout", "timeout"]
 
 
+@pytest.mark.parametrize("n", [1, 3])
 def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
-    tiny_base, faq_folder, empty_registry, tmp_path
+    tiny_base, faq_folder, empty_registry, tmp_path, n
 ):
     with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
         aborted = engine.stats()["requests_aborted"]
         body = {"model": "faq", "messages": QUESTION, "max_tokens": 400, "ignore_eos": True}
+        body["n"] = n  # every choice is aborted
         payload = json.dumps(body).encode()
         host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
         with contextlib.ExitStack() as hold:
@@ -214,7 +216,7 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
                     + payload
                 )
                 deadline = time.monotonic() + 20
-                while engine.stats()["running"] == 0:
+                while engine.stats()["running"] < n:
                     assert time.monotonic() < deadline, "the request did not start"
                     time.sleep(0.01)
                 hold.enter_context(paused(engine))  # it cannot finish now; the client hangs up
@@ -223,10 +225,10 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
                 assert time.monotonic() < deadline, "the server did not notice the hang-up"
                 time.sleep(0.05)
         _wait_until_idle(engine)
-        assert engine.stats()["requests_aborted"] == aborted + 1
+        assert engine.stats()["requests_aborted"] == aborted + n
     [line] = _audit(tmp_path)
     assert (line["status"], line["finish_reason"]) == (499, "abort")
-    assert 0 < line["completion_tokens"] < 400
+    assert n <= line["completion_tokens"] < 400 * n
 
 
 def test_metrics_count_requests_tokens_latencies_and_engine_state(
