@@ -377,7 +377,9 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(adapters_dir, ignore_errors=True)
-            folders = write_random_adapters(base, adapters_dir, cfg["adapters"], cfg["rank"])
+            folders = write_random_adapters(
+                base, adapters_dir, cfg["adapters"], cfg["rank"], dtype=dtype
+            )
         print(
             f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
             f"{cfg['adapters']} adapters of rank {cfg['rank']}: {time.perf_counter() - t0:.0f} s"
