@@ -26,6 +26,17 @@ SHAPES = {
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
     ),
+    "smollm2-135m": dict(  # the embedded base's shapes (the GPU tests' stand-in for it)
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+    ),
     "tiny": dict(
         vocab_size=512,
         hidden_size=64,

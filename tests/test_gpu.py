@@ -1,11 +1,16 @@
 """On a CUDA GPU only: the engine's GPU path on the real SmolLM2, compiled kernels and CUDA
 graphs against the plain-torch path. Skipped without CUDA (CI has none); the kernels' own
-tests run everywhere (tests/test_kernels.py, interpreted on CPU)."""
+tests run everywhere (tests/test_kernels.py, interpreted on CPU).
+
+The lent GPU machine cannot be sent the embedded SmolLM2 (98 MB); there the same test runs
+on random weights of its shapes, prompts as token ids."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.conftest import EMBEDDED_SMOLLM2
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,15 +25,35 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def adapters(smollm2, tmp_path_factory):
+def base(request, home, tmp_path_factory):
+    """SmolLM2, or (where it cannot be had) random weights of its shapes."""
+    if EMBEDDED_SMOLLM2:
+        return request.getfixturevalue("smollm2")
+    from bench.gpu_model import SHAPES, write_random_base
+    from registry.base_model import resolve_base_model
+
+    folder = tmp_path_factory.mktemp("smollm2-shaped")
+    write_random_base(folder, SHAPES["smollm2-135m"], "cuda", torch.float32)
+    return resolve_base_model(str(folder), home)
+
+
+@pytest.fixture(scope="module")
+def prompts(base):
+    if EMBEDDED_SMOLLM2:
+        return PROMPTS
+    return [[1, *range(40 + 7 * i, 60 + 11 * i)] for i in range(3)]  # word-level tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory):
     from serve.llama import LORA_MODULES
     from tests.helpers import make_lora
 
     root = tmp_path_factory.mktemp("gpu-adapters")
     return {
-        "qv": make_lora(smollm2, root / "qv", rank=8, targets=["q_proj", "v_proj"]),
+        "qv": make_lora(base, root / "qv", rank=8, targets=["q_proj", "v_proj"]),
         "all": make_lora(
-            smollm2,
+            base,
             root / "all",
             rank=16,
             targets=LORA_MODULES,
@@ -37,23 +62,23 @@ def adapters(smollm2, tmp_path_factory):
     }
 
 
-def _generate(smollm2, adapters, **options):
+def _generate(base, prompts, adapters, **options):
     from serve import LLM, SamplingParams
 
-    llm = LLM(base_model=str(smollm2.path), device="cuda", dtype="float32", **options)
+    llm = LLM(base_model=str(base.path), device="cuda", dtype="float32", **options)
     for name, folder in adapters.items():
         llm.load_adapter(name, str(folder))
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
-    outs = llm.generate(PROMPTS * 2, params, adapters=["qv", None, "all", "all", "qv", None])
+    outs = llm.generate(prompts * 2, params, adapters=["qv", None, "all", "all", "qv", None])
     return [o.token_ids for o in outs], [[lp.logprob for lp in o.logprobs] for o in outs]
 
 
-def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(smollm2, adapters):
+def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(base, prompts, adapters):
     """NF4 base in fp32: bitsandbytes + SDPA + gathered LoRA against the Triton kernels, eager
     and replayed from CUDA graphs."""
-    reference = _generate(smollm2, adapters, kernels="reference")
-    kernels = _generate(smollm2, adapters, kernels="auto")
-    graphs = _generate(smollm2, adapters, kernels="auto", cuda_graphs=True)
+    reference = _generate(base, prompts, adapters, kernels="reference")
+    kernels = _generate(base, prompts, adapters, kernels="auto")
+    graphs = _generate(base, prompts, adapters, kernels="auto", cuda_graphs=True)
     for tokens, logprobs in (kernels, graphs):
         assert tokens == reference[0]
         for ours, theirs in zip(logprobs, reference[1], strict=True):
