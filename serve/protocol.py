@@ -102,9 +102,21 @@ class _Request(BaseModel):
         return None, None
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]  # images, audio and files: refused, as the base reads text only
+    text: str
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]  # a string, or OpenAI's content parts
+
+    def for_template(self) -> dict:
+        """As chat templates take it: `developer` is OpenAI's newer name for `system`."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_Request):
@@ -112,6 +124,25 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's logprob
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and its n likeliest alternatives
+    # Function calling would change what the answer is: refused, never silently ignored.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("tools", "functions", "function_call")
+    @classmethod
+    def _no_functions(cls, value):
+        if value:
+            raise ValueError("function calling is not supported by this server")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value):
+        if value not in (None, "none"):
+            raise ValueError("function calling is not supported by this server")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -128,6 +159,22 @@ class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only its own
     echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
+    suffix: str | None = None  # insertion: not served, refused if given
+    best_of: int | None = None  # server-side ranking of choices: not served beyond `n`
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("insertion (suffix) is not supported by this server")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info):
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("only best_of equal to n is supported (no ranking of choices)")
+        return value
 
     def logprobs_asked(self) -> tuple[int | None, int | None]:
         return self.logprobs, self.logprobs if self.echo else None

@@ -225,7 +225,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     @app.post("/v1/chat/completions")
     async def chat(request: Request, record: Authenticated, body: ChatCompletionRequest):
         keys.admit(record.caller, body.model)
-        messages = [m.model_dump() for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         record.prompt = messages
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]

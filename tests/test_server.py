@@ -122,6 +122,41 @@ def test_completions_batch_prompts_and_n_choices_in_order_whole_or_streamed(serv
         assert (used.prompt_tokens, used.completion_tokens) == (prompt_tokens, completion_tokens)
 
 
+def test_content_parts_and_the_developer_role_read_as_text_and_system(server):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    question = QUESTION[0]["content"]
+    as_parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief. "},
+                                          {"type": "text", "text": "Answer in English."}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]  # fmt: skip
+    as_strings = [
+        {"role": "system", "content": "Be brief. Answer in English."},
+        {"role": "user", "content": question},
+    ]
+    replies = [
+        client.chat.completions.create(
+            model="faq", messages=m, max_tokens=4, temperature=0, logprobs=True
+        )
+        for m in (as_parts, as_strings)
+    ]
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens
+    first, second = ([t.logprob for t in r.choices[0].logprobs.content] for r in replies)
+    assert first == second  # the same prompt, to the bit
+
+
+def test_completion_features_it_does_not_serve_are_refused_not_ignored(server):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model="faq", prompt="a", suffix="b", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="faq", prompt="a", best_of=3, max_tokens=2)
+    ok = client.completions.create(model="faq", prompt="a", best_of=2, n=2, max_tokens=2)
+    assert len(ok.choices) == 2
+
+
 def test_logit_bias_reaches_the_sampler(server):
     url, reference, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused")
@@ -245,6 +280,17 @@ def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
         ),
         (dict(model="missing@champion"), openai.NotFoundError, "no registered adapter"),
         (dict(model="tiny", top_logprobs=2), openai.BadRequestError, "top_logprobs"),
+        (
+            dict(model="tiny", tools=[{"type": "function", "function": {"name": "f"}}]),
+            openai.BadRequestError,
+            "tools: Value error, function calling is not supported",
+        ),
+        (dict(model="tiny", tool_choice="required"), openai.BadRequestError, "tool_choice"),
+        (
+            dict(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            openai.BadRequestError,
+            "messages.0.content",
+        ),
         (dict(model="tiny", logit_bias={"5": 300}), openai.BadRequestError, "logit_bias values"),
         (dict(model="tiny", logit_bias={"9999999": 1}), openai.BadRequestError, "vocabulary"),
         (dict(model="tiny", logprobs=True, top_logprobs=21), openai.BadRequestError, "top_logp"),
