@@ -7,11 +7,12 @@
 #   bash bench/gpu_session.sh kernels    # kernels, matmul and tune sections, no model (~8 min)
 #   bash bench/gpu_session.sh model      # decode, load and serve with CUDA graphs     (~8 min)
 #   bash bench/gpu_session.sh baseline   # the same decode without kernels; peft       (~8 min)
+#   bash bench/gpu_session.sh slots      # serve with 16 adapter slots, not 64         (~6 min)
 #
 # Every call carries .whl (the wheels the image lacks: bench/gpu_notes.md). Logs and JSON
 # results go to $OUT, at most 3 files a call.
 set -uo pipefail
-phase=${1:?"usage: bash bench/gpu_session.sh check|kernels|model|baseline"}
+phase=${1:?"usage: bash bench/gpu_session.sh check|kernels|model|baseline|slots"}
 out=${OUT:-/tmp/gpu-session}
 mkdir -p "$out"
 log="$out/$phase.log"
@@ -48,8 +49,11 @@ baseline)
     bench 200 reference --sections decode --kernels reference
     bench 360 peft --sections peft
     ;;
+slots)
+    bench 560 slots --sections serve --cuda-graphs --max-loras 16
+    ;;
 *)
-    echo "unknown phase $phase: check, kernels, model or baseline" >&2
+    echo "unknown phase $phase: check, kernels, model, baseline or slots" >&2
     exit 2
     ;;
 esac

@@ -150,7 +150,10 @@ def make_llm(cfg, args, base: Path):
         cuda_graphs=args.cuda_graphs,
         max_num_seqs=cfg["max_seqs"],
         max_num_batched_tokens=args.max_batched_tokens,
-        max_loras=cfg["max_seqs"],  # slots never hold back a batch of distinct adapters
+        # default: one slot per running sequence, so slots never hold back a batch of distinct
+        # adapters; fewer caps the adapters a step reads (the scheduler lets requests whose
+        # adapter is in a slot pass the others)
+        max_loras=args.max_loras or cfg["max_seqs"],
         max_lora_rank=cfg["rank"],
         max_cpu_loras=cfg["adapters"],
         kv_cache_memory_gb=cfg["kv_gb"],
@@ -325,6 +328,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=20)
+    parser.add_argument(
+        "--max-loras", type=int, default=None, help="device adapter slots (default: max seqs)"
+    )
     parser.add_argument("--copy-bytes", type=int, default=2**31)
     args = parser.parse_args()
 
@@ -358,6 +364,7 @@ def main() -> None:
 
     setup_environment()  # LORAPLEX_HOME, as the engine expects
     results: dict = {"mode": mode, "kernel_mode": args.kernels, "quantization": args.quantization}
+    results["max_loras"] = args.max_loras or cfg["max_seqs"]
     if args.device == "cuda":
         results["device"] = torch.cuda.get_device_name()
     if "kernels" in sections:
