@@ -2,7 +2,8 @@
 
 Each step has a token budget. Running sequences go first, oldest first: a decoding sequence
 takes one token, one still prefilling takes a chunk of its prompt. Waiting sequences then join
-in arrival order while budget, sequence slots, KV blocks and adapter slots last. When blocks run
+in arrival order while budget, sequence slots, KV blocks and adapter slots last; one whose
+adapter finds no slot lets later ones pass, but only for MAX_SLOT_WAITS steps. When blocks run
 out, the newest running sequence is preempted: its blocks are freed and it waits at the head of
 the queue to be recomputed, keeping every token it has generated.
 """
@@ -17,6 +18,10 @@ from serve.lora_slots import LoraSlots
 from serve.sequence import Sequence, Status
 
 BASE_SLOT = -1  # the lora slot of sequences served by the base model alone
+# Steps a sequence waiting for an adapter slot lets later ones pass it. After that no newcomer
+# may pin a slot (base-model ones still join), so the slots drain to it: a stream of requests
+# for loaded adapters cannot starve one for another adapter.
+MAX_SLOT_WAITS = 32
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Scheduler:
         self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_slot_waits = MAX_SLOT_WAITS
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -105,15 +111,19 @@ class Scheduler:
 
     def _admit_waiting(self, plan: list[tuple[Sequence, int]], budget: int):
         """Waiting sequences in arrival order while budget, slots and blocks last; a sequence
-        whose adapter finds no free slot lets the others pass. Returns the slot loads."""
+        whose adapter finds no free slot lets the others pass, up to `max_slot_waits` steps.
+        Returns the slot loads."""
         loads: list[tuple[int, str]] = []
         skipped: list[Sequence] = []
+        starving = False  # one has waited long enough: no one else may pin a slot now
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             slot = None
             if seq.adapter_uid is not None:
-                slot = self.slots.acquire(seq.adapter_uid)
+                slot = None if starving else self.slots.acquire(seq.adapter_uid)
                 if slot is None:
+                    seq.num_slot_waits += 1
+                    starving |= seq.num_slot_waits > self.max_slot_waits
                     skipped.append(self.waiting.popleft())
                     continue
             if not seq.block_table:

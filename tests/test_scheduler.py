@@ -108,6 +108,24 @@ def test_distinct_adapters_per_step_are_capped_at_the_slots():
     assert [x.request_id for x in s.waiting] == ["c"]
 
 
+def test_a_request_waiting_for_a_slot_is_not_starved_by_requests_for_loaded_adapters():
+    s = make(num_blocks=64, max_loras=1, budget=64, max_num_seqs=4)
+    s.max_slot_waits = 3
+    s.add(seq("a", 2, "x/1", max_tokens=4))
+    step(s)
+    s.add(seq("b", 2, "y/1", max_tokens=2))
+    admitted = []
+    for rid in "cdefghijklmn":  # a new request for the loaded adapter every step
+        s.add(seq(rid, 2, "x/1", max_tokens=4))
+        plan = step(s)
+        admitted += [x.request_id for x in plan.seqs if x.num_computed_tokens == 2]
+        if "b" in admitted:
+            break
+    # passed three times; then the x requests wait, x's slot drains (4-token outputs) to it
+    assert admitted == ["c", "d", "e", "b"]
+    assert [x.request_id for x in s.waiting][:3] == ["f", "g", "h"]
+
+
 def test_adapter_slot_is_reused_after_its_sequences_finish():
     s = make(max_loras=1, budget=64)
     s.add(seq("a", 2, "x/1", max_tokens=1))
