@@ -86,13 +86,21 @@ async def all_started(streams: list[AsyncIterator[RequestOutput]]) -> list[Async
 
 
 async def last_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each stream's final output. If one fails or this is cancelled, the others are
+    cancelled too, which aborts their requests."""
+
     async def last(stream):
         final = None
         async for final in stream:  # noqa: B007 - only the last output matters
             pass
         return final
 
-    return list(await asyncio.gather(*(last(s) for s in streams)))
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        return [await task for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def interleaved(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

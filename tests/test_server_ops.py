@@ -197,6 +197,30 @@ def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
     assert [line["finish_reason"] for line in _audit(tmp_path)] == ["timeout", "timeout"]
 
 
+def test_every_choice_of_a_request_past_its_timeout_is_aborted(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, request_timeout_s=2) as (
+        url,
+        engine,
+    ):
+        aborted = engine.stats()["requests_aborted"]
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        body = dict(model="faq", messages=QUESTION, max_tokens=400, n=3)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(
+                client.chat.completions.create, **body, extra_body={"ignore_eos": True}
+            )
+            deadline = time.monotonic() + 20
+            while engine.stats()["running"] < 3:  # all three generating
+                assert time.monotonic() < deadline, "the choices did not start"
+                time.sleep(0.01)
+            with paused(engine), pytest.raises(openai.InternalServerError, match="after 2 s"):
+                reply.result(timeout=30)
+        _wait_until_idle(engine)
+        assert engine.stats()["requests_aborted"] == aborted + 3
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
     tiny_base, faq_folder, empty_registry, tmp_path, n
