@@ -3,7 +3,7 @@
 Each step has a token budget. Running sequences go first, oldest first: a decoding sequence
 takes one token, one still prefilling takes a chunk of its prompt. Waiting sequences then join
 in arrival order while budget, sequence slots, KV blocks and adapter slots last; one whose
-adapter finds no slot lets later ones pass, but only for MAX_SLOT_WAITS steps. When blocks run
+adapter finds no slot lets later ones pass, but at most MAX_SLOT_PASSES. When blocks run
 out, the newest running sequence is preempted: its blocks are freed and it waits at the head of
 the queue to be recomputed, keeping every token it has generated.
 """
@@ -18,10 +18,12 @@ from serve.lora_slots import LoraSlots
 from serve.sequence import Sequence, Status
 
 BASE_SLOT = -1  # the lora slot of sequences served by the base model alone
-# Steps a sequence waiting for an adapter slot lets later ones pass it. After that no newcomer
-# may pin a slot (base-model ones still join), so the slots drain to it: a stream of requests
-# for loaded adapters cannot starve one for another adapter.
-MAX_SLOT_WAITS = 32
+# Later sequences that may take a slot ahead of one waiting for its adapter's slot. Past that
+# the slot of the loaded adapter with the fewest running sequences takes no newcomer until it
+# drains to the waiting one: a stream of requests for loaded adapters cannot starve another
+# adapter, and the other slots keep serving theirs. A queue that only drains (a batch of
+# requests) never gets there, so it keeps the throughput of grouping requests by adapter.
+MAX_SLOT_PASSES = 256
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Scheduler:
         self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_slot_waits = MAX_SLOT_WAITS
+        self.max_slot_passes = MAX_SLOT_PASSES
+        self.draining: str | None = None  # adapter whose slot takes no newcomer (see above)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -111,19 +114,21 @@ class Scheduler:
 
     def _admit_waiting(self, plan: list[tuple[Sequence, int]], budget: int):
         """Waiting sequences in arrival order while budget, slots and blocks last; a sequence
-        whose adapter finds no free slot lets the others pass, up to `max_slot_waits` steps.
-        Returns the slot loads."""
+        whose adapter finds no free slot lets the others pass, up to `max_slot_passes` of
+        them. Returns the slot loads."""
         loads: list[tuple[int, str]] = []
-        skipped: list[Sequence] = []
-        starving = False  # one has waited long enough: no one else may pin a slot now
+        skipped: list[Sequence] = []  # waiting for a slot, passed by who takes one
+        starving = False  # one of them has been passed max_slot_passes times
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             slot = None
             if seq.adapter_uid is not None:
-                slot = None if starving else self.slots.acquire(seq.adapter_uid)
+                blocked = starving and seq.adapter_uid == self.draining
+                slot = None if blocked else self.slots.acquire(seq.adapter_uid)
                 if slot is None:
-                    seq.num_slot_waits += 1
-                    starving |= seq.num_slot_waits > self.max_slot_waits
+                    if not starving and seq.num_passed >= self.max_slot_passes:
+                        starving = True
+                        self._drain_a_slot()
                     skipped.append(self.waiting.popleft())
                     continue
             if not seq.block_table:
@@ -134,8 +139,11 @@ class Scheduler:
                 if seq.adapter_uid is not None:
                     self.slots.release(seq.adapter_uid)
                 break
-            if slot is not None and self.slots.fill(seq.adapter_uid):
-                loads.append((slot, seq.adapter_uid))
+            if slot is not None:
+                for passed in skipped:
+                    passed.num_passed += 1
+                if self.slots.fill(seq.adapter_uid):
+                    loads.append((slot, seq.adapter_uid))
             self.allocator.append(seq, n)
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -143,7 +151,15 @@ class Scheduler:
             plan.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        if not starving:
+            self.draining = None
         return loads
+
+    def _drain_a_slot(self) -> None:
+        """Keep draining the same slot while it has running sequences; else pick the one
+        with the fewest, the soonest free."""
+        if self.draining not in self.slots.pins:
+            self.draining = min(self.slots.pins, key=self.slots.pins.get, default=None)
 
     def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
         """Apply a step's result: computed tokens and one sampled token per sequence that had

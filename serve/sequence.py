@@ -41,7 +41,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
-    num_slot_waits: int = 0  # steps it waited, passed by others, for an adapter slot
+    num_passed: int = 0  # later sequences that took an adapter slot while it waited for one
     block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
 
     @property

@@ -110,7 +110,7 @@ def test_distinct_adapters_per_step_are_capped_at_the_slots():
 
 def test_a_request_waiting_for_a_slot_is_not_starved_by_requests_for_loaded_adapters():
     s = make(num_blocks=64, max_loras=1, budget=64, max_num_seqs=4)
-    s.max_slot_waits = 3
+    s.max_slot_passes = 3
     s.add(seq("a", 2, "x/1", max_tokens=4))
     step(s)
     s.add(seq("b", 2, "y/1", max_tokens=2))
@@ -124,6 +124,24 @@ def test_a_request_waiting_for_a_slot_is_not_starved_by_requests_for_loaded_adap
     # passed three times; then the x requests wait, x's slot drains (4-token outputs) to it
     assert admitted == ["c", "d", "e", "b"]
     assert [x.request_id for x in s.waiting][:3] == ["f", "g", "h"]
+
+
+def test_a_starving_request_drains_one_slot_while_the_others_keep_serving():
+    s = make(num_blocks=64, max_loras=2, budget=64, max_num_seqs=8)
+    s.max_slot_passes = 2
+    s.add(seq("a", 2, "x/1", max_tokens=20))
+    s.add(seq("c", 2, "z/1", max_tokens=3))
+    step(s)
+    s.add(seq("b", 2, "y/1", max_tokens=2))
+    admitted = []  # per step, the sequences that joined
+    for rid, adapter in zip("defgh", ["x/1", "z/1"] * 3, strict=False):
+        s.add(seq(rid, 2, adapter, max_tokens=3))
+        plan = step(s)
+        admitted.append(sorted(x.request_id for x in plan.seqs if x.num_computed_tokens == 2))
+    # d (x) and e (z) pass b twice; then z, with one running sequence against x's two, drains:
+    # f (x) still joins, g (z) waits, and b takes z's slot once e's three tokens are out
+    assert admitted == [["d"], ["e"], ["f"], [], ["b", "h"]]
+    assert s.slots.slot_of["y/1"] == 1 and [x.request_id for x in s.waiting] == ["g"]
 
 
 def test_adapter_slot_is_reused_after_its_sequences_finish():
