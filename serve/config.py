@@ -21,7 +21,12 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: int = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size
-    kv_cache_memory_gb: float = Field(1.0, gt=0)  # pool size; the block count follows
+    # KV pool size; the block count and the longest context follow. None: on CUDA, what
+    # gpu_memory_utilization leaves after the weights and the largest step; 1 GB on CPU
+    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    # share of the GPU's memory this engine may fill (KV sizing only): the rest is headroom
+    # for CUDA graphs and fragmentation, or room for another process
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     num_kv_blocks: int | None = Field(None, ge=1)  # overrides kv_cache_memory_gb (tests)
     max_num_seqs: int = Field(32, ge=1)  # running sequences per step
     max_num_batched_tokens: int = Field(512, ge=1)  # token budget per step (prefill chunk size)

@@ -24,6 +24,13 @@ from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.guided import GuidedDecoding
 from serve.kernels import use_triton
+from serve.kv_budget import (
+    CPU_KV_CACHE_BYTES,
+    blocks_of,
+    kv_block_bytes,
+    measure_kv_bytes,
+    worst_case_plan,
+)
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
 from serve.model_runner import ModelRunner
@@ -83,17 +90,21 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(self.base.path, self.tokenizer, GenerationConfig)
 
         shape = self.model.shape
-        block_bytes = (
-            2
-            * shape.num_layers
-            * config.block_size
-            * shape.num_kv_heads
-            * shape.head_dim
-            * dtype.itemsize
+        self.pool = AdapterPool(
+            shape, config.max_loras, config.max_lora_rank, config.max_cpu_loras, dtype, self.device
         )
-        self.num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gb * 2**30 // block_bytes)
+        self.guided = GuidedDecoding(self.tokenizer, shape.vocab_size, self.eos_token_ids)
+        self.sampler = Sampler(self.device, config.seed, self.guided)
+        self.runner = ModelRunner(
+            self.model,
+            config.block_size,
+            self.pool,
+            self.sampler,
+            cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
         )
+        self.num_blocks = self._num_kv_blocks(kv_block_bytes(shape, config.block_size, dtype))
+        self.runner.allocate_kv_cache(self.num_blocks)
         # A lone sequence must always fit in the pool, or preemption could never help it.
         self.max_model_len = min(self.model.max_model_len, self.num_blocks * config.block_size)
 
@@ -104,24 +115,39 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.pool = AdapterPool(
-            shape, config.max_loras, config.max_lora_rank, config.max_cpu_loras, dtype, self.device
-        )
-        self.guided = GuidedDecoding(self.tokenizer, shape.vocab_size, self.eos_token_ids)
-        self.sampler = Sampler(self.device, config.seed, self.guided)
-        self.runner = ModelRunner(
-            self.model,
-            self.num_blocks,
-            config.block_size,
-            self.pool,
-            self.sampler,
-            cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
-        )
         self.adapters: dict[str, AdapterInfo] = {}
         self.requests: dict[str, RequestState] = {}
         self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
+
+    def _num_kv_blocks(self, block_bytes: int) -> int:
+        """As configured; on CUDA by default, what the GPU has left after the largest step."""
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if config.kv_cache_memory_gb is not None:
+            size = int(config.kv_cache_memory_gb * 2**30)
+        elif self.device.type == "cuda":
+            size = measure_kv_bytes(self.device, config.gpu_memory_utilization, self._profile)
+        else:
+            size = CPU_KV_CACHE_BYTES
+        return max(1, size // block_bytes)
+
+    def _profile(self) -> None:
+        """Run the largest step the scheduler can plan, over a scratch pool it then frees."""
+        config = self.config
+        plan = worst_case_plan(
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.block_size,
+            self.model.max_model_len,
+            lora_slot=0,  # every module's LoRA runs (slots start as zeros)
+        )
+        self.runner.allocate_kv_cache(blocks_of(plan))
+        self.runner.execute(plan)
+        for seq in plan.seqs:
+            self.sampler.forget(seq.request_id)
+        self.runner.kv_cache = None
 
     # -- adapters ----------------------------------------------------------------------------
 

@@ -38,7 +38,6 @@ class ModelRunner:
     def __init__(
         self,
         model: LlamaModel,
-        num_blocks: int,
         block_size: int,
         pool: AdapterPool | None,
         sampler: Sampler,
@@ -46,31 +45,39 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 1,
     ):
-        s = model.shape
         self.model = model
         self.block_size = block_size
         self.pool = pool
         self.sampler = sampler
+        self.cuda_graphs = cuda_graphs
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache: torch.Tensor | None = None  # allocate_kv_cache() sizes it
+        self.graphs: DecodeGraphs | None = None
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """A zeroed K/V pool of `num_blocks` blocks, replacing any before it (with the decode
+        graphs, which keep its address)."""
+        s = self.model.shape
+        self.kv_cache = self.graphs = None  # freed before the new pool is allocated
         # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset. One
         # block past the allocator's is scratch: padding rows of a decode graph write there.
         self.kv_cache = torch.zeros(
             s.num_layers,
             2,
-            (num_blocks + 1) * block_size,
+            (num_blocks + 1) * self.block_size,
             s.num_kv_heads,
             s.head_dim,
-            dtype=model.dtype,
-            device=model.device,
+            dtype=self.model.dtype,
+            device=self.model.device,
         )
-        self.graphs = None
-        if cuda_graphs:
+        if self.cuda_graphs:
             self.graphs = DecodeGraphs(
                 self._forward,
-                model.device,
-                block_size,
+                self.model.device,
+                self.block_size,
                 num_blocks,
-                model.max_model_len,
-                max_num_seqs,
+                self.model.max_model_len,
+                self.max_num_seqs,
             )
 
     def _forward(self, ids: torch.Tensor, attention: AttentionMetadata, lora: LoraBatch | None):

@@ -100,3 +100,22 @@ def test_nf4_kernel_agrees_with_bitsandbytes_in_bf16(rows):
     expected = torch.cat(one_by_one, dim=1).float()
     error = (stacked.float() - expected).abs().max() / expected.abs().max()
     assert error < 1e-2
+
+
+def test_default_kv_pool_fills_the_gpu_to_its_utilization_and_no_further(base):
+    """Without kv_cache_memory_gb the pool takes what 0.9 of the GPU leaves after the weights
+    and the largest step; a second engine on the same GPU then finds no room and says so."""
+    from registry.errors import UsageError
+    from serve import LLM, SamplingParams
+    from serve.kv_budget import kv_block_bytes
+
+    llm = LLM(base_model=str(base.path), device="cuda", max_num_batched_tokens=2048)
+    engine = llm.engine
+    _, total = torch.cuda.mem_get_info()
+    pool = engine.num_blocks * kv_block_bytes(engine.model.shape, 16, torch.bfloat16)
+    assert 0.5 * total < pool < 0.9 * total  # a 135M model leaves most of the GPU to the pool
+    torch.cuda.reset_peak_memory_stats()
+    llm.generate(["x " * 2000] * 4, SamplingParams(max_tokens=4, prompt_logprobs=1))
+    assert torch.cuda.max_memory_reserved() <= 0.9 * total  # the largest steps stayed inside
+    with pytest.raises(UsageError, match="gpu_memory_utilization"):
+        LLM(base_model=str(base.path), device="cuda")

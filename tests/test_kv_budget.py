@@ -1,0 +1,76 @@
+"""Sizing the KV pool: the largest step the profile runs, what is left for the cache, and the
+block counts the engine derives from its config."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import UsageError
+from serve import LLM, SamplingParams
+from serve.kv_budget import blocks_of, kv_bytes_left, worst_case_plan
+from tests.helpers import tiny_engine_args
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("budget", "max_seqs", "block_size", "max_len", "lengths"),
+    [
+        (512, 32, 16, 8192, [481] + [1] * 31),  # a long chunk and 31 decodes
+        (8, 32, 4, 8192, [1] * 8),  # fewer tokens than sequences: one each
+        (100, 1, 16, 8192, [100]),  # a lone prefill
+        (4096, 4, 16, 1000, [1000, 1, 1, 1]),  # no chunk past the model's context
+    ],
+)
+def test_worst_case_plan_spends_the_token_budget_over_the_most_sequences(
+    budget, max_seqs, block_size, max_len, lengths
+):
+    plan = worst_case_plan(budget, max_seqs, block_size, max_len, lora_slot=3)
+    assert plan.num_new_tokens == lengths
+    assert [s.num_tokens for s in plan.seqs] == lengths  # fresh prompts: all of each computed
+    assert plan.lora_slots == [3] * len(lengths)
+    tables = [s.block_table for s in plan.seqs]
+    assert [len(t) for t in tables] == [-(-n // block_size) for n in lengths]
+    ids = [b for t in tables for b in t]
+    assert ids == list(range(len(ids))) == list(range(blocks_of(plan)))
+    # the longest chunk scores its prompt; every row samples through top-k/top-p on its own seed
+    assert [s.params.prompt_logprobs for s in plan.seqs] == [20] + [None] * (len(lengths) - 1)
+    assert all(s.params.seed is not None and not s.params.greedy for s in plan.seqs)
+
+
+def test_kv_bytes_left_is_the_utilized_memory_less_what_is_in_use_and_the_step_peak():
+    assert kv_bytes_left(80 * GiB, 6 * GiB, 2 * GiB, 0.9) == int(0.9 * 80 * GiB) - 8 * GiB
+    assert kv_bytes_left(80 * GiB, 0, 0, 1.0) == 80 * GiB
+
+
+def test_a_gpu_with_no_room_left_is_refused_naming_the_knobs():
+    with pytest.raises(UsageError, match=r"gpu_memory_utilization 0\.5") as e:
+        kv_bytes_left(80 * GiB, 38 * GiB, 2 * GiB, 0.5)
+    assert "38.0 GiB are in use" in str(e.value)
+    assert "kv_cache_memory_gb" in str(e.value)
+
+
+def test_block_count_follows_the_configured_size_or_the_cpu_default(tiny_base):
+    shape = LLM(**tiny_engine_args(tiny_base, num_kv_blocks=8)).engine.model.shape
+    block_bytes = 2 * shape.num_layers * 4 * shape.num_kv_heads * shape.head_dim * 4  # fp32
+    sized = LLM(**tiny_engine_args(tiny_base, num_kv_blocks=None, kv_cache_memory_gb=0.01))
+    default = LLM(**tiny_engine_args(tiny_base, num_kv_blocks=None))
+    assert sized.engine.num_blocks == int(0.01 * GiB) // block_bytes
+    assert default.engine.num_blocks == GiB // block_bytes  # no GPU to measure: 1 GiB
+    assert default.engine.runner.kv_cache.shape[2] == (default.engine.num_blocks + 1) * 4
+
+
+def test_the_profile_step_leaves_the_engine_as_it_was(tiny_base):
+    """The profile runs the largest step through the real runner and sampler; afterwards the
+    engine samples exactly what a fresh one does (its stream of draws is untouched)."""
+    prompts = ["the cat sat on", "a dog ran to the"]
+    params = SamplingParams(max_tokens=8, temperature=1.0)
+    args = tiny_engine_args(tiny_base, max_num_batched_tokens=64, max_num_seqs=8)
+    expected = [o.token_ids for o in LLM(**args).generate(prompts, params)]
+
+    llm = LLM(**args)
+    engine = llm.engine
+    engine._profile()
+    assert engine.runner.kv_cache is None and not engine.sampler._seeded
+    engine.runner.allocate_kv_cache(engine.num_blocks)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
