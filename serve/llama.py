@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) as plain tensors and one forward.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) as plain tensors and one
+forward.
 
 Reads Hugging Face safetensors from a folder. Every sequence of a step is one row block of a
 flat token batch: the linear layers and LoRA run once over all tokens; attention reads each
@@ -25,7 +26,7 @@ from serve.linear import (
     stacked_bias,
 )
 
-SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARENT_OF = {m: "self_attn" for m in LORA_MODULES[:4]} | {m: "mlp" for m in LORA_MODULES[4:]}
 
@@ -42,6 +43,9 @@ class ModelShape:
     rms_norm_eps: float
     tie_word_embeddings: bool
     max_position_embeddings: int
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    # keys a query sees, itself included, when the model attends through a window; None: all
+    sliding_window: int | None = None
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -51,6 +55,9 @@ class ModelShape:
                 f"supported: {', '.join(sorted(SUPPORTED_TYPES))}"
             )
         heads = config.num_attention_heads
+        window = getattr(config, "sliding_window", None)
+        if config.model_type.startswith("qwen") and not getattr(config, "use_sliding_window", 0):
+            window = None  # Qwen configs name a window they do not use
         return cls(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -62,6 +69,8 @@ class ModelShape:
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             max_position_embeddings=config.max_position_embeddings,
+            qk_norm=config.model_type == "qwen3",
+            sliding_window=window,
         )
 
     def lora_dims(self, module: str) -> tuple[int, int]:
@@ -119,8 +128,9 @@ _FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
 
 
 class Layer:
-    def __init__(self, norms, linears, shape: ModelShape):
+    def __init__(self, norms, linears, shape: ModelShape, qk_norms=None):
         self.input_norm, self.post_norm = norms  # [hidden] each
+        self.qk_norms = qk_norms  # (query, key) norms, [head_dim] each; None: no such norms
         # module names -> DenseLinear | Linear4bit over their stacked weights
         self.linears = linears
         self.group_of = {m: g for g in linears for m in g}
@@ -152,9 +162,10 @@ class LlamaModel:
         self.config = AutoConfig.from_pretrained(path)
         self.shape = ModelShape.from_config(self.config)
         self.dtype, self.device = dtype, torch.device(device)
-        self.max_model_len = min(
-            max_model_len or self.shape.max_position_embeddings, self.shape.max_position_embeddings
-        )
+        # Within its window a sliding-window model attends to every earlier token: sequences
+        # stop there, and the plain causal attention is exact.
+        longest = min(self.shape.max_position_embeddings, self.shape.sliding_window or 2**62)
+        self.max_model_len = min(max_model_len or longest, longest)
         tensors = {}
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
@@ -206,7 +217,13 @@ class LlamaModel:
                 take(f"{p}.post_attention_layernorm.weight"),
             )
             linears = {g: linear_group(p, g) for g in groups}
-            self.layers.append(Layer(norms, linears, s))
+            qk_norms = None
+            if s.qk_norm:
+                qk_norms = (
+                    take(f"{p}.self_attn.q_norm.weight"),
+                    take(f"{p}.self_attn.k_norm.weight"),
+                )
+            self.layers.append(Layer(norms, linears, s, qk_norms))
         self.norm = take("norm.weight")
         lm_head = tensors.pop("lm_head.weight", None)
         self.lm_head = (
@@ -240,8 +257,13 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
             q, k, v = self._proj(layer, i, ("q_proj", "k_proj", "v_proj"), h, lora, ctx)
+            if layer.qk_norms is not None:
+                q_norm, k_norm = layer.qk_norms
+                q = rms_norm(q.view(n, s.num_heads, s.head_dim), q_norm, s.rms_norm_eps)
+                k = rms_norm(k.view(n, s.num_kv_heads, s.head_dim), k_norm, s.rms_norm_eps)
             # RoPE on q and k heads together: one set of elementwise ops instead of two
-            qk = torch.cat((q, k), dim=-1).view(n, s.num_heads + s.num_kv_heads, s.head_dim)
+            qk = torch.cat((q.view(n, -1), k.view(n, -1)), dim=-1)
+            qk = qk.view(n, s.num_heads + s.num_kv_heads, s.head_dim)
             qk = qk * cos + _rotate_half(qk) * sin
             q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
             v = v.reshape(n, s.num_kv_heads, s.head_dim)
