@@ -1,13 +1,15 @@
 """Serving throughput: loraplex against peft's mixed-adapter `generate` in static batches.
 
     .venv/bin/python bench/throughput.py [--requests 128] [--adapters 8] [--sweep] [--threads N]
+                                         [--temperature T --top-p P]
 
 Same process, same SmolLM2 base (NF4 by default), same prompts (questions from the demo data)
 and the same output lengths, drawn heavy-tailed like chat traffic and forced with ignore_eos.
 At most 32 sequences run at once on both sides. The baseline is what serving looks like
 without continuous batching: padded batches of 32 in arrival order, each running until its
 longest member is done. Random rank-16 adapters on all seven Llama modules stand in for
-trained ones (speed depends on shapes, not values).
+trained ones (speed depends on shapes, not values). Greedy by default; `--temperature` (and
+`--top-p`) sample on both sides, as chat clients ask.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def workload(tokenizer, n: int, n_adapters: int, max_output: int, seed: int = 0)
     return prompts, lengths, adapters
 
 
-def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
+def run_loraplex(llm, prompts, lengths, adapter_names, temperature=0.0, top_p=1.0) -> dict:
     from serve import SamplingParams
 
     engine = llm.engine
@@ -100,7 +102,8 @@ def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     for p, n, a in zip(prompts, lengths, adapter_names, strict=True):
-        rid = engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), a)
+        params = SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, ignore_eos=True)
+        rid = engine.add_request(p, params, a)
         times[rid] = []
     peak_blocks = 0
     while engine.has_unfinished:
@@ -127,7 +130,16 @@ def run_loraplex(llm, prompts, lengths, adapter_names) -> dict:
 
 
 def run_peft(
-    base_path, folders, prompts, lengths, adapter_index, quantization, batch=32, device="cpu"
+    base_path,
+    folders,
+    prompts,
+    lengths,
+    adapter_index,
+    quantization,
+    batch=32,
+    device="cpu",
+    temperature=0.0,
+    top_p=1.0,
 ):
     import torch
     from peft import PeftModel
@@ -149,6 +161,9 @@ def run_peft(
     model.eval()
     pad = model.generation_config.eos_token_id
     pad = pad if isinstance(pad, int) else pad[0]
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     t0 = time.perf_counter()
     useful = 0
     for start in range(0, len(prompts), batch):
@@ -167,9 +182,9 @@ def run_peft(
                 attention_mask=mask,
                 max_new_tokens=steps,
                 min_new_tokens=steps,
-                do_sample=False,
                 pad_token_id=pad,
                 adapter_names=[f"a{adapter_index[i]}" for i in group],
+                **sampling,
             )
         useful += sum(lengths[i] for i in group)
     wall = time.perf_counter() - t0
@@ -187,6 +202,8 @@ def main() -> None:
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -230,11 +247,13 @@ def main() -> None:
         )
         names = [f"a{i}" for i in index]
         llm.generate([prompts[0]], adapters=[names[0]])  # warm-up
-        ours = run_loraplex(llm, prompts, lengths, names)
+        sampling = {"temperature": args.temperature, "top_p": args.top_p}
+        ours = run_loraplex(llm, prompts, lengths, names, **sampling)
         print(
             f"workload: {args.requests} requests over {args.adapters} adapters, "
             f"{args.quantization} base, outputs {min(lengths)}..{max(lengths)} tokens "
-            f"(median {statistics.median(lengths):.0f}), at most 32 running"
+            f"(median {statistics.median(lengths):.0f}), at most 32 running, "
+            + (f"T {args.temperature} top_p {args.top_p}" if args.temperature else "greedy")
         )
         print(
             f"loraplex   {ours['tokens_per_s']:8.1f} tokens/s  ({ours['tokens']} tokens in "
@@ -242,7 +261,13 @@ def main() -> None:
         )
         if not args.skip_baseline:
             peft = run_peft(
-                base.path, folders[: args.adapters], prompts, lengths, index, quantization
+                base.path,
+                folders[: args.adapters],
+                prompts,
+                lengths,
+                index,
+                quantization,
+                **sampling,
             )
             print(
                 f"peft       {peft['tokens_per_s']:8.1f} tokens/s  ({peft['tokens']} tokens in "
@@ -264,7 +289,7 @@ def main() -> None:
                 prompts_n, lengths_n, index_n = workload(
                     llm.tokenizer, args.requests, n, args.max_output
                 )
-                r = run_loraplex(llm, prompts_n, lengths_n, [f"a{i}" for i in index_n])
+                r = run_loraplex(llm, prompts_n, lengths_n, [f"a{i}" for i in index_n], **sampling)
                 s = r["stats"]
                 print(
                     f"  {n:4d}  {r['tokens_per_s']:8.1f}  (slot loads {s['adapter_slot_loads']},"

@@ -1,0 +1,69 @@
+"""The sampler's batched ops against plain references: the top-k/top-p filter (partial sort
+with a whole-vocabulary fallback) and the inverse-CDF draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.sampler import CANDIDATES, draw, filter_top_k_top_p
+
+
+def reference_filter(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Row by row, a whole sort: keep the top k (k 0: all), then while the mass before a token,
+    renormalized over those k, is below top_p (the first always stays)."""
+    out = torch.full_like(logits, float("-inf"))
+    for row, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
+        values, order = logits[row].sort(descending=True)
+        k = k or len(values)
+        probs = values[:k].softmax(-1)
+        keep = k if p >= 1 else max(1, int(((probs.cumsum(-1) - probs) < p).sum()))
+        out[row, order[:keep]] = values[:keep]
+    return out
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.6, 0.25, 0.05]]))
+    kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.8]))
+    # row 0: the 2 most likely; row 1: 0.6 + 0.25 reaches 0.8, the rest is cut
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False], [False, True, True, False]]
+    torch.testing.assert_close(kept[0, :2], logits[0, :2])
+
+
+def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    kept = filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1e-300]))
+    assert torch.isfinite(kept).tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize("vocab", [CANDIDATES - 3, 3001])
+def test_filter_equals_a_whole_sort_for_peaked_and_flat_rows(vocab):
+    """Peaked rows end their nucleus among the candidates; flat rows (scale 0.1) reach past
+    them and take the whole-vocabulary path; rows without limits pass through untouched."""
+    gen = torch.Generator().manual_seed(vocab)
+    settings = [(0, 0.9), (5, 1.0), (40, 0.7), (0, 1.0), (0, 0.99), (vocab + 9, 0.5), (1, 0.3)]
+    rows = []
+    for scale in (6.0, 0.1):
+        rows += [torch.randn(vocab, generator=gen) * scale for _ in settings]
+    logits = torch.stack(rows)
+    top_k = [k for k, _ in settings] * 2
+    top_p = [p for _, p in settings] * 2
+    kept = filter_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+    expected = reference_filter(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(kept), torch.isfinite(expected))
+    assert torch.equal(kept[torch.isfinite(kept)], logits[torch.isfinite(expected)])
+    if vocab > CANDIDATES:  # the flat nucleus rows did reach past the candidates
+        assert torch.isfinite(kept[len(settings)]).sum() > CANDIDATES
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.15, 0.1, 0.0])
+    n = 40_000
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    tokens = draw(probs.expand(n, -1) * 3.0, uniforms)  # unnormalized rows are fine
+    counts = torch.bincount(tokens, minlength=len(probs)).double() / n
+    torch.testing.assert_close(counts, probs.double(), atol=0.01, rtol=0)
+    assert counts[[0, 2, 6]].sum() == 0
+    # the ends of [0, 1): the first and the last token that has mass
+    edges = draw(probs.expand(2, -1), torch.tensor([0.0, 1.0 - 2**-24]))
+    assert edges.tolist() == [1, 5]
