@@ -1,6 +1,7 @@
-"""The GPU benchmark's CPU smoke mode and the adapter-load benchmark run end to end, so the
-scripts a lent GPU session depends on cannot rot unnoticed. Their timings mean nothing here;
-what is checked is that every section ran and that kernels agreed with their references."""
+"""The GPU benchmark's CPU smoke mode, the adapter-load and the sampler benchmarks run end to
+end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their timings mean
+nothing here; what is checked is that every section ran and that kernels agreed with their
+references."""
 
 from __future__ import annotations
 
@@ -50,3 +51,11 @@ def test_adapter_load_benchmark_fills_the_slot_alike_both_ways(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "slot layout" in result.stdout and "x" in result.stdout.split(":")[-1]
+
+
+def test_sampler_benchmark_times_every_setting_both_ways(tmp_path):
+    result = _run("bench/sampler.py", "--rows", "4", "--repeats", "1", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("   4  ")]
+    assert len(rows) == 4  # temperature only, two nuclei, top-k
+    assert all(row[-1] == "-" or row[-1].endswith("32") for row in rows)  # 4 rows x 8 steps
