@@ -29,12 +29,20 @@ class RequestOutput:
 
 
 class RequestState:
-    """Incremental detokenization and stop-string search of one request."""
+    """Incremental detokenization and stop-string search of one request.
+
+    Each step decodes a window of the last few output tokens, not the whole output (which
+    cost 0.2 ms a sequence a step at 512 tokens): the new text is decode(window) minus
+    decode(window without the new tokens). Both decodes start at the same token, so a leading
+    space a tokenizer drops at the start of a decode cancels out, as in vLLM and TGI.
+    """
 
     def __init__(self, seq: Sequence, tokenizer):
         self.seq = seq
         self.tokenizer = tokenizer
         self.text = ""
+        self.prefix_offset = 0  # output token where the decode window starts
+        self.read_offset = 0  # output tokens already in `text`
         self.emitted_tokens = 0
         self.emitted_text = 0
         self.logprobs: list[TokenLogprobs] | None = [] if seq.params.logprobs is not None else None
@@ -56,10 +64,8 @@ class RequestState:
         seq = self.seq
         if seq.num_output_tokens and self.first_token_time is None:
             self.first_token_time = time.monotonic()
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not seq.is_finished:
-            return  # half of a multi-byte character: wait for the rest
-        self.text = text
+        if not self._detokenize():
+            return
         stops = seq.params.stop
         if stops and not self.stopped_by_string:
             window = max(len(s) for s in stops)
@@ -71,6 +77,21 @@ class RequestState:
                 end = index + len(stop) if seq.params.include_stop_str_in_output else index
                 self.text = self.text[:end]
                 self.stopped_by_string = True
+
+    def _detokenize(self) -> bool:
+        """Append the text of the new output tokens; False while they end inside a multi-byte
+        character (or are special tokens) and the sequence goes on."""
+        seq = self.seq
+        start = seq.num_prompt_tokens + self.prefix_offset
+        window = seq.token_ids[start:]
+        decode = self.tokenizer.decode
+        known = decode(window[: self.read_offset - self.prefix_offset], skip_special_tokens=True)
+        text = decode(window, skip_special_tokens=True)
+        if len(text) <= len(known) or (text.endswith("\ufffd") and not seq.is_finished):
+            return False
+        self.text += text[len(known) :]
+        self.prefix_offset, self.read_offset = self.read_offset, seq.num_output_tokens
+        return True
 
     def output(self, adapter: str | None) -> RequestOutput:
         seq = self.seq

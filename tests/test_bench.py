@@ -1,7 +1,7 @@
-"""The GPU benchmark's CPU smoke mode, the adapter-load and the sampler benchmarks run end to
-end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their timings mean
-nothing here; what is checked is that every section ran and that kernels agreed with their
-references."""
+"""The GPU benchmark's CPU smoke mode and the adapter-load, sampler and detokenize benchmarks
+run end to end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their
+timings mean nothing here; what is checked is that every section ran and that kernels (and
+texts) agreed with their references."""
 
 from __future__ import annotations
 
@@ -59,3 +59,9 @@ def test_sampler_benchmark_times_every_setting_both_ways(tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("   4  ")]
     assert len(rows) == 4  # temperature only, two nuclei, top-k
     assert all(row[-1] == "-" or row[-1].endswith("32") for row in rows)  # 4 rows x 8 steps
+
+
+def test_detokenize_benchmark_gets_the_same_text_both_ways(tmp_path):
+    result = _run("bench/detokenize.py", "--lengths", "16", "100", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]  # it asserts the texts are equal
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["16", "100"]
