@@ -40,6 +40,7 @@ class RequestState:
     def __init__(self, seq: Sequence, tokenizer):
         self.seq = seq
         self.tokenizer = tokenizer
+        self.prompt_token_ids = seq.prompt_token_ids  # one copy, shared by every output
         self.text = ""
         self.prefix_offset = 0  # output token where the decode window starts
         self.read_offset = 0  # output tokens already in `text`
@@ -109,9 +110,9 @@ class RequestState:
         reason = seq.status.value if seq.is_finished else None
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
+            prompt_token_ids=self.prompt_token_ids,
             text=self.text[:visible],
-            token_ids=list(tokens),
+            token_ids=tokens,  # output_token_ids is a fresh list
             finished=seq.is_finished,
             finish_reason=reason,
             adapter=adapter,
