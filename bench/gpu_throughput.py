@@ -146,6 +146,7 @@ def make_llm(cfg, args, base: Path):
         base_model=str(base),
         quantization=None if args.quantization == "none" else args.quantization,
         device=args.device,
+        dtype="bfloat16",  # the GPU's; in --tiny on the CPU too, so the smoke test runs it
         kernels=args.kernels,
         cuda_graphs=args.cuda_graphs,
         max_num_seqs=cfg["max_seqs"],

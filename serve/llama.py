@@ -231,7 +231,9 @@ class LlamaModel:
             if s.tie_word_embeddings or lm_head is None
             else lm_head.to(device=self.device, dtype=dtype)
         )
-        self.cos, self.sin = rope_tables(self.config, self.max_model_len, self.device)
+        # computed in fp32, then held in the model dtype, as transformers does
+        cos, sin = rope_tables(self.config, self.max_model_len, self.device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
         self.scale = s.head_dim**-0.5
         # The Triton kernel on CUDA (see serve.kernels), else the plain-torch reference.
         self.use_triton = use_triton

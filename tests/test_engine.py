@@ -14,6 +14,7 @@ import torch
 
 from registry.errors import AdapterError, BaseMismatchError, NotFoundError, UsageError
 from serve import LLM, AsyncLLM, SamplingParams
+from serve.llama import LORA_MODULES
 from serve.sampler import apply_penalties
 from serve.sequence import Sequence
 from tests.helpers import make_lora, tiny_engine_args
@@ -269,3 +270,26 @@ def test_cli_help_does_not_import_torch():
     code = "import sys, registry.app; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_bfloat16_engine_scores_like_float32(tiny_base, tmp_path, quantization):
+    """bf16 is the GPU default, and CI has no GPU: the same engine in bf16 on the CPU, through
+    chunked prefill (later chunks read the bf16 cache), an adapter and decode, scores every
+    prompt token within bf16's rounding of the float32 engine's scores."""
+    folder = make_lora(tiny_base, tmp_path / "a", rank=8, targets=LORA_MODULES, b_scale=1.0)
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0)
+    prompts = [PROMPTS[2] * 3, PROMPTS[0]]  # 27 tokens: 4 chunks of 8
+    scored = {}
+    for dtype in ("float32", "bfloat16"):
+        args = tiny_engine_args(
+            tiny_base, dtype=dtype, quantization=quantization, max_num_batched_tokens=8
+        )
+        llm = LLM(**args)
+        llm.load_adapter("a", str(folder))
+        outs = llm.generate(prompts, params, adapters=["a", None])
+        scored[dtype] = [[lp.logprob for lp in o.prompt_logprobs[1:]] for o in outs]
+        tokens = [o.token_ids for o in outs]
+    for ours, reference in zip(scored["bfloat16"], scored["float32"], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0.02, atol=0.05)
+    assert all(len(t) == 6 for t in tokens)

@@ -85,6 +85,23 @@ def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(base, prom
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
+def test_bf16_kernels_score_like_the_reference_ops(base, prompts, adapters):
+    """bf16, the GPU default: the Triton kernels and the plain ops score every prompt token
+    alike within bf16's rounding (greedy tokens may part ways on near-ties)."""
+    from serve import LLM, SamplingParams
+
+    scored = []
+    for kernels in ("reference", "auto"):
+        llm = LLM(base_model=str(base.path), device="cuda", kernels=kernels, kv_cache_memory_gb=1)
+        for name, folder in adapters.items():
+            llm.load_adapter(name, str(folder))
+        params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0)
+        outs = llm.generate(prompts, params, adapters=["qv", None, "all"])
+        scored.append([[lp.logprob for lp in o.prompt_logprobs[1:]] for o in outs])
+    for ours, reference in zip(scored[1], scored[0], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0.02, atol=0.05)
+
+
 @pytest.mark.parametrize("rows", [1, 16, 64, 300])
 def test_nf4_kernel_agrees_with_bitsandbytes_in_bf16(rows):
     from serve.linear import Linear4bit, PackedLinear4bit
