@@ -1,7 +1,7 @@
 """Serving throughput: loraplex against peft's mixed-adapter `generate` in static batches.
 
     .venv/bin/python bench/throughput.py [--requests 128] [--adapters 8] [--sweep] [--threads N]
-                                         [--temperature T --top-p P]
+                                         [--temperature T --top-p P] [--dtype bfloat16]
 
 Same process, same SmolLM2 base (NF4 by default), same prompts (questions from the demo data)
 and the same output lengths, drawn heavy-tailed like chat traffic and forced with ignore_eos.
@@ -9,7 +9,7 @@ At most 32 sequences run at once on both sides. The baseline is what serving loo
 without continuous batching: padded batches of 32 in arrival order, each running until its
 longest member is done. Random rank-16 adapters on all seven Llama modules stand in for
 trained ones (speed depends on shapes, not values). Greedy by default; `--temperature` (and
-`--top-p`) sample on both sides, as chat clients ask.
+`--top-p`) sample on both sides, as chat clients ask; `--dtype bfloat16` runs both in bf16.
 """
 
 from __future__ import annotations
@@ -140,12 +140,15 @@ def run_peft(
     device="cpu",
     temperature=0.0,
     top_p=1.0,
+    dtype_name="auto",
 ):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # as the engine's "auto"
+    if dtype_name == "auto":  # as the engine's
+        dtype_name = "float32" if device == "cpu" else "bfloat16"
+    dtype = getattr(torch, dtype_name)
     kwargs = {"dtype": dtype, "device_map": device}
     if quantization:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -204,6 +207,7 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -239,6 +243,7 @@ def main() -> None:
             max_lora_rank=16,
             max_cpu_loras=32,
             kv_cache_memory_gb=1.0,
+            dtype=args.dtype,
         )
         for i, folder in enumerate(folders):
             llm.load_adapter(f"a{i}", str(folder))
@@ -254,6 +259,7 @@ def main() -> None:
             f"{args.quantization} base, outputs {min(lengths)}..{max(lengths)} tokens "
             f"(median {statistics.median(lengths):.0f}), at most 32 running, "
             + (f"T {args.temperature} top_p {args.top_p}" if args.temperature else "greedy")
+            + f", dtype {args.dtype}"
         )
         print(
             f"loraplex   {ours['tokens_per_s']:8.1f} tokens/s  ({ours['tokens']} tokens in "
@@ -267,6 +273,7 @@ def main() -> None:
                 lengths,
                 index,
                 quantization,
+                dtype_name=args.dtype,
                 **sampling,
             )
             print(

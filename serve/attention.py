@@ -150,9 +150,12 @@ def paged_attention(
         keys = k_blocks.index_select(0, blocks).view(seqs, -1, *k_cache.shape[1:])
         values = v_blocks.index_select(0, blocks).view(seqs, -1, *v_cache.shape[1:])
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [seqs, kv, ctx, dim]
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # torch's CPU attention runs bf16 4x slower than fp32 (bench/cpu_notes.md)
+            queries, keys, values = queries.float(), keys.float(), values.float()
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
         )
         o = o.transpose(1, 2).flatten(0, 1)  # [seqs * max_q, heads, dim]
-        out.index_copy_(0, g.dest, o.index_select(0, g.rows))
+        out.index_copy_(0, g.dest, o.index_select(0, g.rows).to(out.dtype))
     return out

@@ -10,20 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# oneDNN's fp32 linear (the op torch.compile emits on CPU). torch sends fp32 F.linear to MKL,
-# whose sgemm runs 1.1-1.7x slower than oneDNN's at the 8-256 rows of a serving step on this
-# AMD CPU (bench/cpu_notes.md); the tokens stay those of transformers (the parity tests).
+# oneDNN's linear (the op torch.compile emits on CPU). torch sends fp32 F.linear to MKL, whose
+# sgemm runs 1.1-1.7x slower than oneDNN's at the 8-256 rows of a serving step on this AMD CPU,
+# and bf16 to a plain mm that oneDNN beats too, on CPUs with bf16 instructions
+# (bench/cpu_notes.md); the tokens stay those of transformers (the parity tests).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    if _ONEDNN_LINEAR is None or not torch.backends.mkldnn.is_available():
+        return ()
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """y = x @ weightᵀ + bias, through oneDNN for fp32 on the CPU, else F.linear."""
-    if (
-        _ONEDNN_LINEAR is not None
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-    ):
+    """y = x @ weightᵀ + bias, through oneDNN for fp32 (and bf16 where the CPU has bf16
+    instructions) on the CPU, else F.linear."""
+    if x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
