@@ -497,6 +497,44 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     assert {(4, True), (4, False)} <= set(llm.engine.runner.graphs.steps)
 
 
+def test_engine_in_half_precision_scores_alike_through_kernels_and_graphs(
+    tiny_base, tmp_path, monkeypatch
+):
+    """The GPU runs bf16 (fp16 here: the interpreter has no bf16): every kernel and the decode
+    graphs take half-precision inputs from the engine, and score each token (teacher-forced,
+    as greedy tokens may part on near-ties) within half precision of the plain ops."""
+    import serve.engine
+    from serve import LLM, SamplingParams
+    from tests.helpers import make_lora
+
+    if not CUDA:
+        monkeypatch.setattr(serve.engine, "use_triton", lambda _, mode: mode != "reference")
+    folder = make_lora(tiny_base, tmp_path / "all", rank=5, targets=LORA_MODULES, b_scale=1.0)
+    prompts = [[1, *range(50, 61)], [1, 5, 6], [1, *range(300, 305)]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    scored = {}
+    for label, options in {
+        "reference": {"kernels": "reference"},
+        "graphs": {"kernels": "auto", "cuda_graphs": True},
+    }.items():
+        llm = LLM(
+            base_model=str(tiny_base.path),
+            keep_quantized=True,
+            device=DEVICE,
+            dtype=str(HALF).removeprefix("torch."),
+            num_kv_blocks=32,
+            block_size=4,
+            max_lora_rank=8,
+            max_num_batched_tokens=8,
+            **options,
+        )
+        llm.load_adapter("all", str(folder))
+        outs = llm.generate(prompts, params, adapters=["all", None, "all"])
+        assert all(len(o.token_ids) == 4 for o in outs)
+        scored[label] = torch.tensor([lp.logprob for o in outs for lp in o.prompt_logprobs[1:]])
+    torch.testing.assert_close(scored["graphs"], scored["reference"], rtol=2e-2, atol=5e-2)
+
+
 def test_decode_graph_step_pads_into_static_buffers():
     """What the graph reads: the step's rows, then padding rows that write K/V only to the
     scratch block, attend to one key and have no adapter; the segment table past the step's
