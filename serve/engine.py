@@ -143,7 +143,7 @@ class LLMEngine:
             self.model.max_model_len,
             lora_slot=0,  # every module's LoRA runs (slots start as zeros)
         )
-        self.runner.allocate_kv_cache(blocks_of(plan))
+        self.runner.allocate_kv_cache(blocks_of(plan), graphs=False)  # an eager step
         self.runner.execute(plan)
         for seq in plan.seqs:
             self.sampler.forget(seq.request_id)

@@ -54,9 +54,9 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # allocate_kv_cache() sizes it
         self.graphs: DecodeGraphs | None = None
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, graphs: bool = True) -> None:
         """A zeroed K/V pool of `num_blocks` blocks, replacing any before it (with the decode
-        graphs, which keep its address)."""
+        graphs, which keep its address; `graphs` False: none, as for a profile run)."""
         s = self.model.shape
         self.kv_cache = self.graphs = None  # freed before the new pool is allocated
         # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset. One
@@ -70,7 +70,7 @@ class ModelRunner:
             dtype=self.model.dtype,
             device=self.model.device,
         )
-        if self.cuda_graphs:
+        if self.cuda_graphs and graphs:
             self.graphs = DecodeGraphs(
                 self._forward,
                 self.model.device,
