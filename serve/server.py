@@ -144,7 +144,11 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     async def start(record: RequestRecord, body, prompts: list) -> list[AsyncIterator]:
         """Queue each choice (`n` per prompt, in order) on the request's adapter; their outputs,
         once each has its first (so a refusal is an error status, not a broken stream), cut
-        at the request's deadline. One refused choice aborts the others."""
+        at the request's deadline. One refused choice aborts the others.
+
+        A prompt's other choices are queued once its first has its first token: its prompt's
+        full blocks are then in the prefix cache, so they compute only the rest (n prefills
+        become one, and the first choice streams meanwhile)."""
         loop = asyncio.get_running_loop()
         elapsed = time.monotonic() - record.started
         deadline = loop.time() + config.request_timeout_s - elapsed
@@ -156,13 +160,29 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
                 record.adapter_uid = info.uid if info else None
                 itl = metrics.itl.labels(body.model)
-                streams = []
-                for prompt in prompts:
-                    for j, choice_params in enumerate(params):
-                        rid = record.request_id + (f"-{len(streams)}" if streams else "")
-                        outputs = engine.generate(prompt, choice_params, adapter, rid)
-                        streams.append(observed(outputs, record, itl, counts_prompt=j == 0))
-                return [until(s, deadline, record) for s in await all_started(streams)]
+                n = len(params)
+
+                def queue(i: int, j: int) -> AsyncIterator[RequestOutput]:
+                    k = i * n + j  # the choice's index in the response
+                    rid = record.request_id + (f"-{k}" if k else "")
+                    outputs = engine.generate(prompts[i], params[j], adapter, rid)
+                    return observed(outputs, record, itl, counts_prompt=j == 0)
+
+                firsts = await all_started([queue(i, 0) for i in range(len(prompts))])
+                try:
+                    others = await all_started(
+                        [queue(i, j) for i in range(len(prompts)) for j in range(1, n)]
+                    )
+                except BaseException:
+                    for stream in firsts:
+                        await stream.aclose()
+                    raise
+                streams = [
+                    firsts[i] if j == 0 else others[i * (n - 1) + j - 1]
+                    for i in range(len(prompts))
+                    for j in range(n)
+                ]
+                return [until(s, deadline, record) for s in streams]
         except TimeoutError:
             record.finish_reason = "timeout"
             raise timed_out(config.request_timeout_s) from None

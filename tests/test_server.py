@@ -179,6 +179,17 @@ def test_n_sampled_choices_differ_and_a_seed_repeats_them(server):
     assert first[0] == alone  # the first choice keeps the seed
 
 
+def test_the_other_choices_of_a_prompt_reuse_its_first_choices_prefill(server):
+    url, _, engine = server
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    prompt = [1, *range(700, 740)]  # 41 tokens: 10 full blocks of 4, seen by no other test
+    before = engine.stats()
+    reply = client.completions.create(model="faq", prompt=prompt, n=3, max_tokens=3, seed=1)
+    after = engine.stats()
+    assert len(reply.choices) == 3
+    assert after["prefix_cache_hit_blocks"] - before["prefix_cache_hit_blocks"] == 2 * 10
+
+
 def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(server):
     url, _, engine = server
     aborted = engine.stats()["requests_aborted"]
@@ -195,7 +206,8 @@ def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(serv
     while engine.stats()["kv_blocks_used"] or engine.stats()["running"]:
         assert time.monotonic() < deadline, "the batch's other requests kept their blocks"
         time.sleep(0.05)
-    assert engine.stats()["requests_aborted"] == aborted + 2  # the short prompt's 2 choices
+    # the short prompt's first choice; the second choices are queued only after the first ones
+    assert engine.stats()["requests_aborted"] == aborted + 1
     with pytest.raises(openai.BadRequestError, match="n: "):
         client.completions.create(model="faq", prompt="hi", n=17)
 
