@@ -121,7 +121,8 @@ def test_nf4_kernel_agrees_with_bitsandbytes_in_bf16(rows):
 
 def test_default_kv_pool_fills_the_gpu_to_its_utilization_and_no_further(base):
     """Without kv_cache_memory_gb the pool takes what 0.9 of the GPU leaves after the weights
-    and the largest step; a second engine on the same GPU then finds no room and says so."""
+    and the largest step; a second engine allowed half the GPU then finds no room and says
+    so."""
     from registry.errors import UsageError
     from serve import LLM, SamplingParams
     from serve.kv_budget import kv_block_bytes
@@ -134,5 +135,5 @@ def test_default_kv_pool_fills_the_gpu_to_its_utilization_and_no_further(base):
     torch.cuda.reset_peak_memory_stats()
     llm.generate(["x " * 2000] * 4, SamplingParams(max_tokens=4, prompt_logprobs=1))
     assert torch.cuda.max_memory_reserved() <= 0.9 * total  # the largest steps stayed inside
-    with pytest.raises(UsageError, match="gpu_memory_utilization"):
-        LLM(base_model=str(base.path), device="cuda")
+    with pytest.raises(UsageError, match=r"gpu_memory_utilization 0\.5 .* no room"):
+        LLM(base_model=str(base.path), device="cuda", gpu_memory_utilization=0.5)
