@@ -85,6 +85,7 @@ MODES = {
 def step_bytes(engine, seqs) -> dict[str, int]:
     """Bytes one decode step must read: every base weight once, the KV of every sequence's
     context, and the padded A and B of every distinct adapter slot in the batch."""
+    from serve.kv_budget import kv_block_bytes
     from serve.linear import DenseLinear, PackedLinear4bit
 
     model = engine.model
@@ -101,8 +102,7 @@ def step_bytes(engine, seqs) -> dict[str, int]:
                 weights += linear.packed.nbytes + state.absmax.nbytes + state.code.nbytes
                 if state.nested:
                     weights += state.state2.absmax.nbytes + state.state2.code.nbytes
-    s = model.shape
-    per_token_kv = s.num_layers * 2 * s.num_kv_heads * s.head_dim * model.dtype.itemsize
+    per_token_kv = kv_block_bytes(model.shape, 1, model.dtype)
     kv = sum(seq.num_tokens for seq in seqs) * per_token_kv
     pool = engine.pool
     per_slot = sum(a[:, 0].nbytes + pool.B[m][:, 0].nbytes for m, a in pool.A.items())

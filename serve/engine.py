@@ -147,7 +147,7 @@ class LLMEngine:
         self.runner.execute(plan)
         for seq in plan.seqs:
             self.sampler.forget(seq.request_id)
-        self.runner.kv_cache = None
+        self.runner.free_kv_cache()
 
     # -- adapters ----------------------------------------------------------------------------
 

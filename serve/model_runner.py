@@ -58,7 +58,7 @@ class ModelRunner:
         """A zeroed K/V pool of `num_blocks` blocks, replacing any before it (with the decode
         graphs, which keep its address; `graphs` False: none, as for a profile run)."""
         s = self.model.shape
-        self.kv_cache = self.graphs = None  # freed before the new pool is allocated
+        self.free_kv_cache()  # before the new pool is allocated
         # [layers, K/V, slots, kv_heads, head_dim]; slot = block * block_size + offset. One
         # block past the allocator's is scratch: padding rows of a decode graph write there.
         self.kv_cache = torch.zeros(
@@ -79,6 +79,9 @@ class ModelRunner:
                 self.model.max_model_len,
                 self.max_num_seqs,
             )
+
+    def free_kv_cache(self) -> None:
+        self.kv_cache = self.graphs = None
 
     def _forward(self, ids: torch.Tensor, attention: AttentionMetadata, lora: LoraBatch | None):
         ctx = ForwardContext(attention, lora)
