@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import shutil
 
 import pytest
@@ -53,3 +55,23 @@ def test_unknown_base_model_is_refused(home, tmp_path):
         resolve_base_model(str(tmp_path), home)
     with pytest.raises(UsageError, match="neither an embedded model"):
         resolve_base_model("smollm3-huge", home)
+
+
+def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tmp_path):
+    """The shards are hashed in parallel; the value is still sha256 over (name, sha256 of the
+    file) in name order, so shards that swap contents give another fingerprint."""
+    rng = random.Random(0)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    names = [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    contents = [rng.randbytes(rng.randrange(1, 3_000_000)) for _ in names]
+    for name, data in zip(names, contents, strict=True):
+        (tmp_path / name).write_bytes(data)
+    expected = hashlib.sha256()
+    files = [("config.json", b'{"model_type": "llama"}'), *zip(names, contents, strict=True)]
+    for name, data in files:
+        expected.update(name.encode())
+        expected.update(hashlib.sha256(data).digest())
+    assert fingerprint(tmp_path, home) == "sha256:" + expected.hexdigest()[:24]
+    (tmp_path / names[0]).write_bytes(contents[1])
+    (tmp_path / names[1]).write_bytes(contents[0])
+    assert fingerprint(tmp_path, home) != "sha256:" + expected.hexdigest()[:24]
