@@ -61,7 +61,7 @@ MODES = {
         prompt=(160, 1024),
         output=(96, 256),
         max_seqs=64,
-        peft_requests=64,
+        peft_requests=32,
         decode=(64, 512),
         kv_gb=20.0,
         matmul_batches=(1, 16, 64, 256, 1024),
@@ -368,12 +368,21 @@ def main() -> None:
     results["max_loras"] = args.max_loras or cfg["max_seqs"]
     if args.device == "cuda":
         results["device"] = torch.cuda.get_device_name()
-    if "kernels" in sections:
-        section_kernels(cfg, args, results)
-    if "matmul" in sections:
-        section_matmul(cfg, args, results)
-    if "tune" in sections:
-        section_tune(cfg, args, results)
+    def save() -> None:  # after every section: a call cut at its limit keeps what ran
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2, default=str))
+
+    def timed(name: str, run, *run_args) -> None:
+        t0 = time.perf_counter()
+        run(*run_args)
+        results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+        save()
+
+    no_model = (("kernels", section_kernels), ("matmul", section_matmul), ("tune", section_tune))
+    for name, run in no_model:
+        if name in sections:
+            timed(name, run, cfg, args, results)
     peft_later = None
     if {"serve", "peft", "decode", "load"} & set(sections):  # these need a model on disk
         t0 = time.perf_counter()
@@ -386,7 +395,7 @@ def main() -> None:
 
             shutil.rmtree(adapters_dir, ignore_errors=True)
             folders = write_random_adapters(
-                base, adapters_dir, cfg["adapters"], cfg["rank"], dtype=dtype
+                base, adapters_dir, cfg["adapters"], cfg["rank"], dtype=dtype, device=args.device
             )
         print(
             f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
@@ -398,12 +407,13 @@ def main() -> None:
         for name, folder in zip(names, folders, strict=False):
             llm.load_adapter(name, str(folder))
         print(f"engine     loaded with {len(names)} adapters in {time.perf_counter() - t0:.0f} s")
-        if "serve" in sections:
-            section_serve(llm, cfg, names, results)
+        # the cheapest measurements of the goals first
         if "decode" in sections:
-            section_decode(llm, cfg, args, names, results)
+            timed("decode", section_decode, llm, cfg, args, names, results)
         if "load" in sections:
-            section_load(llm, cfg, args, names, results)
+            timed("load", section_load, llm, cfg, args, names, results)
+        if "serve" in sections:
+            timed("serve", section_serve, llm, cfg, names, results)
         if "peft" in sections:
             peft_later = section_peft(llm, cfg, args, base, folders, names, results)
         del llm
@@ -411,11 +421,8 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     if peft_later is not None:
-        peft_later()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-
+        timed("peft", peft_later)
+    save()
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,5 @@
-"""The GPU benchmark's CPU smoke mode and the adapter-load, sampler and detokenize benchmarks
-run end to end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their
+"""The GPU session script in its CPU smoke mode and the adapter-load, sampler and detokenize
+benchmarks run end to end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their
 timings mean nothing here; what is checked is that every section ran and that kernels (and
 texts) agreed with their references."""
 
@@ -9,40 +9,62 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import PROJECT
 
+SESSION_FILES = ("model", "kernels", "tune")  # the JSON the session script writes
 
-def _run(*args: str, tmp_path) -> subprocess.CompletedProcess:
+
+
+def _env(tmp_path, extra=None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["LORAPLEX_HOME"] = str(tmp_path / "home")
+    # the session script calls python3: this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env | (extra or {})
+
+
+def _run(*args: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=PROJECT, env=env
+        [sys.executable, *args], capture_output=True, text=True, cwd=PROJECT, env=_env(tmp_path)
     )
 
 
-def test_gpu_benchmark_runs_every_section_in_tiny_mode(tmp_path):
+def _run_shell(*args: str, tmp_path, env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", *args], capture_output=True, text=True, cwd=PROJECT, env=_env(tmp_path, env)
+    )
+
+
+def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
+    """bench/gpu_session.sh as a lent GPU runs it, on tiny shapes: every stage within its
+    budget, each JSON written, the kernels agreeing with their references."""
     pytest.importorskip("triton")
-    out = tmp_path / "tiny.json"
-    result = _run(
-        "bench/gpu_throughput.py",
-        "--tiny",
-        "--workdir",
-        str(tmp_path / "work"),
-        "--out",
-        str(out),
-        tmp_path=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert {"kernels", "matmul", "tune", "serve", "decode", "load", "peft"} <= set(results)
-    for name, row in results["kernels"].items():
+    out = tmp_path / "out"
+    env = {"TINY": "1", "OUT": str(out), "WORKDIR": str(tmp_path / "work"), "BUDGET": "400"}
+    result = _run_shell("bench/gpu_session.sh", tmp_path=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "failed: none" in result.stdout
+    model, kernels, tune = (json.loads((out / f"{n}.json").read_text()) for n in SESSION_FILES)
+    assert {"decode", "load", "serve", "peft"} <= set(model["section_seconds"])
+    assert model["decode"]["graphs_step_ms"] > 0  # the padded graph path ran too
+    assert model["peft"]["ratio"] > 0  # peft ran on the same requests
+    for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name
-    for batch, row in results["matmul"].items():
+    for batch, row in kernels["matmul"].items():
         assert row["relative_error"] < 1e-4, batch
-    assert results["peft"]["ratio"] > 0  # peft ran on the same requests
+    assert {"qkv/1", "down/8", "attention/decode"} <= set(tune["tune"])
+    assert (out / "session.log").read_text().count("== ") >= 9
+
+
+def test_gpu_session_skips_a_stage_the_budget_has_no_room_for(tmp_path):
+    env = {"TINY": "1", "OUT": str(tmp_path), "BUDGET": "5"}
+    result = _run_shell("bench/gpu_session.sh", "kernels", tmp_path=tmp_path, env=env)
+    assert "== kernels: skipped" in result.stdout
+    assert not (tmp_path / "kernels.json").exists()
 
 
 def test_adapter_load_benchmark_fills_the_slot_alike_both_ways(tmp_path):
