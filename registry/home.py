@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ _OFFLINE_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
+# On a CPU with AVX512-BF16, bitsandbytes tries to fetch a kernel from the Hugging Face hub at
+# import and warns when it can't (offline: always); it then uses its own C kernel.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 
 
 @dataclass(frozen=True)
@@ -78,4 +82,6 @@ def setup_environment(home: Home | None = None) -> Home:
         os.environ.setdefault(key, value)
     os.environ.setdefault("HF_HOME", str(home.root / "hf"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(home.root / "hf" / "datasets"))
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     return home

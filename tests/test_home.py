@@ -1,0 +1,27 @@
+"""The data home's environment: offline, quiet, caches inside the home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.helpers import PROJECT
+
+
+def test_setup_environment_keeps_the_stack_offline_and_bitsandbytes_quiet(tmp_path):
+    """In a fresh interpreter, as every entry point starts: importing bitsandbytes after
+    setup_environment prints nothing (on an AVX512-BF16 CPU it would warn that it could not
+    fetch a kernel from the hub)."""
+    script = (
+        "import os; from registry.home import setup_environment; setup_environment(); "
+        "import bitsandbytes; print(os.environ['HF_HUB_OFFLINE'], os.environ['HF_HOME'])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["LORAPLEX_HOME"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", str(tmp_path / "hf")]
+    assert "kernels-community" not in result.stderr, result.stderr
