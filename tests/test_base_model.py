@@ -25,6 +25,12 @@ def test_embedded_smollm2_is_a_plain_hf_folder_that_answers(smollm2):
         49152,
     )
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    # as SmolLM2's own tokenizer declares them, whatever the transformers release read from GGUF
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
