@@ -82,8 +82,9 @@ bench=(python3 bench/gpu_throughput.py --workdir "$workdir" "${tiny[@]}")
 session() {
     [ -n "${TINY:-}" ] ||
         nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-    python3 -c "import torch, triton, bitsandbytes as bnb; print('torch', torch.__version__,
-'triton', triton.__version__, 'bitsandbytes', bnb.__version__)" || return 1
+    python3 -c "import importlib, importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p
+in ('torch', 'triton', 'bitsandbytes', 'transformers', 'peft', 'pydantic')
+if importlib.import_module(p)), sep=', ')" || return 1
     for stage in "$@"; do
         stage "$stage" || return 2
     done
