@@ -120,6 +120,14 @@ class DecodeGraphs:
             step.hidden = self._forward(step)
         return step.hidden[:n]
 
+    def capture_all(self, with_lora: bool) -> None:
+        """Capture every size now, without LoRA and (`with_lora`) with it, as vLLM does at
+        start: no step while serving pays a capture and the compiles it triggers (a first
+        batch of 24 sequences would otherwise stall every request in it)."""
+        for size in self.sizes:
+            for lora in (False, True) if with_lora else (False,):
+                self._step(size, lora)
+
     def _step(self, size: int, with_lora: bool) -> _StaticStep:
         key = (size, with_lora)
         if key not in self.steps:

@@ -5,6 +5,8 @@ The runner owns the tensors (weights, the K/V pool, adapter slots) and never the
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,8 @@ from serve.llama import LlamaModel
 from serve.lora_ops import LoraBatch
 from serve.sampler import Sampler, TokenLogprobs, token_logprobs
 from serve.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +83,14 @@ class ModelRunner:
                 self.model.max_model_len,
                 self.max_num_seqs,
             )
+            if self.graphs.capture:
+                t0 = time.perf_counter()
+                self.graphs.capture_all(with_lora=self.pool is not None)
+                log.info(
+                    "captured %d decode CUDA graphs in %.1f s",
+                    len(self.graphs.steps),
+                    time.perf_counter() - t0,
+                )
 
     def free_kv_cache(self) -> None:
         self.kv_cache = self.graphs = None

@@ -85,6 +85,31 @@ def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(base, prom
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
+def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(
+    base, prompts, adapters
+):
+    from serve import LLM, SamplingParams
+    from serve.cuda_graph import batch_sizes
+
+    llm = LLM(
+        base_model=str(base.path),
+        device="cuda",
+        cuda_graphs=True,
+        max_num_seqs=12,
+        kv_cache_memory_gb=1,
+    )
+    graphs = llm.engine.runner.graphs
+    expected = {(size, lora) for size in batch_sizes(12) for lora in (False, True)}
+    assert set(graphs.steps) == expected
+    assert all(step.graph is not None for step in graphs.steps.values())
+    for name, folder in adapters.items():
+        llm.load_adapter(name, str(folder))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts * 3, params, adapters=["qv", None, "all"] * 3)
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert set(graphs.steps) == expected  # batches of 9 down to 1: replayed, none captured
+
+
 def test_bf16_kernels_score_like_the_reference_ops(base, prompts, adapters):
     """bf16, the GPU default: the Triton kernels and the plain ops score every prompt token
     alike within bf16's rounding (greedy tokens may part ways on near-ties)."""

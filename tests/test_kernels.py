@@ -569,6 +569,8 @@ def test_decode_graph_step_pads_into_static_buffers():
     graphs.run([21, 22], [[4], [6]], [0, 1], lora_slots=[-1, -1])  # no adapter: no LoRA
     assert seen[-1][2] is None
     assert set(graphs.steps) == {(4, True), (2, False)}
+    graphs.capture_all(with_lora=True)  # what a CUDA engine does at start
+    assert set(graphs.steps) == {(n, lora) for n in graphs.sizes for lora in (False, True)}
 
 
 def test_cuda_graphs_need_the_kernels(tiny_base):
