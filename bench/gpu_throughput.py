@@ -368,6 +368,8 @@ def main() -> None:
     results["max_loras"] = args.max_loras or cfg["max_seqs"]
     if args.device == "cuda":
         results["device"] = torch.cuda.get_device_name()
+    seconds = results["section_seconds"] = {}  # setup and engine load included
+
     def save() -> None:  # after every section: a call cut at its limit keeps what ran
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +378,7 @@ def main() -> None:
     def timed(name: str, run, *run_args) -> None:
         t0 = time.perf_counter()
         run(*run_args)
-        results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+        seconds[name] = time.perf_counter() - t0
         save()
 
     no_model = (("kernels", section_kernels), ("matmul", section_matmul), ("tune", section_tune))
@@ -397,16 +399,18 @@ def main() -> None:
             folders = write_random_adapters(
                 base, adapters_dir, cfg["adapters"], cfg["rank"], dtype=dtype, device=args.device
             )
+        seconds["setup"] = time.perf_counter() - t0
         print(
             f"setup      {cfg['shape']} ({args.quantization}, kernels {args.kernels}), "
-            f"{cfg['adapters']} adapters of rank {cfg['rank']}: {time.perf_counter() - t0:.0f} s"
+            f"{cfg['adapters']} adapters of rank {cfg['rank']}: {seconds['setup']:.0f} s"
         )
         t0 = time.perf_counter()
         llm = make_llm(cfg, args, base)
         names = [f"a{i}" for i in range(cfg["adapters"])]
         for name, folder in zip(names, folders, strict=False):
             llm.load_adapter(name, str(folder))
-        print(f"engine     loaded with {len(names)} adapters in {time.perf_counter() - t0:.0f} s")
+        seconds["engine"] = time.perf_counter() - t0
+        print(f"engine     loaded with {len(names)} adapters in {seconds['engine']:.0f} s")
         # the cheapest measurements of the goals first
         if "decode" in sections:
             timed("decode", section_decode, llm, cfg, args, names, results)
@@ -423,6 +427,7 @@ def main() -> None:
     if peft_later is not None:
         timed("peft", peft_later)
     save()
+
 
 if __name__ == "__main__":
     main()
