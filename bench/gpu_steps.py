@@ -1,0 +1,163 @@
+"""The GPU benchmark's step sections: single engine steps on the random 8B model.
+
+- decode: one decode step at batch 64, each sequence with its own adapter, against the
+          memory-bandwidth floor (bytes of weights, KV and adapters read per step over the
+          measured device copy bandwidth); with CUDA graphs, eager and replayed alternating;
+- load:   the step that copies an adapter from the host tier into a slot while 32 others
+          decode, against the steps around it.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from bench.gpu_kernels import copy_bandwidth, median_time
+
+
+def step_bytes(engine, seqs) -> dict[str, int]:
+    """Bytes one decode step must read: every base weight once, the KV of every sequence's
+    context, and the padded A and B of every distinct adapter slot in the batch."""
+    from serve.kv_budget import kv_block_bytes
+    from serve.linear import DenseLinear, PackedLinear4bit
+
+    model = engine.model
+    weights = model.lm_head.nbytes
+    for layer in model.layers:
+        weights += layer.input_norm.nbytes + layer.post_norm.nbytes
+        for linear in layer.linears.values():
+            if isinstance(linear, DenseLinear):
+                weights += linear.weight.nbytes
+            elif isinstance(linear, PackedLinear4bit):
+                weights += linear.packed.nbytes + linear.absmax.nbytes + linear.code.nbytes
+            else:
+                state = linear.state
+                weights += linear.packed.nbytes + state.absmax.nbytes + state.code.nbytes
+                if state.nested:
+                    weights += state.state2.absmax.nbytes + state.state2.code.nbytes
+    per_token_kv = kv_block_bytes(model.shape, 1, model.dtype)
+    kv = sum(seq.num_tokens for seq in seqs) * per_token_kv
+    pool = engine.pool
+    per_slot = sum(a[:, 0].nbytes + pool.B[m][:, 0].nbytes for m, a in pool.A.items())
+    slots = {engine.slots.slot_of[seq.adapter_uid] for seq in seqs if seq.adapter_uid}
+    return {"weights": weights, "kv": kv, "adapters": per_slot * len(slots)}
+
+
+def start_decoding(engine, prompts, adapters, max_tokens: int):
+    """Add requests and step until every one has its first token: from then on each step is
+    a pure decode of all of them."""
+    from serve import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params, a) for p, a in zip(prompts, adapters, strict=True)]
+    started: set[str] = set()
+    while len(started) < len(ids):
+        started.update(o.request_id for o in engine.step() if o.delta_token_ids)
+    return ids
+
+
+def timed_steps(engine, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def stop(engine, ids) -> None:
+    for request_id in ids:
+        engine.abort(request_id)
+    while engine.has_unfinished:
+        engine.step()
+
+
+def section_decode(llm, cfg, args, names, results) -> None:
+    """Decode steps at `batch` sequences of distinct adapters against the bandwidth floor;
+    with --cuda-graphs, the same steps eager and replayed, alternating, on one engine."""
+    engine = llm.engine
+    batch, context = cfg["decode"]
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, cfg["vocab"]) for _ in range(context)] for _ in range(batch)]
+    adapters = [names[i % len(names)] for i in range(batch)]
+    steps = args.decode_steps
+    graphs = engine.runner.graphs
+    ids = start_decoding(engine, prompts, adapters, max_tokens=2 * steps + 8)
+    seqs = list(engine.scheduler.running)
+    times = {"eager": [], "graphs": []} if graphs is not None else {"eager": []}
+    for _ in range(steps):
+        for label in times:
+            engine.runner.graphs = graphs if label == "graphs" else None
+            times[label] += timed_steps(engine, 1)
+    engine.runner.graphs = graphs
+    medians = {label: statistics.median(t[1:]) for label, t in times.items()}
+    step = min(medians.values())
+    parts = step_bytes(engine, seqs)
+    stop(engine, ids)
+    bandwidth = copy_bandwidth(args.device, args.copy_bytes)
+    floor = sum(parts.values()) / bandwidth
+    steps_text = ", ".join(f"{label} {t * 1e3:.2f} ms" for label, t in medians.items())
+    print(
+        f"decode     batch {batch}, context {context}: step {steps_text}; bytes per step "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts.items())
+        + f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor * 1e3:.2f} ms = "
+        f"{floor / step:.1%} of the faster step (goal 70 %)"
+    )
+    results["decode"] = {
+        "batch": batch,
+        "context": context,
+        "step_ms": step * 1e3,
+        **{f"{label}_step_ms": t * 1e3 for label, t in medians.items()},
+        "bytes": parts,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "floor_ms": floor * 1e3,
+        "floor_fraction": floor / step,
+    }
+
+
+def section_load(llm, cfg, args, names, results) -> None:
+    """While half the slots' sequences decode, a request for an adapter that is in host memory
+    but in no slot arrives: the step that copies it in (and prefills the 32-token prompt),
+    against the decode steps around it; then the copy alone, repeated into the same slot."""
+    engine = llm.engine
+    running = max(1, cfg["max_seqs"] // 2)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, cfg["vocab"]) for _ in range(32)] for _ in range(running + 1)]
+    ids = start_decoding(engine, prompts[:running], names[:running], max_tokens=64)
+    in_slots = set(engine.slots.contents)
+    outside = [n for n in names[running:] if engine.adapters[n].uid not in in_slots]
+    if not outside:
+        stop(engine, ids)
+        print("load       every adapter is in a slot: nothing to measure")
+        return
+    before = timed_steps(engine, 5)
+    ids += start_decoding_one(engine, prompts[-1], outside[-1])
+    loads = engine.slots.loads
+    load_step = None
+    after = []
+    for _ in range(5):
+        after += timed_steps(engine, 1)
+        if engine.slots.loads > loads and load_step is None:
+            load_step = after.pop()
+    uid = engine.adapters[outside[-1]].uid
+    slot = engine.slots.slot_of[uid]
+    copy = median_time(lambda: engine.pool.load_slot(slot, uid), args.device, repeats=3)
+    stop(engine, ids)
+    base = statistics.median(before + after)
+    print(
+        f"load       step with a host-to-slot adapter copy {load_step * 1e3:.2f} ms against "
+        f"{base * 1e3:.2f} ms for {running} decodes; the copy alone {copy * 1e3:.2f} ms"
+    )
+    results["load"] = {
+        "load_step_ms": load_step * 1e3,
+        "median_step_ms": base * 1e3,
+        "copy_ms": copy * 1e3,
+    }
+
+
+def start_decoding_one(engine, prompt, adapter) -> list[str]:
+    from serve import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    return [engine.add_request(prompt, params, adapter)]
