@@ -1,7 +1,7 @@
 """The GPU session script in its CPU smoke mode and the adapter-load, sampler and detokenize
-benchmarks run end to end, so the scripts a lent GPU session depends on cannot rot unnoticed. Their
-timings mean nothing here; what is checked is that every section ran and that kernels (and
-texts) agreed with their references."""
+benchmarks run end to end, so the scripts a lent GPU session depends on cannot rot unnoticed.
+Their timings mean nothing here; what is checked is that every section ran and that kernels
+(and texts) agreed with their references."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from tests.helpers import PROJECT
 
 SESSION_FILES = ("model", "kernels", "tune")  # the JSON the session script writes
-
 
 
 def _env(tmp_path, extra=None) -> dict[str, str]:
