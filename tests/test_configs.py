@@ -57,6 +57,7 @@ def _with(section: str, key: str, value) -> dict:
         (_with("lora", "dropout", 1.5), "lora.dropout", "less than 1"),
         (_with("lora", "target_modules", ["qkv"]), "lora.target_modules", "choose 'all-linear'"),
         (_with("quantization", "method", "int3"), "quantization.method", "'nf4', 'fp4' or 'none'"),
+        (_with("training", "optimizer", "sgd"), "training.optimizer", "'paged_adamw_8bit'"),
         ({"data": GOOD["data"]}, "name", "Field required"),
         ({**GOOD, "name": "has space"}, "name", "letters, digits"),
         ({**GOOD, "data": {"path": "x.txt"}}, "data.path", "must be a .jsonl"),

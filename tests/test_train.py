@@ -151,6 +151,34 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_from_its_step(
     assert steps == list(range(1, 301))  # one run: interrupted part, then the rest, no repeats
 
 
+def test_paged_8bit_optimizer_is_bitsandbytes_and_trains_the_adapter(tiny_base, home, tracking_uri):
+    import bitsandbytes as bnb
+    import torch
+
+    from train.config import load_config
+    from train.recipe import TrainingJob
+
+    overrides = [
+        f"base_model={tiny_base.path}",
+        "lora.r=4",
+        "training.batch_size=2",
+        "training.max_steps=3",
+        "training.eval_steps=1000",
+        "data.split.validation=4",
+        "training.optimizer=paged_adamw_8bit",
+    ]
+    job = TrainingJob(load_config(CONFIG, overrides), tracking_uri=tracking_uri, home=home)
+    result = job.run()
+    assert result.status == "finished"
+    optimizer = job.trainer.optimizer.optimizer  # inside accelerate's wrapper
+    assert isinstance(optimizer, bnb.optim.AdamW)
+    assert (optimizer.args.optim_bits, optimizer.is_paged) == (8, True)
+    assert optimizer.state  # it has stepped
+    lora_b = [p for n, p in job.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) for p in lora_b)  # B starts at zero
+    assert result.version.version == 1
+
+
 def test_resume_with_nothing_to_resume_is_refused(tiny_base, tracking_uri):
     result = CliRunner().invoke(
         app,

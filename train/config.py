@@ -81,6 +81,12 @@ class TrainingSettings(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # adamw_8bit keeps Adam's two moments in 8 bits (bitsandbytes): 2 B instead of 8 B per
+    # trainable parameter; paged_*: their pages move to host memory when the GPU runs short
+    # (QLoRA's paged optimizers; on a CPU the same as unpaged).
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        "adamw_torch"
+    )
     gradient_checkpointing: bool = False
     logging_steps: int = Field(5, ge=1)
     eval_steps: int = Field(50, ge=1)

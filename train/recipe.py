@@ -214,6 +214,7 @@ class TrainingJob:
             warmup_steps=t.warmup_steps,
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
+            optim=t.optimizer,
             logging_steps=t.logging_steps,
             eval_strategy="steps",
             eval_steps=t.eval_steps,
