@@ -89,13 +89,16 @@ class BlockAllocator:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
-    def commit(self, seq: Sequence) -> None:
-        """Publish the blocks `seq` has filled and computed, for other sequences to reuse."""
+    def commit(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Publish the blocks the step's `num_new_tokens` of `seq` completed, for other
+        sequences to reuse. Only those: the ones before were published by earlier steps or
+        came from the cache, and walking them all again would cost each step O(context)."""
         if not self.enable_prefix_caching:
             return
+        first = (seq.num_computed_tokens - num_new_tokens) // self.block_size
         full = seq.num_computed_tokens // self.block_size
         hashes = self._hashes_of(seq)
-        for i in range(full):
+        for i in range(first, full):
             block = seq.block_table[i]
             if self.block_hash[block] is None and hashes[i] not in self.cached:
                 self.block_hash[block] = hashes[i]

@@ -169,7 +169,7 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += n
-            self.allocator.commit(seq)
+            self.allocator.commit(seq, n)
             if token is not None:
                 seq.append_token(token)
                 if seq.is_finished:

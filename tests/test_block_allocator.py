@@ -17,7 +17,7 @@ def compute(allocator: BlockAllocator, s: Sequence, n: int) -> None:
     """What a step does for `s`: blocks for n tokens, computed, published."""
     allocator.append(s, n)
     s.num_computed_tokens += n
-    allocator.commit(s)
+    allocator.commit(s, n)
 
 
 def test_blocks_are_allocated_as_tokens_arrive_and_freed_tail_first():
