@@ -1,11 +1,12 @@
-"""Host time of the scheduler's side of a decode step (schedule + update) against context length.
+"""Host time of a decode step's bookkeeping against context length: schedule, the attention
+metadata the kernels read, update.
 
-    .venv/bin/python bench/scheduler_step.py [--batch 64] [--block-size 16] [--steps 200]
+    .venv/bin/python bench/host_step.py [--batch 64] [--block-size 16] [--steps 200]
 
 No model: 64 sequences decode one token a step over a prefix-caching allocator, at contexts of
 256, 1024 and 4096 tokens. Prints µs per step and the ratio to the shortest context: a step's
-bookkeeping should not grow with what the sequences already hold (on a GPU an 8B decode step
-is ~10 ms, so every 0.1 ms here is 1 % of throughput).
+bookkeeping should grow little with what the sequences already hold (on a GPU an 8B decode
+step is ~10 ms, so every 0.1 ms here is 1 % of throughput).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serve.attention import build_attention_metadata
 from serve.block_allocator import BlockAllocator
 from serve.lora_slots import LoraSlots
 from serve.sampling_params import SamplingParams
@@ -28,7 +30,7 @@ CONTEXTS = (256, 1024, 4096)
 
 
 def step_us(batch: int, context: int, block_size: int, steps: int) -> float:
-    """Median µs of schedule + update once `batch` sequences hold `context` tokens each."""
+    """Median µs of a step's bookkeeping once `batch` sequences hold `context` tokens each."""
     blocks = batch * (context + steps + block_size) // block_size + 1
     scheduler = Scheduler(BlockAllocator(blocks, block_size), LoraSlots(8), batch, 1 << 20)
     params = SamplingParams(max_tokens=10 * steps, ignore_eos=True)
@@ -39,6 +41,14 @@ def step_us(batch: int, context: int, block_size: int, steps: int) -> float:
     for k in range(steps + 1):  # the first step prefills every prompt
         t0 = time.perf_counter()
         plan = scheduler.schedule()
+        build_attention_metadata(
+            [q.block_table for q in plan.seqs],
+            [q.num_computed_tokens for q in plan.seqs],
+            plan.num_new_tokens,
+            block_size,
+            "cpu",
+            padded_groups=False,  # what the Triton kernels read
+        )
         scheduler.update(plan, [k % 32000] * len(plan.seqs))
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) * 1e6
