@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.sampler import CANDIDATES, draw, filter_top_k_top_p
+from serve.sampler import (
+    CANDIDATES,
+    apply_penalties,
+    apply_penalties_reference,
+    draw,
+    filter_top_k_top_p,
+)
+from serve.sampling_params import SamplingParams
+from serve.sequence import Sequence
 
 
 def reference_filter(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -67,3 +75,30 @@ def test_draw_follows_the_distribution_and_never_picks_a_zero():
     # the ends of [0, 1): the first and the last token that has mass
     edges = draw(probs.expand(2, -1), torch.tensor([0.0, 1.0 - 2**-24]))
     assert edges.tolist() == [1, 5]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_penalties_equal_the_row_by_row_reference(seed):
+    """Rows with every penalty, one of them, none at all, and no output yet, in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 97
+    options = [
+        {"frequency_penalty": 0.5, "presence_penalty": 0.25, "repetition_penalty": 1.3},
+        {"repetition_penalty": 0.8},
+        {},
+        {"frequency_penalty": -1.0},
+        {"presence_penalty": 2.0, "repetition_penalty": 1.1},
+    ]
+    seqs = []
+    for i in range(12):
+        prompt = torch.randint(vocab, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        output = torch.randint(vocab, (int(torch.randint(0, 40, (1,), generator=g)),), generator=g)
+        params = SamplingParams(**options[i % len(options)])
+        tokens = prompt.tolist() + output.tolist()
+        seqs.append(Sequence(f"r{i}", tokens, len(prompt), params))
+    logits = torch.randn(len(seqs), vocab, generator=g) * 3
+    before = logits.clone()
+    out = apply_penalties(logits, seqs)
+    torch.testing.assert_close(out, apply_penalties_reference(logits, seqs), rtol=0, atol=0)
+    assert torch.equal(logits, before)  # out of place
+    assert not torch.equal(out, before)
