@@ -160,10 +160,9 @@ class ModelRunner:
             if wanted is not None and last > c:
                 logprobs = self.model.logits(hidden[start : start + last - c]).log_softmax(-1)
                 targets = seq.token_ids[c + 1 : last + 1]
-                scored = [
-                    (c + 1 + j, token_logprobs(logprobs[j], t, wanted))
-                    for j, t in enumerate(targets)
-                ]
+                scored = list(
+                    enumerate(token_logprobs(logprobs, targets, [wanted] * len(targets)), c + 1)
+                )
             out.append(scored)
             start += n
         return out

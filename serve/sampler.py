@@ -199,10 +199,15 @@ class Sampler:
             uniforms = self._uniforms([seqs[i] for i in random_rows])
             tokens[rows] = draw(scaled.softmax(dim=-1), uniforms)
         tokens = tokens.tolist()
-        return tokens, [
-            None if n is None else token_logprobs(logprobs[i], tokens[i], n)
-            for i, n in enumerate(wanted)
-        ]
+        chosen: list[TokenLogprobs | None] = [None] * len(seqs)
+        rows = [i for i, n in enumerate(wanted) if n is not None]
+        if rows:
+            scored = token_logprobs(
+                logprobs[rows], [tokens[i] for i in rows], [wanted[i] for i in rows]
+            )
+            for i, lp in zip(rows, scored, strict=True):
+                chosen[i] = lp
+        return tokens, chosen
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
         """One uniform in [0, 1) per sequence: from its own generator when it set a seed (so
@@ -221,9 +226,20 @@ class Sampler:
         return uniforms
 
 
-def token_logprobs(row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
-    top = []
-    if n:
-        values, ids = row.topk(n)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprobs(token, float(row[token]), top)
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], n: list[int]) -> list[TokenLogprobs]:
+    """Row i: the logprob of tokens[i] and the n[i] most likely tokens with theirs, from
+    logprobs [rows, vocab]. One gather and one top-k for all rows, three copies to the host in
+    all (a GPU would wait on three per row: per prompt token, for prompt logprobs)."""
+    if not tokens:
+        return []
+    index = torch.tensor(tokens, device=logprobs.device)
+    chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
+    k = max(n)
+    values, ids = logprobs.topk(k) if k else (logprobs[:, :0], index[:, None][:, :0])
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(
+            tokens[r], chosen[r], list(zip(ids[r][: n[r]], values[r][: n[r]], strict=True))
+        )
+        for r in range(len(tokens))
+    ]

@@ -12,6 +12,7 @@ from serve.sampler import (
     apply_penalties_reference,
     draw,
     filter_top_k_top_p,
+    token_logprobs,
 )
 from serve.sampling_params import SamplingParams
 from serve.sequence import Sequence
@@ -102,3 +103,17 @@ def test_batched_penalties_equal_the_row_by_row_reference(seed):
     torch.testing.assert_close(out, apply_penalties_reference(logits, seqs), rtol=0, atol=0)
     assert torch.equal(logits, before)  # out of place
     assert not torch.equal(out, before)
+
+
+def test_token_logprobs_of_a_batch_are_each_rows_own():
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.randn(5, 50, generator=g).log_softmax(-1)
+    tokens, n = [3, 49, 0, 7, 7], [0, 1, 3, 5, 0]
+    scored = token_logprobs(logprobs, tokens, n)
+    for row, (lp, token, k) in enumerate(zip(scored, tokens, n, strict=True)):
+        assert lp.token_id == token
+        assert lp.logprob == pytest.approx(float(logprobs[row, token]))
+        values, ids = logprobs[row].topk(k) if k else (torch.empty(0), torch.empty(0))
+        assert [t for t, _ in lp.top] == ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist())
+    assert token_logprobs(logprobs[:0], [], []) == []
