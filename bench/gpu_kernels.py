@@ -15,6 +15,7 @@ import time
 from functools import partial
 
 from bench.gpu_model import SHAPES
+from bench.timing import median_time, sync
 from serve.llama import LORA_MODULES, ModelShape
 
 
@@ -267,18 +268,6 @@ def _fastest(fn, space: dict, fixed: dict, device, label: str) -> tuple[float, d
     return min(timed, key=lambda item: item[0])
 
 
-def median_time(fn, device, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def copy_bandwidth(device, nbytes: int) -> float:
     """Device memory bandwidth in bytes/s from a large copy (each byte read and written)."""
     import torch
@@ -293,10 +282,3 @@ def copy_bandwidth(device, nbytes: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times[2:])
-
-
-def sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()

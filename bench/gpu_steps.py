@@ -13,7 +13,8 @@ import random
 import statistics
 import time
 
-from bench.gpu_kernels import copy_bandwidth, median_time
+from bench.gpu_kernels import copy_bandwidth
+from bench.timing import median_time
 
 
 def step_bytes(engine, seqs) -> dict[str, int]:

@@ -12,15 +12,15 @@ cost does not depend on their values.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.timing import median_time
 from serve.sampler import TokenLogprobs, token_logprobs
 
 CASES = {"64 decodes, top 5": (64, 5), "1024 prompt tokens, top 1": (1024, 1)}
@@ -36,16 +36,6 @@ def per_row(logprobs: torch.Tensor, tokens: list[int], n: int) -> list[TokenLogp
     return out
 
 
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=49152)
@@ -57,8 +47,8 @@ def main() -> None:
     for name, (rows, n) in CASES.items():
         logprobs = torch.randn(rows, args.vocab, generator=g).log_softmax(-1)
         tokens = torch.randint(args.vocab, (rows,), generator=g).tolist()
-        before = median_ms(lambda: per_row(logprobs, tokens, n))  # noqa: B023
-        now = median_ms(lambda: token_logprobs(logprobs, tokens, [n] * rows))  # noqa: B023
+        before = median_time(partial(per_row, logprobs, tokens, n), repeats=20) * 1e3
+        now = median_time(partial(token_logprobs, logprobs, tokens, [n] * rows), repeats=20) * 1e3
         print(f"{name}: per row {before:7.2f} ms, batched {now:7.2f} ms: {before / now:.2f}x")
 
 

@@ -12,31 +12,21 @@ kernel launch on a GPU; here the CPU's per-op overhead stands in for that.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.timing import median_time
 from serve.sampler import apply_penalties, apply_penalties_reference
 from serve.sampling_params import SamplingParams
 from serve.sequence import Sequence
 
 LENGTHS = ((256, 64), (1024, 512))  # prompt, output tokens
 PARAMS = SamplingParams(frequency_penalty=0.3, presence_penalty=0.2, repetition_penalty=1.1)
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -59,8 +49,8 @@ def main() -> None:
             )
             for i in range(args.rows)
         ]
-        before = median_ms(lambda: apply_penalties_reference(logits, seqs))  # noqa: B023
-        now = median_ms(lambda: apply_penalties(logits, seqs))  # noqa: B023
+        before = median_time(partial(apply_penalties_reference, logits, seqs), repeats=20) * 1e3
+        now = median_time(partial(apply_penalties, logits, seqs), repeats=20) * 1e3
         print(
             f"{args.rows} rows, {prompt} + {output} tokens: row by row {before:6.2f} ms, "
             f"batched {now:6.2f} ms: {before / now:.2f}x"
