@@ -199,15 +199,13 @@ class Sampler:
             uniforms = self._uniforms([seqs[i] for i in random_rows])
             tokens[rows] = draw(scaled.softmax(dim=-1), uniforms)
         tokens = tokens.tolist()
-        chosen: list[TokenLogprobs | None] = [None] * len(seqs)
         rows = [i for i, n in enumerate(wanted) if n is not None]
-        if rows:
-            scored = token_logprobs(
-                logprobs[rows], [tokens[i] for i in rows], [wanted[i] for i in rows]
-            )
-            for i, lp in zip(rows, scored, strict=True):
-                chosen[i] = lp
-        return tokens, chosen
+        scored = iter(
+            token_logprobs(logprobs[rows], [tokens[i] for i in rows], [wanted[i] for i in rows])
+            if rows
+            else []
+        )
+        return tokens, [None if n is None else next(scored) for n in wanted]
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
         """One uniform in [0, 1) per sequence: from its own generator when it set a seed (so
@@ -234,8 +232,7 @@ def token_logprobs(logprobs: torch.Tensor, tokens: list[int], n: list[int]) -> l
         return []
     index = torch.tensor(tokens, device=logprobs.device)
     chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
-    k = max(n)
-    values, ids = logprobs.topk(k) if k else (logprobs[:, :0], index[:, None][:, :0])
+    values, ids = logprobs.topk(max(n))
     values, ids = values.tolist(), ids.tolist()
     return [
         TokenLogprobs(
