@@ -209,19 +209,27 @@ class Sampler:
 
     def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
         """One uniform in [0, 1) per sequence: from its own generator when it set a seed (so
-        its draws do not depend on the batch), else from the engine's, in one call. [rows]"""
+        its draws do not depend on the batch), else from the engine's, in one call. [rows]
+
+        Seeded generators live on the host: a seeded row's draw launches no kernel, and a seed
+        gives the same uniforms on any device.
+        """
         uniforms = torch.empty(len(seqs), device=self.device)
         shared = [row for row, seq in enumerate(seqs) if seq.params.seed is None]
         if shared:
             uniforms[shared] = torch.rand(len(shared), generator=self.generator, device=self.device)
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None:
-                generator = self._seeded.get(seq.request_id)
-                if generator is None:
-                    generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-                    self._seeded[seq.request_id] = generator
-                uniforms[row] = torch.rand(1, generator=generator, device=self.device)[0]
+        seeded = [row for row, seq in enumerate(seqs) if seq.params.seed is not None]
+        if seeded:
+            draws = [torch.rand(1, generator=self._seeded_generator(seqs[row])) for row in seeded]
+            uniforms[seeded] = torch.cat(draws).to(self.device)
         return uniforms
+
+    def _seeded_generator(self, seq: Sequence) -> torch.Generator:
+        generator = self._seeded.get(seq.request_id)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seq.params.seed)
+            self._seeded[seq.request_id] = generator
+        return generator
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: list[int], n: list[int]) -> list[TokenLogprobs]:
