@@ -151,6 +151,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_from_its_step(
     assert steps == list(range(1, 301))  # one run: interrupted part, then the rest, no repeats
 
 
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 def test_paged_8bit_optimizer_is_bitsandbytes_and_trains_the_adapter(tiny_base, home, tracking_uri):
     import bitsandbytes as bnb
     import torch
