@@ -180,6 +180,37 @@ def test_paged_8bit_optimizer_is_bitsandbytes_and_trains_the_adapter(tiny_base, 
     assert result.version.version == 1
 
 
+def test_the_base_evaluation_leaves_the_4bit_base_differentiable(tiny_base, home, tracking_uri):
+    """bitsandbytes would switch its 4-bit layers to a kernel without a backward after an
+    eval-mode forward on an AVX512-BF16 CPU (this machine's kind; elsewhere this passes
+    either way): the gradients after the base evaluation must equal those before it."""
+    import torch
+
+    from train.config import load_config
+    from train.recipe import TrainingJob
+
+    overrides = [f"base_model={tiny_base.path}", "lora.r=4", "lora.dropout=0"]
+    job = TrainingJob(load_config(CONFIG, overrides), tracking_uri=tracking_uri, home=home)
+    job.setup()
+    model = job.model
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what the base evaluation runs first
+    after = lora_grads()
+    assert before.keys() == after.keys() and before
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
 def test_resume_with_nothing_to_resume_is_refused(tiny_base, tracking_uri):
     result = CliRunner().invoke(
         app,

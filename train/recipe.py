@@ -137,6 +137,8 @@ class TrainingJob:
                 bnb_4bit_compute_dtype=dtype,
             )
         model = AutoModelForCausalLM.from_pretrained(self.base.path, **kwargs)
+        if q.method != "none":
+            _keep_4bit_layers_differentiable(model)
         checkpointing = self.config.training.gradient_checkpointing
         if q.method != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
@@ -338,6 +340,20 @@ class TrainingJob:
         return TrainResult(
             "finished", self.run_dir, self.run_id, adapter_dir, version, self.lineage.metrics
         )
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes (0.50) repacks a Linear4bit's weight for a fused CPU kernel, on CPUs with
+    AVX512-BF16, the first time the layer runs in eval mode without grad (as the base evaluation
+    before training does), and then uses that kernel in training too. It has no backward: no
+    gradient flows through the base weights to the layers before (torch only warns "an
+    autograd kernel was not registered"), so every adapter but the last layer's learns from a
+    wrong gradient. Keep every 4-bit layer on bitsandbytes' differentiable path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
