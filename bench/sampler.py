@@ -137,8 +137,8 @@ def compare(batches, params, repeats: int) -> tuple[float, float, str]:
     for logits in batches:
         kept = filter_top_k_top_p(
             logits / params.temperature,
-            torch.full((rows,), params.top_k),
-            torch.full((rows,), params.top_p),
+            [params.top_k] * rows,
+            [params.top_p] * rows,
         )
         past += int((torch.isfinite(kept).sum(-1) > CANDIDATES).sum())
     return before, now, f"{past} of {rows * len(batches)}"

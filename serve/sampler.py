@@ -127,14 +127,17 @@ def _outside(sorted_logits, top_k, top_p, log_total):
     return drop, covered
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]):
     """Mask (to -inf) tokens outside each row's top-k and top-p nucleus. top_k 0: no limit.
 
     Rows are partially sorted to their CANDIDATES (or top_k) most likely tokens; only rows whose
-    nucleus reaches past those are sorted whole."""
+    nucleus reaches past those are sorted whole. The limits come as host lists: the partial
+    sort's width is then known without waiting on the device."""
     vocab = logits.shape[1]
+    width = min(vocab, max(CANDIDATES, *top_k))
+    top_k = torch.tensor(top_k, device=logits.device)
+    top_p = torch.tensor(top_p, dtype=torch.float32, device=logits.device)
     log_total = logits.logsumexp(dim=-1)
-    width = min(vocab, max(CANDIDATES, int(top_k.max())))
     values, order = logits.topk(width, dim=-1)
     drop, covered = _outside(values, top_k, top_p, log_total)
     out = torch.full_like(logits, float("-inf"))
@@ -192,9 +195,7 @@ class Sampler:
             scaled = logits[rows] / temps[:, None]
             if any(p.top_k or p.top_p < 1 for p in params):
                 scaled = filter_top_k_top_p(
-                    scaled,
-                    torch.tensor([p.top_k for p in params], device=logits.device),
-                    torch.tensor([p.top_p for p in params], device=logits.device),
+                    scaled, [p.top_k for p in params], [p.top_p for p in params]
                 )
             uniforms = self._uniforms([seqs[i] for i in random_rows])
             tokens[rows] = draw(scaled.softmax(dim=-1), uniforms)

@@ -85,9 +85,7 @@ def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(base, prom
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
-def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(
-    base, prompts, adapters
-):
+def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(base, prompts, adapters):
     from serve import LLM, SamplingParams
     from serve.cuda_graph import batch_sizes
 

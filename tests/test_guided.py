@@ -9,9 +9,10 @@ import json
 import numpy as np
 import openai
 import pytest
+import torch
 
 from serve import LLM, SamplingParams
-from serve.guided import unpack_bitmask
+from serve.guided import unpack_bitmask, unpack_bits
 from tests.helpers import running_server
 
 JSON_OBJECT = {"type": "json_object"}
@@ -161,20 +162,71 @@ def test_server_requests_keep_a_schema_beside_json_object():
 
 
 @pytest.mark.parametrize(
-    ("bits", "allowed"),
+    ("bits", "vocab", "allowed"),
     [
-        ([0], []),
-        ([-1], list(range(32))),
-        ([0b101, 0], [0, 2]),
-        ([-(1 << 31), 0], [31]),  # the sign bit is token 31
-        ([0, 0b1000_0001 | 1 << 8], [32, 39]),  # vocab 40 cuts token 40 off
+        ([0], 32, []),
+        ([-1], 32, list(range(32))),
+        ([0b101, 0], 64, [0, 2]),
+        ([-(1 << 31), 0], 64, [31]),  # the sign bit is token 31
+        ([0, 0b1000_0001 | 1 << 8], 40, [32, 39]),  # vocab 40 cuts token 40 off
+        ([-1], 40, list(range(32))),  # tokens past the bitmask are not allowed
     ],
 )
-def test_unpack_bitmask_reads_bit_t_mod_32_of_word_t_div_32(bits, allowed):
-    vocab = 40 if len(bits) > 1 else 32
+def test_unpack_bitmask_reads_bit_t_mod_32_of_word_t_div_32(bits, vocab, allowed):
     mask = unpack_bitmask(np.array([bits], dtype=np.int32), vocab)
-    assert mask.shape == (1, vocab)
+    assert mask.shape == (1, vocab) and mask.dtype == torch.bool
     assert mask[0].nonzero().flatten().tolist() == allowed
+
+
+def test_unpack_bits_off_the_cpu_is_numpys_unpackbits():
+    """The path a GPU takes, run here on CPU tensors of awkward widths."""
+    rng = np.random.default_rng(0)
+    for rows, width in ((1, 1), (3, 7), (5, 1540)):
+        packed = rng.integers(0, 256, size=(rows, width), dtype=np.uint8)
+        expected = np.unpackbits(packed, axis=1, bitorder="little")
+        assert np.array_equal(unpack_bits(torch.from_numpy(packed)).numpy(), expected)
+
+
+@pytest.mark.parametrize("guided_rows", [[0, 2], [0, 1, 2], [1]])
+def test_mask_forbids_exactly_the_tokens_each_rows_grammar_forbids(tiny_base, guided_rows):
+    """Batched masking against each row's own bitmask from llguidance, unpacked by numpy; rows
+    at different points of their grammar, unguided rows untouched."""
+    import llguidance
+    from llguidance.numpy import fill_next_token_bitmask
+    from transformers import AutoTokenizer
+
+    from serve.guided import GuidedDecoding
+    from serve.response_format import grammar
+    from serve.sequence import Sequence
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base.path)
+    vocab = len(tokenizer)
+    guide = GuidedDecoding(tokenizer, vocab, [tokenizer.eos_token_id])
+    written = ["", '{"name": "Ada', "{"]  # each row's output so far
+    seqs = []
+    for row, text in enumerate(written):
+        fmt = PERSON_FORMAT if row in guided_rows else None
+        output = tokenizer.encode(text, add_special_tokens=False)
+        seq = Sequence(f"r{row}", [1, 2, *output], 2, SamplingParams(response_format=fmt))
+        if fmt is not None:
+            guide.start(seq.request_id, seq.params.response_format)
+        seqs.append(seq)
+    logits = torch.randn(len(seqs), vocab)
+    masked = logits.clone()
+    guide.mask_(masked, seqs)
+    schema = seqs[guided_rows[0]].params.response_format.json_schema
+    for row, seq in enumerate(seqs):
+        if row not in guided_rows:
+            assert torch.equal(masked[row], logits[row])
+            continue
+        matcher = llguidance.LLMatcher(guide.tokenizer, grammar(schema))
+        assert matcher.consume_tokens(seq.output_token_ids), matcher.get_error()
+        bitmask = np.zeros((1, (guide.tokenizer.vocab_size + 31) // 32), dtype=np.int32)
+        fill_next_token_bitmask(matcher, bitmask, 0)
+        allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+        assert 0 < allowed.sum() < vocab
+        expected = logits[row].masked_fill(~torch.from_numpy(allowed), float("-inf"))
+        assert torch.equal(masked[row], expected)
 
 
 # -- through the server ---------------------------------------------------------------------

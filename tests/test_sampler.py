@@ -33,7 +33,7 @@ def reference_filter(logits: torch.Tensor, top_k: list[int], top_p: list[float])
 
 def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1], [0.1, 0.6, 0.25, 0.05]]))
-    kept = filter_top_k_top_p(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.8]))
+    kept = filter_top_k_top_p(logits, [2, 0], [1.0, 0.8])
     # row 0: the 2 most likely; row 1: 0.6 + 0.25 reaches 0.8, the rest is cut
     assert torch.isfinite(kept).tolist() == [[True, True, False, False], [False, True, True, False]]
     torch.testing.assert_close(kept[0, :2], logits[0, :2])
@@ -41,7 +41,7 @@ def test_top_k_and_top_p_keep_the_expected_tokens():
 
 def test_a_top_p_that_underflows_float32_keeps_the_most_likely_token():
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
-    kept = filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([1e-300]))
+    kept = filter_top_k_top_p(logits, [0], [1e-300])
     assert torch.isfinite(kept).tolist() == [[False, True, False]]
 
 
@@ -57,7 +57,7 @@ def test_filter_equals_a_whole_sort_for_peaked_and_flat_rows(vocab):
     logits = torch.stack(rows)
     top_k = [k for k, _ in settings] * 2
     top_p = [p for _, p in settings] * 2
-    kept = filter_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+    kept = filter_top_k_top_p(logits, top_k, top_p)
     expected = reference_filter(logits, top_k, top_p)
     assert torch.equal(torch.isfinite(kept), torch.isfinite(expected))
     assert torch.equal(kept[torch.isfinite(kept)], logits[torch.isfinite(expected)])
