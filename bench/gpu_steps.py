@@ -76,22 +76,27 @@ def stop(engine, ids) -> None:
 
 def section_decode(llm, cfg, args, names, results) -> None:
     """Decode steps at `batch` sequences of distinct adapters against the bandwidth floor;
-    with --cuda-graphs, the same steps eager and replayed, alternating, on one engine."""
+    eager, and with --cuda-graphs replayed with the outputs made during the next step's
+    forward pass (as the engine does on CUDA) and after it, on one engine: two steps a
+    mode in turn, the second timed (the first takes the switch)."""
     engine = llm.engine
     batch, context = cfg["decode"]
     rng = random.Random(1)
     prompts = [[rng.randrange(3, cfg["vocab"]) for _ in range(context)] for _ in range(batch)]
     adapters = [names[i % len(names)] for i in range(batch)]
     steps = args.decode_steps
-    graphs = engine.runner.graphs
-    ids = start_decoding(engine, prompts, adapters, max_tokens=2 * steps + 8)
+    graphs, overlap = engine.runner.graphs, engine.overlap_outputs
+    modes = {"eager": (None, True)}  # label: (graphs, overlap_outputs)
+    if graphs is not None:
+        modes |= {"graphs": (graphs, True), "graphs_outputs_after": (graphs, False)}
+    ids = start_decoding(engine, prompts, adapters, max_tokens=2 * len(modes) * steps + 8)
     seqs = list(engine.scheduler.running)
-    times = {"eager": [], "graphs": []} if graphs is not None else {"eager": []}
+    times = {label: [] for label in modes}
     for _ in range(steps):
-        for label in times:
-            engine.runner.graphs = graphs if label == "graphs" else None
-            times[label] += timed_steps(engine, 1)
-    engine.runner.graphs = graphs
+        for label, mode in modes.items():
+            engine.runner.graphs, engine.overlap_outputs = mode
+            times[label] += timed_steps(engine, 2)[1:]
+    engine.runner.graphs, engine.overlap_outputs = graphs, overlap
     medians = {label: statistics.median(t[1:]) for label, t in times.items()}
     step = min(medians.values())
     parts = step_bytes(engine, seqs)

@@ -42,4 +42,7 @@ class EngineConfig(BaseModel):
     # Decode steps replayed as CUDA graphs (serve.cuda_graph); needs the kernels. Off until
     # measured on a GPU (bench/gpu_notes.md)
     cuda_graphs: bool = False
+    # Make a step's outputs (text, stop strings) while the device computes the next step:
+    # the host's work hides behind the GPU's, each output comes a step later. None: on CUDA
+    overlap_outputs: bool | None = None
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)

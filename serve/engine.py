@@ -1,7 +1,8 @@
 """The engine: requests in, one step at a time, outputs out.
 
 plan = scheduler.schedule()          # who computes how many tokens, which adapter slots
-result = runner.execute(plan)        # one forward pass over all of them, then sampling
+forward = runner.launch(plan)        # one forward pass over all of them, queued on the device
+result = runner.sample(plan, forward)  # the next tokens (the host waits for the device here)
 scheduler.update(plan, result)       # advance, finish, free
 """
 
@@ -33,11 +34,11 @@ from serve.kv_budget import (
 )
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
-from serve.model_runner import ModelRunner
+from serve.model_runner import ModelRunner, RunnerOutput
 from serve.outputs import RequestOutput, RequestState
 from serve.sampler import Sampler
 from serve.sampling_params import SamplingParams
-from serve.scheduler import Scheduler
+from serve.scheduler import Scheduler, SchedulerOutput
 from serve.sequence import Sequence, Status
 
 
@@ -119,6 +120,13 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
+        # Outputs of a step made during the next one's forward pass: on CUDA, where it runs
+        # while the host works; on CPU it would only delay every output by a step.
+        self.overlap_outputs = (
+            self.device.type == "cuda" if config.overlap_outputs is None else config.overlap_outputs
+        )
+        self._pending: tuple[SchedulerOutput, RunnerOutput] | None = None  # outputs not made
+        self._outbox: list[RequestOutput] = []  # outputs made, not yet returned
 
     def _num_kv_blocks(self, block_bytes: int) -> int:
         """As configured; on CUDA by default, what the GPU has left after the largest step."""
@@ -270,31 +278,52 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._pending is not None or bool(self._outbox)
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; outputs of the requests that produced a token or finished."""
+        """Run one iteration; outputs of the requests that produced a token or finished.
+
+        With `overlap_outputs` they are the previous step's: made (detokenized, stop strings
+        searched) while the device computes this step's forward pass, which the host would
+        otherwise wait on. A stop string found then ends its sequence a step late: the token
+        computed for it meanwhile is dropped.
+        """
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
-        result = self.runner.execute(plan)
-        self.scheduler.update(plan, result.sampled)
-        outputs = []
+            self._make_outputs()
+        else:
+            forward = self.runner.launch(plan)
+            self._make_outputs()  # the last step's when overlapping, while the device computes
+            result = self.runner.sample(plan, forward)
+            self.scheduler.update(plan, result.sampled)
+            for seq, token in zip(plan.seqs, result.sampled, strict=True):
+                if token is not None and self.guided.finished(seq):  # the JSON is complete
+                    self.scheduler.finish(seq, Status.FINISHED_STOPPED)
+            self._pending = (plan, result)
+            if not self.overlap_outputs:
+                self._make_outputs()
+        # Kept until returned: a step that fails after making them loses none.
+        outputs, self._outbox = self._outbox, []
+        return outputs
+
+    def _make_outputs(self) -> None:
+        """The outputs of the last step's result, into the outbox; ends sequences on stop
+        strings and forgets finished requests."""
+        if self._pending is None:
+            return
+        (plan, result), self._pending = self._pending, None
         for i, seq in enumerate(plan.seqs):
             state = self.requests.get(seq.request_id)
-            if state is None:
+            if state is None:  # aborted
                 continue
-            if result.sampled[i] is not None and self.guided.finished(seq):
-                self.scheduler.finish(seq, Status.FINISHED_STOPPED)  # the JSON is complete
             state.update(result.logprobs[i], result.prompt_logprobs[i])
             if state.stopped_by_string:
                 self.scheduler.finish(seq, Status.FINISHED_STOPPED)
             if result.sampled[i] is not None or seq.is_finished:
-                outputs.append(state.output(seq.adapter))
+                self._outbox.append(state.output(seq.adapter))
             if seq.is_finished:
                 del self.requests[seq.request_id]
                 self.sampler.forget(seq.request_id)
-        return outputs
 
     # -- stats -------------------------------------------------------------------------------
 

@@ -31,6 +31,14 @@ class ForwardContext:
 
 
 @dataclass
+class Forward:
+    """A step's forward pass, queued on the device."""
+
+    hidden: torch.Tensor  # [tokens, hidden] last hidden states of the step's tokens
+    computed: list[int]  # tokens each plan sequence had computed before the step
+
+
+@dataclass
 class RunnerOutput:
     sampled: list[int | None]  # next token of each plan sequence that caught up; None otherwise
     logprobs: list[TokenLogprobs | None]  # of the sampled token, when the request asked
@@ -99,12 +107,15 @@ class ModelRunner:
         ctx = ForwardContext(attention, lora)
         return self.model.forward(ids, ctx, self.kv_cache, self.pool)
 
-    @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        return self.sample(plan, self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: SchedulerOutput) -> Forward:
+        """Queue the step's forward pass on the device; returns without waiting for it."""
         for slot, uid in plan.lora_loads:
             self.pool.load_slot(slot, uid)
         seqs, new = plan.seqs, plan.num_new_tokens
-        device = self.model.device
         computed = [s.num_computed_tokens for s in seqs]
         ids = [
             t for s, c, n in zip(seqs, computed, new, strict=True) for t in s.token_ids[c : c + n]
@@ -115,9 +126,21 @@ class ModelRunner:
             hidden = self.graphs.run(ids, tables, computed, lora_slots)
         else:
             hidden = self._eager(plan, ids, computed)
+        return Forward(hidden, computed)
 
+    @torch.inference_mode()
+    def sample(self, plan: SchedulerOutput, forward: Forward) -> RunnerOutput:
+        """The next token of each sequence that caught up, and the logprobs asked for. A
+        sequence that finished since the forward pass (a stop string found meanwhile) gets
+        none."""
+        seqs, new, device = plan.seqs, plan.num_new_tokens, self.model.device
+        hidden, computed = forward.hidden, forward.computed
         ends = torch.tensor(new).cumsum(0) - 1  # last token of each sequence in the batch
-        samples = [i for i, s in enumerate(seqs) if computed[i] + new[i] == s.num_tokens]
+        samples = [
+            i
+            for i, s in enumerate(seqs)
+            if computed[i] + new[i] == s.num_tokens and not s.is_finished
+        ]
         sampled: list[int | None] = [None] * len(seqs)
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if samples:
@@ -157,7 +180,7 @@ class ModelRunner:
             wanted = seq.params.prompt_logprobs
             # positions c .. last-1 score a prompt token
             last = min(c + n, seq.num_prompt_tokens - 1)
-            if wanted is not None and last > c:
+            if wanted is not None and last > c and not seq.is_finished:
                 logprobs = self.model.logits(hidden[start : start + last - c]).log_softmax(-1)
                 targets = seq.token_ids[c + 1 : last + 1]
                 scored = list(

@@ -50,6 +50,7 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     model, kernels, tune = (json.loads((out / f"{n}.json").read_text()) for n in SESSION_FILES)
     assert {"decode", "load", "serve", "peft"} <= set(model["section_seconds"])
     assert model["decode"]["graphs_step_ms"] > 0  # the padded graph path ran too
+    assert model["decode"]["graphs_outputs_after_step_ms"] > 0  # and without the overlap
     assert model["peft"]["ratio"] > 0  # peft ran on the same requests
     for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name

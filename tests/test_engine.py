@@ -106,6 +106,48 @@ def test_stop_strings_and_stop_tokens_end_the_output(llm):
     assert by_token.finish_reason == "stop"
 
 
+def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(tiny_base):
+    """overlap_outputs (on by default on CUDA) makes a step's outputs during the next step: a
+    stop string then ends its sequence a step late, and the token computed meanwhile must not
+    show. Every field of every output, streamed and final, matches the plain engine's."""
+    engines = {
+        overlap: LLM(**tiny_engine_args(tiny_base, num_kv_blocks=64, overlap_outputs=overlap))
+        for overlap in (False, True)
+    }
+    free = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    [full] = engines[False].generate([PROMPTS[1]], free)
+    params = [
+        dataclasses.replace(free, stop=[full.text[5:9]]),
+        dataclasses.replace(free, stop=[full.text[5:9]], include_stop_str_in_output=True),
+        dataclasses.replace(free, stop_token_ids=[full.token_ids[4]]),
+        dataclasses.replace(free, max_tokens=1, logprobs=2, prompt_logprobs=1),
+        SamplingParams(max_tokens=12, temperature=0.9, seed=3, logprobs=1),
+        SamplingParams(max_tokens=12, response_format={"type": "json_object"}),
+        free,
+    ]
+    prompts = [PROMPTS[1], PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[2]]
+    timing = {"arrival_time", "first_token_time", "finished_time", "request_id"}
+
+    def run(engine):
+        ids = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+        streams = {request_id: [] for request_id in ids}
+        while engine.has_unfinished:
+            for out in engine.step():
+                fields = dataclasses.asdict(out)
+                streams[out.request_id].append({k: fields[k] for k in fields.keys() - timing})
+        assert not engine.requests and engine.allocator.num_used_blocks == 0
+        return [streams[request_id] for request_id in ids]
+
+    plain, overlapped = (run(engines[overlap].engine) for overlap in (False, True))
+    assert [s[-1]["finish_reason"] for s in plain] == [
+        *["stop"] * 3,
+        *["length"] * 2,
+        "stop",
+        "length",
+    ]
+    assert overlapped == plain
+
+
 def test_penalties_follow_openai_and_ctrl_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     seq = Sequence(
@@ -230,11 +272,10 @@ def test_adapter_loads_while_a_request_decodes(tiny_base, tmp_path):
     assert len(tokens) == 300 and len(with_adapter.token_ids) == 300
 
 
-def test_async_engine_streams_deltas_and_abort_frees_blocks(tiny_base):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_async_engine_streams_deltas_and_abort_frees_blocks(tiny_base, overlap):
     engine = AsyncLLM(
-        LLM(
-            base_model=str(tiny_base.path), quantization=None, num_kv_blocks=32, block_size=4
-        ).engine
+        LLM(**tiny_engine_args(tiny_base, num_kv_blocks=32, overlap_outputs=overlap)).engine
     )
 
     async def main():

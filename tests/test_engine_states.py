@@ -1,10 +1,11 @@
 """The whole engine on the tiny base under random interleavings (hypothesis): requests of every
 kind, bad requests, aborts, adapters loaded, replaced and unloaded while requests use them.
 
-What must hold at every point: a bad request raises before it changes anything, every step
-runs, per-request state (requests, seeded generators, grammar states, prefix hashes) exists
-only for requests in flight, and once requests stop arriving every one of them finishes and
-the KV blocks and adapter slots are all released.
+Step by step, and with each step's outputs made during the next one's forward pass. What must
+hold at every point: a bad request raises before it changes anything, every step runs,
+per-request state (requests, seeded generators, grammar states, prefix hashes) exists only for
+requests in flight, and once requests stop arriving every one of them finishes and the KV
+blocks and adapter slots are all released.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PARAMS = st.builds(
     logprobs=st.none() | st.just(2),
     prompt_logprobs=st.none() | st.just(1),
     repetition_penalty=st.sampled_from([1.0, 1.2]),
+    stop=st.sampled_from([[], ["e"], ["a", " t"]]),  # random text meets them soon
     response_format=st.none() | st.just(ResponseFormat()),  # a JSON object
 )
 REQUESTS = st.tuples(
@@ -54,8 +56,9 @@ def folders(tiny_base, tmp_path_factory):
     ]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlap-outputs"])
 def test_engine_keeps_serving_and_releases_everything_under_random_interleavings(
-    tiny_base, folders
+    tiny_base, folders, overlap
 ):
     args = tiny_engine_args(
         tiny_base,
@@ -65,6 +68,7 @@ def test_engine_keeps_serving_and_releases_everything_under_random_interleavings
         max_loras=2,  # fewer slots than adapters
         max_cpu_loras=2,  # and fewer host copies: evicted ones are read again
         max_model_len=64,
+        overlap_outputs=overlap,  # outputs made during the next step's forward pass
     )
 
     class EngineStates(RuleBasedStateMachine):
@@ -123,9 +127,11 @@ def test_engine_keeps_serving_and_releases_everything_under_random_interleavings
         def state_is_only_for_requests_in_flight(self):
             engine, s = self.engine, self.engine.scheduler
             in_flight = {q.request_id for q in [*s.running, *s.waiting]}
-            assert set(engine.requests) == in_flight
-            assert set(engine.sampler._seeded) <= in_flight
-            assert set(engine.guided._matchers) <= in_flight
+            # and, overlapping, those whose last outputs the next step makes
+            pending = {q.request_id for q in engine._pending[0].seqs} if engine._pending else set()
+            assert in_flight <= set(engine.requests) <= in_flight | pending
+            assert set(engine.sampler._seeded) <= set(engine.requests)
+            assert set(engine.guided._matchers) <= set(engine.requests)
             assert set(engine.allocator._hashes) <= {q.request_id for q in s.running}
             assert engine.allocator.num_used_blocks <= sum(len(q.block_table) for q in s.running)
 
