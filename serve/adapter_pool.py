@@ -222,7 +222,7 @@ class AdapterPool:
 
     def load_slot(self, slot: int, uid: str) -> None:
         """Copy an adapter into a device slot, replacing whatever was there: per module, its
-        A and B in one copy each, and zeros past its rank."""
+        A and B in one copy each, and zeros past its rank. Queued, on a GPU: the host goes on."""
         weights = self.weights(uid)
         for m in LORA_MODULES:
             A, B = self.A[m][:, slot], self.B[m][:, slot]  # [layers, max_rank, in / out]
@@ -235,7 +235,10 @@ class AdapterPool:
             column = weights.ranks.get(m, [0] * self.shape.num_layers)
             for layer, rank in enumerate(column):
                 self.ranks[m][layer][slot] = rank
-            self.rank_table[m][:, slot] = torch.tensor(column, dtype=torch.int32)
+            # From page-locked memory on a GPU: a copy from pageable memory would make the host
+            # wait for the A and B copies queued above before it could launch the step.
+            pinned = torch.tensor(column, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            self.rank_table[m][:, slot].copy_(pinned, non_blocking=True)
 
     def apply_modules(
         self,

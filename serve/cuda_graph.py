@@ -91,6 +91,11 @@ class DecodeGraphs:
         """Hidden states [len(ids), hidden] of a step computing token ids[i] at position
         computed[i] of sequence i (at most the largest size); lora_slots: each sequence's
         adapter slot, -1 for none (None: no adapter pool)."""
+        return self.replay(*self.prepare(ids, block_tables, computed, lora_slots))
+
+    def prepare(self, ids, block_tables, computed, lora_slots) -> tuple[_StaticStep, int]:
+        """`run`'s first half: copy the step's inputs into its graph's buffers. Returns the
+        graph's step and the number of real rows, for `replay`."""
         n = len(ids)
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         pad = size - n
@@ -114,6 +119,10 @@ class DecodeGraphs:
             table = torch.zeros(size, 3, dtype=torch.int32)
             table[: len(segments)] = torch.tensor(segments, dtype=torch.int32)
             step.lora.segment_table.copy_(table)
+        return step, n
+
+    def replay(self, step: _StaticStep, n: int) -> torch.Tensor:
+        """`run`'s second half: the graph over the inputs `prepare` copied."""
         if step.graph is not None:
             step.graph.replay()
         else:

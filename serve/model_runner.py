@@ -113,20 +113,28 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput) -> Forward:
         """Queue the step's forward pass on the device; returns without waiting for it."""
-        for slot, uid in plan.lora_loads:
-            self.pool.load_slot(slot, uid)
         seqs, new = plan.seqs, plan.num_new_tokens
         computed = [s.num_computed_tokens for s in seqs]
         ids = [
             t for s, c, n in zip(seqs, computed, new, strict=True) for t in s.token_ids[c : c + n]
         ]
+        # Adapter copies are queued last before the forward: the inputs' copies from pageable
+        # memory would make the host wait for them (milliseconds) before launching anything.
         if self.graphs is not None and self.graphs.fits(new):
             lora_slots = plan.lora_slots if self.pool is not None else None
             tables = [s.block_table for s in seqs]
-            hidden = self.graphs.run(ids, tables, computed, lora_slots)
+            prepared = self.graphs.prepare(ids, tables, computed, lora_slots)
+            self._load_slots(plan)
+            hidden = self.graphs.replay(*prepared)
         else:
-            hidden = self._eager(plan, ids, computed)
+            inputs = self._eager_inputs(plan, ids, computed)
+            self._load_slots(plan)
+            hidden = self._forward(*inputs)
         return Forward(hidden, computed)
+
+    def _load_slots(self, plan: SchedulerOutput) -> None:
+        for slot, uid in plan.lora_loads:
+            self.pool.load_slot(slot, uid)
 
     @torch.inference_mode()
     def sample(self, plan: SchedulerOutput, forward: Forward) -> RunnerOutput:
@@ -150,9 +158,9 @@ class ModelRunner:
                 sampled[i], logprobs[i] = token, lp
         return RunnerOutput(sampled, logprobs, self._prompt_logprobs(plan, computed, hidden))
 
-    def _eager(self, plan: SchedulerOutput, ids: list[int], computed: list[int]):
-        """The step's hidden states through the model as it is: any mix of prefill chunks
-        and decodes."""
+    def _eager_inputs(self, plan: SchedulerOutput, ids: list[int], computed: list[int]):
+        """The forward pass's inputs for the model as it is: any mix of prefill chunks and
+        decodes."""
         seqs, new, device = plan.seqs, plan.num_new_tokens, self.model.device
         kernels = self.model.use_triton  # the kernels read compact tables, not padded batches
         attention = build_attention_metadata(
@@ -166,7 +174,7 @@ class ModelRunner:
         lora = None
         if self.pool is not None:
             lora = LoraBatch.build(plan.lora_slots, new, device, kernel=kernels)
-        return self._forward(torch.tensor(ids, device=device), attention, lora)
+        return torch.tensor(ids, device=device), attention, lora
 
     def _prompt_logprobs(self, plan, computed, hidden) -> list[list[tuple[int, TokenLogprobs]]]:
         """Log-probability of each prompt token after the first, for requests that ask.
