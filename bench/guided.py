@@ -41,15 +41,17 @@ def decode_steps(llm, batch: int, steps: int, guided: bool) -> tuple[list[float]
     for _ in range(batch):
         engine.add_request(prompt, params)
     guide, spent = engine.guided, [0.0]
-    mask = guide.mask_
 
-    def timed_mask(*args):
-        start = time.perf_counter()
-        out = mask(*args)
-        spent[0] += time.perf_counter() - start
-        return out
+    def timed(method):
+        def run(*args):
+            start = time.perf_counter()
+            out = method(*args)
+            spent[0] += time.perf_counter() - start
+            return out
 
-    guide.mask_ = timed_mask
+        return run
+
+    guide.masks, guide.mask_ = timed(guide.masks), timed(guide.mask_)  # fill, then apply
     times = []
     try:
         while engine.has_unfinished:
@@ -57,7 +59,7 @@ def decode_steps(llm, batch: int, steps: int, guided: bool) -> tuple[list[float]
             engine.step()
             times.append(time.perf_counter() - start)
     finally:
-        del guide.mask_
+        del guide.masks, guide.mask_
     return times[1:], spent[0]  # the first step is the prefill
 
 

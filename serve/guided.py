@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -20,6 +21,15 @@ from serve.response_format import FIELD, ResponseFormat, grammar
 from serve.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuidedMasks:
+    """The next tokens guided sequences may take: token t is allowed for request r when bit
+    t % 32 of bitmask[row[r], t // 32] is set."""
+
+    row: dict[str, int]  # request id -> its row of bitmask
+    bitmask: np.ndarray  # [guided sequences, words] int32
 
 
 class _Matcher:
@@ -78,23 +88,36 @@ class GuidedDecoding:
         state.catch_up(seq)
         return state.matcher.is_stopped()
 
-    def mask_(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def masks(self, seqs: list[Sequence]) -> GuidedMasks | None:
+        """The tokens each guided sequence of `seqs` may take next, on the host (the runner
+        asks while the device computes the forward pass); None when none is guided. A row
+        takes llguidance 2-10 µs; its threaded fill gained under 1.5x here, on 2 cores."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        guided = [s for s in seqs if s.request_id in self._matchers]
+        if not guided:
+            return None
+        words = (self.tokenizer.vocab_size + 31) // 32
+        bitmask = np.empty((len(guided), words), dtype=np.int32)
+        for j, seq in enumerate(guided):
+            state = self._matchers[seq.request_id]
+            state.catch_up(seq)
+            fill_next_token_bitmask(state.matcher, bitmask, j)
+        return GuidedMasks({seq.request_id: j for j, seq in enumerate(guided)}, bitmask)
+
+    def mask_(self, logits: torch.Tensor, seqs: list[Sequence], masks: GuidedMasks) -> None:
         """logits[i, t] = -inf where row i is guided and its grammar forbids token t next.
 
         logits: [rows, vocab], one row per sequence, changed in place; unguided rows are not
-        read or written.
+        read or written. `masks` may hold sequences no longer sampled (ended meanwhile).
         """
-        from llguidance.numpy import fill_next_token_bitmask
-
-        rows = [i for i, s in enumerate(seqs) if s.request_id in self._matchers]
-        if not rows:
+        pairs = [
+            (i, masks.row[s.request_id]) for i, s in enumerate(seqs) if s.request_id in masks.row
+        ]
+        if not pairs:
             return
-        words = (self.tokenizer.vocab_size + 31) // 32
-        bitmask = np.empty((len(rows), words), dtype=np.int32)  # bit t%32 of word t//32: t ok
-        for j, i in enumerate(rows):
-            state = self._matchers[seqs[i].request_id]
-            state.catch_up(seqs[i])
-            fill_next_token_bitmask(state.matcher, bitmask, j)
+        rows, picks = (list(x) for x in zip(*pairs, strict=True))
+        bitmask = masks.bitmask if len(picks) == len(masks.row) else masks.bitmask[picks]
         forbidden = ~unpack_bitmask(bitmask, logits.shape[1], logits.device)  # [guided, vocab]
         # The batch at once: a launch per guided row would cost a GPU more than the passes.
         if len(rows) == len(seqs):

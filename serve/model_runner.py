@@ -14,6 +14,7 @@ import torch
 from serve.adapter_pool import AdapterPool
 from serve.attention import AttentionMetadata, build_attention_metadata
 from serve.cuda_graph import DecodeGraphs
+from serve.guided import GuidedMasks
 from serve.llama import LlamaModel
 from serve.lora_ops import LoraBatch
 from serve.sampler import Sampler, TokenLogprobs, token_logprobs
@@ -36,6 +37,7 @@ class Forward:
 
     hidden: torch.Tensor  # [tokens, hidden] last hidden states of the step's tokens
     computed: list[int]  # tokens each plan sequence had computed before the step
+    masks: GuidedMasks | None  # grammar masks of the sequences it samples, if any is guided
 
 
 @dataclass
@@ -130,7 +132,9 @@ class ModelRunner:
             inputs = self._eager_inputs(plan, ids, computed)
             self._load_slots(plan)
             hidden = self._forward(*inputs)
-        return Forward(hidden, computed)
+        # While the device computes: the host's share of sampling (grammar masks).
+        ready = [s for s, c, n in zip(seqs, computed, new, strict=True) if c + n == s.num_tokens]
+        return Forward(hidden, computed, self.sampler.prepare(ready))
 
     def _load_slots(self, plan: SchedulerOutput) -> None:
         for slot, uid in plan.lora_loads:
@@ -153,7 +157,7 @@ class ModelRunner:
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if samples:
             logits = self.model.logits(hidden.index_select(0, ends[samples].to(device)))
-            tokens, chosen = self.sampler(logits, [seqs[i] for i in samples])
+            tokens, chosen = self.sampler(logits, [seqs[i] for i in samples], forward.masks)
             for i, token, lp in zip(samples, tokens, chosen, strict=True):
                 sampled[i], logprobs[i] = token, lp
         return RunnerOutput(sampled, logprobs, self._prompt_logprobs(plan, computed, hidden))

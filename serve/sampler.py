@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.guided import GuidedDecoding
+from serve.guided import GuidedDecoding, GuidedMasks
 from serve.sequence import Sequence
 
 
@@ -175,15 +175,26 @@ class Sampler:
         if self.guided is not None:
             self.guided.forget(request_id)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def prepare(self, seqs: list[Sequence]) -> GuidedMasks | None:
+        """What sampling `seqs` needs that no logits do (their grammars' masks): the runner
+        asks while the device computes the forward pass."""
+        if self.guided is None or not any(s.params.response_format is not None for s in seqs):
+            return None
+        return self.guided.masks(seqs)
+
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: GuidedMasks | None = None
+    ):
         """logits: [rows, vocab] fp32, the runner's own: guided rows are masked in place.
+        `masks`: from `prepare` (for these sequences or more); None: prepared here.
         Returns (token per row, TokenLogprobs or None per row)."""
+        masks = masks or self.prepare(seqs)
         wanted = [s.params.logprobs for s in seqs]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in wanted) else None
         if any(s.params.logit_bias for s in seqs):
             logits = apply_logit_bias(logits, seqs)  # before the grammar, which must win
-        if self.guided is not None and any(s.params.response_format is not None for s in seqs):
-            self.guided.mask_(logits, seqs)
+        if masks is not None:
+            self.guided.mask_(logits, seqs, masks)
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)

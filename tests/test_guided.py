@@ -187,10 +187,14 @@ def test_unpack_bits_off_the_cpu_is_numpys_unpackbits():
         assert np.array_equal(unpack_bits(torch.from_numpy(packed)).numpy(), expected)
 
 
-@pytest.mark.parametrize("guided_rows", [[0, 2], [0, 1, 2], [1]])
-def test_mask_forbids_exactly_the_tokens_each_rows_grammar_forbids(tiny_base, guided_rows):
+@pytest.mark.parametrize(
+    ("guided_rows", "sampled"),
+    [([0, 2], [0, 1, 2]), ([0, 1, 2], [0, 1, 2]), ([1], [0, 1, 2]), ([0, 1, 2], [0, 2])],
+)
+def test_mask_forbids_exactly_the_tokens_each_rows_grammar_forbids(tiny_base, guided_rows, sampled):
     """Batched masking against each row's own bitmask from llguidance, unpacked by numpy; rows
-    at different points of their grammar, unguided rows untouched."""
+    at different points of their grammar, unguided rows untouched; masks made for more
+    sequences than are sampled (one ended while the device computed) fit the rest."""
     import llguidance
     from llguidance.numpy import fill_next_token_bitmask
     from transformers import AutoTokenizer
@@ -211,9 +215,12 @@ def test_mask_forbids_exactly_the_tokens_each_rows_grammar_forbids(tiny_base, gu
         if fmt is not None:
             guide.start(seq.request_id, seq.params.response_format)
         seqs.append(seq)
+    masks = guide.masks(seqs)
+    seqs = [seqs[i] for i in sampled]
     logits = torch.randn(len(seqs), vocab)
     masked = logits.clone()
-    guide.mask_(masked, seqs)
+    guide.mask_(masked, seqs, masks)
+    guided_rows = [sampled.index(i) for i in guided_rows if i in sampled]
     schema = seqs[guided_rows[0]].params.response_format.json_schema
     for row, seq in enumerate(seqs):
         if row not in guided_rows:
