@@ -349,6 +349,33 @@ def test_4bit_weights_that_cannot_be_stacked_are_refused():
         )
 
 
+def test_a_server_compiles_each_kernel_a_bounded_number_of_times():
+    """Over every step shape a Llama-3-8B server plans (`tests/kernel_variants.py`), each
+    kernel compiles at most once per tile choice: splits are powers of two, and the sizes
+    that change every step (token count, block-table width) are not specialized on. Before
+    that the NF4 matmul alone compiled 21 times over the same sweep, attention 10, their
+    merge 7."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "tests/kernel_variants.py"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    compiles = json.loads(result.stdout)
+    assert compiles == {
+        "_nf4_matmul_kernel": 9,  # BLOCK_M 16 / 32 / 64 x SPLIT_K 1 / 2 / 4
+        "_paged_attention_kernel": 7,  # decode at 1, 2, 4, 8, 16 and 32 splits; prefill
+        "_combine_kernel": 5,  # the decode splits past 1
+        "_shrink_kernel": 3,  # (BLOCK_M, SPLIT_K) (16, 8), (32, 8), (32, 2): all the sweep asks
+        "_expand_kernel": 2,  # BLOCK_M 16 / 32
+    }
+
+
 @pytest.mark.skipif(CUDA, reason="on CUDA the other tests compile the kernels for the device")
 def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     """The real toolchain (Triton to PTX to ptxas, no GPU needed) over each wrapper's

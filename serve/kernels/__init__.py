@@ -39,3 +39,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs multiply in full fp32 ("ieee"), as the reference does, not TF32; the
     setting is ignored for 16-bit inputs, which use the tensor cores as they are."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def power_of_2_at_most(n: int) -> int:
+    """The largest power of two <= n (1 for n < 1). Kernel splits are rounded to it: each
+    value of a compile-time split is a compile of its own (seconds, on a server's first
+    steps), and a power of two leaves at most six of 1..32."""
+    return 1 << (max(1, n).bit_length() - 1)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from serve.kernels import dot_precision
+from serve.kernels import dot_precision, power_of_2_at_most
 
 
 @triton.jit
@@ -187,7 +187,7 @@ def lora_sgmv_shared(
         # One program per tile leaves SMs idle (a decode step of 64 adapters is 64 programs
         # for 132 SMs, each streaming its A alone): share the reduction out until there are
         # about four programs per SM, keeping each at least 256 of the fan-in.
-        split_k = max(1, min(8, in_features // 256, 512 // (num_segments * tiles)))
+        split_k = power_of_2_at_most(min(8, in_features // 256, 512 // (num_segments * tiles)))
     precision = dot_precision(x.dtype)
     shrunk = (torch.zeros if split_k > 1 else torch.empty)(
         x.shape[0], groups * rank, dtype=torch.float32, device=x.device

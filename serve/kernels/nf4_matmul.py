@@ -25,12 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from serve.kernels import dot_precision
+from serve.kernels import dot_precision, power_of_2_at_most
 
 BLOCKSIZE = 64  # weights per absmax, as the trainer's BitsAndBytesConfig quantizes
 
 
-@triton.jit
+# M, the step's token count, changes from step to step: specializing on it (== 1, divisible
+# by 16) would triple the compiles for nothing the masks do not already handle.
+@triton.jit(do_not_specialize=["M"])
 def _nf4_matmul_kernel(
     x_ptr,  # [M, K], last dim contiguous
     packed_ptr,  # [N * K / 2] uint8
@@ -119,7 +121,7 @@ def nf4_matmul(
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     if split_k is None:
         # Too few tiles for the SMs (decode): share each tile's reduction over K out.
-        split_k = max(1, min(4, in_features // 1024, 256 // tiles)) if tiles < 256 else 1
+        split_k = power_of_2_at_most(min(4, in_features // 1024, 256 // tiles))
     if split_k > 1:
         out = torch.zeros(rows, out_features, dtype=torch.float32, device=x.device)
     else:

@@ -26,12 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from serve.kernels import dot_precision
+from serve.kernels import dot_precision, power_of_2_at_most
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# stride_bt: the step's block-table width, which changes from step to step; specializing on
+# it (== 1, divisible by 16) would only add compiles.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr,  # [tokens, heads, dim]
     k_cache_ptr,  # [slots, kv_heads, dim]
@@ -156,13 +158,11 @@ def _combine_kernel(
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-def decode_splits(programs: int, max_context_len: int, block_n: int, device) -> int:
-    """Key splits for a decode step of `programs` (sequences x KV heads) tiles: enough for two
-    programs per SM, each with at least 4 tiles of keys."""
-    if device.type != "cuda":
-        return 1
-    sms = _multiprocessors(device.index or 0)
-    return max(1, min(2 * sms // programs, max_context_len // (4 * block_n), 32))
+def decode_splits(programs: int, max_context_len: int, block_n: int, sms: int) -> int:
+    """Key splits for a decode step of `programs` (sequences x KV heads) tiles on `sms` SMs
+    (0 off a GPU: 1): enough for two programs per SM, each with at least 4 tiles of keys; a
+    power of two."""
+    return power_of_2_at_most(min(2 * sms // programs, max_context_len // (4 * block_n), 32))
 
 
 @functools.cache
@@ -208,7 +208,8 @@ def paged_attention_triton(
     if meta.max_query_len != 1:
         splits = 1  # a split could hold no key a prefill row may see
     elif splits is None:
-        splits = decode_splits(seqs * kv_heads, meta.max_context_len, block_n, q.device)
+        sms = _multiprocessors(q.device.index or 0) if q.device.type == "cuda" else 0
+        splits = decode_splits(seqs * kv_heads, meta.max_context_len, block_n, sms)
     partial_acc = partial_ml = out  # unused at one split
     if splits > 1:
         partial_acc = torch.empty(tokens, heads, splits, block_d, device=q.device)
