@@ -349,24 +349,26 @@ def test_4bit_weights_that_cannot_be_stacked_are_refused():
         )
 
 
+def _compiled_run(script: str, **env: str) -> str:
+    """stdout of `script` in a process of its own without the interpreter (whose kernels this
+    process holds), so that Triton's compiler sees real kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    result = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, cwd=PROJECT, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_a_server_compiles_each_kernel_a_bounded_number_of_times():
     """Over every step shape a Llama-3-8B server plans (`tests/kernel_variants.py`), each
     kernel compiles at most once per tile choice: splits are powers of two, and the sizes
     that change every step (token count, block-table width) are not specialized on. Before
     that the NF4 matmul alone compiled 21 times over the same sweep, attention 10, their
     merge 7."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "tests/kernel_variants.py"],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     import json
 
-    compiles = json.loads(result.stdout)
+    compiles = json.loads(_compiled_run("tests/kernel_variants.py"))
     assert compiles == {
         "_nf4_matmul_kernel": 9,  # BLOCK_M 16 / 32 / 64 x SPLIT_K 1 / 2 / 4
         "_paged_attention_kernel": 7,  # decode at 1, 2, 4, 8, 16 and 32 splits; prefill
@@ -382,19 +384,10 @@ def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     launches at Llama-3-8B shapes in bf16: what the interpreter lets through may not
     compile. Shared memory must fit an H100 block (227 KiB), no register may spill, and the
     matmuls must use the tensor cores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run(
-        [sys.executable, "tests/kernels_sm90.py"],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     import json
 
-    launches = [json.loads(line) for line in result.stdout.splitlines()]
+    output = _compiled_run("tests/kernels_sm90.py", TRITON_DEFAULT_FP_FUSION="1")
+    launches = [json.loads(line) for line in output.splitlines()]
     kernels = sorted({launch["kernel"] for launch in launches})
     assert kernels == sorted(
         [
