@@ -137,20 +137,22 @@ class AsyncLLM:
                 self._work.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                # outputs stream as soon as made: while the device computes, when overlapping
+                self.engine.step(deliver=self._deliver)
             except Exception as error:  # a bug or out-of-memory: fail those, keep serving
                 log.exception("engine step failed")
                 self._fail_running(error)
-                continue
-            for output in outputs:
-                stream = (
-                    self._streams.pop(output.request_id, None)
-                    if output.finished
-                    else self._streams.get(output.request_id)
-                )
-                if stream is not None:
-                    loop, q = stream
-                    loop.call_soon_threadsafe(q.put_nowait, output)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = (
+                self._streams.pop(output.request_id, None)
+                if output.finished
+                else self._streams.get(output.request_id)
+            )
+            if stream is not None:
+                loop, q = stream
+                loop.call_soon_threadsafe(q.put_nowait, output)
 
     def _fail_running(self, error: Exception) -> None:
         for seq in list(self.engine.scheduler.running):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,13 +281,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or self._pending is not None or bool(self._outbox)
 
-    def step(self) -> list[RequestOutput]:
+    def step(
+        self, deliver: Callable[[list[RequestOutput]], None] | None = None
+    ) -> list[RequestOutput]:
         """Run one iteration; outputs of the requests that produced a token or finished.
 
         With `overlap_outputs` they are the previous step's: made (detokenized, stop strings
         searched) while the device computes this step's forward pass, which the host would
         otherwise wait on. A stop string found then ends its sequence a step late: the token
-        computed for it meanwhile is dropped.
+        computed for it meanwhile is dropped. `deliver`, if given, gets the outputs as soon as
+        they are made (a server streams them before the step ends) and the step returns none.
         """
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -294,6 +298,9 @@ class LLMEngine:
         else:
             forward = self.runner.launch(plan)
             self._make_outputs()  # the last step's when overlapping, while the device computes
+            if deliver is not None and self._outbox:
+                outputs, self._outbox = self._outbox, []
+                deliver(outputs)
             result = self.runner.sample(plan, forward)
             self.scheduler.update(plan, result.sampled)
             for seq, token in zip(plan.seqs, result.sampled, strict=True):
@@ -304,7 +311,11 @@ class LLMEngine:
                 self._make_outputs()
         # Kept until returned: a step that fails after making them loses none.
         outputs, self._outbox = self._outbox, []
-        return outputs
+        if deliver is None:
+            return outputs
+        if outputs:
+            deliver(outputs)
+        return []
 
     def _make_outputs(self) -> None:
         """The outputs of the last step's result, into the outbox; ends sequences on stop

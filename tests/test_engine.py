@@ -109,13 +109,14 @@ def test_stop_strings_and_stop_tokens_end_the_output(llm):
 def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(tiny_base):
     """overlap_outputs (on by default on CUDA) makes a step's outputs during the next step: a
     stop string then ends its sequence a step late, and the token computed meanwhile must not
-    show. Every field of every output, streamed and final, matches the plain engine's."""
-    engines = {
-        overlap: LLM(**tiny_engine_args(tiny_base, num_kv_blocks=64, overlap_outputs=overlap))
-        for overlap in (False, True)
+    show. Every field of every output, streamed and final, matches the plain engine's, and a
+    server's `deliver` gets them before the next step samples."""
+    engines = {  # a fresh engine per run: no run finds another's prefixes cached
+        mode: LLM(**tiny_engine_args(tiny_base, num_kv_blocks=64, overlap_outputs=mode != "plain"))
+        for mode in ("plain", "overlap", "deliver")
     }
     free = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    [full] = engines[False].generate([PROMPTS[1]], free)
+    [full] = LLM(**tiny_engine_args(tiny_base, num_kv_blocks=64)).generate([PROMPTS[1]], free)
     params = [
         dataclasses.replace(free, stop=[full.text[5:9]]),
         dataclasses.replace(free, stop=[full.text[5:9]], include_stop_str_in_output=True),
@@ -128,17 +129,34 @@ def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(t
     prompts = [PROMPTS[1], PROMPTS[1], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[2]]
     timing = {"arrival_time", "first_token_time", "finished_time", "request_id"}
 
-    def run(engine):
+    def run(engine, deliver=False):
         ids = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
         streams = {request_id: [] for request_id in ids}
-        while engine.has_unfinished:
-            for out in engine.step():
+        events = []  # with `deliver`: outputs and samplings, in order
+
+        def take(outputs):
+            events.append("outputs")
+            for out in outputs:
                 fields = dataclasses.asdict(out)
                 streams[out.request_id].append({k: fields[k] for k in fields.keys() - timing})
-        assert not engine.requests and engine.allocator.num_used_blocks == 0
-        return [streams[request_id] for request_id in ids]
 
-    plain, overlapped = (run(engines[overlap].engine) for overlap in (False, True))
+        sample = engine.runner.sample
+        engine.runner.sample = lambda *a: events.append("sample") or sample(*a)
+        while engine.has_unfinished:
+            if deliver:
+                assert engine.step(deliver=take) == []
+            else:
+                take(engine.step())
+        del engine.runner.sample
+        assert not engine.requests and engine.allocator.num_used_blocks == 0
+        return [streams[request_id] for request_id in ids], events
+
+    plain, _ = run(engines["plain"].engine)
+    overlapped, _ = run(engines["overlap"].engine)
+    delivered, events = run(engines["deliver"].engine, deliver=True)
+    assert delivered == overlapped
+    # delivered as soon as made: each step's outputs before the next step samples
+    assert events[:5] == ["sample", "outputs", "sample", "outputs", "sample"]
     assert [s[-1]["finish_reason"] for s in plain] == [
         *["stop"] * 3,
         *["length"] * 2,
