@@ -102,9 +102,10 @@ def section_serve(llm, cfg, names, results) -> None:
     prompts, lengths, index = chat_workload(
         cfg["requests"], cfg["adapters"], cfg["vocab"], cfg["prompt"], cfg["output"]
     )
-    # Warm-up: the Triton kernels compile (seconds each) for the shapes a run's steps ask,
-    # so that neither timed run pays them. The same lengths and adapters with outputs cut
-    # to 16 tokens, prompts of other tokens so that no timed prompt finds its prefix cached.
+    # Warm-up, so that neither timed run pays what the first run of a workload does (the
+    # engine compiled the kernels at start; the allocator's pools, adapter reads remain):
+    # the same lengths and adapters with outputs cut to 16 tokens, prompts of other tokens
+    # so that no timed prompt finds its prefix cached.
     other = [[3 + (t - 2) % (cfg["vocab"] - 3) for t in p] for p in prompts]  # ids stay >= 3
     run_loraplex(llm, other, [min(n, 16) for n in lengths], [names[i] for i in index])
     runs = {}
@@ -261,7 +262,11 @@ def main() -> None:
         for name, folder in zip(names, folders, strict=False):
             llm.load_adapter(name, str(folder))
         seconds["engine"] = time.perf_counter() - t0
-        print(f"engine     loaded with {len(names)} adapters in {seconds['engine']:.0f} s")
+        seconds["engine_warmup"] = llm.engine.warmup_seconds  # the kernels' compiles, in it
+        print(
+            f"engine     loaded with {len(names)} adapters in {seconds['engine']:.0f} s, "
+            f"{seconds['engine_warmup']:.0f} s of it compiling the kernels (serve.warmup)"
+        )
         # the cheapest measurements of the issue's goals first
         if "decode" in sections:
             timed("decode", section_decode, llm, cfg, args, names, results)

@@ -45,4 +45,8 @@ class EngineConfig(BaseModel):
     # Make a step's outputs (text, stop strings) while the device computes the next step:
     # the host's work hides behind the GPU's, each output comes a step later. None: on CUDA
     overlap_outputs: bool | None = None
+    # Compile every Triton kernel variant at start over scratch steps (serve.warmup): seconds
+    # on a fresh machine, Triton's disk cache after, rather than stalls in the first requests'
+    # steps. Nothing to do without the kernels
+    warmup: bool = True
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)

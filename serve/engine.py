@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,9 @@ from serve.sampler import Sampler
 from serve.sampling_params import SamplingParams
 from serve.scheduler import Scheduler, SchedulerOutput
 from serve.sequence import Sequence, Status
+from serve.warmup import warmup_plans
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(self.num_blocks)
         # A lone sequence must always fit in the pool, or preemption could never help it.
         self.max_model_len = min(self.model.max_model_len, self.num_blocks * config.block_size)
+        self.warmup_seconds = self._warm_up() if config.warmup and triton else 0.0
 
         self.allocator = BlockAllocator(
             self.num_blocks, config.block_size, config.enable_prefix_caching
@@ -157,6 +163,23 @@ class LLMEngine:
         for seq in plan.seqs:
             self.sampler.forget(seq.request_id)
         self.runner.free_kv_cache()
+
+    def _warm_up(self) -> float:
+        """Compile the kernels over scratch steps before any request; returns the seconds."""
+        config = self.config
+        t0 = time.perf_counter()
+        plans = warmup_plans(
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            config.max_loras,
+            config.block_size,
+            scratch_block=self.num_blocks,
+        )
+        self.runner.warm_up(plans)
+        seconds = time.perf_counter() - t0
+        log.info("compiled the kernels over %d warm-up steps in %.1f s", len(plans), seconds)
+        return seconds
 
     # -- adapters ----------------------------------------------------------------------------
 

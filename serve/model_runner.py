@@ -136,6 +136,14 @@ class ModelRunner:
         ready = [s for s, c, n in zip(seqs, computed, new, strict=True) if c + n == s.num_tokens]
         return Forward(hidden, computed, self.sampler.prepare(ready))
 
+    def warm_up(self, plans: list[SchedulerOutput]) -> None:
+        """Run the forward passes of `plans` (serve.warmup: steps over the scratch block) and
+        wait for them; their results are dropped, nothing else in the pool is written."""
+        for plan in plans:
+            self.launch(plan)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
     def _load_slots(self, plan: SchedulerOutput) -> None:
         for slot, uid in plan.lora_loads:
             self.pool.load_slot(slot, uid)

@@ -52,6 +52,7 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     assert model["decode"]["graphs_step_ms"] > 0  # the padded graph path ran too
     assert model["decode"]["graphs_outputs_after_step_ms"] > 0  # and without the overlap
     assert model["peft"]["ratio"] > 0  # peft ran on the same requests
+    assert model["section_seconds"]["engine_warmup"] > 0  # the kernels compiled at start
     for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name
     for batch, row in kernels["matmul"].items():

@@ -360,22 +360,29 @@ def _compiled_run(script: str, **env: str) -> str:
     return result.stdout
 
 
-def test_a_server_compiles_each_kernel_a_bounded_number_of_times():
-    """Over every step shape a Llama-3-8B server plans (`tests/kernel_variants.py`), each
-    kernel compiles at most once per tile choice: splits are powers of two, and the sizes
-    that change every step (token count, block-table width) are not specialized on. Before
-    that the NF4 matmul alone compiled 21 times over the same sweep, attention 10, their
-    merge 7."""
+def test_a_server_compiles_each_kernel_a_bounded_number_of_times_all_at_start():
+    """Over the step shapes a Llama-3-8B server plans (`tests/kernel_variants.py`: every batch
+    to 64 at contexts to 8,192, every chunk to 300 tokens and more to 2,048, chunks beside
+    1-63 decodes on their own adapters), each kernel compiles at most once per tile choice:
+    splits are powers of two, and the sizes that change every step (token count, block-table
+    width) are not specialized on. Before that the NF4 matmul alone compiled 21 times over a
+    sparser sweep, attention 10, their merge 7. The engine's start-up warm-up
+    (`serve.warmup`) asks for every one of them, and for none a server never would."""
     import json
 
-    compiles = json.loads(_compiled_run("tests/kernel_variants.py"))
-    assert compiles == {
+    report = json.loads(_compiled_run("tests/kernel_variants.py"))
+    assert report["compiles"] == {
         "_nf4_matmul_kernel": 9,  # BLOCK_M 16 / 32 / 64 x SPLIT_K 1 / 2 / 4
+        "_dequantize_kernel": 1,  # past 256 rows: dequantized once, then cuBLAS
         "_paged_attention_kernel": 7,  # decode at 1, 2, 4, 8, 16 and 32 splits; prefill
         "_combine_kernel": 5,  # the decode splits past 1
-        "_shrink_kernel": 3,  # (BLOCK_M, SPLIT_K) (16, 8), (32, 8), (32, 2): all the sweep asks
+        # q/k/v, gate/up and o or down (3, 2, 1 modules) x BLOCK_M 16 / 32 x SPLIT_K: the
+        # (BLOCK_M, SPLIT_K) 16: 8; 32: 8, 4, 2, 1 the segments x tiles of a step ask
+        "_shrink_kernel": 15,
         "_expand_kernel": 2,  # BLOCK_M 16 / 32
     }
+    assert report["missing"] == [] and report["extra"] == []
+    assert report["warmup_steps"] < 200  # seconds at most, on a GPU, when compiled before
 
 
 @pytest.mark.skipif(CUDA, reason="on CUDA the other tests compile the kernels for the device")
@@ -466,9 +473,9 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2)
     variants = {
         "reference": {"kernels": "reference"},
-        "kernels": {"kernels": "auto"},
+        "kernels": {"kernels": "auto", "warmup": False},  # (its own test: interpreted, slow)
         # decode steps padded into static buffers (captured as CUDA graphs on CUDA)
-        "graphs": {"kernels": "auto", "cuda_graphs": True},
+        "graphs": {"kernels": "auto", "cuda_graphs": True, "warmup": False},
     }
     outputs = {}
     for label, options in variants.items():
@@ -535,7 +542,7 @@ def test_engine_in_half_precision_scores_alike_through_kernels_and_graphs(
     scored = {}
     for label, options in {
         "reference": {"kernels": "reference"},
-        "graphs": {"kernels": "auto", "cuda_graphs": True},
+        "graphs": {"kernels": "auto", "cuda_graphs": True, "warmup": False},
     }.items():
         llm = LLM(
             base_model=str(tiny_base.path),
@@ -553,6 +560,73 @@ def test_engine_in_half_precision_scores_alike_through_kernels_and_graphs(
         assert all(len(o.token_ids) == 4 for o in outs)
         scored[label] = torch.tensor([lp.logprob for o in outs for lp in o.prompt_logprobs[1:]])
     torch.testing.assert_close(scored["graphs"], scored["reference"], rtol=2e-2, atol=5e-2)
+
+
+def test_warmup_runs_every_kernel_over_the_scratch_block_alone(tiny_base, tmp_path, monkeypatch):
+    """The start-up warm-up (`serve.warmup`) runs each of its plans through the kernels, and
+    their K/V go to the scratch block alone: the pool's blocks stay zero and free, and the
+    engine then generates exactly what one started without it does."""
+    import serve.engine
+    from serve import LLM, SamplingParams
+    from serve.kernels import lora_sgmv as lora_module
+    from serve.kernels import nf4_matmul as nf4_module
+    from serve.model_runner import ModelRunner
+    from tests.helpers import make_lora
+
+    if not CUDA:
+        monkeypatch.setattr(serve.engine, "use_triton", lambda _, mode: mode != "reference")
+    calls = []
+    for module, name in [
+        (attention_module, "paged_attention_triton"),
+        (nf4_module, "nf4_matmul"),
+        (lora_module, "lora_sgmv_shared"),
+        (lora_module, "lora_sgmv"),
+    ]:
+        real = getattr(module, name)
+        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(module, name, spy)
+    plans = []
+    launch = ModelRunner.launch
+    monkeypatch.setattr(ModelRunner, "launch", lambda self, p: plans.append(p) or launch(self, p))
+    folder = make_lora(tiny_base, tmp_path / "all", rank=5, targets=LORA_MODULES, b_scale=1.0)
+    prompts = [[1, *range(50, 61)], [1, 5, 6], [1, *range(300, 305)]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
+    outputs = {}
+    for warmup in (True, False):
+        llm = LLM(
+            base_model=str(tiny_base.path),
+            quantization="nf4",
+            keep_quantized=True,
+            device=DEVICE,
+            dtype="float32",
+            num_kv_blocks=32,
+            block_size=4,
+            max_lora_rank=8,
+            max_num_batched_tokens=8,
+            warmup=warmup,
+        )
+        engine = llm.engine
+        if warmup:
+            expected = serve.engine.warmup_plans(32, 8, engine.max_model_len, 8, 4, 32)
+            assert [p.num_new_tokens for p in plans] == [p.num_new_tokens for p in expected]
+            assert {"paged_attention_triton", "nf4_matmul", "lora_sgmv_shared", "lora_sgmv"} == set(
+                calls
+            )
+            assert {s.block_table[0] for p in plans for s in p.seqs} == {engine.num_blocks}
+            scratch = engine.num_blocks * 4  # the first slot of the scratch block
+            assert engine.runner.kv_cache[:, :, :scratch].count_nonzero() == 0
+            assert engine.runner.kv_cache[:, :, scratch:].count_nonzero() > 0
+            assert engine.allocator.num_free_blocks == engine.num_blocks
+        else:
+            assert plans == [] and engine.warmup_seconds == 0
+        llm.load_adapter("all", str(folder))
+        outputs[warmup] = llm.generate(prompts, params, adapters=["all", None, "all"])
+        plans.clear()
+    warm, cold = (
+        [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outputs[w]]
+        for w in (True, False)
+    )
+    assert warm == cold
 
 
 def test_decode_graph_step_pads_into_static_buffers():
