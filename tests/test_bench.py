@@ -53,6 +53,11 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     assert model["decode"]["graphs_outputs_after_step_ms"] > 0  # and without the overlap
     assert model["peft"]["ratio"] > 0  # peft ran on the same requests
     assert model["section_seconds"]["engine_warmup"] > 0  # the kernels compiled at start
+    # 12 adapters over 2 of the 8 slots: the run took the fewer slots (more evictions)
+    serve = model["serve"]
+    few, every = serve["adapters_2_slots"]["stats"], serve["adapters"]["stats"]
+    assert few["adapter_slot_evictions"] > every["adapter_slot_evictions"]
+    assert serve["adapters_2_slots_vs_none"] > 0
     for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name
     for batch, row in kernels["matmul"].items():

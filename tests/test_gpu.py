@@ -65,7 +65,8 @@ def adapters(base, tmp_path_factory):
 def _generate(base, prompts, adapters, **options):
     from serve import LLM, SamplingParams
 
-    llm = LLM(base_model=str(base.path), device="cuda", dtype="float32", **options)
+    # fp32: a set of compiles of its own, which a warm-up would make for every variant
+    llm = LLM(base_model=str(base.path), device="cuda", dtype="float32", warmup=False, **options)
     for name, folder in adapters.items():
         llm.load_adapter(name, str(folder))
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
@@ -86,9 +87,12 @@ def test_kernels_and_cuda_graphs_give_the_reference_tokens_on_smollm2(base, prom
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
-def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(base, prompts, adapters):
+def test_every_graph_and_kernel_is_made_at_start_and_serving_makes_none(base, prompts, adapters):
+    """Decode graphs are captured for every padded batch size, and the warm-up compiles every
+    kernel variant (`serve.warmup`), before the first request: serving then compiles none."""
     from serve import LLM, SamplingParams
     from serve.cuda_graph import batch_sizes
+    from serve.kernels import kernel_compiles
 
     llm = LLM(
         base_model=str(base.path),
@@ -97,6 +101,7 @@ def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(base,
         max_num_seqs=12,
         kv_cache_memory_gb=1,
     )
+    assert llm.engine.warmup_seconds > 0
     graphs = llm.engine.runner.graphs
     expected = {(size, lora) for size in batch_sizes(12) for lora in (False, True)}
     assert set(graphs.steps) == expected
@@ -104,9 +109,15 @@ def test_every_decode_graph_is_captured_at_start_and_serving_captures_none(base,
     for name, folder in adapters.items():
         llm.load_adapter(name, str(folder))
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    outs = llm.generate(prompts * 3, params, adapters=["qv", None, "all"] * 3)
+    long_prompt = list(range(3, 600))  # chunked: 512 tokens (dequantized matmul), then 85
+    with kernel_compiles() as compiled:
+        outs = llm.generate(
+            [*prompts * 3, long_prompt], params, adapters=["qv", None, "all"] * 3 + ["all"]
+        )
+        llm.generate(prompts, params)  # no adapter: no LoRA launch at all
     assert all(len(o.token_ids) == 6 for o in outs)
-    assert set(graphs.steps) == expected  # 9 decoding sequences replayed at 12: no capture
+    assert set(graphs.steps) == expected  # 10 decoding sequences replayed at 12: no capture
+    assert dict(compiled) == {}
 
 
 def test_bf16_kernels_score_like_the_reference_ops(base, prompts, adapters):
@@ -151,7 +162,7 @@ def test_default_kv_pool_fills_the_gpu_to_its_utilization_and_no_further(base):
     from serve import LLM, SamplingParams
     from serve.kv_budget import kv_block_bytes
 
-    llm = LLM(base_model=str(base.path), device="cuda", max_num_batched_tokens=2048)
+    llm = LLM(base_model=str(base.path), device="cuda", max_num_batched_tokens=2048, warmup=False)
     engine = llm.engine
     _, total = torch.cuda.mem_get_info()
     pool = engine.num_blocks * kv_block_bytes(engine.model.shape, 16, torch.bfloat16)

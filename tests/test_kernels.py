@@ -413,6 +413,35 @@ def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
             assert launch["mma"] in ("mma", "wgmma"), launch
 
 
+def test_kernel_compiles_counts_what_triton_compiles_and_restores_its_hook():
+    """What the GPU tests and benchmark count compiles with: Triton's post-compile hook (which
+    a compile calls with the kernel's name; the interpreter compiles nothing)."""
+    from triton import knobs
+
+    from serve.kernels import kernel_compiles
+
+    def compile_of(name):
+        fn = type("JitFunctionInfo", (), {"name": name})()
+        knobs.runtime.jit_post_compile_hook(
+            key="", repr="", fn=fn, compile={}, is_manual_warmup=False, already_compiled=False
+        )
+
+    earlier = []
+    knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: earlier.append(fn.name)
+    try:
+        with kernel_compiles() as compiled:
+            compile_of("_shrink_kernel")
+            compile_of("_shrink_kernel")
+            compile_of("_combine_kernel")
+        assert compiled == {"_shrink_kernel": 2, "_combine_kernel": 1}
+        assert earlier == ["_shrink_kernel", "_shrink_kernel", "_combine_kernel"]  # still called
+        compile_of("_expand_kernel")  # after the block: the earlier hook alone
+        assert compiled == {"_shrink_kernel": 2, "_combine_kernel": 1}
+        assert earlier[-1] == "_expand_kernel"
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+
+
 def test_kernels_are_chosen_only_on_cuda():
     assert use_triton("cpu", "auto") is False
     assert use_triton("cpu", "reference") is False

@@ -11,7 +11,9 @@ through Triton's interpreter (`TRITON_INTERPRET=1`, set before a kernel module i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections import Counter
 
 import torch
 
@@ -46,3 +48,27 @@ def power_of_2_at_most(n: int) -> int:
     value of a compile-time split is a compile of its own (seconds, on a server's first
     steps), and a power of two leaves at most six of 1..32."""
     return 1 << (max(1, n).bit_length() - 1)
+
+
+@contextlib.contextmanager
+def kernel_compiles():
+    """Counter of the Triton kernels this process compiles (misses its in-memory cache: a
+    compile, or a read from Triton's disk cache) while the block runs. Empty where nothing
+    compiles: without triton, or interpreted."""
+    compiled: Counter[str] = Counter()
+    try:
+        from triton import knobs
+    except ImportError:
+        yield compiled
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(*, fn, **info):
+        compiled[fn.name] += 1
+        return previous(fn=fn, **info) if previous else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield compiled
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
