@@ -131,6 +131,7 @@ def test_engine_keeps_serving_and_releases_everything_under_random_interleavings
             pending = {q.request_id for q in engine._pending[0].seqs} if engine._pending else set()
             assert in_flight <= set(engine.requests) <= in_flight | pending
             assert set(engine.sampler._seeded) <= set(engine.requests)
+            assert set(engine.sampler.history) <= set(engine.requests)
             assert set(engine.guided._matchers) <= set(engine.requests)
             assert set(engine.allocator._hashes) <= {q.request_id for q in s.running}
             assert engine.allocator.num_used_blocks <= sum(len(q.block_table) for q in s.running)
@@ -145,6 +146,7 @@ def test_engine_keeps_serving_and_releases_everything_under_random_interleavings
             assert engine.allocator.num_used_blocks == 0
             assert not engine.slots.pins
             assert not engine.sampler._seeded and not engine.guided._matchers
+            assert not set(engine.sampler.history)
 
     EngineStates.TestCase.settings = settings(
         max_examples=30,

@@ -8,6 +8,7 @@ import torch
 
 from serve.sampler import (
     CANDIDATES,
+    TokenHistory,
     apply_penalties,
     apply_penalties_reference,
     draw,
@@ -103,6 +104,34 @@ def test_batched_penalties_equal_the_row_by_row_reference(seed):
     torch.testing.assert_close(out, apply_penalties_reference(logits, seqs), rtol=0, atol=0)
     assert torch.equal(logits, before)  # out of place
     assert not torch.equal(out, before)
+
+
+def test_penalties_from_the_token_history_follow_sequences_as_they_grow():
+    """The sampler's history keeps each request's tokens across steps, copying only the new
+    ones (its buffers grow past their first size here); a new request under an id already
+    seen starts afresh. Every step's penalties equal the reference's."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 50
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=1.3)
+    seqs = [
+        Sequence(f"r{i}", torch.randint(vocab, (n,), generator=g).tolist(), n, params)
+        for i, n in enumerate([3, 70, 1])
+    ]
+    history = TokenHistory()
+    for step in range(100):
+        if step == 60:  # r1 ends, and a new request takes its id
+            history.forget("r1")
+            seqs[1] = Sequence("r1", [7, 7, 8], 3, params)
+        if step == 80:  # a new request under r0's id that was never forgotten, longer
+            prompt = torch.randint(vocab, (90,), generator=g).tolist()
+            seqs[0] = Sequence("r0", prompt, 90, params)
+        logits = torch.randn(len(seqs), vocab, generator=g)
+        out = apply_penalties(logits, seqs, history)
+        torch.testing.assert_close(out, apply_penalties_reference(logits, seqs), rtol=0, atol=0)
+        for seq in seqs:
+            seq.token_ids.append(int(torch.randint(vocab, (1,), generator=g)))
+    assert set(history) == {"r0", "r1", "r2"}
+    assert history.tokens(seqs[1]).tolist() == seqs[1].token_ids
 
 
 def test_token_logprobs_of_a_batch_are_each_rows_own():
