@@ -18,11 +18,10 @@ for every specialization a denser sweep of steps asks for.
 
 from __future__ import annotations
 
+from serve.linear import DEQUANTIZE_ABOVE_ROWS
 from serve.sampling_params import SamplingParams
 from serve.scheduler import BASE_SLOT, SchedulerOutput
 from serve.sequence import Sequence, Status
-
-MATMUL_ROWS = 256  # the NF4 kernel's largest input (serve.linear.DEQUANTIZE_ABOVE_ROWS)
 
 
 def powers_of_two(n: int, *, and_one_past: bool = False) -> list[int]:
@@ -53,11 +52,11 @@ def warmup_plans(
     for batch in powers_of_two(min(max_num_seqs, budget), and_one_past=True):
         shapes.append(([1] * batch, [2] * batch, 0))
     chunks = [n for n in powers_of_two(budget, and_one_past=True) if n > 1]
-    chunks = [n for n in chunks if n <= MATMUL_ROWS + 1 and n <= max_model_len] or chunks[:1]
+    chunks = [n for n in chunks if n <= DEQUANTIZE_ABOVE_ROWS + 1 and n <= max_model_len]
     for chunk in chunks:
         shapes.append(([chunk], [chunk], 0))
     # LoRA: decodes on their own adapters each plus one chunk on another, for segments x tiles
-    for adapters in powers_of_two(min(max_num_seqs, max_loras)):
+    for adapters in powers_of_two(min(max_num_seqs, max_loras, budget)):
         room = min(budget - (adapters - 1), max_model_len)
         # the longest segment: 16 rows or fewer take the small tile, past that tiles of 32
         longest = [n for n in powers_of_two(room, and_one_past=True) if n >= 16]
