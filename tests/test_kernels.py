@@ -465,6 +465,13 @@ def test_importing_the_engine_does_not_import_triton_on_cpu():
     assert result.stdout.strip() == "False"
 
 
+def _kernel_engine_args(tiny_base, **overrides) -> dict:
+    """The engine tests' LLM(...) arguments: the tiny base in fp32 on DEVICE, packed 4-bit
+    weights where quantized, a 32-block pool and an 8-token step budget (chunked prefill)."""
+    args = {"keep_quantized": True, "device": DEVICE, "dtype": "float32", "num_kv_blocks": 32}
+    return tiny_engine_args(tiny_base, max_num_batched_tokens=8, **args) | overrides
+
+
 @pytest.mark.parametrize("quantization", [None, "nf4"], ids=["dense", "nf4"])
 def test_engine_through_the_kernels_generates_the_reference_tokens(
     quantization, tiny_base, tmp_path, monkeypatch
@@ -508,18 +515,7 @@ def test_engine_through_the_kernels_generates_the_reference_tokens(
     }
     outputs = {}
     for label, options in variants.items():
-        llm = LLM(
-            base_model=str(tiny_base.path),
-            quantization=quantization,
-            keep_quantized=True,
-            device=DEVICE,
-            dtype="float32",
-            num_kv_blocks=32,
-            block_size=4,
-            max_lora_rank=8,
-            max_num_batched_tokens=8,
-            **options,
-        )
+        llm = LLM(**_kernel_engine_args(tiny_base, quantization=quantization, **options))
         kernels = label != "reference"
         assert llm.engine.model.use_triton is kernels
         layer = llm.engine.model.layers[0]
@@ -573,17 +569,8 @@ def test_engine_in_half_precision_scores_alike_through_kernels_and_graphs(
         "reference": {"kernels": "reference"},
         "graphs": {"kernels": "auto", "cuda_graphs": True, "warmup": False},
     }.items():
-        llm = LLM(
-            base_model=str(tiny_base.path),
-            keep_quantized=True,
-            device=DEVICE,
-            dtype=str(HALF).removeprefix("torch."),
-            num_kv_blocks=32,
-            block_size=4,
-            max_lora_rank=8,
-            max_num_batched_tokens=8,
-            **options,
-        )
+        half = str(HALF).removeprefix("torch.")
+        llm = LLM(**_kernel_engine_args(tiny_base, quantization="nf4", dtype=half, **options))
         llm.load_adapter("all", str(folder))
         outs = llm.generate(prompts, params, adapters=["all", None, "all"])
         assert all(len(o.token_ids) == 4 for o in outs)
@@ -622,18 +609,7 @@ def test_warmup_runs_every_kernel_over_the_scratch_block_alone(tiny_base, tmp_pa
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
     outputs = {}
     for warmup in (True, False):
-        llm = LLM(
-            base_model=str(tiny_base.path),
-            quantization="nf4",
-            keep_quantized=True,
-            device=DEVICE,
-            dtype="float32",
-            num_kv_blocks=32,
-            block_size=4,
-            max_lora_rank=8,
-            max_num_batched_tokens=8,
-            warmup=warmup,
-        )
+        llm = LLM(**_kernel_engine_args(tiny_base, quantization="nf4", warmup=warmup))
         engine = llm.engine
         if warmup:
             expected = serve.engine.warmup_plans(32, 8, engine.max_model_len, 8, 4, 32)
