@@ -321,9 +321,8 @@ class LLMEngine:
         else:
             forward = self.runner.launch(plan)
             self._make_outputs()  # the last step's when overlapping, while the device computes
-            if deliver is not None and self._outbox:
-                outputs, self._outbox = self._outbox, []
-                deliver(outputs)
+            if deliver is not None and (made := self._take_outbox()):
+                deliver(made)
             result = self.runner.sample(plan, forward)
             self.scheduler.update(plan, result.sampled)
             for seq, token in zip(plan.seqs, result.sampled, strict=True):
@@ -332,13 +331,17 @@ class LLMEngine:
             self._pending = (plan, result)
             if not self.overlap_outputs:
                 self._make_outputs()
-        # Kept until returned: a step that fails after making them loses none.
-        outputs, self._outbox = self._outbox, []
+        made = self._take_outbox()
         if deliver is None:
-            return outputs
-        if outputs:
-            deliver(outputs)
+            return made
+        if made:
+            deliver(made)
         return []
+
+    def _take_outbox(self) -> list[RequestOutput]:
+        # Kept until taken: a step that fails after making them loses none.
+        outputs, self._outbox = self._outbox, []
+        return outputs
 
     def _make_outputs(self) -> None:
         """The outputs of the last step's result, into the outbox; ends sequences on stop
