@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ def setup_logging(verbose: bool = False) -> None:
     # its 4-bit op without a registered autograd kernel (gradients flow to LoRA, not to it),
     # and deprecations inside peft and transformers.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # MLflow sets its own loggers' level when imported (which the commands do later), from
+    # this variable: its INFO lines (creating the store's tables, a run's link) only with -v.
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

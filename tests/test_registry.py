@@ -78,6 +78,15 @@ def test_register_promote_download_on_a_real_mlflow_server(
     assert "champion→2" in result.stdout
 
 
+def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path):
+    quiet = run_cli("registry", "list", env={"LORAPLEX_HOME": str(tmp_path / "a")})
+    loud = run_cli("-v", "registry", "list", env={"LORAPLEX_HOME": str(tmp_path / "b")})
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    # Each run creates a new store's tables; only -v says so.
+    assert "Creating initial MLflow database tables" in loud.stderr
+    assert "mlflow" not in quiet.stderr.lower(), quiet.stderr
+
+
 def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
     register_folder(registry, adapters[0], "facts")
     with pytest.raises(
