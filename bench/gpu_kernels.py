@@ -4,7 +4,7 @@
            on the model's shapes, with the bandwidth each reaches;
 - matmul:  one layer's seven base projections: bitsandbytes' NF4 against the Triton NF4
            kernel (q/k/v and gate/up stacked, as the engine runs them) and bf16, per batch;
-- tune:    the NF4 kernel's and attention's block sizes, split and warps swept.
+- tune:    the NF4 kernel's, attention's and LoRA's block sizes, splits and warps swept.
 None needs a model on disk. Also the timing helpers the engine sections share.
 """
 
@@ -251,7 +251,48 @@ def section_tune(cfg, args, results) -> None:
             f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
             f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
         )
+    best |= _tune_lora(cfg, args, s, dtype, targets)
     results["tune"] = best
+
+
+def _tune_lora(cfg, args, s: ModelShape, dtype, targets: dict) -> dict:
+    """LoRA over a decode batch of one token per adapter, launched as the model does (q/k/v
+    share one shrink): the shrink's split and the expand's tile, then the expand's warps."""
+    import torch
+
+    from serve.kernels.lora_sgmv import lora_sgmv_shared
+    from serve.lora_ops import LoraBatch
+
+    tiny = cfg["shape"] == "tiny"
+    batch, rank = cfg["decode"][0], cfg["rank"]
+    table = LoraBatch.build(list(range(batch)), [1] * batch, args.device, kernel=True)
+    space = dict(
+        split_k=(1, 2) if tiny else (2, 4, 8, 16),
+        block_n=(64, 128) if tiny else (128, 256, 512),
+    )
+    best = {}
+    for name, group in targets.items():
+        fan_in = s.lora_dims(group[0])[0]
+        outs = [s.lora_dims(m)[1] for m in group]
+
+        def randn(*size):
+            return torch.randn(*size, device=args.device, dtype=dtype) * 0.05
+
+        A = randn(batch, len(group) * rank, fan_in)
+        Bs = [randn(batch, rank, out) for out in outs]
+        ys, x = [randn(batch, out) for out in outs], randn(batch, fan_in)
+        run = partial(lora_sgmv_shared, ys, x, A, Bs, table.segment_table, 1)
+        label = f"tune       lora {name} {batch} adapters"
+        _, knobs = _fastest(run, space, {}, args.device, label)
+        t, knobs = _fastest(run, dict(num_warps=(4, 8)), knobs, args.device, label)
+        t_default = median_time(run, args.device)
+        nbytes = A.nbytes + sum(B.nbytes for B in Bs)
+        best[f"lora_{name}/{batch}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
+        print(
+            f"{label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) with {knobs}; "
+            f"defaults {t_default * 1e3:.3f} ms"
+        )
+    return best
 
 
 def _fastest(fn, space: dict, fixed: dict, device, label: str) -> tuple[float, dict]:

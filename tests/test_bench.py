@@ -62,7 +62,7 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
         assert row["relative_error"] < 1e-4, name
     for batch, row in kernels["matmul"].items():
         assert row["relative_error"] < 1e-4, batch
-    assert {"qkv/1", "down/8", "attention/decode"} <= set(tune["tune"])
+    assert {"qkv/1", "down/8", "attention/decode", "lora_qkv/4"} <= set(tune["tune"])
     assert (out / "session.log").read_text().count("== ") >= 9
 
 

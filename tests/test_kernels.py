@@ -128,21 +128,24 @@ def _adapters(gen, ranks, max_rank, fan_in, fan_out, dtype):
 
 
 @pytest.mark.parametrize(
-    ("ranks", "max_rank", "seq_slots", "seq_tokens", "fan_in", "fan_out", "split_k"),
+    ("ranks", "max_rank", "seq_slots", "seq_tokens", "fan_in", "fan_out", "knobs"),
     [
         # decodes over five adapters of mixed ranks, base rows between them
-        ([16, 4, 0, 7, 1], 16, [-1, 0, 0, 1, 2, 3, 4, -1], [1] * 8, 37, 23, 1),
+        ([16, 4, 0, 7, 1], 16, [-1, 0, 0, 1, 2, 3, 4, -1], [1] * 8, 37, 23, {"split_k": 1}),
         # prefill chunks, a zero-token sequence and a run longer than one program's tile
-        ([3, 8, 5], 8, [2, 0, 1, 1, -1, 0], [40, 3, 0, 5, 2, 1], 150, 150, 1),
+        ([3, 8, 5], 8, [2, 0, 1, 1, -1, 0], [40, 3, 0, 5, 2, 1], 150, 150, {"split_k": 1}),
         # the reduction over fan-in shared by three programs (atomic adds)
-        ([1, 2, 3, 4, 5, 6], 6, [5, 3, 1, 0, 4, 2], [2, 1, 3, 1, 1, 2], 200, 19, 3),
+        ([1, 2, 3, 4, 5, 6], 6, [5, 3, 1, 0, 4, 2], [2, 1, 3, 1, 1, 2], 200, 19, {"split_k": 3}),
         # rank 32: a rank tile wider than the minimum
-        ([32, 17], 32, [1, -1, 0], [3, 4, 2], 64, 48, 1),
+        ([32, 17], 32, [1, -1, 0], [3, 4, 2], 64, 48, {"split_k": 1}),
+        # the expand's tile as the tune section sweeps it: wider than the default, the last
+        # one partly past the output, at 8 warps
+        ([4, 9], 16, [0, 1, 0], [1, 1, 1], 40, 300, {"block_n": 256, "num_warps": 8}),
     ],
-    ids=["decode-mixed-ranks", "prefill-empty-segment", "split-k", "rank-32"],
+    ids=["decode-mixed-ranks", "prefill-empty-segment", "split-k", "rank-32", "expand-tile"],
 )
 def test_lora_sgmv_kernel_equals_the_per_token_reference(
-    ranks, max_rank, seq_slots, seq_tokens, fan_in, fan_out, split_k
+    ranks, max_rank, seq_slots, seq_tokens, fan_in, fan_out, knobs
 ):
     gen = torch.Generator().manual_seed(len(ranks) * 100 + fan_in)
     A, B = _adapters(gen, ranks, max_rank, fan_in, fan_out, torch.float32)
@@ -158,7 +161,7 @@ def test_lora_sgmv_kernel_equals_the_per_token_reference(
     batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
     table, longest = batch.segment_table, batch.max_segment_len
     rank_of = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
-    lora_sgmv(y, x, A, B, table, longest, rank_of, split_k=split_k)
+    lora_sgmv(y, x, A, B, table, longest, rank_of, **knobs)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(fused[:, :5], untouched)
     base = (slot_of_token == -1).to(DEVICE)

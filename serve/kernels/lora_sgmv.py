@@ -130,15 +130,14 @@ def lora_sgmv(
     segments: torch.Tensor,
     max_segment_len: int,
     ranks: torch.Tensor | None = None,
-    *,
-    split_k: int | None = None,
+    **knobs,
 ) -> None:
     """In place: y[i] += (x[i] @ A[s]ᵀ) @ B[s] for every token i of segment (start, end, s).
 
     y: [tokens, out] (last dim contiguous); x: [tokens, in]; A: [slots, R, in]; B: [slots, R,
     out]; segments: [segments, 3] int32 rows (start, end, slot) on y's device;
     max_segment_len: the longest segment's tokens, for the grid; ranks: [slots] int32 rank of
-    each slot for this module (None: R for every slot).
+    each slot for this module (None: R for every slot); knobs: `lora_sgmv_shared`'s.
     """
     lora_sgmv_shared(
         [y],
@@ -148,7 +147,7 @@ def lora_sgmv(
         segments,
         max_segment_len,
         None if ranks is None else ranks[None],
-        split_k=split_k,
+        **knobs,
     )
 
 
@@ -162,13 +161,17 @@ def lora_sgmv_shared(
     ranks: torch.Tensor | None = None,
     *,
     split_k: int | None = None,
+    block_n: int = 128,
+    num_warps: int = 4,
 ) -> None:
     """In place, for each module g of those reading x:
     ys[g][i] += (x[i] @ A[s, gR : (g+1)R]ᵀ) @ Bs[g][s]  for s = slot of token i's segment.
 
     A: [slots, G·R, in], the G modules' A stacked along the rank; Bs: G tensors [slots, R,
     out_g]; ranks: [G, slots] int32 (None: R everywhere); the rest as in `lora_sgmv`. One
-    shrink launch for all G, then one expand per module.
+    shrink launch for all G, then one expand per module. Knobs (`bench/gpu_kernels.py`'s
+    tune section sweeps them): the shrink's split of `in` over programs (None: by the grid),
+    the expand's output columns per program and its warps.
     """
     num_segments = segments.shape[0]
     if num_segments == 0 or max_segment_len == 0:
@@ -212,7 +215,6 @@ def lora_sgmv_shared(
         SPLIT_K=split_k,
         PRECISION=precision,
     )
-    block_n = 128
     for g, (y, B) in enumerate(zip(ys, Bs, strict=True)):
         B = B if B.stride(-1) == 1 else B.contiguous()
         out_features = B.shape[2]
@@ -231,4 +233,5 @@ def lora_sgmv_shared(
             BLOCK_R=max(16, triton.next_power_of_2(rank)),
             BLOCK_N=block_n,
             PRECISION=precision,
+            num_warps=num_warps,
         )
