@@ -39,6 +39,7 @@ class LoraWeights:
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     ranks: dict[str, list[int]]  # module -> its rank in each layer (0: not targeted there)
+    stamp: str = ""  # the folder's files as they were read (`folder_stamp`)
 
     @property
     def rank(self) -> int:
@@ -47,6 +48,16 @@ class LoraWeights:
     @property
     def modules(self) -> list[str]:
         return sorted(self.A)
+
+
+def folder_stamp(path: Path) -> str:
+    """What changes when an adapter folder's files are rewritten: their sizes and times."""
+    stamps = []
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (path / name).is_file():
+            stat = (path / name).stat()
+            stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(stamps)
 
 
 def read_peft_lora(
@@ -61,6 +72,7 @@ def read_peft_lora(
     held in `dtype`, in page-locked memory with `pin_memory` (slots on a GPU)."""
     from safetensors.torch import load_file
 
+    stamp = folder_stamp(path)  # before reading: a rewrite meanwhile shows at the next read
     config = json.loads((path / "adapter_config.json").read_text())
     name = f"adapter {uid!r}"
     if config.get("use_dora"):
@@ -114,7 +126,9 @@ def read_peft_lora(
         tensors[(layer, module)] = (a, b, scale)
     if not tensors:
         raise AdapterError(f"{name}: {path} holds no LoRA weights")
-    return slot_layout(uid, path, tensors, shape, dtype, pin_memory)
+    weights = slot_layout(uid, path, tensors, shape, dtype, pin_memory)
+    weights.stamp = stamp
+    return weights
 
 
 def slot_layout(
@@ -194,12 +208,12 @@ class AdapterPool:
             if m not in self.rank_table:
                 self.rank_table[m] = torch.zeros(L, max_loras, dtype=torch.int32, device=device)
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
-        self.paths: dict[str, Path] = {}
+        self.origin: dict[str, tuple[Path, str]] = {}  # uid -> its folder and folder_stamp
         self.host_evictions = 0
 
     def keep(self, weights: LoraWeights) -> None:
         """Hold a read adapter in host memory (least recently used ones leave first)."""
-        self.paths[weights.uid] = weights.path
+        self.origin[weights.uid] = (weights.path, weights.stamp)
         self.host[weights.uid] = weights
         self.host.move_to_end(weights.uid)
         while len(self.host) > self.max_cpu_loras:
@@ -207,11 +221,21 @@ class AdapterPool:
             self.host_evictions += 1
 
     def weights(self, uid: str) -> LoraWeights:
-        """Host copy of an adapter, read again from its folder if it was evicted."""
+        """Host copy of an adapter, read again from its folder if it was evicted: refused if
+        the folder changed since (the uid, and the prefix cache under it, mean what was read)."""
         if uid in self.host:
             self.host.move_to_end(uid)
             return self.host[uid]
-        weights = self.read(self.paths[uid], uid)
+        path, stamp = self.origin[uid]
+        try:
+            weights = self.read(path, uid)
+        except OSError as error:
+            message = f"adapter {uid!r}: {path} could not be read again ({error})"
+            raise AdapterError(message) from None
+        if weights.stamp != stamp:
+            raise AdapterError(
+                f"adapter {uid!r}: {path} changed on disk since it was loaded; load it again"
+            )
         self.keep(weights)
         return weights
 

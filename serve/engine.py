@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from registry.errors import NotFoundError, UsageError
 from registry.home import setup_environment
 from registry.refs import is_ref
 from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool, LoraWeights
+from serve.adapter_pool import AdapterPool, LoraWeights, folder_stamp
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.guided import GuidedDecoding
@@ -207,8 +208,7 @@ class LLMEngine:
         if resolved.version is not None:
             uid = f"{resolved.version.name}/{resolved.version.version}"
         else:
-            weights_file = resolved.path / "adapter_model.safetensors"
-            stamp = weights_file.stat().st_mtime_ns if weights_file.exists() else 0
+            stamp = folder_stamp(resolved.path)  # a rewritten folder is another adapter
             digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
             uid = f"{name}#{digest}"
         weights = self.pool.read(resolved.path, uid)
@@ -247,22 +247,34 @@ class LLMEngine:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        adapter_uid: str | None = None,
     ) -> str:
-        """Queue a request; returns its id. Bad input raises before anything is queued."""
+        """Queue a request; returns its id. Bad input raises before anything is queued.
+
+        `adapter_uid` (an `AdapterInfo.uid` read earlier) pins the adapter's version, so that
+        the choices of one reply run on one version even if `adapter` is replaced or unloaded
+        meanwhile."""
         params = params or SamplingParams()
-        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id is None:  # the next free one: a caller may have taken "req-N" itself
+            request_id = next(i for i in map("req-{}".format, self._ids) if i not in self.requests)
         if request_id in self.requests:
             raise UsageError(f"request id {request_id!r} is already in use")
-        info = None
-        if adapter is not None:
+        uid = None
+        if adapter is not None and adapter_uid is not None and adapter_uid in self.pool.origin:
+            uid = adapter_uid
+        elif adapter is not None:
             info = self.adapters.get(adapter)
             if info is None:
                 loaded = ", ".join(sorted(self.adapters)) or "none"
                 raise NotFoundError(f"adapter {adapter!r} is not loaded (loaded: {loaded})")
+            uid = info.uid
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:
-            prompt_ids = list(prompt)
+            try:  # token ids: ints (numpy's too), never floats or strings
+                prompt_ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise UsageError("prompt token ids must be integers") from None
         if not prompt_ids:
             raise UsageError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -283,7 +295,7 @@ class LLMEngine:
             len(prompt_ids),
             params,
             adapter=adapter,
-            adapter_uid=info.uid if info else None,
+            adapter_uid=uid,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
         )
@@ -319,7 +331,12 @@ class LLMEngine:
         if plan.is_empty:
             self._make_outputs()
         else:
-            forward = self.runner.launch(plan)
+            try:
+                forward = self.runner.launch(plan)
+            except BaseException:
+                # The plan's copies into slots may not have happened: no slot may claim them.
+                self.slots.unfill(slot for slot, _ in plan.lora_loads)
+                raise
             self._make_outputs()  # the last step's when overlapping, while the device computes
             if deliver is not None and (made := self._take_outbox()):
                 deliver(made)
@@ -351,10 +368,10 @@ class LLMEngine:
         (plan, result), self._pending = self._pending, None
         for i, seq in enumerate(plan.seqs):
             state = self.requests.get(seq.request_id)
-            if state is None:  # aborted
+            if state is None or state.seq is not seq:  # aborted (its id perhaps reused since)
                 continue
             state.update(result.logprobs[i], result.prompt_logprobs[i])
-            if state.stopped_by_string:
+            if state.stopped_by_string:  # also when the stop came with the last token allowed
                 self.scheduler.finish(seq, Status.FINISHED_STOPPED)
             if result.sampled[i] is not None or seq.is_finished:
                 self._outbox.append(state.output(seq.adapter))

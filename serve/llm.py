@@ -76,14 +76,20 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids), desc="generating", unit="req")
-        while len(final) < len(ids):
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while len(final) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        final[output.request_id] = output
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:  # a failed step (or Ctrl-C): leave no request behind to fail the next
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [final[i] for i in ids]
 
 

@@ -52,6 +52,11 @@ class LoraSlots:
         self.loads += 1
         return True
 
+    def unfill(self, slots) -> None:
+        """The copies into `slots` that `fill` asked for did not happen (the step failed)."""
+        for slot in slots:
+            self.contents[slot] = None
+
     def release(self, uid: str) -> None:
         self.pins[uid] -= 1
         if self.pins[uid] == 0:

@@ -43,6 +43,11 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         # OpenAI's dict is accepted; stored as a frozen ResponseFormat (or None for "text").
         object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
+        for name in ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)  # each becomes a count, an index or a C integer
+            optional = name not in ("max_tokens", "top_k")
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            _check(integer or (optional and value is None), name, "must be an integer", value)
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
         _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
@@ -59,6 +64,13 @@ class SamplingParams:
             "must be > 0",
             self.repetition_penalty,
         )
+        _check(
+            self.seed is None or -(2**63) <= self.seed <= 2**64 - 1,
+            "seed",
+            "must be in [-2**63, 2**64) (what torch.manual_seed takes)",
+            self.seed,
+        )
+        _check("" not in self.stop, "stop", "must not hold an empty string", self.stop)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= 20, name, "must be in [0, 20]", value)

@@ -132,7 +132,9 @@ class Scheduler:
                     skipped.append(self.waiting.popleft())
                     continue
             if not seq.block_table:
-                seq.num_cached_tokens = self.allocator.match_prefix(seq)
+                cached = self.allocator.match_prefix(seq)
+                if not seq.num_preemptions:  # a recompute finds its own blocks: not the prompt's
+                    seq.num_cached_tokens = cached
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_append(seq, n):
                 self.allocator.free(seq)
@@ -178,8 +180,11 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, status: Status) -> None:
-        """End a sequence from outside the step (abort, stop string)."""
+        """End a sequence from outside the step (abort, stop string). A stop string found in
+        the token that also reached the length limit is the reason it ended."""
         if seq.is_finished:
+            if seq.status is Status.FINISHED_LENGTH and status is Status.FINISHED_STOPPED:
+                seq.status = status
             return
         was_running = seq.status is Status.RUNNING
         seq.status = status
@@ -200,6 +205,7 @@ class Scheduler:
         if seq.adapter_uid is not None:
             self.slots.release(seq.adapter_uid)
         seq.status = Status.WAITING
+        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

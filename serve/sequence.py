@@ -42,6 +42,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
     num_passed: int = 0  # later sequences that took an adapter slot while it waited for one
+    num_preemptions: int = 0  # times its blocks were taken back (it is then recomputed)
     block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
 
     @property

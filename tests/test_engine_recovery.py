@@ -1,0 +1,157 @@
+"""What the engine does when a step fails, an adapter's folder changes under it, or a request
+id comes back: it goes on serving, and never serves one adapter's weights as another's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from registry.errors import AdapterError, UsageError
+from serve import LLM, SamplingParams
+from tests.helpers import make_adapter, tiny_engine_args
+
+PROMPT = [1, 5, 6, 7, 8, 9, 10, 11]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+
+def _one_slot_llm(tiny_base) -> LLM:
+    """One device slot and one host copy: each adapter change is a slot load and a re-read."""
+    args = tiny_engine_args(tiny_base, max_loras=1, max_cpu_loras=1, enable_prefix_caching=False)
+    return LLM(**args)
+
+
+def _tokens(llm: LLM, adapter: str | None) -> list[int]:
+    return llm.generate([PROMPT], GREEDY, adapters=[adapter])[0].token_ids
+
+
+def test_a_failed_slot_load_leaves_no_slot_claiming_the_adapter(tiny_base, tmp_path):
+    a = make_adapter(tiny_base, tmp_path / "a", name="a", seed=0, rank=8, targets=TARGETS)
+    b = make_adapter(tiny_base, tmp_path / "b", name="b", seed=1, rank=8, targets=TARGETS)
+    llm = _one_slot_llm(tiny_base)
+    llm.load_adapter("a", str(a))
+    alone = _tokens(llm, "a")
+    llm.load_adapter("b", str(b))  # a's host copy leaves: its next slot load reads the folder
+    of_b = _tokens(llm, "b")
+    assert of_b != alone
+    os.rename(a, tmp_path / "away")
+    with pytest.raises(AdapterError):
+        _tokens(llm, "a")  # the step fails in its copy into the slot b fills
+    assert not llm.engine.has_unfinished  # the failed generate left nothing to fail the next
+    os.rename(tmp_path / "away", a)  # the same files, the same stamp: the same adapter
+    assert _tokens(llm, "a") == alone  # copied in again, not b's weights under a's name
+    assert _tokens(llm, "b") == of_b
+
+
+def test_a_folder_rewritten_since_loading_is_refused_until_loaded_again(tiny_base, tmp_path):
+    a = make_adapter(tiny_base, tmp_path / "a", name="a", seed=0, rank=8, targets=TARGETS)
+    b = make_adapter(tiny_base, tmp_path / "b", name="b", seed=1, rank=8, targets=TARGETS)
+    llm = _one_slot_llm(tiny_base)
+    llm.load_adapter("a", str(a))
+    before = _tokens(llm, "a")
+    make_adapter(tiny_base, a, name="a", seed=2, rank=8, targets=TARGETS)  # new weights
+    assert _tokens(llm, "a") == before  # the slot holds a as it was read
+    llm.load_adapter("b", str(b))  # a leaves the host tier
+    of_b = _tokens(llm, "b")  # and its slot
+    with pytest.raises(AdapterError, match="changed on disk since it was loaded; load it again"):
+        _tokens(llm, "a")
+    assert _tokens(llm, "b") == of_b  # the others keep serving
+    uid = llm.engine.adapters["a"].uid
+    llm.load_adapter("a", str(a))
+    assert llm.engine.adapters["a"].uid != uid  # another version: its own slot and prefix cache
+    fresh = _one_slot_llm(tiny_base)
+    fresh.load_adapter("a", str(a))
+    assert _tokens(llm, "a") == _tokens(fresh, "a") != before
+
+
+def test_reloading_a_folder_whose_config_changed_loads_the_new_scale(tiny_base, tmp_path):
+    a = make_adapter(tiny_base, tmp_path / "a", name="a", seed=0, rank=8, targets=TARGETS)
+    llm = LLM(**tiny_engine_args(tiny_base))
+    llm.load_adapter("a", str(a))
+    before, uid = _tokens(llm, "a"), llm.engine.adapters["a"].uid
+    config = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 0.001}))
+    llm.load_adapter("a", str(a))
+    assert llm.engine.adapters["a"].uid != uid
+    assert _tokens(llm, "a") == _tokens(llm, None) != before  # alpha 0.001: nearly the base
+
+
+def test_a_step_that_fails_fails_its_generate_and_the_next_one_serves(tiny_base, monkeypatch):
+    llm = LLM(**tiny_engine_args(tiny_base))
+    expected = _tokens(llm, None)
+    runner = llm.engine.runner
+    sample = runner.sample
+
+    def fail_once(*args):
+        monkeypatch.setattr(runner, "sample", sample)
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(runner, "sample", fail_once)
+    with pytest.raises(RuntimeError, match="the device went away"):
+        llm.generate([PROMPT, PROMPT[:4]], GREEDY)
+    engine = llm.engine
+    assert not engine.has_unfinished and not engine.requests
+    assert engine.allocator.num_used_blocks == 0
+    assert _tokens(llm, None) == expected
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+def test_a_request_id_reused_after_an_abort_gets_its_own_outputs(tiny_base, overlap):
+    engine = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap)).engine
+    engine.add_request(PROMPT, SamplingParams(max_tokens=20, temperature=0), request_id="x")
+    for _ in range(3):
+        engine.step()
+    assert engine.abort("x")
+    engine.add_request([1, 9, 10, 11], SamplingParams(max_tokens=5, temperature=0), request_id="x")
+    outputs = []
+    while engine.has_unfinished:
+        outputs += engine.step()
+    [last] = [o for o in outputs if o.finished]
+    assert len(last.token_ids) == 5 and last.finish_reason == "length"
+    assert not engine.requests
+
+
+def test_python_api_values_that_would_fail_a_step_are_refused_up_front(tiny_base):
+    llm = LLM(**tiny_engine_args(tiny_base))
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64\)"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        SamplingParams(seed=1.5)
+    with pytest.raises(ValueError, match="max_tokens must be an integer"):
+        SamplingParams(max_tokens=2.5)
+    with pytest.raises(ValueError, match="stop must not hold an empty string"):
+        SamplingParams(stop=["", "zzz"])
+    with pytest.raises(UsageError, match="prompt token ids must be integers"):
+        llm.generate([[5, 6, 7.0]])
+    assert not llm.engine.has_unfinished
+    import numpy as np
+
+    assert len(llm.generate([np.array(PROMPT)], GREEDY)[0].token_ids) == 8  # numpy ints do
+
+
+def test_generated_ids_skip_ids_a_caller_took(tiny_base):
+    engine = LLM(**tiny_engine_args(tiny_base)).engine
+    engine.add_request(PROMPT, request_id="req-0")
+    engine.add_request(PROMPT, request_id="req-1")
+    assert engine.add_request(PROMPT) == "req-2"
+
+
+def test_a_stop_string_in_the_last_allowed_token_is_why_it_stopped(tiny_base):
+    llm = LLM(**tiny_engine_args(tiny_base))
+    [word] = llm.tokenizer.encode(" the", add_special_tokens=False)
+
+    def run(max_tokens: int) -> tuple[str, str, int]:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            logit_bias={str(word): 100},  # " the" each step
+            stop=[" the the the"],
+        )
+        [out] = llm.generate([PROMPT], params)
+        return out.text, out.finish_reason, len(out.token_ids)
+
+    assert run(3) == ("", "stop", 3)  # the stop string completes in the last token allowed
+    assert run(4) == ("", "stop", 3)
+    assert run(2) == (" the the", "length", 2)
