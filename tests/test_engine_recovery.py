@@ -155,3 +155,26 @@ def test_a_stop_string_in_the_last_allowed_token_is_why_it_stopped(tiny_base):
     assert run(3) == ("", "stop", 3)  # the stop string completes in the last token allowed
     assert run(4) == ("", "stop", 3)
     assert run(2) == (" the the", "length", 2)
+
+
+def test_a_pinned_adapter_version_serves_after_its_name_moved_on(tiny_base, tmp_path):
+    """What a reply's later choices ask for: the version its first choice started on."""
+    first = make_adapter(tiny_base, tmp_path / "v1", name="a", seed=0, targets=TARGETS)
+    second = make_adapter(tiny_base, tmp_path / "v2", name="a", seed=3, targets=TARGETS)
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine = llm.engine
+    llm.load_adapter("a", str(first))
+    pinned, of_first = engine.adapters["a"].uid, _tokens(llm, "a")
+    llm.load_adapter("a", str(second))
+    assert _tokens(llm, "a") != of_first
+
+    def pinned_tokens() -> list[int]:
+        request_id = engine.add_request(PROMPT, GREEDY, adapter="a", adapter_uid=pinned)
+        outputs = []
+        while engine.has_unfinished:
+            outputs += engine.step()
+        return next(o.token_ids for o in outputs if o.request_id == request_id and o.finished)
+
+    assert pinned_tokens() == of_first
+    engine.unload_adapter("a")
+    assert pinned_tokens() == of_first
