@@ -194,17 +194,52 @@ def section_matmul(cfg, args, results) -> None:
 
 
 def section_tune(cfg, args, results) -> None:
-    """The Triton NF4 kernel's knobs swept on the stacked q/k/v and on down_proj at the batch
-    sizes it serves (up to DEQUANTIZE_ABOVE_ROWS): tiles and split first, then warps and
-    stages around the best tiles (each setting compiles once: a full grid would take most
-    of a 10-minute call). Prints the fastest of each, to carry into `nf4_matmul`."""
+    """The Triton kernels' knobs swept at the shapes they serve, the cheap sweeps first (the
+    stage gets what the session's budget has left): attention, LoRA, then the NF4 matmul.
+    Each setting compiles once, so the grids are coarse. Prints the fastest of each, to carry
+    into the kernels' defaults."""
+    from transformers import LlamaConfig
+
+    weights, dtype = _layer_weights(cfg, args)
+    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
+    targets = {"qkv": ("q_proj", "k_proj", "v_proj"), "down": ("down_proj",)}
+    results["tune"] = best = {}
+    best |= _tune_attention(cfg, args, s, dtype)
+    best |= _tune_lora(cfg, args, s, dtype, targets)
+    best |= _tune_nf4(cfg, args, weights, dtype, targets)
+
+
+def _tune_attention(cfg, args, s: ModelShape, dtype) -> dict:
+    """Keys per tile and warps, at a decode batch and a prefill chunk (at 4 warps and 64 keys
+    the tile addresses spill)."""
+    from serve.kernels.paged_attention import paged_attention_triton
+
+    tiny = cfg["shape"] == "tiny"
+    space = dict(block_n=(32, 64) if tiny else (32, 64, 128), num_warps=(4, 8))
+    best = {}
+    for label, seqs, computed, new in _attention_steps(cfg, args):
+        tensors, _, compact = _attention_case(s, args.device, dtype, seqs, computed, new)
+        run = partial(paged_attention_triton, *tensors, compact, s.head_dim**-0.5)
+        t, knobs = _fastest(run, space, {}, args.device, f"tune       attention {label}")
+        t_default = median_time(run, args.device)
+        nbytes = tensors[3].nbytes + tensors[4].nbytes
+        best[f"attention/{label}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
+        print(
+            f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
+            f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
+        )
+    return best
+
+
+def _tune_nf4(cfg, args, weights: dict, dtype, targets: dict) -> dict:
+    """The NF4 matmul on the stacked q/k/v and on down_proj at the batch sizes it serves (up
+    to DEQUANTIZE_ABOVE_ROWS): tiles and split first, then warps and stages around the best
+    tiles (a full grid would take most of a 10-minute call)."""
     import torch
 
     from serve.kernels.nf4_matmul import nf4_matmul
     from serve.linear import DEQUANTIZE_ABOVE_ROWS, PackedLinear4bit
 
-    weights, dtype = _layer_weights(cfg, args)
-    targets = {"qkv": ("q_proj", "k_proj", "v_proj"), "down": ("down_proj",)}
     tiny = cfg["shape"] == "tiny"
     tiles = dict(
         block_n=(32, 64) if tiny else (32, 64, 128),
@@ -233,26 +268,7 @@ def section_tune(cfg, args, results) -> None:
                 f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
                 f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
             )
-    # attention: keys per tile and warps (at 4 warps and 64 keys the tile addresses spill)
-    from transformers import LlamaConfig
-
-    from serve.kernels.paged_attention import paged_attention_triton
-
-    s = ModelShape.from_config(LlamaConfig(**SHAPES[cfg["shape"]]))
-    space = dict(block_n=(32, 64) if tiny else (32, 64, 128), num_warps=(4, 8))
-    for label, seqs, computed, new in _attention_steps(cfg, args):
-        tensors, _, compact = _attention_case(s, args.device, dtype, seqs, computed, new)
-        run = partial(paged_attention_triton, *tensors, compact, s.head_dim**-0.5)
-        t, knobs = _fastest(run, space, {}, args.device, f"tune       attention {label}")
-        t_default = median_time(run, args.device)
-        nbytes = tensors[3].nbytes + tensors[4].nbytes
-        best[f"attention/{label}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-        print(
-            f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
-            f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
-        )
-    best |= _tune_lora(cfg, args, s, dtype, targets)
-    results["tune"] = best
+    return best
 
 
 def _tune_lora(cfg, args, s: ModelShape, dtype, targets: dict) -> dict:
