@@ -43,7 +43,9 @@ class LoraSlots:
         return slot
 
     def fill(self, uid: str) -> bool:
-        """Whether the plan that runs `uid` must first copy its weights into its slot."""
+        """Whether the plan that runs `uid` must first copy its weights into its slot. The
+        slot counts as holding them from now: the copy is the plan's first act on the device,
+        and a launch that fails before it is done takes the claim back (`unfill`)."""
         slot = self.slot_of[uid]
         if self.contents[slot] == uid:
             self.hits += 1

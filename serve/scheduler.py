@@ -98,6 +98,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            # Victims come from the end, newest first, never from the plan built so far
+            # (running[:i]): the last one popped can be seq itself, which then waits.
             while not self.allocator.can_append(seq, n):
                 victim = running.pop()
                 self._preempt(victim)
