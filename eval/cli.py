@@ -1,6 +1,7 @@
 """`loraplex gate CONFIG --candidate NAME/VERSION [--baseline REF] [--promote] [--server URL]`.
 
-Exit codes for CI: 0 the candidate passed, 1 it failed (a regression), 2 a usage error.
+Exit codes for CI: 0 the candidate passed, 1 it failed (a regression), 2 a usage error or a
+gate that could not run (e.g. an unreachable registry).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def gate(
     """Judge a candidate adapter against its champion and the base; exit 1 on regression."""
     from registry.home import setup_environment
 
-    with user_errors():
+    with user_errors(tracking_uri):
         home = setup_environment()
         from eval.gate import QualityGate
         from eval.gate_config import load_gate_config

@@ -25,7 +25,8 @@ class EvalSample:
 
 
 def select_test_records(splits: SplitData, max_samples: int):
-    """The first `max_samples` records of the test split (the split order is already random)."""
+    """The first `max_samples` records of the test split, in file order (`split_indices` sorts
+    each part): which records are in the test split is random, their order is the file's."""
     return splits.test.select(range(min(max_samples, len(splits.test))))
 
 

@@ -45,6 +45,21 @@ class QualityGate:
         self.registry = AdapterRegistry(tracking_uri)
         self.candidate = self._version(candidate, "--candidate")
         self.baseline = self._baseline(baseline)
+        self.notes: list[str] = []  # for the report's reader: what may bias the comparison
+        differences = self._split_differences(self.candidate)
+        if differences:
+            raise UsageError(
+                f"--candidate {_ref(self.candidate)} was not trained on the split this gate "
+                f"measures on, so it may have trained on its test records: {differences}"
+            )
+        differences = self._split_differences(self.baseline) if self.baseline else None
+        if differences:
+            # Refusing would block exactly the change that moves the data (the champion was
+            # trained on the old one); the reader is told instead.
+            self.notes.append(
+                f"baseline {_ref(self.baseline)} was trained on another split than the one "
+                f"measured here, so it may have seen test records: {differences}"
+            )
 
     def run(self, output: Path, promote: bool = False) -> GateReport:
         report = self.measure()
@@ -85,6 +100,7 @@ class QualityGate:
             perplexity_examples=len(ppl[CANDIDATE].values) if ppl else 0,
             rules=dict(self.config.metrics),
             verdicts=verdicts,
+            notes=self.notes,
         )
 
     def _models(self) -> tuple[Models, list[str | None]]:
@@ -159,6 +175,33 @@ class QualityGate:
             "gate_failed_metrics": ",".join(report.failed_metrics) or "none",
         }
         return metrics, tags
+
+    def _split_differences(self, version: AdapterVersion) -> str:
+        """How the data and split a version was trained on (its lineage's data hash, its
+        run's params) differ from the test split measured here; "" when nothing recorded does.
+
+        The test part of a split depends only on the data, `seed` and `test`: a version trained
+        with another `validation` size kept the same records out of training.
+        """
+        from train.data import data_hash
+
+        split = self.train.data.split
+        expected = {
+            "data hash": data_hash(self.train.data.path),
+            "data.split.seed": str(split.seed),
+            "data.split.test": str(split.test),
+        }
+        params = self.registry.run_params(version)
+        recorded = {
+            "data hash": version.tags.get("data_hash"),
+            "data.split.seed": params.get("data.split.seed"),
+            "data.split.test": params.get("data.split.test"),
+        }
+        return "; ".join(
+            f"{key}: {recorded[key]} when trained, {value} in {self.config.train_config}"
+            for key, value in expected.items()
+            if recorded[key] is not None and recorded[key] != value
+        )
 
     def _version(self, text: str, option: str) -> AdapterVersion:
         ref = parse_ref(text)

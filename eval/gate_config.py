@@ -55,7 +55,7 @@ class GenerationConfig(_Strict):
 class BootstrapConfig(_Strict):
     resamples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class JudgeConfig(_Strict):
@@ -98,5 +98,10 @@ def load_gate_config(path: Path, overrides: list[str] = ()) -> GateConfig:
     train_config = relative_to_file(path, config.train_config)
     if not train_config.is_file():
         raise ConfigError(f"{path}: train_config: file not found: {train_config}")
-    load_config(train_config)  # fails now, naming its own file, rather than after loading models
+    train = load_config(train_config)  # fails here, naming its file, not after loading models
+    if train.name != config.adapter:
+        raise ConfigError(
+            f"{path}: adapter: {config.adapter!r} is not what its train_config trains "
+            f"({train_config} has name: {train.name!r}), so its test split is another adapter's"
+        )
     return config.model_copy(update={"train_config": train_config})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eval.decision import Verdict
@@ -23,6 +23,7 @@ class GateReport:
     perplexity_examples: int
     rules: dict[str, MetricRule]
     verdicts: list[Verdict]
+    notes: list[str] = field(default_factory=list)  # what may bias the comparison
 
     @property
     def passed(self) -> bool:
@@ -43,6 +44,7 @@ class GateReport:
             "samples": self.samples,
             "perplexity_examples": self.perplexity_examples,
             "failed_metrics": self.failed_metrics,
+            "notes": self.notes,
             "metrics": {
                 v.metric: {**asdict(v), "rule": self.rules[v.metric].model_dump()}
                 for v in self.verdicts
@@ -58,6 +60,7 @@ class GateReport:
             f"{self.measured_on}. "
             f"{self.samples} eval questions, {self.perplexity_examples} perplexity examples.",
             "",
+            *(["Notes:", *(f"- {note}" for note in self.notes), ""] if self.notes else []),
             "| metric | better | candidate | baseline | base | gain vs baseline [interval] "
             "| rule | result |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -32,7 +32,7 @@ def list_(tracking_uri: TrackingUri = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    with user_errors():
+    with user_errors(tracking_uri):
         adapters = _registry(tracking_uri).list()
     table = Table("name", "latest", "aliases", "updated")
     for a in adapters:
@@ -49,7 +49,7 @@ def show(ref: Ref, tracking_uri: TrackingUri = None) -> None:
 
     from registry.refs import parse_ref
 
-    with user_errors():
+    with user_errors(tracking_uri):
         registry = _registry(tracking_uri)
         version = registry.get(parse_ref(ref))
         metrics = registry.client.get_run(version.run_id).data.metrics if version.run_id else {}
@@ -73,7 +73,7 @@ def promote(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Point an alias (default `champion`) at a version."""
-    with user_errors():
+    with user_errors(tracking_uri):
         previous = _registry(tracking_uri).promote(name, version, alias)
     moved = f" (was {previous})" if previous and previous != version else ""
     print(f"{name}@{alias} → version {version}{moved}")
@@ -88,7 +88,7 @@ def download(
     """Copy an adapter version (PEFT folder with its lineage) to DEST."""
     from registry.refs import parse_ref
 
-    with user_errors():
+    with user_errors(tracking_uri):
         registry = _registry(tracking_uri)
         parsed = parse_ref(ref)
         version = registry.get(parsed)

@@ -44,8 +44,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 @contextmanager
-def user_errors():
-    """Turn a LoraplexError into its message on stderr and its exit code; Ctrl-C into 130."""
+def user_errors(tracking_uri: str | None = None):
+    """Turn a LoraplexError into its message on stderr and its exit code; Ctrl-C into 130.
+
+    A registry that cannot be reached or refuses a request (MLflow at `tracking_uri`, as the
+    command resolves it) is exit code 2 too: to CI, 1 would read as a gate's regression.
+    """
     try:
         yield
     except LoraplexError as e:
@@ -54,3 +58,14 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as e:
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(e, (MlflowException, requests.ConnectionError)):
+            raise
+        from registry.store import resolve_tracking_uri
+
+        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
+        print(f"error: MLflow at {resolve_tracking_uri(tracking_uri)}: {reason}", file=sys.stderr)
+        raise typer.Exit(2) from None

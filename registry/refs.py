@@ -10,6 +10,8 @@ from registry.errors import UsageError
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _ALIAS = r"[A-Za-z][A-Za-z0-9_-]{0,99}"
 _REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>{_ALIAS}))?$")
+# MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
+_RESERVED_ALIAS = re.compile(r"(?i:latest)|[vV][0-9]+")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,24 @@ def parse_ref(text: str) -> AdapterRef:
             f"adapter reference {text!r} is not NAME, NAME/VERSION or NAME@ALIAS "
             "(names: letters, digits, '.', '_' and '-')"
         )
-    version = match["version"]
-    return AdapterRef(match["name"], int(version) if version else None, match["alias"])
+    version, alias = match["version"], match["alias"]
+    if alias is not None:
+        check_alias(alias)
+    return AdapterRef(match["name"], int(version) if version else None, alias)
+
+
+def check_alias(alias: str) -> str:
+    """Validate an alias to point at a version: MLflow's characters, none of its reserved names."""
+    if re.fullmatch(_ALIAS, alias) is None:
+        raise UsageError(
+            f"alias {alias!r} must be a letter, then letters, digits, '_' or '-' (at most 100)"
+        )
+    if _RESERVED_ALIAS.fullmatch(alias):
+        raise UsageError(
+            f"alias {alias!r} is reserved by MLflow ('latest' and v<N>); use NAME for the latest "
+            "version, NAME/N for version N, or another alias such as 'champion'"
+        )
+    return alias
 
 
 def check_name(name: str, what: str = "name") -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from registry.errors import NotFoundError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
-from registry.refs import AdapterRef
+from registry.refs import AdapterRef, check_alias
 
 TRACKING_URI_ENV = "LORAPLEX_TRACKING_URI"
 
@@ -101,7 +101,7 @@ class AdapterRegistry:
 
     def list(self) -> list[RegisteredAdapter]:
         adapters = []
-        for model in self.client.search_registered_models(order_by=["name ASC"]):
+        for model in self._registered_models():
             versions = [int(v.version) for v in model.latest_versions or []]
             aliases = {alias: int(v) for alias, v in (model.aliases or {}).items()}
             adapters.append(
@@ -114,10 +114,27 @@ class AdapterRegistry:
             )
         return adapters
 
+    def _registered_models(self):
+        """Every registered model by name: MLflow answers a page (at most 100) per call."""
+        token = None
+        while True:
+            page = self.client.search_registered_models(order_by=["name ASC"], page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
+
     def versions(self, name: str) -> list[AdapterVersion]:
         self._require(name)
         found = self.client.search_model_versions(f"name = '{name}'")
         return sorted((_version(v) for v in found), key=lambda v: v.version)
+
+    def run_params(self, version: AdapterVersion) -> dict[str, str]:
+        """The params of the run that trained `version` (its resolved config, flattened); empty
+        for a version registered without a run."""
+        if version.run_id is None:
+            return {}
+        return dict(self.client.get_run(version.run_id).data.params)
 
     def get(self, ref: AdapterRef) -> AdapterVersion:
         """The version a reference points at; NotFoundError names what is missing."""
@@ -147,6 +164,7 @@ class AdapterRegistry:
 
     def promote(self, name: str, version: int, alias: str = "champion") -> int | None:
         """Point `alias` at `version`; returns the version that held it before, if any."""
+        check_alias(alias)
         target = self.get(AdapterRef(name, version))
         try:
             previous = self.get(AdapterRef(name, alias=alias)).version
@@ -186,13 +204,15 @@ class AdapterRegistry:
     def fetch(self, ref: AdapterRef) -> Path:
         """A local folder holding the version's adapter, downloaded once into the data home.
 
-        Versions are immutable, so the cache is keyed by (store, name, version) and never stale.
+        Versions are immutable, but a model deleted and registered again numbers its versions
+        from 1 anew: the cache is keyed by (store, name, version, run and source).
         """
         import mlflow.artifacts
 
         version = self.get(ref)
         store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
-        local = self.home.adapters / store / version.name / str(version.version)
+        origin = hashlib.sha256(f"{version.run_id}\n{version.source}".encode()).hexdigest()[:12]
+        local = self.home.adapters / store / version.name / f"{version.version}-{origin}"
         if not local.is_dir():
             partial = local.with_name(local.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)

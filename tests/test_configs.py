@@ -66,6 +66,16 @@ def _with(section: str, key: str, value) -> dict:
             "data.split.test",
             "whole number",
         ),
+        (
+            {**GOOD, "data": {**GOOD["data"], "split": {"seed": -1}}},
+            "data.split.seed",
+            "greater than or equal to 0",
+        ),
+        (_with("training", "seed", -1), "training.seed", "greater than or equal to 0"),
+        (_with("training", "max_steps", 1.0), "training.max_steps", "valid integer (got 1.0)"),
+        (_with("training", "max_steps", True), "training.max_steps", "valid integer (got True)"),
+        (_with("data", "packing", 1), "data.packing", "valid boolean (got 1)"),
+        (_with("lora", "use_rslora", "yes"), "lora.use_rslora", "valid boolean (got 'yes')"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, config, key, message):
@@ -137,7 +147,7 @@ SERVE_YAML = PROJECT / "configs/serve/smollm2-135m_nf4_cpu.yaml"
     ("config", "key", "message"),
     [
         ({"port": 0}, "port", "greater than or equal to 1"),
-        ({"max_waiting": -1}, "max_waiting", "greater than or equal to 0"),
+        ({"max_waiting": 0}, "max_waiting", "greater than or equal to 1"),
         ({"engine": {"max_loras": 0}}, "engine.max_loras", "greater than or equal to 1"),
         ({"engine": {"base_model": "x"}}, "engine", "at the top level"),
         ({"adapters": {"has space": "faq"}}, "adapters", "letters, digits"),
@@ -176,3 +186,24 @@ def test_serve_cli_refuses_a_bad_config_with_exit_2(tmp_path):
     assert result.returncode == 2
     assert "request_timeout_s: Input should be greater than 0" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("q_proj", ["q_proj"]),
+        ("all-linear", "all-linear"),
+        ("[q_proj, v_proj]", ["q_proj", "v_proj"]),
+    ],
+)
+def test_a_bare_target_module_is_a_one_element_list_for_peft(tmp_path, value, expected):
+    config = load_config(_write(tmp_path, GOOD), [f"lora.target_modules={value}"])
+    assert config.lora.target_modules == expected
+
+
+def test_strict_ints_and_bools_leave_floats_and_paths_as_yaml_writes_them(tmp_path):
+    path = _write(tmp_path, GOOD)  # data.path is a string in the YAML
+    config = load_config(path, ["training.learning_rate=1e-4", "lora.alpha=8", "data.packing=yes"])
+    assert config.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert config.lora.alpha == 8.0 and isinstance(config.lora.alpha, float)
+    assert config.data.packing is True  # `yes` is YAML's own boolean

@@ -14,6 +14,7 @@ from train.data import (
     load_records,
     load_splits,
     pack,
+    prompt_key,
     split_indices,
     to_messages,
 )
@@ -174,3 +175,70 @@ def test_demo_test_split_is_held_out_from_training(config):
     assert not ids["test"] & ids["validation"]
     records = load_records(load_config(config).data.path)
     assert len(set(records["id"])) == len(records) == sum(len(v) for v in ids.values())
+
+
+@pytest.mark.parametrize(
+    ("fmt", "needs"), [("chat", "messages or conversations"), ("text", "text")]
+)
+def test_a_format_whose_columns_the_data_lacks_is_refused_naming_data_format(fmt, needs):
+    config = PROJECT / "configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml"
+    with pytest.raises(ConfigError, match=rf"data\.format: {fmt} needs the columns {needs}; ") as e:
+        load_splits(load_config(config, [f"data.format={fmt}"]).data)
+    assert "construction-faq.jsonl has [" in str(e.value) and "'instruction'" in str(e.value)
+
+
+def _turns(*texts: str) -> dict:
+    roles = ["user", "assistant"] * len(texts)
+    return {"messages": [{"role": r, "content": t} for r, t in zip(roles, texts, strict=False)]}
+
+
+def test_a_multi_turn_record_shares_a_split_part_with_its_first_turn_asked_alone():
+    # Each question once alone and once opening a two-turn chat: training targets both answers
+    # of the chat, so the chat in train and the single question in test would leak its answer.
+    records = []
+    for i in range(40):
+        records += [_turns(f"What is {i}?", f"{i}."), _turns(f"What is {i}?", f"{i}.", "x2?", "..")]
+    keys = [prompt_key(r, "chat") for r in records]
+    parts = split_indices(keys, 0.1, 0.1, seed=0)
+    trained = {
+        (messages[j - 1]["content"], m["content"])
+        for i in parts["train"]
+        for messages in [to_messages(records[i], "chat")]
+        for j, m in enumerate(messages)
+        if m["role"] == "assistant"
+    }
+    tested = {tuple(m["content"] for m in records[i]["messages"][:2]) for i in parts["test"]}
+    assert parts["test"] and not tested & trained
+
+
+# Digests of the record ids in each part of the shipped configs' splits, as split before
+# multi-turn records were keyed by their first turn: single-turn data must split the same.
+SHIPPED_SPLITS = {
+    "construction-faq_llama3-8b_qlora_gpu": (
+        "a70bb0266fd6666a",
+        "38883210bfa95e0e",
+        "b940455d4c7e8d2d",
+    ),
+    "construction-faq_smollm2-135m_qlora_cpu": (
+        "a70bb0266fd6666a",
+        "38883210bfa95e0e",
+        "b940455d4c7e8d2d",
+    ),
+    "country-facts_smollm2-135m_qlora_cpu": (
+        "989e22638281738f",
+        "f362387851dee5a1",
+        "58bbce116590fd05",
+    ),
+}
+
+
+@pytest.mark.parametrize("config", sorted(SHIPPED_SPLITS))
+def test_shipped_data_splits_exactly_as_before(config):
+    import hashlib
+
+    splits = load_splits(load_config(PROJECT / f"configs/train/{config}.yaml").data)
+    digests = tuple(
+        hashlib.sha256(",".join(getattr(splits, part)["id"]).encode()).hexdigest()[:16]
+        for part in ("train", "validation", "test")
+    )
+    assert digests == SHIPPED_SPLITS[config]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -320,3 +321,92 @@ def test_llm_judged_metrics_run_against_our_own_server_as_the_judge(smollm2):
         engine.shutdown()
     assert 0.0 <= relevancy <= 1.0
     assert np.isnan(faithful) or 0.0 <= faithful <= 1.0  # NaN: the judge found no statement
+
+
+def test_a_gate_whose_adapter_is_not_its_train_configs_name_is_refused(tmp_path):
+    path = tmp_path / "gate.yaml"
+    path.write_text(
+        f"adapter: construction-faq\ntrain_config: {TRAIN_CONFIG}\nmetrics: {{rouge_l: {{}}}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"adapter: 'construction-faq' is not what") as error:
+        load_gate_config(path)
+    assert "name: 'country-facts'" in str(error.value)
+
+
+def _register_trained(registry, data_hash: str, **split) -> int:
+    """A version as `loraplex train` leaves it: the data hash in its lineage, the resolved
+    config (here only the split) as its run's params. No weights: the gate is not run."""
+    from mlflow.entities import Param
+
+    from registry.lineage import Lineage
+
+    client = registry.client
+    run_id = client.create_run(registry.experiment_id("tests")).info.run_id
+    split = {"validation": 0.1, "test": 0.1, "seed": 0} | split
+    client.log_batch(run_id, params=[Param(f"data.split.{k}", str(v)) for k, v in split.items()])
+    lineage = Lineage("country-facts", "b", "sha256:f", data_hash, 4, 8.0, ["q_proj"], "0")
+    version = registry.register("country-facts", run_id, "file:///nowhere/adapter", lineage)
+    return version.version
+
+
+def _trained_hash() -> str:
+    from train.data import data_hash
+
+    return data_hash(load_config(TRAIN_CONFIG).data.path)
+
+
+@pytest.mark.parametrize(
+    ("data_hash", "split", "differs"),
+    [
+        ("sha256:older", {}, r"data hash: sha256:older when trained, sha256:\w+ in "),
+        (None, {"seed": 1}, r"data\.split\.seed: 1 when trained, 0 in .*country-facts"),
+        (None, {"test": 50.0}, r"data\.split\.test: 50\.0 when trained, 0\.1 in "),
+    ],
+)
+def test_a_candidate_trained_on_another_split_is_refused_naming_what_differs(
+    registry, data_hash, split, differs
+):
+    from eval.gate import QualityGate
+
+    _register_trained(registry, data_hash or _trained_hash(), **split)
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    with pytest.raises(UsageError, match="may have trained on its test records") as error:
+        QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    assert error.value.exit_code == 2
+    assert len(re.findall(differs, str(error.value))) == 1, str(error.value)
+
+
+def test_a_champion_trained_on_other_data_is_a_note_in_the_report_not_a_refusal(registry):
+    from eval.gate import QualityGate
+
+    assert _register_trained(registry, "sha256:older") == 1
+    registry.promote("country-facts", 1)
+    # Another validation size keeps the same test records out of training: not a difference.
+    assert _register_trained(registry, _trained_hash(), validation=16.0) == 2
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/2", tracking_uri=registry.tracking_uri)
+    [note] = gate.notes
+    assert note.startswith("baseline country-facts/1 was trained on another split")
+    assert "may have seen test records: data hash: sha256:older when trained" in note
+
+
+def test_report_notes_are_in_the_json_and_the_markdown(tmp_path):
+    from eval.report import GateReport
+
+    report = GateReport("a", "a/2", "a/1", "b", "here", 0, 0, {}, [], notes=["baseline a/1 ..."])
+    report.write(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == ["baseline a/1 ..."]
+    assert "Notes:\n- baseline a/1 ...\n" in (tmp_path / "report.md").read_text()
+
+
+def test_a_gate_that_cannot_reach_its_registry_exits_2_not_1(home, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = str(PROJECT / "configs/gates/country-facts.yaml")
+    result = _gate(config, "--candidate", "country-facts/1", "--tracking-uri", nowhere)
+    assert result.exit_code == 2, result.output
+    assert f"error: MLflow at {nowhere}: " in result.output

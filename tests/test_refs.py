@@ -26,3 +26,14 @@ def test_refs_parse_and_print_back(text, expected):
 def test_malformed_refs_are_refused_naming_the_forms(text):
     with pytest.raises(UsageError, match="is not NAME, NAME/VERSION or NAME@ALIAS"):
         parse_ref(text)
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "V2", "v10"])
+def test_aliases_mlflow_reserves_are_refused(alias):
+    with pytest.raises(UsageError, match=f"alias '{alias}' is reserved by MLflow"):
+        parse_ref(f"name@{alias}")
+
+
+def test_aliases_that_only_look_reserved_are_kept():
+    assert parse_ref("name@v1beta").alias == "v1beta"
+    assert parse_ref("name@latest-good").alias == "latest-good"

@@ -78,7 +78,8 @@ def test_register_promote_download_on_a_real_mlflow_server(
     assert "champion→2" in result.stdout
 
 
-def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path):
+def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)  # an in-process CLI run sets it
     quiet = run_cli("registry", "list", env={"LORAPLEX_HOME": str(tmp_path / "a")})
     loud = run_cli("-v", "registry", "list", env={"LORAPLEX_HOME": str(tmp_path / "b")})
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
@@ -128,3 +129,50 @@ def test_non_adapter_folders_are_refused(tmp_path, adapters):
         resolve_adapter(str(ia3))
     with pytest.raises(UsageError, match="no such folder"):
         resolve_adapter(str(tmp_path / "missing"))
+
+
+def test_an_unreachable_tracking_server_is_one_line_naming_it_and_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"LORAPLEX_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = run_cli("registry", "list", "--tracking-uri", nowhere, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: MLflow at {nowhere}: ")
+
+
+@pytest.mark.parametrize("alias", ["latest", "v1", "V2", "has space"])
+def test_promote_refuses_reserved_and_malformed_aliases_with_exit_2(registry, adapters, alias):
+    from typer.testing import CliRunner
+
+    from registry.app import app
+
+    register_folder(registry, adapters[0], "facts")
+    args = ["registry", "promote", "facts", "1", "--alias", alias]
+    result = CliRunner().invoke(app, [*args, "--tracking-uri", registry.tracking_uri])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: alias '{alias}' ")
+    assert registry.get(parse_ref("facts/1")).aliases == []
+
+
+def test_list_reads_every_page_past_mlflows_100_models(registry):
+    for i in range(105):
+        registry.client.create_registered_model(f"m{i:03d}")
+    assert [a.name for a in registry.list()] == [f"m{i:03d}" for i in range(105)]
+
+
+def test_a_version_registered_again_after_its_model_was_deleted_is_not_served_from_cache(
+    registry, adapters
+):
+    assert register_folder(registry, adapters[0], "facts") == 1
+    first = registry.fetch(parse_ref("facts/1"))
+    assert json.loads((first / "adapter_config.json").read_text())["r"] == 4
+    registry.client.delete_registered_model("facts")
+    assert register_folder(registry, adapters[1], "facts") == 1  # version 1 again, rank 8
+    again = registry.fetch(parse_ref("facts/1"))
+    assert json.loads((again / "adapter_config.json").read_text())["r"] == 8
+    assert registry.fetch(parse_ref("facts/1")) == again  # and cached from then on

@@ -226,3 +226,43 @@ def test_resume_with_nothing_to_resume_is_refused(tiny_base, tracking_uri):
     )
     assert result.exit_code == 2
     assert "no unfinished run of 'never-trained'" in result.output
+
+
+def test_train_summary_ends_with_the_registered_ref_on_one_line(capsys):
+    from types import SimpleNamespace
+
+    from train.cli import _print_summary
+
+    version = SimpleNamespace(name="x" * 90, version=12)  # longer than a terminal's width
+    metrics = {"eval_loss": 1.0, "eval_perplexity": 2.7}
+    _print_summary(SimpleNamespace(metrics=metrics, version=version, adapter_dir="a", run_id="r"))
+    assert capsys.readouterr().out.splitlines()[-1] == f"registered: {'x' * 90}/12"
+
+
+@pytest.mark.parametrize("changed", ["data_hash", "base_fingerprint"])
+def test_resume_refuses_a_run_whose_data_or_base_changed_since(
+    tiny_base, home, tracking_uri, changed
+):
+    """Same config, other contents: the data file or the base folder was rewritten in place."""
+    import json
+
+    from registry.errors import UsageError
+    from train.config import load_config
+    from train.data import data_hash
+    from train.recipe import RUN_FILE, TrainingJob
+
+    config = load_config(CONFIG, [f"name=resume-{changed}", f"base_model={tiny_base.path}"])
+    record = {
+        "run_id": "r",
+        "status": "interrupted",
+        "data_hash": data_hash(config.data.path),
+        "base_fingerprint": tiny_base.fingerprint,
+        "config": config.model_dump(mode="json"),
+    } | {changed: "sha256:then"}
+    run_dir = home.runs / config.name / "20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
+    what = {"data_hash": "the data's hash", "base_fingerprint": "the base's fingerprint"}[changed]
+    with pytest.raises(UsageError, match=rf"--resume: {what} \(sha256:then then, \S+ now\) differ"):
+        job.setup()

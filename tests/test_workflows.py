@@ -55,3 +55,112 @@ def test_ci_runs_the_readme_test_command_and_the_gate_fails_on_regression():
     assert "loraplex gate" in gate and "--promote" in gate and 'exit "$status"' in gate
     triggers = yaml.safe_load(gate)[True]  # YAML 1.1 reads the key `on` as True
     assert "configs/train/**" in triggers["pull_request"]["paths"]
+
+
+QUALITY_GATE = PROJECT / ".github/workflows/quality-gate.yml"
+CPU_CONFIGS = {
+    "configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml",
+    "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml",
+}
+# Stands in for `loraplex` on a runner: logs its arguments; `train` registers version 7 of the
+# config's `name` (and fails on a GPU config, as a runner without the base model would).
+STUB_LORAPLEX = r"""#!/bin/bash
+echo "$*" >> calls.log
+if [ "$1" = train ]; then
+  case "$2" in *_gpu.yaml) echo "error: base_model: not found" >&2; exit 2 ;; esac
+  echo "training $2"
+  name=$(grep -oP '^name: *\K[^ #]+' "$2")
+  echo "registered: $name/7"
+fi
+"""
+
+
+def _step(name: str) -> dict:
+    steps = yaml.safe_load(QUALITY_GATE.read_text())["jobs"]["gate"]["steps"]
+    return next(step for step in steps if step.get("name") == name)
+
+
+def _git(repo, *args) -> str:
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A clone-like folder with the shipped configs, one commit, and a stub `.venv/bin`."""
+    repo = tmp_path / "repo"
+    shutil.copytree(PROJECT / "configs", repo / "configs")
+    (repo / "train").mkdir()
+    (repo / "train/recipe.py").write_text("# v1\n")
+    bin_dir = repo / ".venv/bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{BIN / "python"}" "$@"\n')
+    (bin_dir / "loraplex").write_text(STUB_LORAPLEX)
+    for tool in ("python", "loraplex"):
+        (bin_dir / tool).chmod(0o755)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "configs", "train")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
+    return repo
+
+
+def _run_step(name: str, repo, env: dict) -> subprocess.CompletedProcess:
+    """A step's script as GitHub runs it: `bash -e`, or `-eo pipefail` with `shell: bash`."""
+    step = _step(name)
+    flags = ["-eo", "pipefail"] if step.get("shell") == "bash" else ["-e"]
+    script = repo.parent / "step.sh"
+    script.write_text(step["run"])
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", *flags, str(script)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def _changed_configs(repo, *changed: str) -> list[str]:
+    base = _git(repo, "rev-parse", "HEAD")
+    for path in changed:
+        with (repo / path).open("a") as f:
+            f.write("# changed\n")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "change")
+    output = repo.parent / "github_output"
+    result = _run_step(
+        "Adapters this change touches", repo, {"BASE": base, "GITHUB_OUTPUT": str(output)}
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = output.read_text().splitlines()
+    assert line.startswith("configs=")
+    return sorted(line.removeprefix("configs=").split())
+
+
+@pytest.mark.parametrize(
+    ("changed", "expected"),
+    [
+        (["train/recipe.py"], CPU_CONFIGS),  # code: every CPU adapter with a gate, no GPU job
+        (["configs/data/construction-faq.jsonl"], CPU_CONFIGS),
+        (["configs/train/construction-faq_llama3-8b_qlora_gpu.yaml"], set()),  # no gate, no GPU
+        (
+            ["configs/gates/country-facts.yaml"],
+            {"configs/train/country-facts_smollm2-135m_qlora_cpu.yaml"},
+        ),
+    ],
+)
+def test_gate_workflow_selects_only_cpu_train_configs_that_have_a_gate(checkout, changed, expected):
+    assert _changed_configs(checkout, *changed) == sorted(expected)
+
+
+def test_gate_workflow_gates_the_exact_version_its_train_step_registered(checkout):
+    configs = " ".join(sorted(CPU_CONFIGS))
+    result = _run_step("Train and gate", checkout, {"CONFIGS": configs, "PROMOTE": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    gates = [c for c in (checkout / "calls.log").read_text().splitlines() if c.startswith("gate ")]
+    assert gates == [
+        "gate configs/gates/construction-faq.yaml --candidate construction-faq/7 "
+        "--output reports/construction-faq",
+        "gate configs/gates/country-facts.yaml --candidate country-facts/7 "
+        "--output reports/country-facts",
+    ]
+    assert "training configs/train/country-facts" in result.stderr  # its log still shows

@@ -23,7 +23,7 @@ def train(
     """Fine-tune a LoRA adapter (QLoRA) from a YAML config and register it as a new version."""
     from registry.home import setup_environment
 
-    with user_errors():
+    with user_errors(tracking_uri):
         home = setup_environment()
         from train.config import load_config
 
@@ -55,3 +55,6 @@ def _print_summary(result) -> None:
     console = Console()
     console.print(table)
     console.print(f"adapter: {result.adapter_dir}\nMLflow run: {result.run_id}")
+    # Last and unwrapped (rich wraps at the terminal's width): what scripts read, e.g. the
+    # quality-gate workflow, which gates exactly this version.
+    print(f"registered: {result.version.name}/{result.version.version}")

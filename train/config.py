@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+)
 
 from registry.base_model import DEFAULT_BASE_MODEL
 from registry.config_file import read_config, relative_to_file
@@ -26,20 +34,22 @@ SplitSize = Annotated[float, Field(gt=0), AfterValidator(_fraction_or_count)]
 
 
 class _Strict(BaseModel):
+    # Ints and bools are StrictInt / StrictBool: `max_steps: 1.0` or `true` and `packing: 1` are
+    # refused, not read as 1 and True. Floats stay lax: YAML reads `1e-4` as a string.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SplitConfig(_Strict):
     validation: SplitSize = 0.1
     test: SplitSize = 0.1
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0)  # numpy's generators take no negative seed
 
 
 class DataConfig(_Strict):
     path: Path  # jsonl, json, csv or parquet; relative to the config file
     format: Literal["auto", "alpaca", "chat", "text"] = "auto"
-    max_seq_length: int = Field(256, ge=16, le=131072)
-    packing: bool = False
+    max_seq_length: StrictInt = Field(256, ge=16, le=131072)
+    packing: StrictBool = False
     split: SplitConfig = SplitConfig()
 
     @field_validator("path")
@@ -52,15 +62,15 @@ class DataConfig(_Strict):
 
 class QuantizationConfig(_Strict):
     method: Literal["nf4", "fp4", "none"] = "nf4"
-    double_quant: bool = True
+    double_quant: StrictBool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, ge=1, le=1024)
+    r: StrictInt = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    use_rslora: bool = False
+    use_rslora: StrictBool = False
     target_modules: str | list[str] = "all-linear"
 
     @field_validator("target_modules")
@@ -69,16 +79,17 @@ class LoraSettings(_Strict):
         names = [modules] if isinstance(modules, str) else modules
         if modules != "all-linear" and (not names or set(names) - _LINEAR_MODULES):
             raise ValueError(f"choose 'all-linear' or a list from {sorted(_LINEAR_MODULES)}")
-        return modules
+        # peft reads any other string as a regex that must match a module's whole path.
+        return modules if modules == "all-linear" else names
 
 
 class TrainingSettings(_Strict):
-    max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: StrictInt = Field(100, ge=1)
+    batch_size: StrictInt = Field(8, ge=1)
+    gradient_accumulation_steps: StrictInt = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0, le=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: StrictInt = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     # adamw_8bit keeps Adam's two moments in 8 bits (bitsandbytes): 2 B instead of 8 B per
@@ -87,12 +98,12 @@ class TrainingSettings(_Strict):
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
         "adamw_torch"
     )
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(5, ge=1)
-    eval_steps: int = Field(50, ge=1)
-    eval_batch_size: int = Field(16, ge=1)
-    save_steps: int = Field(50, ge=1)
-    seed: int = 0
+    gradient_checkpointing: StrictBool = False
+    logging_steps: StrictInt = Field(5, ge=1)
+    eval_steps: StrictInt = Field(50, ge=1)
+    eval_batch_size: StrictInt = Field(16, ge=1)
+    save_steps: StrictInt = Field(50, ge=1)
+    seed: StrictInt = Field(0, ge=0)
 
 
 class TrainConfig(_Strict):

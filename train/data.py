@@ -39,17 +39,36 @@ def data_hash(path: Path) -> str:
         return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()[:24]
 
 
+# Each shape and the columns it needs: all of one of its alternatives.
+_COLUMNS = {
+    "alpaca": [{"instruction", "output"}],
+    "chat": [{"messages"}, {"conversations"}],
+    "text": [{"text"}],
+}
+
+
+def _has_columns(fmt: str, columns: list[str]) -> bool:
+    return any(needed <= set(columns) for needed in _COLUMNS[fmt])
+
+
 def detect_format(columns: list[str], path: Path) -> str:
-    if {"instruction", "output"} <= set(columns):
-        return "alpaca"
-    if "messages" in columns or "conversations" in columns:
-        return "chat"
-    if "text" in columns:
-        return "text"
+    for fmt in _COLUMNS:
+        if _has_columns(fmt, columns):
+            return fmt
     raise ConfigError(
         f"data.path: {path.name} has columns {sorted(columns)}; expected alpaca "
         "(instruction, output), chat (messages or conversations) or text (text)"
     )
+
+
+def check_format(fmt: str, columns: list[str], path: Path) -> str:
+    """`fmt` if the data has its columns; ConfigError names `data.format` and what was found."""
+    if not _has_columns(fmt, columns):
+        needed = " or ".join(", ".join(sorted(c)) for c in _COLUMNS[fmt])
+        raise ConfigError(
+            f"data.format: {fmt} needs the columns {needed}; {path.name} has {sorted(columns)}"
+        )
+    return fmt
 
 
 def to_messages(record: dict, fmt: str) -> list[dict]:
@@ -112,8 +131,9 @@ def split_indices(
 ) -> dict[str, list[int]]:
     """A deterministic split of record indices; records with equal keys land in the same part.
 
-    The key is a record's prompt, so a question asked twice in the data cannot be trained on
-    and then tested. Sizes below 1 are shares, others are counts, both of distinct keys.
+    The key is what a record asks first (`prompt_key`), so a question asked twice in the data
+    cannot be trained on and then tested. Sizes below 1 are shares, others are counts, both of
+    distinct keys.
     """
     groups: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
@@ -141,12 +161,17 @@ def split_indices(
 
 
 def prompt_key(record: dict, fmt: str) -> str:
-    """What a record asks: its conversation before the last answer (text records: the text)."""
+    """What a record asks first: its conversation before the first answer (text: the text).
+
+    Training targets every assistant turn, so a conversation [u1, a1, u2, a2] teaches a1 too:
+    keyed by its first turn, it lands in the same part as a record asking u1 alone. Single-turn
+    records keep the key of their whole prompt (system and user messages).
+    """
     if fmt == "text":
         return record["text"]
     messages = to_messages(record, fmt)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:last])
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:first])
 
 
 def pack(examples: list[dict], block_size: int) -> list[dict]:
@@ -181,6 +206,8 @@ def load_splits(data_config) -> SplitData:
     fmt = data_config.format
     if fmt == "auto":
         fmt = detect_format(records.column_names, data_config.path)
+    else:
+        fmt = check_format(fmt, records.column_names, data_config.path)
     split = data_config.split
     keys = [prompt_key(r, fmt) for r in records]
     indices = split_indices(keys, split.validation, split.test, split.seed)

@@ -22,7 +22,7 @@ from train.data import data_hash, load_splits, tokenize_split
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"  # beside the checkpoints: the MLflow run id, status and config
+RUN_FILE = "run.json"  # beside the checkpoints: MLflow run id, status, config, data and base
 # Sections that must not change between an interrupted run and its resumption.
 _RESUME_FIXED = ("base_model", "data", "quantization", "lora")
 
@@ -58,6 +58,7 @@ class TrainingJob:
 
         cfg = self.config
         self.base: BaseModel = resolve_base_model(cfg.base_model, self.home)
+        self.data_hash = data_hash(cfg.data.path)
         self.run_dir, self.checkpoint = self._run_dir()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = self._tokenizer()
@@ -68,7 +69,6 @@ class TrainingJob:
         self.eval_data = tokenize_split(
             splits.validation, splits.format, self.tokenizer, cfg.data, pack_rows=False
         )
-        self.data_hash = data_hash(cfg.data.path)
         self.model = self._model()
         self.run_id = self._mlflow_run(len(self.train_data), len(self.eval_data))
         self.trainer = self._trainer()
@@ -93,9 +93,16 @@ class TrainingJob:
         if not unfinished:
             raise UsageError(f"--resume: no unfinished run of {self.config.name!r} in {runs}")
         run_dir = unfinished[0]
-        saved = json.loads((run_dir / RUN_FILE).read_text())["config"]
-        now = self.config.model_dump(mode="json")
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        saved, now = record["config"], self.config.model_dump(mode="json")
         changed = [key for key in _RESUME_FIXED if saved[key] != now[key]]
+        # The same config can name a data file or a base folder whose contents changed since.
+        for key, what, current in (
+            ("data_hash", "the data's hash", self.data_hash),
+            ("base_fingerprint", "the base's fingerprint", self.base.fingerprint),
+        ):
+            if record.get(key, current) != current:
+                changed.append(f"{what} ({record[key]} then, {current} now)")
         if changed:
             raise UsageError(
                 f"--resume: {', '.join(changed)} differ from the interrupted run in {run_dir}; "
@@ -193,6 +200,8 @@ class TrainingJob:
             "run_id": run_id,
             "status": status,
             "tracking_uri": self.registry.tracking_uri,
+            "data_hash": self.data_hash,
+            "base_fingerprint": self.base.fingerprint,
             "config": self.config.model_dump(mode="json"),
         }
         (self.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
