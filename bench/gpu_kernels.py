@@ -220,14 +220,10 @@ def _tune_attention(cfg, args, s: ModelShape, dtype) -> dict:
     for label, seqs, computed, new in _attention_steps(cfg, args):
         tensors, _, compact = _attention_case(s, args.device, dtype, seqs, computed, new)
         run = partial(paged_attention_triton, *tensors, compact, s.head_dim**-0.5)
-        t, knobs = _fastest(run, space, {}, args.device, f"tune       attention {label}")
-        t_default = median_time(run, args.device)
+        title = f"tune       attention {label}"
+        t, knobs = _fastest(run, space, {}, args.device, title)
         nbytes = tensors[3].nbytes + tensors[4].nbytes
-        best[f"attention/{label}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-        print(
-            f"tune       attention {label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) "
-            f"with {knobs}; defaults {t_default * 1e3:.3f} ms"
-        )
+        best[f"attention/{label}"] = _tuned(title, run, t, knobs, nbytes, args.device)
     return best
 
 
@@ -259,15 +255,10 @@ def _tune_nf4(cfg, args, weights: dict, dtype, targets: dict) -> dict:
             x = torch.randn(m, weights[group[0]].shape[1], device=args.device, dtype=dtype)
 
             run = partial(nf4_matmul, x, *operands)
-            label = f"tune       {name} batch {m}"
-            _, knobs = _fastest(run, tiles, {}, args.device, label)
-            t, knobs = _fastest(run, launch, knobs, args.device, label)
-            t_default = median_time(run, args.device)
-            best[f"{name}/{m}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-            print(
-                f"tune       {name} batch {m:4d}: best {t * 1e3:.3f} ms "
-                f"({nbytes / t / 1e9:.0f} GB/s) with {knobs}; defaults {t_default * 1e3:.3f} ms"
-            )
+            title = f"tune       {name} batch {m:4d}"
+            _, knobs = _fastest(run, tiles, {}, args.device, title)
+            t, knobs = _fastest(run, launch, knobs, args.device, title)
+            best[f"{name}/{m}"] = _tuned(title, run, t, knobs, nbytes, args.device)
     return best
 
 
@@ -286,29 +277,34 @@ def _tune_lora(cfg, args, s: ModelShape, dtype, targets: dict) -> dict:
         split_k=(1, 2) if tiny else (2, 4, 8, 16),
         block_n=(64, 128) if tiny else (128, 256, 512),
     )
+
+    def randn(*size):
+        return torch.randn(*size, device=args.device, dtype=dtype) * 0.05
+
     best = {}
     for name, group in targets.items():
         fan_in = s.lora_dims(group[0])[0]
         outs = [s.lora_dims(m)[1] for m in group]
-
-        def randn(*size):
-            return torch.randn(*size, device=args.device, dtype=dtype) * 0.05
-
         A = randn(batch, len(group) * rank, fan_in)
         Bs = [randn(batch, rank, out) for out in outs]
         ys, x = [randn(batch, out) for out in outs], randn(batch, fan_in)
         run = partial(lora_sgmv_shared, ys, x, A, Bs, table.segment_table, 1)
-        label = f"tune       lora {name} {batch} adapters"
-        _, knobs = _fastest(run, space, {}, args.device, label)
-        t, knobs = _fastest(run, dict(num_warps=(4, 8)), knobs, args.device, label)
-        t_default = median_time(run, args.device)
+        title = f"tune       lora {name} {batch} adapters"
+        _, knobs = _fastest(run, space, {}, args.device, title)
+        t, knobs = _fastest(run, dict(num_warps=(4, 8)), knobs, args.device, title)
         nbytes = A.nbytes + sum(B.nbytes for B in Bs)
-        best[f"lora_{name}/{batch}"] = {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
-        print(
-            f"{label}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) with {knobs}; "
-            f"defaults {t_default * 1e3:.3f} ms"
-        )
+        best[f"lora_{name}/{batch}"] = _tuned(title, run, t, knobs, nbytes, args.device)
     return best
+
+
+def _tuned(title: str, run, t: float, knobs: dict, nbytes: int, device) -> dict:
+    """The fastest setting's row, printed beside the defaults' time."""
+    t_default = median_time(run, device)
+    print(
+        f"{title}: best {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s) with {knobs}; "
+        f"defaults {t_default * 1e3:.3f} ms"
+    )
+    return {"ms": t * 1e3, "default_ms": t_default * 1e3, **knobs}
 
 
 def _fastest(fn, space: dict, fixed: dict, device, label: str) -> tuple[float, dict]:

@@ -23,15 +23,22 @@ def _one_slot_llm(tiny_base) -> LLM:
     return LLM(**args)
 
 
-def _tokens(llm: LLM, adapter: str | None) -> list[int]:
-    return llm.generate([PROMPT], GREEDY, adapters=[adapter])[0].token_ids
-
-
-def test_a_failed_slot_load_leaves_no_slot_claiming_the_adapter(tiny_base, tmp_path):
+@pytest.fixture
+def two(tiny_base, tmp_path):
+    """Folders of adapters a and b, and an engine of one slot with a loaded."""
     a = make_adapter(tiny_base, tmp_path / "a", name="a", seed=0, rank=8, targets=TARGETS)
     b = make_adapter(tiny_base, tmp_path / "b", name="b", seed=1, rank=8, targets=TARGETS)
     llm = _one_slot_llm(tiny_base)
     llm.load_adapter("a", str(a))
+    return llm, a, b
+
+
+def _tokens(llm: LLM, adapter: str | None) -> list[int]:
+    return llm.generate([PROMPT], GREEDY, adapters=[adapter])[0].token_ids
+
+
+def test_a_failed_slot_load_leaves_no_slot_claiming_the_adapter(two, tmp_path):
+    llm, a, b = two
     alone = _tokens(llm, "a")
     llm.load_adapter("b", str(b))  # a's host copy leaves: its next slot load reads the folder
     of_b = _tokens(llm, "b")
@@ -45,11 +52,8 @@ def test_a_failed_slot_load_leaves_no_slot_claiming_the_adapter(tiny_base, tmp_p
     assert _tokens(llm, "b") == of_b
 
 
-def test_a_folder_rewritten_since_loading_is_refused_until_loaded_again(tiny_base, tmp_path):
-    a = make_adapter(tiny_base, tmp_path / "a", name="a", seed=0, rank=8, targets=TARGETS)
-    b = make_adapter(tiny_base, tmp_path / "b", name="b", seed=1, rank=8, targets=TARGETS)
-    llm = _one_slot_llm(tiny_base)
-    llm.load_adapter("a", str(a))
+def test_a_folder_rewritten_since_loading_is_refused_until_loaded_again(two, tiny_base):
+    llm, a, b = two
     before = _tokens(llm, "a")
     make_adapter(tiny_base, a, name="a", seed=2, rank=8, targets=TARGETS)  # new weights
     assert _tokens(llm, "a") == before  # the slot holds a as it was read
