@@ -5,26 +5,43 @@ requests ask at the same time. Every `interval` seconds the references of loaded
 can move are resolved again; one that now points at another version is read and installed
 under the same name. New requests get the new version; requests in flight keep the adapter
 uid (name/version) they started with, and so their slot and their prefix-cache entries.
+
+An unreachable registry fails fast: MLflow's client would retry it for minutes (7 retries with
+exponential back-off, 120 s a call), so unless the environment says otherwise the server's
+calls retry twice and wait 10 s; the model list then leaves registered adapters out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
+from registry.errors import LoraplexError
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
 from serve.async_engine import AsyncLLM
 from serve.engine import AdapterInfo
+from serve.refusal import Refusal
 
 log = logging.getLogger(__name__)
+
+# What a server's registry calls allow themselves (a variable already set wins).
+REGISTRY_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+_LIST_TIMEOUT_S = 15  # the model list waits no longer for the registry, whatever MLflow does
 
 
 class AdapterWatch:
     def __init__(self, engine: AsyncLLM, on_load: Callable[[str], None] = lambda reason: None):
         self.engine = engine
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
+        for variable, value in REGISTRY_HTTP_LIMITS.items():  # MLflow reads them at each call
+            os.environ.setdefault(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
         self._loading: dict[str, asyncio.Future] = {}
 
@@ -32,9 +49,13 @@ class AdapterWatch:
     def loaded(self) -> dict[str, AdapterInfo]:
         return self.engine.engine.adapters
 
-    async def load(self, name: str, source: str, reason: str = "api") -> AdapterInfo:
-        info = await self.engine.load_adapter(name, source)
-        self.on_load(reason)
+    async def load(
+        self, name: str, source: str, reason: str = "api", replacing: AdapterInfo | None = None
+    ) -> AdapterInfo | None:
+        """Read and install; with `replacing`, only over that adapter (None if it is gone)."""
+        info = await self.engine.load_adapter(name, source, replacing)
+        if info is not None:
+            self.on_load(reason)
         return info
 
     async def ensure(self, ref: str) -> AdapterInfo:
@@ -43,11 +64,28 @@ class AdapterWatch:
             return self.loaded[ref]
         pending = self._loading.get(ref)
         if pending is None:
-            pending = asyncio.ensure_future(self.load(ref, ref, "first_use"))
+            pending = asyncio.ensure_future(self._first_use(ref))
             self._loading[ref] = pending
             pending.add_done_callback(lambda done: self._loaded(ref, done))
         # Shielded: a caller that times out must not cancel the load others wait for.
         return await asyncio.shield(pending)
+
+    async def _first_use(self, ref: str) -> AdapterInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return await self.load(ref, ref, "first_use")
+        except MlflowException as error:
+            if isinstance(error, LoraplexError):
+                raise
+            log.warning("cannot load %s from the registry: %s", ref, error)
+            raise Refusal(
+                503,
+                f"the adapter registry {self.registry.tracking_uri} cannot be read now",
+                "server_error",
+                "registry_unavailable",
+                {"Retry-After": "10"},
+            ) from None
 
     def _loaded(self, ref: str, done: asyncio.Future) -> None:
         self._loading.pop(ref, None)
@@ -68,13 +106,16 @@ class AdapterWatch:
             except Exception as error:  # registry down or the alias deleted: keep serving
                 log.warning("cannot resolve %s to follow it: %s", info.source, error)
                 continue
-            still_loaded = self.loaded.get(info.name)
-            if current.version == info.version or still_loaded is None:
+            if current.version == info.version or self.loaded.get(info.name) is not info:
                 continue
             try:
-                new = await self.load(info.name, info.source, "alias_moved")
+                # Over `info` only: an unload or a replacement meanwhile (the API) wins.
+                new = await self.load(info.name, info.source, "alias_moved", replacing=info)
             except Exception as error:
                 log.warning("cannot load %s version %d: %s", ref, current.version, error)
+                continue
+            if new is None:
+                log.info("%s was unloaded or replaced while it was read again", info.name)
                 continue
             log.info("%s now serves %s (was %s)", info.name, new.uid, info.uid)
             moved.append(info.name)
@@ -89,7 +130,7 @@ class AdapterWatch:
     async def registered(self) -> list[RegisteredAdapter]:
         """The registry's adapters; none (with a warning) when it cannot be read."""
         try:
-            return await asyncio.to_thread(self.registry.list)
+            return await asyncio.wait_for(asyncio.to_thread(self.registry.list), _LIST_TIMEOUT_S)
         except Exception as error:
             log.warning("cannot list the registry %s: %s", self.registry.tracking_uri, error)
             return []

@@ -19,6 +19,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from registry.errors import UsageError
 from serve.engine import AdapterInfo, LLMEngine
 from serve.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
@@ -51,14 +52,22 @@ class AsyncLLM:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         request_id: str | None = None,
+        adapter_uid: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """`adapter_uid` pins the adapter's version (`LLMEngine.add_request`). Bad input
+        raises `UsageError` (a ValueError of the request's making is one too)."""
         stream = (asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> str:
             waiting = len(self.engine.scheduler.waiting)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are already waiting; try again later")
-            rid = self.engine.add_request(prompt, params, adapter, request_id)
+            try:
+                rid = self.engine.add_request(prompt, params, adapter, request_id, adapter_uid)
+            except ValueError as error:  # e.g. a response_format llguidance cannot compile
+                if isinstance(error, UsageError):
+                    raise
+                raise UsageError(str(error)) from error
             self._streams[rid] = stream
             return rid
 
@@ -83,10 +92,22 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> bool:
         return await asyncio.wrap_future(self._submit(lambda: self._abort(request_id)))
 
-    async def load_adapter(self, name: str, source: str) -> AdapterInfo:
-        """Read the adapter off the engine thread, then install it between two steps."""
+    async def load_adapter(
+        self, name: str, source: str, replacing: AdapterInfo | None = None
+    ) -> AdapterInfo | None:
+        """Read the adapter off the engine thread, then install it between two steps.
+
+        With `replacing`, only if that very AdapterInfo is still the one loaded under `name`
+        when the install runs (a compare-and-swap on the engine thread); else nothing is
+        installed and the answer is None: the adapter was unloaded or replaced meanwhile."""
         loaded = await asyncio.to_thread(self.engine.read_adapter, name, source)
-        return await asyncio.wrap_future(self._submit(lambda: self.engine.install_adapter(loaded)))
+
+        def install() -> AdapterInfo | None:
+            if replacing is not None and self.engine.adapters.get(name) is not replacing:
+                return None
+            return self.engine.install_adapter(loaded)
+
+        return await asyncio.wrap_future(self._submit(install))
 
     async def unload_adapter(self, name: str) -> None:
         await asyncio.wrap_future(self._submit(lambda: self.engine.unload_adapter(name)))

@@ -3,12 +3,16 @@
 `RecordRequests` is a plain ASGI middleware (it wraps streamed bodies without buffering them):
 it opens the record, tags the response with `x-request-id` (the openai client reports it as
 `response._request_id`), takes the status, and hands the finished record to `on_finish`
-(metrics, rate limits, the audit log) even when the client went away mid-stream.
+(metrics, rate limits, the audit log) even when the client went away mid-stream: a response
+whose body did not reach its end is recorded as status 499, finish reason "abort". An error
+no handler answered, before the response began, gets OpenAI's shape (500, `server_error`)
+with its `x-request-id`, not the bare text of Starlette's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.protocol import new_id
+from serve.protocol import error_body, new_id
+
+log = logging.getLogger(__name__)
 
 SCOPE_KEY = "loraplex.record"
 
@@ -50,20 +56,35 @@ class RecordRequests:
             return
         record = RequestRecord(new_id("req"), _endpoint(scope["path"]))
         scope[SCOPE_KEY] = record
+        ended = False  # the body's last part was sent
 
         async def send_with_id(message):
+            nonlocal ended
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 request_id = (b"x-request-id", record.request_id.encode())
                 message = {**message, "headers": [*message.get("headers", []), request_id]}
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if record.status:  # the response has begun: it cannot become an error now
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            body = json.dumps(error_body("internal server error", "server_error")).encode()
+            headers = [(b"content-type", b"application/json")]
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": headers})
+            await send_with_id({"type": "http.response.body", "body": body})
         except BaseException:
             record.status = record.status or 500
             raise
         finally:
+            if record.status and not ended:  # cut short: the client went away mid-stream
+                record.status = 499
+                record.finish_reason = "abort"
             record.latency_s = time.monotonic() - record.started
             self.on_finish(record)
 

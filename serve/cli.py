@@ -28,7 +28,7 @@ def generate(
     """Generate one answer with the base model or an adapter."""
     from registry.home import setup_environment
 
-    with user_errors():
+    with user_errors(tracking_uri):
         setup_environment()
         from registry.errors import UsageError
         from serve import SamplingParams
@@ -70,7 +70,7 @@ def serve(
     """
     from registry.home import setup_environment
 
-    with user_errors():
+    with user_errors(tracking_uri):
         setup_environment()
         from serve.serve_config import serve_settings
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.errors import UsageError
 from serve.response_format import ResponseFormat
 from serve.sampling_params import SamplingParams
 
@@ -84,8 +85,12 @@ class _Request(BaseModel):
 
     def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:
         """The params of each of the `n` choices: a given seed is offset per choice, so the
-        choices differ as OpenAI's do (the first keeps it, as with n=1)."""
-        params = self.sampling_params(default_max_tokens)
+        choices differ as OpenAI's do (the first keeps it, as with n=1). SamplingParams'
+        checks refuse with a UsageError (a 400)."""
+        try:
+            params = self.sampling_params(default_max_tokens)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         if self.seed is None:
             return [params] * self.n
         return [
@@ -197,6 +202,14 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class InvalidField(UsageError):
+    """A 400 that names the request's field at fault (OpenAI's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 def new_id(prefix: str) -> str:

@@ -66,7 +66,7 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> registry REF or folder
     default_max_tokens: int = Field(256, ge=1)  # for requests that do not say
-    max_waiting: int = Field(256, ge=0)  # queued requests beyond which new ones get 503
+    max_waiting: int = Field(256, ge=1)  # queued requests beyond which new ones get 503
     request_timeout_s: float = Field(300, gt=0)  # a request still running then is aborted
     alias_poll_interval_s: float = Field(10, gt=0)  # how soon a moved alias is followed
     engine: EngineConfig = EngineConfig()

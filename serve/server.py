@@ -8,26 +8,30 @@ allow-lists; 429 with Retry-After (retried after that delay); 503 when `max_wait
 are queued (retried with back-off); 504 when a request outlives `request_timeout_s` (marked
 `x-should-retry: false`, since it would only time out again). A stream that times out ends
 with an error event, which the openai client raises as `APIError`: an answer cut short is
-never passed off as a finished one.
+never passed off as a finished one. 413 for a body over the limit, 500 (`server_error`) for a
+failed engine step; a client that hangs up, queued or mid-answer, aborts its request (499).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException
 
-from registry.errors import NotFoundError
+from registry.errors import NotFoundError, UsageError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
-from serve.async_engine import AsyncLLM, QueueFull
+from serve.async_engine import AsyncLLM, EngineStepError, QueueFull
 from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
 from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs, LogprobsFormatter
@@ -36,6 +40,7 @@ from serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
     CompletionRequest,
+    InvalidField,
     error_body,
     new_id,
     now,
@@ -65,7 +70,14 @@ async def _authenticated(request: Request) -> RequestRecord:
 Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 
 
-_DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is there
+_DISCONNECT_POLL_S = 0.5  # how often a request not streaming yet checks that its client is there
+# Text prompts are refused past this many characters per token of the context length, before
+# tokenizing (which costs in proportion): tokenizers average 3-5 characters per token.
+_CHARS_PER_TOKEN_BOUND = 16
+# Request bodies are refused past this many bytes per character of that bound (JSON escapes
+# take up to 6 bytes a character; a batch holds several prompts), and never below 16 MiB.
+_BODY_BYTES_PER_CHAR = 64
+_MIN_BODY_BYTES = 16 * 2**20
 
 
 def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = None) -> FastAPI:
@@ -94,7 +106,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             keys.charge(record.caller, record.prompt_tokens + record.completion_tokens)
         audit.write(record)
 
-    app.add_middleware(RecordRequests, on_finish=finished)
+    max_chars = engine.engine.max_model_len * _CHARS_PER_TOKEN_BOUND
+    app.add_middleware(LimitBody, max_bytes=max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * max_chars))
+    app.add_middleware(RecordRequests, on_finish=finished)  # outside: it records the 413s too
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
@@ -104,15 +118,30 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
         )
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException):
+        if error.status_code != 413:  # Starlette's own: unknown routes and methods
+            return await http_exception_handler(request, error)
+        return JSONResponse(error_body(error.detail, "invalid_request_error"), status_code=413)
+
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, error: NotFoundError):
         return JSONResponse(
             error_body(str(error), "not_found_error", "model", "model_not_found"), status_code=404
         )
 
-    @app.exception_handler(ValueError)  # UsageError and SamplingParams' checks
-    async def _bad_value(request: Request, error: ValueError):
-        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
+    # The request's own mistakes only: any other ValueError is a bug, a 500 (RecordRequests).
+    @app.exception_handler(UsageError)
+    async def _bad_value(request: Request, error: UsageError):
+        param = getattr(error, "param", None)  # InvalidField's
+        return JSONResponse(error_body(str(error), "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(EngineStepError)
+    async def _step_failed(request: Request, error: EngineStepError):
+        message = f"the engine step computing this request failed: {error}"
+        return JSONResponse(
+            error_body(message, "server_error", None, "engine_step_failed"), status_code=500
+        )
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, error: Refusal):
@@ -158,14 +187,16 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 adapter = await adapter_for(body.model)
                 record.model = body.model
                 info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
-                record.adapter_uid = info.uid if info else None
+                # Every choice on this version, even if the name is replaced meanwhile (the
+                # engine refuses an unloaded name when the uid is None).
+                uid = record.adapter_uid = info.uid if info else None
                 itl = metrics.itl.labels(body.model)
                 n = len(params)
 
                 def queue(i: int, j: int) -> AsyncIterator[RequestOutput]:
                     k = i * n + j  # the choice's index in the response
                     rid = record.request_id + (f"-{k}" if k else "")
-                    outputs = engine.generate(prompts[i], params[j], adapter, rid)
+                    outputs = engine.generate(prompts[i], params[j], adapter, rid, uid)
                     return observed(outputs, record, itl, counts_prompt=j == 0)
 
                 firsts = await all_started([queue(i, 0) for i in range(len(prompts))])
@@ -187,21 +218,47 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             record.finish_reason = "timeout"
             raise timed_out(config.request_timeout_s) from None
 
-    async def last(request: Request, streams: list[AsyncIterator]) -> list[RequestOutput]:
-        """The final output of each choice. A client that hangs up first aborts the request
-        (the streams' end frees their KV blocks), as a streaming client does by closing the
-        stream."""
-        finals = asyncio.ensure_future(last_outputs(streams))
+    async def unless_gone(request: Request, work: Awaitable):
+        """`work`'s result; a client that hangs up first cancels it, which aborts its
+        requests (their streams' end frees their KV blocks), and gets 499, as a streaming
+        client does by closing the stream."""
+        task = asyncio.ensure_future(work)
         try:
-            while not (await asyncio.wait({finals}, timeout=_DISCONNECT_POLL_S))[0]:
-                if await request.is_disconnected():
+            while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected() and not task.done():
                     request.scope[SCOPE_KEY].finish_reason = "abort"
                     raise Refusal(499, "client closed the request", "client_closed_request")
-            return finals.result()
+            return task.result()
+        finally:
+            task.cancel()
+
+    async def last(request: Request, streams: list[AsyncIterator]) -> list[RequestOutput]:
+        """The final output of each choice (aborted if the client hangs up first)."""
+        try:
+            return await unless_gone(request, last_outputs(streams))
         except TimeoutError:
             raise timed_out(config.request_timeout_s) from None
-        finally:
-            finals.cancel()
+
+    def check_length(field: str, chars: int) -> None:
+        """Refuse text that cannot fit the context before tokenizing it."""
+        if chars > max_chars:
+            raise InvalidField(
+                field,
+                f"{chars} characters cannot fit the context length of "
+                f"{engine.engine.max_model_len} tokens (at most {max_chars} characters)",
+            )
+
+    def chat_prompt(messages: list[dict]) -> list[int]:
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as error:  # the template's raise_exception: roles, order
+            raise InvalidField("messages", f"the chat template refused them: {error}") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(prompt: str) -> list[int]:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]  # as add_request does
 
     @app.get("/health")
     async def health():
@@ -247,11 +304,12 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         keys.admit(record.caller, body.model)
         messages = [m.for_template() for m in body.messages]
         record.prompt = messages
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        check_length("messages", sum(len(m["content"]) for m in messages))
+        # Off the event loop (other streams go on) and off the engine thread (steps go on).
+        prompt = await asyncio.to_thread(chat_prompt, messages)
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
-        streams = await start(record, body, [prompt])
+        streams = await unless_gone(request, start(record, body, [prompt]))
         rid = new_id("chatcmpl")
         scores = [ChatLogprobs(logprobs) for _ in streams]
         if body.stream:
@@ -279,11 +337,15 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     async def completions(request: Request, record: Authenticated, body: CompletionRequest):
         keys.admit(record.caller, body.model)
         record.prompt = body.prompt
-        prompts = body.prompts()
-        streams = await start(record, body, prompts)
+        given = body.prompts()
+        for prompt in given:
+            if isinstance(prompt, str):
+                check_length("prompt", len(prompt))
+        prompts = [await asyncio.to_thread(encode, p) if isinstance(p, str) else p for p in given]
+        streams = await unless_gone(request, start(record, body, prompts))
         rid = new_id("cmpl")
         # Per choice: its prompt's text (echoed, and where logprob offsets count from).
-        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
         texts = [text for text in texts for _ in range(body.n)]
         scores = [CompletionLogprobs(logprobs, text, body.echo) for text in texts]
         echo = texts if body.echo else [""] * len(texts)
@@ -313,6 +375,37 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.state.metrics = metrics
     app.state.adapters = adapters
     return app
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 (by its
+    Content-Length before any of it is read, else as soon as the bytes read pass it)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is over the limit of {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            refusal = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
+            await refusal(scope, receive, send)
+            return
+        read = 0
+
+        async def counted():
+            nonlocal read
+            received = await receive()
+            read += len(received.get("body", b""))
+            if read > self.max_bytes:  # chunked, or longer than it said
+                raise HTTPException(413, message)
+            return received
+
+        await self.app(scope, counted, send)
 
 
 def _model_entry(name: str, base_name: str) -> dict:

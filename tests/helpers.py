@@ -243,3 +243,11 @@ def paused(engine):
         yield
     finally:
         gate.set()
+
+
+def hang_up_after(stream, chunks: int) -> None:
+    """Read `chunks` events of an openai stream, then close it as a client that leaves does."""
+    for i, _chunk in enumerate(stream):
+        if i + 1 == chunks:
+            break
+    stream.close()

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from serve import LLM, SamplingParams
-from tests.helpers import make_lora, running_server, tiny_engine_args
+from tests.helpers import hang_up_after, make_lora, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 
@@ -333,10 +333,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    for i, _chunk in enumerate(stream):
-        if i == 3:
-            break
-    stream.close()
+    hang_up_after(stream, 4)
     deadline = time.monotonic() + 10
     while engine.stats()["kv_blocks_used"] or engine.stats()["running"]:
         assert time.monotonic() < deadline, "the request kept its blocks after the disconnect"
@@ -385,3 +382,130 @@ def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
     assert _http("DELETE", f"{url}/adapters/late")[0] == 404
     ok = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
     assert ok.usage.completion_tokens >= 1
+
+
+MISTRAL_LIKE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{{ message['content'] }}{% endfor %}"
+)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_them(server, monkeypatch):
+    url, _, engine = server
+    monkeypatch.setattr(engine.engine.tokenizer, "chat_template", MISTRAL_LIKE_TEMPLATE)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "Be brief."}, *QUESTION]
+    with pytest.raises(openai.BadRequestError, match="roles must alternate") as refused:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert refused.value.body["param"] == "messages"
+    assert client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_step_failing_before_the_first_token_is_an_openai_500_with_the_request_id(server, stream):
+    import httpx
+
+    url, _, engine = server
+    runner = engine.engine.runner
+    sample = runner.sample
+
+    def fail_once(plan, forward):
+        runner.sample = sample
+        raise RuntimeError("out of memory (simulated)")
+
+    runner.sample = fail_once
+    try:
+        body = {"model": "faq", "prompt": [1, 300, 301], "max_tokens": 4, "stream": stream}
+        reply = httpx.post(f"{url}/completions", json=body, timeout=60)
+    finally:
+        runner.sample = sample
+    assert reply.status_code == 500 and reply.headers["x-request-id"].startswith("req-")
+    error = reply.json()["error"]
+    assert error["type"] == "server_error" and "out of memory (simulated)" in error["message"]
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    assert client.completions.create(model="faq", prompt=[1, 300], max_tokens=2)
+
+
+def test_an_internal_value_error_is_a_500_not_the_clients_400(server, monkeypatch):
+    import httpx
+
+    url, _, _ = server
+
+    def broken(outputs, n):
+        raise ValueError("a bug in the server")
+
+    monkeypatch.setattr("serve.server.usage", broken)
+    body = {"model": "faq", "prompt": [1, 300, 301], "max_tokens": 2}
+    reply = httpx.post(f"{url}/completions", json=body, timeout=60)
+    assert reply.status_code == 500 and reply.headers["x-request-id"].startswith("req-")
+    assert reply.json()["error"]["type"] == "server_error"
+    assert "a bug" not in reply.text  # internals stay in the server's log
+    monkeypatch.undo()
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):  # the client's own: 400
+        client.completions.create(model="faq", prompt="a", max_tokens=2, logit_bias={"5": 300})
+
+
+def test_text_past_the_context_is_refused_before_tokenizing_and_off_both_loops(server, monkeypatch):
+    import threading
+
+    url, _, engine = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    tokenizer, llm_engine = engine.engine.tokenizer, engine.engine
+    template, add_request = tokenizer.apply_chat_template, llm_engine.add_request
+    seen = []
+
+    def templating(*args, **kwargs):
+        seen.append(("template", threading.current_thread().name))
+        return template(*args, **kwargs)
+
+    def adding(prompt, *args, **kwargs):
+        seen.append(("prompt", type(prompt).__name__))
+        return add_request(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", templating)
+    monkeypatch.setattr(llm_engine, "add_request", adding)
+    huge = "word " * (llm_engine.max_model_len * 16 // 5 + 1)
+    chat = {"messages": [{"role": "user", "content": huge}]}
+    for create, field, args in (
+        (client.completions.create, "prompt", {"prompt": huge}),
+        (client.chat.completions.create, "messages", chat),
+    ):
+        with pytest.raises(openai.BadRequestError, match="context length") as refused:
+            create(model="faq", max_tokens=2, **args)
+        assert refused.value.body["param"] == field
+    assert seen == []  # refused before templating, tokenizing or queueing
+    client.completions.create(model="faq", prompt="Hello there", max_tokens=2)
+    client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+    # Tokenized in a worker thread, neither the event loop's nor the engine's.
+    assert seen[0] == ("prompt", "list") and seen[-1] == ("prompt", "list")
+    assert seen[1][0] == "template" and seen[1][1].startswith("asyncio")
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(server):
+    import socket
+
+    import httpx
+
+    url, _, _ = server
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port))) as client:  # says 1 GB, sends nothing
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        client.settimeout(30)
+        head = client.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and '"type":"invalid_request_error"' in head
+
+    def chunks():  # no Content-Length: counted as read
+        yield b'{"model": "faq", "prompt": "'
+        for _ in range(17):
+            yield b"x" * 2**20
+
+    reply = httpx.post(f"{url}/completions", content=chunks(), timeout=60)
+    assert reply.status_code == 413 and "over the limit" in reply.json()["error"]["message"]
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    assert client.completions.create(model="faq", prompt=[1, 300], max_tokens=2)

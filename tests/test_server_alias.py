@@ -4,6 +4,8 @@ started with, and /v1/models lists registered adapters that are not loaded yet."
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import httpx
@@ -11,7 +13,7 @@ import openai
 import pytest
 
 from serve import LLM
-from tests.helpers import make_lora, paused, register_folder, running_server
+from tests.helpers import make_lora, paused, register_folder, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 ANSWER = dict(max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
@@ -84,3 +86,48 @@ def test_a_promoted_alias_reaches_new_requests_and_one_in_flight_keeps_its_versi
         metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
         assert 'loraplex_adapter_loads_total{reason="alias_moved"} 2.0' in metrics
     engine.shutdown()
+
+
+@pytest.mark.parametrize("meanwhile", ["unload", "replace"])
+def test_an_unload_or_replacement_while_a_moved_alias_is_read_is_not_undone(
+    tiny_base, registry, tmp_path, meanwhile
+):
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    for seed in (1, 2):
+        folder = make_lora(tiny_base, tmp_path / f"v{seed}", rank=4, targets=["q_proj"], seed=seed)
+        register_folder(registry, folder, "faq")
+    registry.promote("faq", 1)
+    llm = LLM(**tiny_engine_args(tiny_base, registry.tracking_uri))
+    engine = AsyncLLM(llm.engine)
+    watch = AdapterWatch(engine)
+    read, reading = llm.engine.read_adapter, threading.Event()
+    allowed = threading.Event()
+
+    def slow_read(name, source):  # as a download from a remote registry: the API acts first
+        reading.set()
+        assert allowed.wait(30)
+        return read(name, source)
+
+    async def main():
+        await watch.ensure("faq@champion")
+        registry.promote("faq", 2)
+        llm.engine.read_adapter = slow_read
+        following = asyncio.ensure_future(watch.follow_moves())
+        assert await asyncio.to_thread(reading.wait, 30)
+        if meanwhile == "unload":  # DELETE /v1/adapters/faq@champion
+            await engine.unload_adapter("faq@champion")
+        else:  # POST /v1/adapters {"name": "faq@champion", "source": a folder}
+            folder = str(tmp_path / "v1")
+            pinned = read("faq@champion", folder)
+            await asyncio.wrap_future(engine._submit(lambda: llm.engine.install_adapter(pinned)))
+        allowed.set()
+        return await following
+
+    try:
+        assert asyncio.run(main()) == []
+        loaded = {name: info.source for name, info in watch.loaded.items()}
+        assert loaded == ({} if meanwhile == "unload" else {"faq@champion": str(tmp_path / "v1")})
+    finally:
+        engine.shutdown()

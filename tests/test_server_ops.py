@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve import LLM
-from tests.helpers import make_lora, paused, running_server, tiny_engine_args
+from tests.helpers import hang_up_after, make_lora, paused, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 OPS_KEY = "sk-ops-not-a-real-secret"
@@ -311,3 +311,147 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     assert value("loraplex_prefix_cache_query_blocks_total") > 0
     prompts = [line["prompt"] for line in _audit(tmp_path) if line["status"] == 200][:1]
     assert prompts == [QUESTION]
+
+
+def _raw_request(url: str, body: dict) -> socket.socket:
+    """A request sent on a socket the test closes when it likes (a client hanging up)."""
+    payload = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    client = socket.create_connection((host, int(port)))
+    client.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return client
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_while_its_request_is_queued_aborts_it(
+    tiny_base, faq_folder, empty_registry, tmp_path, stream
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        body = {"model": "faq", "prompt": [1, 300, 301], "max_tokens": 200, "stream": stream}
+        with paused(engine):  # queued behind a busy engine: no first token yet
+            client = _raw_request(url, {**body, "ignore_eos": True})
+            deadline = time.monotonic() + 20
+            while engine._inbox.qsize() < 1:
+                assert time.monotonic() < deadline, "the request did not reach the engine"
+                time.sleep(0.02)
+            client.close()
+            while not _audit(tmp_path):  # noticed while the engine is still held
+                assert time.monotonic() < deadline, "the server did not notice the hang-up"
+                time.sleep(0.05)
+        _wait_until_idle(engine)
+        assert not engine.engine.requests
+    [line] = _audit(tmp_path)
+    assert (line["status"], line["finish_reason"], line["completion_tokens"]) == (499, "abort", 0)
+
+
+def test_a_stream_its_client_closes_is_audited_and_counted_as_aborted(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        stream = client.completions.create(
+            model="faq",
+            prompt=[1, 300],
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        hang_up_after(stream, 4)
+        deadline = time.monotonic() + 20
+        while not _audit(tmp_path):
+            assert time.monotonic() < deadline, "the stream's end was not recorded"
+            time.sleep(0.05)
+        _wait_until_idle(engine)
+        samples = _metrics(url)
+    [line] = _audit(tmp_path)
+    assert (line["status"], line["finish_reason"]) == (499, "abort")
+    assert 3 <= line["completion_tokens"] < 400
+    key = (("endpoint", "/v1/completions"), ("model", "faq"), ("status", "499"))
+    assert samples[("loraplex_requests_total", key)] == 1
+
+
+def test_the_choices_of_a_request_run_on_the_version_it_started_with(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    import threading
+
+    folders = [
+        make_lora(
+            tiny_base,
+            tmp_path / f"v{seed}",
+            rank=4,
+            targets=["q_proj", "v_proj"],
+            b_scale=1.0,
+            seed=seed,
+        )
+        for seed in (0, 1)
+    ]
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        http = httpx.Client(base_url=url, timeout=60)
+
+        def load(folder):
+            return http.post("/adapters", json={"name": "moving", "source": str(folder)}).json()
+
+        body = {"model": "moving", "prompt": [1, 300, 301], "max_tokens": 8, "temperature": 0}
+        body.update(n=2, ignore_eos=True)
+        first = load(folders[0])
+        replies = {}
+        with paused(engine):  # the name is replaced before the first choice has its first token
+            asking = threading.Thread(
+                target=lambda: replies.update(n2=http.post("/completions", json=body))
+            )
+            asking.start()
+            deadline = time.monotonic() + 20
+            while engine._inbox.qsize() < 1:  # choice 0 queued
+                assert time.monotonic() < deadline, "the request did not reach the engine"
+                time.sleep(0.02)
+            replacing = threading.Thread(target=lambda: replies.update(new=load(folders[1])))
+            replacing.start()
+            while engine._inbox.qsize() < 2:  # the new version read, waiting to install
+                assert time.monotonic() < deadline, "the replacement did not reach the engine"
+                time.sleep(0.02)
+        asking.join()
+        replacing.join()
+        assert replies["new"]["uid"] != first["uid"]
+        texts = [choice["text"] for choice in replies["n2"].json()["choices"]]
+        after = http.post("/completions", json={**body, "n": 1}).json()["choices"][0]["text"]
+    assert texts[0] == texts[1] != after  # one version for both choices; the new one differs
+    line = next(
+        x for x in _audit(tmp_path) if x["request_id"] == replies["n2"].headers["x-request-id"]
+    )
+    assert line["adapter_uid"] == first["uid"]
+
+
+def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
+    tiny_base, faq_folder, tmp_path
+):
+    import os
+
+    limits = (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    )
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{s.getsockname()[1]}"
+    saved = {name: os.environ.pop(name, None) for name in limits}  # MLflow's defaults
+    try:
+        with serving(tiny_base, faq_folder, unreachable, tmp_path) as (url, _):
+            t0 = time.monotonic()
+            listed = httpx.get(f"{url}/models", timeout=30)
+            assert [m["id"] for m in listed.json()["data"]] == ["tiny", "faq"]
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+            with pytest.raises(openai.InternalServerError, match="registry") as refused:
+                client.chat.completions.create(model="faq@champion", messages=QUESTION)
+            assert refused.value.status_code == 503
+            assert time.monotonic() - t0 < 30  # MLflow's own retries alone take minutes
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
