@@ -33,6 +33,7 @@ from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM, EngineStepError, QueueFull
 from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
+from serve.body_limit import LimitBody
 from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs, LogprobsFormatter
 from serve.outputs import RequestOutput
@@ -375,37 +376,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.state.metrics = metrics
     app.state.adapters = adapters
     return app
-
-
-class LimitBody:
-    """ASGI middleware: a request body over `max_bytes` is refused with 413 (by its
-    Content-Length before any of it is read, else as soon as the bytes read pass it)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is over the limit of {self.max_bytes} bytes"
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            refusal = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-            await refusal(scope, receive, send)
-            return
-        read = 0
-
-        async def counted():
-            nonlocal read
-            received = await receive()
-            read += len(received.get("body", b""))
-            if read > self.max_bytes:  # chunked, or longer than it said
-                raise HTTPException(413, message)
-            return received
-
-        await self.app(scope, counted, send)
 
 
 def _model_entry(name: str, base_name: str) -> dict:
