@@ -46,13 +46,14 @@ class QualityGate:
         self.candidate = self._version(candidate, "--candidate")
         self.baseline = self._baseline(baseline)
         self.notes: list[str] = []  # for the report's reader: what may bias the comparison
-        differences = self._split_differences(self.candidate)
+        measured = self._measured_split()
+        differences = self._split_differences(self.candidate, measured)
         if differences:
             raise UsageError(
                 f"--candidate {_ref(self.candidate)} was not trained on the split this gate "
                 f"measures on, so it may have trained on its test records: {differences}"
             )
-        differences = self._split_differences(self.baseline) if self.baseline else None
+        differences = self._split_differences(self.baseline, measured) if self.baseline else ""
         if differences:
             # Refusing would block exactly the change that moves the data (the champion was
             # trained on the old one); the reader is told instead.
@@ -176,21 +177,21 @@ class QualityGate:
         }
         return metrics, tags
 
-    def _split_differences(self, version: AdapterVersion) -> str:
-        """How the data and split a version was trained on (its lineage's data hash, its
-        run's params) differ from the test split measured here; "" when nothing recorded does.
-
-        The test part of a split depends only on the data, `seed` and `test`: a version trained
-        with another `validation` size kept the same records out of training.
-        """
+    def _measured_split(self) -> dict[str, str]:
+        """What decides the test split measured here: the data, `seed` and `test` (a version
+        trained with another `validation` size kept the same records out of training)."""
         from train.data import data_hash
 
         split = self.train.data.split
-        expected = {
+        return {
             "data hash": data_hash(self.train.data.path),
             "data.split.seed": str(split.seed),
             "data.split.test": str(split.test),
         }
+
+    def _split_differences(self, version: AdapterVersion, expected: dict[str, str]) -> str:
+        """How the data and split a version was trained on (its lineage's data hash, its
+        run's params) differ from `expected`; "" when nothing recorded does."""
         params = self.registry.run_params(version)
         recorded = {
             "data hash": version.tags.get("data_hash"),
