@@ -19,7 +19,6 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from registry.errors import UsageError
 from serve.engine import AdapterInfo, LLMEngine
 from serve.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
@@ -55,19 +54,14 @@ class AsyncLLM:
         adapter_uid: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """`adapter_uid` pins the adapter's version (`LLMEngine.add_request`). Bad input
-        raises `UsageError` (a ValueError of the request's making is one too)."""
+        raises `UsageError`."""
         stream = (asyncio.get_running_loop(), asyncio.Queue())
 
         def add() -> str:
             waiting = len(self.engine.scheduler.waiting)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are already waiting; try again later")
-            try:
-                rid = self.engine.add_request(prompt, params, adapter, request_id, adapter_uid)
-            except ValueError as error:  # e.g. a response_format llguidance cannot compile
-                if isinstance(error, UsageError):
-                    raise
-                raise UsageError(str(error)) from error
+            rid = self.engine.add_request(prompt, params, adapter, request_id, adapter_uid)
             self._streams[rid] = stream
             return rid
 

@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import torch
 
+from registry.errors import UsageError
 from serve.response_format import FIELD, ResponseFormat, grammar
 from serve.sequence import Sequence
 
@@ -74,7 +75,7 @@ class GuidedDecoding:
         )
 
     def start(self, request_id: str, fmt: ResponseFormat) -> None:
-        """Give a request the grammar of `fmt`; ValueError naming the field when it cannot be."""
+        """Give a request the grammar of `fmt`; UsageError naming the field when it cannot be."""
         self._matchers[request_id] = _Matcher(self._template(fmt.json_schema).deep_copy())
 
     def forget(self, request_id: str) -> None:
@@ -132,7 +133,7 @@ class GuidedDecoding:
 
         matcher = llguidance.LLMatcher(self.tokenizer, grammar(json_schema), log_level=0)
         if matcher.is_error():
-            raise ValueError(f"{FIELD} cannot be enforced: {matcher.get_error()}")
+            raise UsageError(f"{FIELD} cannot be enforced: {matcher.get_error()}")
         return matcher
 
 

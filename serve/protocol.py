@@ -85,12 +85,8 @@ class _Request(BaseModel):
 
     def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:
         """The params of each of the `n` choices: a given seed is offset per choice, so the
-        choices differ as OpenAI's do (the first keeps it, as with n=1). SamplingParams'
-        checks refuse with a UsageError (a 400)."""
-        try:
-            params = self.sampling_params(default_max_tokens)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        choices differ as OpenAI's do (the first keeps it, as with n=1)."""
+        params = self.sampling_params(default_max_tokens)
         if self.seed is None:
             return [params] * self.n
         return [

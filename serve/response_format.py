@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from registry.errors import UsageError
+
 FIELD = "response_format"
 JSON_OBJECT = '{"type": "object"}'
 # Any JSON whitespace, at most 2 characters at a time: small models asked for free whitespace
@@ -26,7 +28,7 @@ class ResponseFormat:
     json_schema: str = JSON_OBJECT
 
     def __post_init__(self):
-        grammar(self.json_schema)  # raises ValueError naming the field
+        grammar(self.json_schema)  # raises UsageError naming the field
 
     @classmethod
     def parse(cls, value) -> ResponseFormat | None:
@@ -37,7 +39,7 @@ class ResponseFormat:
         if value is None or isinstance(value, ResponseFormat):
             return value
         if not isinstance(value, dict):
-            raise ValueError(
+            raise UsageError(
                 f"{FIELD} must be an object such as {{'type': 'json_object'}} (got {value!r})"
             )
         kind = value.get("type")
@@ -52,24 +54,24 @@ class ResponseFormat:
         elif kind == "json_schema":
             spec = value.get("json_schema")
         else:
-            raise ValueError(
+            raise UsageError(
                 f"{FIELD}.type must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
             )
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
-            raise ValueError(
+            raise UsageError(
                 f"{FIELD}.json_schema.schema must be a JSON schema object (got {schema!r})"
             )
         try:
             text = json.dumps(schema, allow_nan=False)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{FIELD}.json_schema.schema is not JSON: {error}") from None
+            raise UsageError(f"{FIELD}.json_schema.schema is not JSON: {error}") from None
         return cls(text)
 
 
 @lru_cache(maxsize=256)
 def grammar(json_schema: str) -> str:
-    """The llguidance grammar of a schema; ValueError naming the field when it is unusable."""
+    """The llguidance grammar of a schema; UsageError naming the field when it is unusable."""
     import llguidance
 
     try:
@@ -77,8 +79,8 @@ def grammar(json_schema: str) -> str:
             json_schema, defaults={"whitespace_pattern": WHITESPACE}
         )
     except ValueError as error:
-        raise ValueError(f"{FIELD} holds an invalid JSON schema: {error}") from None
+        raise UsageError(f"{FIELD} holds an invalid JSON schema: {error}") from None
     problem = llguidance.LLMatcher.validate_grammar(compiled)
     if problem:
-        raise ValueError(f"{FIELD} holds a JSON schema that cannot be enforced: {problem}")
+        raise UsageError(f"{FIELD} holds a JSON schema that cannot be enforced: {problem}")
     return compiled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from registry.errors import UsageError
 from serve.response_format import ResponseFormat
 
 
@@ -113,4 +114,4 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
 
 def _check(ok: bool, name: str, rule: str, value) -> None:
     if not ok:
-        raise ValueError(f"{name} {rule} (got {value!r})")
+        raise UsageError(f"{name} {rule} (got {value!r})")
