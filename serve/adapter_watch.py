@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Callable
 
-from registry.errors import LoraplexError
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
 from serve.async_engine import AsyncLLM
@@ -75,9 +74,7 @@ class AdapterWatch:
 
         try:
             return await self.load(ref, ref, "first_use")
-        except MlflowException as error:
-            if isinstance(error, LoraplexError):
-                raise
+        except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", ref, error)
             raise Refusal(
                 503,
