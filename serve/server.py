@@ -139,6 +139,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.exception_handler(EngineStepError)
     async def _step_failed(request: Request, error: EngineStepError):
+        request.scope[SCOPE_KEY].finish_reason = "error"
         message = f"the engine step computing this request failed: {error}"
         return JSONResponse(
             error_body(message, "server_error", None, "engine_step_failed"), status_code=500

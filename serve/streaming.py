@@ -54,6 +54,9 @@ async def until(stream, deadline: float, record: RequestRecord) -> AsyncIterator
         except TimeoutError:
             record.finish_reason = "timeout"
             raise
+        except EngineStepError:
+            record.finish_reason = "error"
+            raise
         yield out
 
 

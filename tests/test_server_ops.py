@@ -19,6 +19,7 @@ from serve import LLM
 from tests.helpers import hang_up_after, make_lora, paused, running_server, tiny_engine_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+IGNORE_EOS = {"ignore_eos": True}
 OPS_KEY = "sk-ops-not-a-real-secret"
 FAQ_KEY = "sk-faq-not-a-real-secret"
 
@@ -253,6 +254,48 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
     [line] = _audit(tmp_path)
     assert (line["status"], line["finish_reason"]) == (499, "abort")
     assert n <= line["completion_tokens"] < 400 * n
+
+
+def test_a_failed_step_is_audited_with_finish_reason_error_and_the_server_goes_on(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    """Before the first token (a 500) and mid-stream (an error event after some chunks)."""
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        runner = engine.engine.runner
+        sample = runner.sample
+        calls = []
+
+        def fail_at(n):
+            def sample_or_fail(plan, forward):
+                calls.append(1)
+                if len(calls) == n:
+                    raise RuntimeError("out of memory (simulated)")
+                return sample(plan, forward)
+
+            calls.clear()
+            runner.sample = sample_or_fail
+
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        try:
+            fail_at(1)
+            with pytest.raises(openai.InternalServerError, match="simulated"):
+                client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=8)
+            fail_at(3)
+            stream = client.chat.completions.create(
+                model="faq", messages=QUESTION, max_tokens=8, stream=True, extra_body=IGNORE_EOS
+            )
+            chunks = []
+            with pytest.raises(openai.APIError, match="simulated"):
+                for chunk in stream:
+                    chunks.append(chunk)
+            assert chunks and all(c.choices[0].finish_reason is None for c in chunks)
+        finally:
+            runner.sample = sample
+        ok = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+        assert ok.choices[0].finish_reason == "length"
+        _wait_until_idle(engine)
+    lines = [(line["status"], line["finish_reason"]) for line in _audit(tmp_path)]
+    assert lines == [(500, "error"), (200, "error"), (200, "length")]
 
 
 def test_metrics_count_requests_tokens_latencies_and_engine_state(
