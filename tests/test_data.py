@@ -14,7 +14,7 @@ from train.data import (
     load_records,
     load_splits,
     pack,
-    prompt_key,
+    prompt_keys,
     split_indices,
     to_messages,
 )
@@ -192,23 +192,58 @@ def _turns(*texts: str) -> dict:
     return {"messages": [{"role": r, "content": t} for r, t in zip(roles, texts, strict=False)]}
 
 
+def _leaks(records: list[dict], parts: dict[str, list[int]]) -> set:
+    """The (question, answer) turns of test records that a train record also targets."""
+
+    def exchanges(i):
+        messages = to_messages(records[i], "chat")
+        return {
+            (messages[j - 1]["content"], m["content"])
+            for j, m in enumerate(messages)
+            if m["role"] == "assistant"
+        }
+
+    trained = set().union(*map(exchanges, parts["train"]))
+    return set().union(*map(exchanges, parts["test"])) & trained
+
+
 def test_a_multi_turn_record_shares_a_split_part_with_its_first_turn_asked_alone():
     # Each question once alone and once opening a two-turn chat: training targets both answers
     # of the chat, so the chat in train and the single question in test would leak its answer.
     records = []
     for i in range(40):
-        records += [_turns(f"What is {i}?", f"{i}."), _turns(f"What is {i}?", f"{i}.", "x2?", "..")]
-    keys = [prompt_key(r, "chat") for r in records]
-    parts = split_indices(keys, 0.1, 0.1, seed=0)
-    trained = {
-        (messages[j - 1]["content"], m["content"])
-        for i in parts["train"]
-        for messages in [to_messages(records[i], "chat")]
-        for j, m in enumerate(messages)
-        if m["role"] == "assistant"
-    }
-    tested = {tuple(m["content"] for m in records[i]["messages"][:2]) for i in parts["test"]}
-    assert parts["test"] and not tested & trained
+        chat = _turns(f"What is {i}?", f"{i}.", "Why?", f"Because {i}.")
+        records += [_turns(f"What is {i}?", f"{i}."), chat]
+    parts = split_indices([prompt_keys(r, "chat") for r in records], 0.1, 0.1, seed=0)
+    assert len(parts["test"]) == 2 * 4 and not _leaks(records, parts)  # "Why?" joins none
+
+
+def test_an_exchange_repeated_as_a_later_turn_of_another_chat_shares_its_part():
+    # Question i alone, and as the second turn of a chat opening with question i + 1: the chats
+    # chain every record into one group, so no split may leave a part empty...
+    chained = [_turns(f"Q{i}?", f"A{i}.") for i in range(30)]
+    chained += [_turns(f"Q{i + 1}?", f"A{i + 1}.", f"Q{i}?", f"A{i}.") for i in range(29)]
+    with pytest.raises(ConfigError, match=r"of 1 distinct prompts \(59 records;"):
+        split_indices([prompt_keys(r, "chat") for r in chained], 0.1, 0.1, seed=0)
+    # ...and pairs (2k + 1 opening, 2k as its second turn) make 15 groups of two questions.
+    records = [_turns(f"Q{i}?", f"A{i}.") for i in range(30)]
+    records += [_turns(f"Q{i + 1}?", f"A{i + 1}.", f"Q{i}?", f"A{i}.") for i in range(0, 30, 2)]
+    parts = split_indices([prompt_keys(r, "chat") for r in records], 3, 3, seed=0)
+    assert len(parts["test"]) == 3 * 3 and not _leaks(records, parts)
+    first_turn_only = [prompt_keys(r, "chat")[0] for r in records]  # as keyed before
+    assert _leaks(records, split_indices(first_turn_only, 3, 3, seed=0))
+
+
+def test_prompt_keys_are_the_first_prompt_and_each_exchange():
+    system = {"role": "system", "content": "Be brief."}
+    record = {"messages": [system, *_turns("u1", "a1", "u2", "a2", "u3")["messages"]]}
+    assert prompt_keys(record, "chat") == [
+        "system: Be brief.\nuser: u1",
+        "user: u1\nassistant: a1",
+        "user: u2\nassistant: a2",
+    ]
+    assert prompt_keys({"messages": [system]}, "chat") == ["system: Be brief."]
+    assert prompt_keys({"text": "plain"}, "text") == ["plain"]
 
 
 # Digests of the record ids in each part of the shipped configs' splits, as split before

@@ -127,29 +127,28 @@ def _tokens(tokenizer, text: str) -> list[int]:
 
 
 def split_indices(
-    keys: list[str], validation: float, test: float, seed: int
+    keys: list[str | list[str]], validation: float, test: float, seed: int
 ) -> dict[str, list[int]]:
-    """A deterministic split of record indices; records with equal keys land in the same part.
+    """A deterministic split of record indices; records sharing a key land in the same part.
 
-    The key is what a record asks first (`prompt_key`), so a question asked twice in the data
-    cannot be trained on and then tested. Sizes below 1 are shares, others are counts, both of
-    distinct keys.
+    A record's keys (`prompt_keys`; a string is one key) are what it asks first and each
+    exchange it trains on, so neither a question asked twice in the data nor an exchange
+    repeated in another conversation can be trained on and then tested. Sizes below 1 are
+    shares, others are counts, both of groups of records joined by their keys.
     """
-    groups: dict[str, list[int]] = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    n = len(groups)
+    members = _groups([[k] if isinstance(k, str) else k for k in keys])
+    n = len(members)
     sizes = {
         name: int(size) if size >= 1 else round(size * n)
         for name, size in (("validation", validation), ("test", test))
     }
     if sizes["validation"] < 1 or sizes["test"] < 1 or sum(sizes.values()) >= n:
         raise ConfigError(
-            f"data.split: validation={validation} and test={test} of {n} distinct prompts leave "
+            f"data.split: validation={validation} and test={test} of {n} distinct prompts "
+            f"({len(keys)} records; those sharing a prompt or an exchange count once) leave "
             f"validation={sizes['validation']}, test={sizes['test']}, "
             f"train={n - sum(sizes.values())}; each needs at least 1"
         )
-    members = list(groups.values())
     order = [members[i] for i in np.random.default_rng(seed).permutation(n)]
     n_val, n_test = sizes["validation"], sizes["test"]
     parts = {
@@ -160,18 +159,49 @@ def split_indices(
     return {name: sorted(i for group in part for i in group) for name, part in parts.items()}
 
 
-def prompt_key(record: dict, fmt: str) -> str:
-    """What a record asks first: its conversation before the first answer (text: the text).
+def _groups(keys: list[list[str]]) -> list[list[int]]:
+    """Record indices joined through shared keys (union-find), in order of their first record."""
+    parent = list(range(len(keys)))
 
-    Training targets every assistant turn, so a conversation [u1, a1, u2, a2] teaches a1 too:
-    keyed by its first turn, it lands in the same part as a record asking u1 alone. Single-turn
-    records keep the key of their whole prompt (system and user messages).
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}  # key -> the first record holding it
+    for i, record_keys in enumerate(keys):
+        for key in record_keys:
+            a, b = root(i), root(first.setdefault(key, i))
+            parent[max(a, b)] = min(a, b)  # a group's root is its first record
+    groups: dict[int, list[int]] = {}
+    for i in range(len(keys)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def prompt_keys(record: dict, fmt: str) -> list[str]:
+    """What a record asks first, and each exchange (question and answer) it trains on.
+
+    Training targets every assistant turn, so a conversation [u1, a1, u2, a2] teaches a1 and
+    a2: keyed by u1, by (u1, a1) and by (u2, a2), it lands in the same part as a record asking
+    u1 or holding either exchange. Exchanges, not bare questions: a follow-up such as "Why?"
+    asked in many conversations does not join them all. A single-turn record's first key is
+    its whole prompt (system and user messages); its exchange adds no link of its own.
     """
     if fmt == "text":
-        return record["text"]
+        return [record["text"]]
     messages = to_messages(record, fmt)
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages[:first])
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    keys = [_joined(messages[:first])]
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and i > 0:
+            keys.append(_joined(messages[i - 1 : i + 1]))
+    return keys
+
+
+def _joined(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def pack(examples: list[dict], block_size: int) -> list[dict]:
@@ -209,7 +239,7 @@ def load_splits(data_config) -> SplitData:
     else:
         fmt = check_format(fmt, records.column_names, data_config.path)
     split = data_config.split
-    keys = [prompt_key(r, fmt) for r in records]
+    keys = [prompt_keys(r, fmt) for r in records]
     indices = split_indices(keys, split.validation, split.test, split.seed)
     return SplitData(
         fmt, *(records.select(indices[name]) for name in ("train", "validation", "test"))
