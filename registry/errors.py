@@ -8,9 +8,15 @@ class LoraplexError(Exception):
 
 
 class UsageError(LoraplexError, ValueError):
-    """Bad input: a config key, a file, a reference. Exit code 2, as for command-line misuse."""
+    """Bad input: a config key, a file, a reference. Exit code 2, as for command-line misuse.
+
+    `param` names the request field at fault, where there is one (OpenAI's error `param`)."""
 
     exit_code = 2
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
 
 
 class ConfigError(UsageError):
@@ -19,6 +25,10 @@ class ConfigError(UsageError):
 
 class NotFoundError(UsageError):
     """A registered adapter, version or alias that does not exist."""
+
+
+class UnknownAdapterError(NotFoundError):
+    """No adapter of that name is registered at all."""
 
 
 class AdapterError(UsageError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from registry.errors import NotFoundError, UsageError
+from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
 from registry.refs import AdapterRef, check_alias
@@ -236,7 +236,7 @@ class AdapterRegistry:
     def _require(self, name: str) -> None:
         if not self._exists(name):
             known = [a.name for a in self.list()]
-            raise NotFoundError(
+            raise UnknownAdapterError(
                 f"no registered adapter named {name!r} in {self.tracking_uri} "
                 f"(registered: {_names(known)})"
             )

@@ -78,7 +78,7 @@ class AdapterWatch:
             log.warning("cannot load %s from the registry: %s", ref, error)
             raise Refusal(
                 503,
-                f"the adapter registry {self.registry.tracking_uri} cannot be read now",
+                "the adapter registry cannot be read now",  # its URI: in the log
                 "server_error",
                 "registry_unavailable",
                 {"Retry-After": "10"},

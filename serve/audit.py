@@ -93,6 +93,8 @@ def _endpoint(path: str) -> str:
     """The route, so that metrics labels stay few whatever paths clients send."""
     if path.startswith("/v1/adapters/"):
         return "/v1/adapters/{name}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
     known = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters"}
     return path if path in known else "other"
 

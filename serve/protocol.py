@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.errors import UsageError
 from serve.response_format import ResponseFormat
@@ -42,11 +42,24 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # 0 or vLLM's -1: off
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt, each its own request
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's: ids that end the answer like EOS does
+    include_stop_str_in_output: bool = False  # vLLM's: keep the stop string in the text
+    # vLLM's extensions this server does not serve: a value but the default ("off") would
+    # change the answer, so it is refused rather than ignored.
+    min_tokens: int = 0
+    min_p: float = 0.0
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    prompt_logprobs: int | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -55,6 +68,44 @@ class _Request(BaseModel):
     response_format: ResponseFormatSpec | None = None
     logit_bias: dict[str, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        """OpenAI types most fields "X or null", null meaning the default (the openai client
+        sends it for a None argument)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].default is None
+        }
+
+    @field_validator(
+        "min_tokens",
+        "min_p",
+        "use_beam_search",
+        "length_penalty",
+        "prompt_logprobs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    )
+    @classmethod
+    def _unserved(cls, value, info):
+        if value != cls.model_fields[info.field_name].default:
+            raise ValueError("not supported by this server")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")
+        return value
+
     @field_validator("response_format")
     @classmethod
     def _enforceable(cls, value: ResponseFormatSpec | None):
@@ -62,20 +113,23 @@ class _Request(BaseModel):
             value.parsed()  # a schema llguidance cannot enforce is a 400 naming the field
         return value
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's params, with `max_tokens` as the server settled it for one prompt."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         logprobs, prompt_logprobs = self.logprobs_asked()
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=max_tokens,
             # As vLLM: below 1e-5 is greedy (dividing logits by it overflows to inf).
             temperature=0.0 if self.temperature < 1e-5 else self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
+            stop_token_ids=self.stop_token_ids or (),
+            include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -83,10 +137,10 @@ class _Request(BaseModel):
             logit_bias=self.logit_bias,
         )
 
-    def choice_params(self, default_max_tokens: int) -> list[SamplingParams]:
+    def choice_params(self, max_tokens: int) -> list[SamplingParams]:
         """The params of each of the `n` choices: a given seed is offset per choice, so the
         choices differ as OpenAI's do (the first keeps it, as with n=1)."""
-        params = self.sampling_params(default_max_tokens)
+        params = self.sampling_params(max_tokens)
         if self.seed is None:
             return [params] * self.n
         return [
@@ -158,6 +212,7 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only its own
     echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
     suffix: str | None = None  # insertion: not served, refused if given
@@ -203,9 +258,9 @@ class Usage(BaseModel):
 class InvalidField(UsageError):
     """A 400 that names the request's field at fault (OpenAI's `param`)."""
 
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
+    def __init__(self, param: str, message: str, code: str | None = None):
+        super().__init__(f"{param}: {message}", param=param)
+        self.code = code
 
 
 def new_id(prefix: str) -> str:

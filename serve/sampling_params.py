@@ -114,4 +114,4 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
 
 def _check(ok: bool, name: str, rule: str, value) -> None:
     if not ok:
-        raise UsageError(f"{name} {rule} (got {value!r})")
+        raise UsageError(f"{name} {rule} (got {value!r})", param=name)

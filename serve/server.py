@@ -15,19 +15,19 @@ failed engine step; a client that hangs up, queued or mid-answer, aborts its req
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from registry.errors import NotFoundError, UsageError
+from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
@@ -54,6 +54,7 @@ from serve.streaming import (
     completion_chunks,
     last_outputs,
     observed,
+    prompt_only,
     sse,
     until,
     usage,
@@ -70,6 +71,8 @@ async def _authenticated(request: Request) -> RequestRecord:
 
 Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 
+
+log = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.5  # how often a request not streaming yet checks that its client is there
 # Text prompts are refused past this many characters per token of the context length, before
@@ -113,29 +116,39 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p != "body")
+        # The deepest error: of a union's branches, the one that got furthest (an image part
+        # fails `str` at the content, and `list[TextPart]` at the part's type).
+        first = max(error.errors(), key=lambda e: len(e["loc"]))
+        field = ".".join(str(p) for p in first["loc"] if p != "body" and not _is_branch(p))
         return JSONResponse(
             error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
         )
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, error: HTTPException):
-        if error.status_code != 413:  # Starlette's own: unknown routes and methods
-            return await http_exception_handler(request, error)
-        return JSONResponse(error_body(error.detail, "invalid_request_error"), status_code=413)
+        message = error.detail  # Starlette's own: unknown routes (404), methods (405), 413
+        if error.status_code in (404, 405):
+            message = f"{error.detail}: {request.method} {request.url.path}"
+        return JSONResponse(
+            error_body(message, "invalid_request_error"),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
 
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, error: NotFoundError):
         return JSONResponse(
-            error_body(str(error), "not_found_error", "model", "model_not_found"), status_code=404
+            error_body(str(error), "invalid_request_error", "model", "model_not_found"),
+            status_code=404,
         )
 
     # The request's own mistakes only: any other ValueError is a bug, a 500 (RecordRequests).
     @app.exception_handler(UsageError)
     async def _bad_value(request: Request, error: UsageError):
-        param = getattr(error, "param", None)  # InvalidField's
-        return JSONResponse(error_body(str(error), "invalid_request_error", param), status_code=400)
+        code = getattr(error, "code", None)  # InvalidField's
+        return JSONResponse(
+            error_body(str(error), "invalid_request_error", error.param, code), status_code=400
+        )
 
     @app.exception_handler(EngineStepError)
     async def _step_failed(request: Request, error: EngineStepError):
@@ -167,9 +180,14 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             return None
         if model in adapters.loaded:
             return model
+        missing = f"model {model!r} does not exist: not the base ({base_name!r}), a loaded adapter"
         if not is_ref(model):
-            raise NotFoundError(f"model {model!r} does not exist (base: {base_name!r})")
-        await adapters.ensure(model)
+            raise NotFoundError(f"{missing} or a registry reference")
+        try:
+            await adapters.ensure(model)
+        except UnknownAdapterError as error:  # its URI and the names registered stay in the log
+            log.info("model %r: %s", model, error)
+            raise NotFoundError(f"{missing} or a registered adapter") from None
         return model
 
     async def start(record: RequestRecord, body, prompts: list) -> list[AsyncIterator]:
@@ -183,7 +201,15 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         loop = asyncio.get_running_loop()
         elapsed = time.monotonic() - record.started
         deadline = loop.time() + config.request_timeout_s - elapsed
-        params = body.choice_params(config.default_max_tokens)
+        n = body.n
+        if engine.max_waiting is not None and len(prompts) * n > engine.max_waiting:
+            raise InvalidField(
+                "prompt" if len(prompts) > 1 else "n",
+                f"{len(prompts)} prompt(s) x n={n} are more requests than can ever queue at "
+                f"once (max_waiting: {engine.max_waiting})",
+            )
+        field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        params = [body.choice_params(max_tokens_for(body, len(p), field)) for p in prompts]
         try:
             async with asyncio.timeout_at(deadline):
                 adapter = await adapter_for(body.model)
@@ -193,12 +219,13 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 # engine refuses an unloaded name when the uid is None).
                 uid = record.adapter_uid = info.uid if info else None
                 itl = metrics.itl.labels(body.model)
-                n = len(params)
 
                 def queue(i: int, j: int) -> AsyncIterator[RequestOutput]:
                     k = i * n + j  # the choice's index in the response
                     rid = record.request_id + (f"-{k}" if k else "")
-                    outputs = engine.generate(prompts[i], params[j], adapter, rid, uid)
+                    outputs = engine.generate(prompts[i], params[i][j], adapter, rid, uid)
+                    if body.max_tokens == 0:
+                        outputs = prompt_only(outputs)
                     return observed(outputs, record, itl, counts_prompt=j == 0)
 
                 firsts = await all_started([queue(i, 0) for i in range(len(prompts))])
@@ -240,6 +267,32 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             return await unless_gone(request, last_outputs(streams))
         except TimeoutError:
             raise timed_out(config.request_timeout_s) from None
+
+    def max_tokens_for(body, prompt_tokens: int, field: str) -> int:
+        """The request's `max_tokens` for one prompt: refused (as vLLM and OpenAI do) if it
+        cannot fit the context with the prompt, so a reply is never cut by the context while
+        `length` says it was cut by `max_tokens`; if not given, the default or the room left."""
+        context = engine.engine.max_model_len
+        room = context - prompt_tokens
+        if room < 1:
+            raise InvalidField(
+                field,
+                f"the prompt has {prompt_tokens} tokens; the context length is {context}, "
+                "with room for at least one output token",
+                "context_length_exceeded",
+            )
+        if body.max_tokens is None:
+            return min(config.default_max_tokens, room)
+        if body.max_tokens > room:
+            raise InvalidField(
+                "max_tokens",
+                f"{body.max_tokens} is too large: the context length is {context} tokens and "
+                f"the prompt has {prompt_tokens}, leaving room for {room}",
+                "context_length_exceeded",
+            )
+        if body.max_tokens == 0 and not getattr(body, "echo", False):
+            raise InvalidField("max_tokens", "0 is only allowed with echo (to score the prompt)")
+        return max(body.max_tokens, 1)  # 0: one token is computed, and not returned
 
     def check_length(field: str, chars: int) -> None:
         """Refuse text that cannot fit the context before tokenizing it."""
@@ -289,8 +342,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         await engine.unload_adapter(name)
         return {"name": name, "unloaded": True}
 
-    @app.get("/v1/models")
-    async def models(record: Authenticated):
+    async def model_entries(record: RequestRecord) -> dict[str, dict]:
+        """The base, loaded adapters and registered ones not loaded yet, that the caller may
+        use, by id."""
         entries = {base_name: _model_entry(base_name, base_name)}
         for name, info in sorted(adapters.loaded.items()):
             entries[name] = _adapter_entry(info, base_name)
@@ -298,8 +352,18 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             refs = [registered.name, *(f"{registered.name}@{a}" for a in registered.aliases)]
             for ref in refs:
                 entries.setdefault(ref, {**_model_entry(ref, base_name), "loaded": False})
-        visible = [entry for entry in entries.values() if record.caller.may_use(entry["id"])]
-        return {"object": "list", "data": visible}
+        return {k: entry for k, entry in entries.items() if record.caller.may_use(k)}
+
+    @app.get("/v1/models")
+    async def models(record: Authenticated):
+        return {"object": "list", "data": list((await model_entries(record)).values())}
+
+    @app.get("/v1/models/{model:path}")  # :path, as references hold '/' (name/3)
+    async def model(record: Authenticated, model: str):
+        entry = (await model_entries(record)).get(model)
+        if entry is None:
+            raise NotFoundError(f"model {model!r} does not exist")
+        return entry
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, record: Authenticated, body: ChatCompletionRequest):
@@ -377,6 +441,11 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.state.metrics = metrics
     app.state.adapters = adapters
     return app
+
+
+def _is_branch(loc) -> bool:
+    """A union branch pydantic names in an error's location (`str`, `list[int]`), not a field."""
+    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc)
 
 
 def _model_entry(name: str, base_name: str) -> dict:

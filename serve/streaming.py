@@ -4,6 +4,7 @@ metrics, cut at the request's deadline, and shaped as OpenAI's server-sent event
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +42,19 @@ async def observed(
                 itl.observe(at - last_token_at)
             last_token_at = at
         yield out
+
+
+async def prompt_only(stream) -> AsyncIterator[RequestOutput]:
+    """`max_tokens: 0` (with echo: the prompt scored): the one token computed is not returned."""
+    async for out in stream:
+        yield dataclasses.replace(
+            out,
+            text="",
+            token_ids=[],
+            delta_text="",
+            delta_token_ids=[],
+            logprobs=None if out.logprobs is None else [],
+        )
 
 
 async def until(stream, deadline: float, record: RequestRecord) -> AsyncIterator[RequestOutput]:

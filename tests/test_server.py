@@ -194,10 +194,10 @@ def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(serv
     url, _, engine = server
     aborted = engine.stats()["requests_aborted"]
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="context length"):
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):  # the engine refuses it
         client.completions.create(
             model="faq",
-            prompt=["a short one", "x " * 600],
+            prompt=[[1, 300, 301], [1, 10**7]],
             max_tokens=400,
             n=2,
             extra_body={"ignore_eos": True},
@@ -281,7 +281,7 @@ def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
     ("kwargs", "error", "fragment"),
     [
         (dict(model="no such model"), openai.NotFoundError, "'no such model' does not exist"),
-        (dict(model="nope"), openai.NotFoundError, "no registered adapter named 'nope'"),
+        (dict(model="nope"), openai.NotFoundError, "'nope' does not exist"),
         (dict(model="tiny", temperature=5), openai.BadRequestError, "temperature"),
         (dict(model="tiny", max_tokens=0), openai.BadRequestError, "max_tokens"),
         (dict(model="tiny", messages=[]), openai.BadRequestError, "messages"),
@@ -290,7 +290,7 @@ def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
             openai.BadRequestError,
             "context length",
         ),
-        (dict(model="missing@champion"), openai.NotFoundError, "no registered adapter"),
+        (dict(model="missing@champion"), openai.NotFoundError, "or a registered adapter"),
         (dict(model="tiny", top_logprobs=2), openai.BadRequestError, "top_logprobs"),
         (
             dict(model="tiny", tools=[{"type": "function", "function": {"name": "f"}}]),
@@ -497,8 +497,10 @@ def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(server):
             b"Content-Length: 1000000000\r\n\r\n"
         )
         client.settimeout(30)
-        head = client.recv(4096).decode()
-    assert head.startswith("HTTP/1.1 413") and '"type":"invalid_request_error"' in head
+        head = b""
+        while b"}}" not in head and (part := client.recv(4096)):  # head and body, perhaps apart
+            head += part
+    assert head.startswith(b"HTTP/1.1 413") and b'"type":"invalid_request_error"' in head
 
     def chunks():  # no Content-Length: counted as read
         yield b'{"model": "faq", "prompt": "'

@@ -44,6 +44,7 @@ OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
     ("POST", "/v1/adapters"),
     ("DELETE", "/v1/adapters/{name}"),
     ("GET", "/health"),

@@ -1,0 +1,214 @@
+"""What OpenAI's and vLLM's clients send beyond the basics: nulls, the context length, vLLM's
+extensions, prompt scoring with `max_tokens: 0`, model retrieval and the shape of every error."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from serve import LLM, SamplingParams
+from tests.helpers import make_lora, running_server, tiny_engine_args
+
+QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+MAX_WAITING = 6
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    """(url, an offline engine with the same adapter for reference, the server's context)."""
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    root = tmp_path_factory.mktemp("compat")
+    folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
+    llm = LLM(**tiny_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
+    llm.load_adapter("faq", str(folder))
+    engine = AsyncLLM(llm.engine, max_waiting=MAX_WAITING)
+    config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
+    reference = LLM(**tiny_engine_args(tiny_base))
+    reference.load_adapter("faq", str(folder))
+    with running_server(create_app(engine, "tiny", config)) as url:
+        yield url, reference, llm.engine.max_model_len
+    engine.shutdown()
+
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json={"model": "faq", **body}, timeout=60)
+
+
+def test_null_means_the_default_for_every_nullable_field(server):
+    url, _, _ = server
+    nulls = dict.fromkeys(
+        ["temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "stop"]
+    )
+    asked = {"messages": QUESTION, "max_tokens": 6, "seed": 7}
+    plain = _post(url, "/chat/completions", asked).json()
+    nulled = _post(url, "/chat/completions", {**asked, **nulls, "logprobs": None}).json()
+    assert nulled["choices"][0]["message"] == plain["choices"][0]["message"]
+    prompt = {"prompt": "Hello", "max_tokens": 4, "seed": 7}
+    text = _post(url, "/completions", prompt).json()["choices"][0]["text"]
+    nulled = _post(url, "/completions", {**prompt, **nulls, "echo": None, "logprobs": None})
+    assert nulled.json()["choices"][0]["text"] == text
+
+
+def test_a_reply_that_cannot_fit_the_context_is_refused_not_cut(server):
+    url, reference, context = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    prompt = list(range(1, context - 4))  # room for 5 tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="faq", prompt=prompt, max_tokens=6)
+    assert refused.value.body["param"] == "max_tokens"
+    assert refused.value.body["code"] == "context_length_exceeded"
+    assert "leaving room for 5" in refused.value.body["message"]
+    for too_long in (list(range(1, context + 2)), list(range(1, context + 1))):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="faq", prompt=too_long, max_tokens=1)
+        assert (refused.value.body["param"], refused.value.body["code"]) == (
+            "prompt",
+            "context_length_exceeded",
+        )
+    # Without max_tokens: the default (16), cut to the room left; so, as the offline engine.
+    reply = client.completions.create(model="faq", prompt=prompt, extra_body={"ignore_eos": True})
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (5, "length")
+    params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=1.0, seed=None)
+    assert len(reference.generate([prompt], params, adapters=["faq"])[0].token_ids) == 5
+
+
+def test_a_batch_larger_than_the_waiting_queue_is_a_400_not_a_retryable_503(server):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="max_waiting: 6") as refused:
+        client.completions.create(model="faq", prompt=["a"] * 7, max_tokens=1)
+    assert refused.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="faq", prompt=["a"] * 2, n=4, max_tokens=1)
+    assert refused.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="faq", messages=QUESTION, n=7, max_tokens=1)
+    assert refused.value.body["param"] == "n"
+    reply = client.completions.create(model="faq", prompt=["a"] * 3, n=2, max_tokens=1)
+    assert len(reply.choices) == MAX_WAITING
+
+
+def test_vllm_stop_token_ids_include_stop_str_in_output_and_top_k_minus_one(server):
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    [expected] = reference.generate(["Hello there"], greedy, adapters=["faq"])
+    ids = expected.token_ids
+
+    def complete(**extra):
+        body = {"ignore_eos": True, **extra}
+        args = dict(model="faq", prompt="Hello there", max_tokens=12, temperature=0)
+        return client.completions.create(**args, extra_body=body).choices[0]
+
+    stopped = complete(stop_token_ids=[ids[3]])
+    first = ids.index(ids[3])  # the first time that token comes
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == reference.tokenizer.decode(ids[: first + 1], skip_special_tokens=True)
+    assert complete(top_k=-1).text == expected.text
+    stop = expected.text[len(expected.text) // 2 :][:3]
+    kept = client.completions.create(
+        model="faq",
+        prompt="Hello there",
+        max_tokens=12,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True, "include_stop_str_in_output": True},
+    ).choices[0]
+    assert kept.text == expected.text[: expected.text.index(stop) + len(stop)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_tokens", 4),
+        ("min_p", 0.1),
+        ("use_beam_search", True),
+        ("guided_choice", ["yes", "no"]),
+        ("guided_json", {"type": "object"}),
+        ("top_k", -2),
+    ],
+)
+def test_a_vllm_extension_not_served_is_refused_by_name(server, field, value):
+    url, _, _ = server
+    reply = _post(url, "/chat/completions", {"messages": QUESTION, field: value})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == field
+    off = {"min_tokens": 0, "min_p": 0.0, "use_beam_search": False, "top_k": -1}
+    if field in off:  # its "off" value is served
+        assert _post(url, "/chat/completions", {"messages": QUESTION, field: off[field]}).is_success
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
+    url, reference, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    prompt = [1, 300, 301, 302, 303]
+    for stream in (False, True):
+        asked = dict(model="faq", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+        if stream:
+            chunks = list(client.completions.create(**asked, stream=True))
+            text = "".join(c.choices[0].text for c in chunks)
+            assert chunks[-1].choices[0].finish_reason == "length"
+            tokens = [
+                t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+            ]
+        else:
+            reply = client.completions.create(**asked)
+            assert reply.usage.completion_tokens == 0
+            text, tokens = reply.choices[0].text, reply.choices[0].logprobs.tokens
+        assert text == reference.tokenizer.decode(prompt)
+        assert len(tokens) == len(prompt)
+    scored = client.completions.create(**asked).choices[0].logprobs.token_logprobs
+    [expected] = reference.generate(
+        [prompt], SamplingParams(max_tokens=1, prompt_logprobs=1), adapters=["faq"]
+    )
+    assert scored[1:] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+    with pytest.raises(openai.BadRequestError, match="only allowed with echo"):
+        client.completions.create(model="faq", prompt=prompt, max_tokens=0)
+
+
+def test_stream_options_without_stream_is_refused(server):
+    url, _, _ = server
+    body = {"messages": QUESTION, "stream_options": {"include_usage": True}}
+    reply = _post(url, "/chat/completions", body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options"
+
+
+def test_models_are_retrieved_one_by_one_and_unknown_ones_leak_no_registry_detail(server):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    faq = client.models.retrieve("faq")
+    assert (faq.id, faq.object, faq.owned_by) == ("faq", "model", "loraplex")
+    assert client.models.retrieve("tiny").id == "tiny"
+    for missing in ("nope", "nope/3"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(missing)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            client.chat.completions.create(model=missing, messages=QUESTION, max_tokens=1)
+        error = unknown.value.body
+        assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
+        assert "sqlite" not in error["message"] and "does not exist" in error["message"]
+
+
+def test_unknown_routes_and_methods_get_openai_shaped_errors(server):
+    url, _, _ = server
+    for method, path, status in (
+        ("GET", "/nothing", 404),
+        ("GET", "/chat/completions", 405),
+        ("DELETE", "/models", 405),
+    ):
+        reply = httpx.request(method, f"{url}{path}", timeout=30)
+        assert reply.status_code == status
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
+def test_a_union_fields_error_names_the_field_not_the_branch(server):
+    url, _, _ = server
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    reply = _post(url, "/chat/completions", {"messages": [image]})
+    assert reply.json()["error"]["param"] == "messages.0.content.0.type"
+    reply = _post(url, "/completions", {"prompt": ["a", 3]})
+    assert reply.json()["error"]["param"] in ("prompt.0", "prompt.1")  # no `list[int]` in it
