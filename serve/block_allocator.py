@@ -9,21 +9,33 @@ used first.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from serve.sequence import Sequence
 
 
 def block_hashes(
-    tokens: list[int], block_size: int, adapter_uid: str | None, start: list[int]
-) -> list[int]:
-    """Chained hashes of every full block of `tokens`, continuing the already known `start`."""
+    tokens: list[int], block_size: int, adapter_uid: str | None, start: list[bytes]
+) -> list[bytes]:
+    """Chained hashes of every full block of `tokens`, continuing the already known `start`.
+
+    A cryptographic digest, not Python's `hash`: ints hash to themselves, so a client could
+    craft a prompt whose blocks collide with another's cached prefix and be served from its
+    K/V (vLLM's CVE-2025-25183)."""
     hashes = list(start)
-    parent = hashes[-1] if hashes else None
+    # Each input is a 16-byte parent and the block's int64s: no two inputs read alike.
+    parent = hashes[-1] if hashes else _digest(repr(adapter_uid).encode())
     for i in range(len(hashes), len(tokens) // block_size):
-        parent = hash((parent, adapter_uid, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        block = array("q", tokens[i * block_size : (i + 1) * block_size])
+        parent = _digest(parent + block.tobytes())
         hashes.append(parent)
     return hashes
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class BlockAllocator:
@@ -32,10 +44,10 @@ class BlockAllocator:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._hashes: dict[str, list[int]] = {}  # request id -> hashes of its full blocks
+        self._hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
         self.prefix_hits = 0  # blocks reused, for metrics
         self.prefix_queries = 0
 
@@ -120,7 +132,7 @@ class BlockAllocator:
         seq.num_computed_tokens = 0
         self._hashes.pop(seq.request_id, None)
 
-    def _hashes_of(self, seq: Sequence) -> list[int]:
+    def _hashes_of(self, seq: Sequence) -> list[bytes]:
         known = self._hashes.get(seq.request_id, [])
         if len(known) < seq.num_tokens // self.block_size:
             known = block_hashes(seq.token_ids, self.block_size, seq.adapter_uid, known)
