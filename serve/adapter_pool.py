@@ -154,7 +154,7 @@ def slot_layout(
 
 def _pattern(patterns: dict | None, key: str, default):
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", key):
+        if re.match(rf"(.*\.)?({pattern})$", key):  # peft's match: a group, for `a|b` keys
             return value
     return default
 

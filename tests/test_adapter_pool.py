@@ -59,6 +59,31 @@ def test_host_tier_holds_each_module_as_a_slot_does(tiny_base, patterned):
     assert torch.equal(weights.B["down_proj"][1], (b1.T * 8 / 4).half())
 
 
+def test_a_pattern_with_alternatives_scales_every_module_it_names_as_peft_does(tiny_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        alpha_pattern={"q_proj|v_proj": 64},  # a regex: peft matches it as one group
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path)
+    weights = read_peft_lora(tmp_path, "p#2", _shape(tiny_base), max_rank=4, dtype=torch.float32)
+    layer = peft_model.base_model.model.model.layers[0].self_attn
+    for module in ("q_proj", "v_proj", "o_proj"):
+        lora = getattr(layer, module)
+        scale = lora.scaling["default"]
+        assert scale == (16.0 if module != "o_proj" else 1.0)
+        expected = lora.lora_B["default"].weight.detach().T * scale
+        torch.testing.assert_close(weights.B[module][0], expected, rtol=0, atol=0)
+
+
 def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
     folder, _ = patterned
     shape = _shape(tiny_base)
