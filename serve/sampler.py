@@ -29,11 +29,12 @@ class TokenLogprobs:
 def apply_penalties(
     logits: torch.Tensor, seqs: list[Sequence], history: TokenHistory | None = None
 ) -> torch.Tensor:
-    """OpenAI frequency/presence penalties on generated tokens, CTRL repetition penalty on prompt
-    and generated tokens, for the whole batch at once (out of place):
+    """CTRL repetition penalty on prompt and generated tokens, then OpenAI frequency/presence
+    penalties on generated tokens (vLLM's order), for the whole batch at once (out of place):
 
-        x = logits[r, t] - (frequency[r] · count[r, t] + presence[r])   for t generated in r
-        logits[r, t] = x / repetition[r] if x > 0 else x · repetition[r]   for t seen in r
+        x = logits[r, t] / repetition[r] if logits[r, t] > 0 else logits[r, t] · repetition[r]
+                                                                         for t seen in r
+        logits[r, t] = x - (frequency[r] · count[r, t] + presence[r])    for t generated in r
 
     Each touches only the (row, token) pairs it changes, in one gather and one scatter per
     penalty: `apply_penalties_reference` runs a handful of ops per row, each a kernel launch on
@@ -49,13 +50,6 @@ def apply_penalties(
     none = np.empty(0, dtype=np.int64)
     penalized = [s.params.has_penalties for s in seqs]
     tokens = [tokens_of(s) if p else none for s, p in zip(seqs, penalized, strict=True)]
-    outputs = [t[s.num_prompt_tokens :] for s, t in zip(seqs, tokens, strict=True)]
-    row, token, count = _pairs(outputs, vocab, logits.device)
-    if row.numel():
-        frequency = column([s.params.frequency_penalty for s in seqs])
-        presence = column([s.params.presence_penalty for s in seqs])
-        count = count.to(logits.dtype)
-        logits[row, token] -= frequency[row] * count + presence[row]
     repeated = [
         t if s.params.repetition_penalty != 1 else none for s, t in zip(seqs, tokens, strict=True)
     ]
@@ -64,6 +58,13 @@ def apply_penalties(
         repetition = column([s.params.repetition_penalty for s in seqs])[row]
         values = logits[row, token]
         logits[row, token] = torch.where(values > 0, values / repetition, values * repetition)
+    outputs = [t[s.num_prompt_tokens :] for s, t in zip(seqs, tokens, strict=True)]
+    row, token, count = _pairs(outputs, vocab, logits.device)
+    if row.numel():
+        frequency = column([s.params.frequency_penalty for s in seqs])
+        presence = column([s.params.presence_penalty for s in seqs])
+        count = count.to(logits.dtype)
+        logits[row, token] -= frequency[row] * count + presence[row]
     return logits
 
 
@@ -122,15 +123,15 @@ def apply_penalties_reference(logits: torch.Tensor, seqs: list[Sequence]) -> tor
         p = seq.params
         if not p.has_penalties:
             continue
-        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
-        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         if p.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
             values = logits[row, seen]
             logits[row, seen] = torch.where(
                 values > 0, values / p.repetition_penalty, values * p.repetition_penalty
             )
+        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
+        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 
 

@@ -15,8 +15,6 @@ import torch
 from registry.errors import AdapterError, BaseMismatchError, NotFoundError, UsageError
 from serve import LLM, AsyncLLM, SamplingParams
 from serve.llama import LORA_MODULES
-from serve.sampler import apply_penalties
-from serve.sequence import Sequence
 from tests.helpers import make_lora, tiny_engine_args
 
 PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 5, 6, 7], [1, 300, 301, 302, 303, 304, 305, 306, 307]]
@@ -164,22 +162,6 @@ def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(t
         "length",
     ]
     assert overlapped == plain
-
-
-def test_penalties_follow_openai_and_ctrl_definitions():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
-    seq = Sequence(
-        "r",
-        [3, 1, 1, 2],
-        1,
-        SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, repetition_penalty=2.0),
-    )
-    # outputs 1, 1, 2: counts [0, 2, 1, 0]; seen tokens {1, 2, 3}
-    out = apply_penalties(logits, [seq])
-    expected = torch.tensor(
-        [[2.0, (-1.0 - 0.5 * 2 - 0.25) * 2.0, (0.5 - 0.5 - 0.25) * 2.0, 1.0 / 2.0]]
-    )
-    torch.testing.assert_close(out, expected)
 
 
 def test_logit_bias_forces_or_bans_tokens_per_request_in_one_batch(llm):

@@ -106,6 +106,16 @@ def test_batched_penalties_equal_the_row_by_row_reference(seed):
     assert not torch.equal(out, before)
 
 
+def test_repetition_applies_before_frequency_and_presence_as_in_vllm():
+    params = SamplingParams(repetition_penalty=2, frequency_penalty=0.5, presence_penalty=1)
+    seq = Sequence("r", [1, 3, 0, 0, 2], 2, params)  # prompt [1, 3], output [0, 0, 2]
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    # 0: 2 / 2 - (0.5 * 2 + 1); 1: 1 / 2; 2: 0.5 / 2 - (0.5 + 1); 3: -1 * 2; 4: unseen
+    expected = torch.tensor([[-1.0, 0.5, -1.25, -2.0, 3.0]])
+    for penalize in (apply_penalties, apply_penalties_reference):
+        torch.testing.assert_close(penalize(logits, [seq]), expected, rtol=0, atol=0)
+
+
 def test_penalties_from_the_token_history_follow_sequences_as_they_grow():
     """The sampler's history keeps each request's tokens across steps, copying only the new
     ones (its buffers grow past their first size here); a new request under an id already
