@@ -167,7 +167,8 @@ class AsyncLLM:
             )
             if stream is not None:
                 loop, q = stream
-                loop.call_soon_threadsafe(q.put_nowait, output)
+                item = output if output.error is None else EngineStepError(output.error)
+                loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _fail_running(self, error: Exception) -> None:
         for seq in list(self.engine.scheduler.running):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from registry.base_model import resolve_base_model
-from registry.errors import NotFoundError, UsageError
+from registry.errors import AdapterError, NotFoundError, UsageError
 from registry.home import setup_environment
 from registry.refs import is_ref
 from registry.resolve import resolve_adapter
@@ -328,6 +328,8 @@ class LLMEngine:
         they are made (a server streams them before the step ends) and the step returns none.
         """
         plan = self.scheduler.schedule()
+        if plan.lora_loads:
+            plan = self._without_unreadable_adapters(plan)
         if plan.is_empty:
             self._make_outputs()
         else:
@@ -354,6 +356,35 @@ class LLMEngine:
         if made:
             deliver(made)
         return []
+
+    def _without_unreadable_adapters(self, plan: SchedulerOutput) -> SchedulerOutput:
+        """The plan without the sequences of adapters the host tier evicted and cannot read
+        back (their folder deleted or rewritten since): those requests end with the error,
+        the others run."""
+        failed = {}
+        for _, uid in plan.lora_loads:
+            try:
+                self.pool.weights(uid)  # read back into the host tier now, if evicted
+            except AdapterError as error:
+                failed[uid] = str(error)
+        if not failed:
+            return plan
+        self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)
+        for seq in [*plan.seqs, *self.scheduler.waiting]:
+            if seq.adapter_uid in failed:
+                state = self.requests.pop(seq.request_id)
+                self.scheduler.finish(seq, Status.FINISHED_ERROR)
+                self.sampler.forget(seq.request_id)
+                state.error = failed[seq.adapter_uid]
+                self._outbox.append(state.output(seq.adapter))
+        keep = [i for i, seq in enumerate(plan.seqs) if seq.adapter_uid not in failed]
+        return SchedulerOutput(
+            seqs=[plan.seqs[i] for i in keep],
+            num_new_tokens=[plan.num_new_tokens[i] for i in keep],
+            lora_slots=[plan.lora_slots[i] for i in keep],
+            lora_loads=[(slot, uid) for slot, uid in plan.lora_loads if uid not in failed],
+            preempted=plan.preempted,
+        )
 
     def _take_outbox(self) -> list[RequestOutput]:
         # Kept until taken: a step that fails after making them loses none.

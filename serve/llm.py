@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
+from registry.errors import AdapterError
 from serve.config import EngineConfig
 from serve.engine import AdapterInfo, LLMEngine
 from serve.outputs import RequestOutput
@@ -77,9 +78,12 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generating", unit="req")
         try:
+            wanted = set(ids)  # the engine may hold requests of other callers
             while len(final) < len(ids):
                 for output in self.engine.step():
-                    if output.finished:
+                    if output.error is not None and output.request_id in wanted:
+                        raise AdapterError(output.error)
+                    if output.finished and output.request_id in wanted:
                         final[output.request_id] = output
                         if bar is not None:
                             bar.update(1)

@@ -17,7 +17,7 @@ class RequestOutput:
     text: str  # all output text so far (stop string removed unless asked)
     token_ids: list[int]  # all output tokens so far
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     adapter: str | None
     delta_text: str = ""  # new since the previous output of this request
     delta_token_ids: list[int] = field(default_factory=list)
@@ -27,6 +27,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None  # why the engine could not serve it (finish_reason "error")
 
 
 def text_decoder(tokenizer) -> Callable[[list[int]], str]:
@@ -62,6 +63,7 @@ class RequestState:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if wanted else None
         self.first_token_time: float | None = None
         self.stopped_by_string = False
+        self.error: str | None = None
 
     def update(
         self, new_logprobs: TokenLogprobs | None, prompt_logprobs: list[tuple[int, TokenLogprobs]]
@@ -134,4 +136,5 @@ class RequestState:
             arrival_time=seq.arrival_time,
             first_token_time=self.first_token_time,
             finished_time=time.monotonic() if seq.is_finished else None,
+            error=self.error,
         )

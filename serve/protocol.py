@@ -119,8 +119,7 @@ class _Request(BaseModel):
         logprobs, prompt_logprobs = self.logprobs_asked()
         return SamplingParams(
             max_tokens=max_tokens,
-            # As vLLM: below 1e-5 is greedy (dividing logits by it overflows to inf).
-            temperature=0.0 if self.temperature < 1e-5 else self.temperature,
+            temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
             frequency_penalty=self.frequency_penalty,

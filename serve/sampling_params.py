@@ -7,15 +7,18 @@ from dataclasses import dataclass, field
 from registry.errors import UsageError
 from serve.response_format import ResponseFormat
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Decoding settings of one request (the OpenAI and vLLM names and meanings).
 
-    temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. Penalties follow
-    OpenAI (frequency, presence: subtracted from logits of generated tokens) and CTRL
-    (repetition: divides positive logits of prompt and generated tokens). `response_format`
-    constrains the output to JSON (OpenAI's shape, e.g. `{"type": "json_object"}`).
+    temperature 0 (or below 1e-5) is greedy. top_k 0 and top_p 1 disable those filters.
+    Penalties follow CTRL (repetition: divides positive logits of prompt and generated tokens,
+    multiplies negative ones), then OpenAI (frequency, presence: subtracted from logits of
+    generated tokens), in vLLM's order. `response_format` constrains the output to JSON
+    (OpenAI's shape, e.g. `{"type": "json_object"}`).
     """
 
     max_tokens: int = 16
@@ -78,7 +81,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: below 1e-5 too, where dividing logits by it would overflow to inf.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -15,6 +15,7 @@ class Status(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine could not serve it (RequestOutput.error says why)
 
     @property
     def finished(self) -> bool:

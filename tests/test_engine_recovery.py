@@ -182,3 +182,75 @@ def test_a_pinned_adapter_version_serves_after_its_name_moved_on(tiny_base, tmp_
     assert pinned_tokens() == of_first
     engine.unload_adapter("a")
     assert pinned_tokens() == of_first
+
+
+def test_an_adapter_that_cannot_be_read_back_fails_only_its_own_requests(two, tmp_path):
+    """Evicted from the host tier, then its folder gone: the step runs the other requests."""
+    llm, a, b = two
+    engine = llm.engine
+    of_a, of_base = _tokens(llm, "a"), _tokens(llm, None)
+    llm.load_adapter("b", str(b))  # a leaves the host tier
+    of_b = _tokens(llm, "b")
+    os.rename(a, tmp_path / "away")
+    long = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(PROMPT, long, adapter) for adapter in ("b", None)]
+    engine.step()  # both running, b in its slot
+    failing = [engine.add_request(PROMPT, long, "a") for _ in range(2)]
+    outputs = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    for rid in failing:
+        [out] = outputs[rid]
+        assert (out.finish_reason, out.token_ids) == ("error", [])
+        assert "could not be read again" in out.error
+    assert [outputs[rid][-1].token_ids for rid in ids] == [of_b, of_base]
+    assert all(out.error is None for rid in ids for out in outputs[rid])
+    assert engine.allocator.num_used_blocks == 0 and not engine.slots.pins
+    with pytest.raises(AdapterError, match="could not be read again"):
+        _tokens(llm, "a")  # the Python API raises it
+    os.rename(tmp_path / "away", a)
+    assert _tokens(llm, "a") == of_a
+
+
+def test_an_async_stream_of_an_unreadable_adapter_fails_while_the_others_finish(two, tmp_path):
+    import asyncio
+
+    from serve.async_engine import AsyncLLM, EngineStepError
+
+    llm, a, b = two
+    of_base = _tokens(llm, None)
+    llm.load_adapter("b", str(b))  # a leaves the host tier
+    os.rename(a, tmp_path / "away")
+    engine = AsyncLLM(llm.engine)
+
+    async def last(adapter):
+        async for out in engine.generate(PROMPT, GREEDY, adapter):
+            final = out
+        return final.token_ids
+
+    async def both():
+        return await asyncio.gather(last(None), last("a"), return_exceptions=True)
+
+    try:
+        base, failed = asyncio.run(both())
+    finally:
+        engine.shutdown()
+    assert base == of_base
+    assert isinstance(failed, EngineStepError) and "could not be read again" in str(failed)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny_base):
+    llm = LLM(**tiny_engine_args(tiny_base))
+    tiny = SamplingParams(max_tokens=8, temperature=1e-40, ignore_eos=True)
+    assert llm.generate([PROMPT], tiny)[0].token_ids == _tokens(llm, None)
+
+
+def test_generate_ignores_requests_another_caller_queued_on_its_engine(tiny_base):
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine = llm.engine
+    others = [engine.add_request(PROMPT, SamplingParams(max_tokens=1)) for _ in range(3)]
+    engine.step()
+    [out] = llm.generate([PROMPT], GREEDY)
+    assert out.token_ids == _tokens(llm, None)
+    assert not any(engine.requests.get(rid) for rid in others)  # they ran, and finished
