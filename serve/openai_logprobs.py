@@ -9,6 +9,10 @@ temperature (as vLLM's default), so they score text the same whatever the sampli
 
 from __future__ import annotations
 
+import codecs
+import json
+import re
+from collections.abc import Callable
 from functools import lru_cache
 
 from serve.sampler import TokenLogprobs
@@ -16,12 +20,14 @@ from serve.sampler import TokenLogprobs
 
 class LogprobsFormatter:
     """Token strings are each token decoded alone (a byte-level token that is half of a
-    character decodes to U+FFFD, as in vLLM); `bytes` are that string's UTF-8."""
+    character decodes to U+FFFD, as in vLLM); `bytes` are the token's own bytes, so that
+    joining them rebuilds a character split across tokens (OpenAI's meaning)."""
 
     def __init__(self, tokenizer):
         self._decode = lru_cache(maxsize=65536)(
             lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
         )
+        self.bytes_of = lru_cache(maxsize=65536)(token_bytes(tokenizer))
 
     def token(self, token_id: int) -> str:
         return self._decode(token_id)
@@ -40,16 +46,11 @@ class LogprobsFormatter:
         }
 
     def completion(
-        self, token_ids: list[int], logprobs: list[TokenLogprobs | None], text_offset: int = 0
+        self, token_ids: list[int], logprobs: list[TokenLogprobs | None], offsets: list[int]
     ) -> dict:
         """The `logprobs` of a completion choice: one entry per token; None where a token has
-        no logprob (the prompt's first). Offsets count characters of the choice's text from
-        `text_offset`."""
+        no logprob (the prompt's first). `offsets`: each token's character offset."""
         tokens = [self.token(t) for t in token_ids]
-        offsets = []
-        for token in tokens:
-            offsets.append(text_offset)
-            text_offset += len(token)
         return {
             "tokens": tokens,
             "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
@@ -60,8 +61,36 @@ class LogprobsFormatter:
         }
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        token = self.token(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {
+            "token": self.token(token_id),
+            "logprob": logprob,
+            "bytes": list(self.bytes_of(token_id)),
+        }
+
+
+def token_bytes(tokenizer) -> Callable[[int], bytes]:
+    """token id -> its own bytes. Byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen) spells each
+    byte as one character; SentencePiece spells a fallback byte `<0xNN>` and a space `▁`."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str())["decoder"] if backend is not None else None
+    if '"ByteLevel"' in json.dumps(decoder):
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+        def spelled(piece: str) -> bytes:
+            return b"".join(
+                bytes([byte_of[c]]) if c in byte_of else c.encode("utf-8") for c in piece
+            )
+
+    else:
+
+        def spelled(piece: str) -> bytes:
+            if match := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+                return bytes([int(match[1], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+
+    return lambda token_id: spelled(tokenizer.convert_ids_to_tokens(token_id))
 
 
 class _Cursor:
@@ -93,6 +122,9 @@ class CompletionLogprobs(_Cursor):
         super().__init__(formatter)
         self.echo_pending = echo  # the prompt's tokens go first, once
         self.offset = 0 if echo else len(prompt)  # offsets count from the prompt's start
+        # Characters as the tokens' bytes decode, across chunks: a character split over
+        # tokens counts once, where its last byte lands.
+        self.chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def take(self, out) -> dict | None:
         """The `logprobs` of a completion choice or chunk; None unless the request asked."""
@@ -103,6 +135,8 @@ class CompletionLogprobs(_Cursor):
             self.echo_pending = False
             prompt = out.prompt_token_ids
             token_ids, entries = prompt + token_ids, out.prompt_logprobs[: len(prompt)] + entries
-        result = self.formatter.completion(token_ids, entries, self.offset)
-        self.offset += sum(len(token) for token in result["tokens"])
-        return result
+        offsets = []
+        for token_id in token_ids:
+            offsets.append(self.offset)
+            self.offset += len(self.chars.decode(self.formatter.bytes_of(token_id)))
+        return self.formatter.completion(token_ids, entries, offsets)

@@ -212,3 +212,36 @@ def test_a_union_fields_error_names_the_field_not_the_branch(server):
     assert reply.json()["error"]["param"] == "messages.0.content.0.type"
     reply = _post(url, "/completions", {"prompt": ["a", 3]})
     assert reply.json()["error"]["param"] in ("prompt.0", "prompt.1")  # no `list[int]` in it
+
+
+def test_logprob_bytes_rebuild_split_characters_and_offsets_index_the_text(server):
+    url, reference, _ = server
+    tokenizer = reference.engine.tokenizer
+    text = "日本語 ok"
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    assert len(ids) > len(text.split())  # characters split across byte-level tokens
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    echo = dict(model="faq", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    scores = client.completions.create(**echo).choices[0].logprobs
+    offsets = scores.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
+    # Each offset is where the token's first whole character starts in the text.
+    pieces = [text[a:b] for a, b in zip(offsets, [*offsets[1:], len(text)], strict=True)]
+    # A character's tokens before its last byte start where it does: their pieces are empty.
+    assert [p for p in pieces if p] == ["日", "本", "語", " ok"]
+    streamed = list(client.completions.create(**echo, stream=True))
+    assert [
+        o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ] == offsets
+
+    # The bytes of a token are its own: joined, they are the text's UTF-8, split characters too.
+    from serve.openai_logprobs import LogprobsFormatter
+
+    bytes_of = LogprobsFormatter(tokenizer).bytes_of
+    assert b"".join(bytes_of(t) for t in ids) == text.encode()
+    reply = client.chat.completions.create(
+        model="tiny", messages=QUESTION, max_tokens=12, temperature=0, logprobs=True
+    )
+    [expected] = reference.chat(QUESTION, SamplingParams(max_tokens=12, temperature=0))
+    got = [bytes(entry.bytes) for entry in reply.choices[0].logprobs.content]
+    assert got == [bytes_of(t) for t in expected.token_ids]
