@@ -116,11 +116,11 @@ class QualityGate:
             from registry.base_model import resolve_base_model
 
             base = resolve_base_model(self.train.base_model, self.registry.home)
-            refs = {CANDIDATE: _ref(self.candidate)}
+            versions = {CANDIDATE: self.candidate}
             if self.baseline is not None:
-                refs[BASELINE] = _ref(self.baseline)
+                versions[BASELINE] = self.baseline
             tokenizer = AutoTokenizer.from_pretrained(base.path)
-            return ServedModels(self.server, self.api_key, tokenizer, refs), roles
+            return ServedModels(self.server, self.api_key, tokenizer, versions), roles
         from serve import LLM
 
         method = self.train.quantization.method

@@ -11,20 +11,28 @@ from __future__ import annotations
 import asyncio
 
 from registry.errors import UsageError
+from registry.store import AdapterVersion
 
 
 class ServedModels:
     """Models named by their gate role, asked as `served[role]` (None: the server's base)."""
 
     def __init__(
-        self, url: str, api_key: str | None, tokenizer, served: dict, concurrency: int = 8
+        self,
+        url: str,
+        api_key: str | None,
+        tokenizer,
+        served: dict[str, AdapterVersion],
+        concurrency: int = 8,
     ):
         url = url.rstrip("/")
         self.url = url if url.endswith("/v1") else f"{url}/v1"
         self.api_key = api_key or "unused"
         self.tokenizer = tokenizer  # the base's, to encode prompts as the server would
-        self.served = served
+        self.versions = served
+        self.served = {role: f"{v.name}/{v.version}" for role, v in served.items()}
         self.concurrency = concurrency
+        self._checked = False
 
     def prompt_logprobs(self, prompts, models):
         async def score(client, prompt, model):
@@ -60,6 +68,9 @@ class ServedModels:
         async def main():
             async with openai.AsyncOpenAI(base_url=self.url, api_key=self.api_key) as client:
                 names = {**self.served, None: await self._base(client)}
+                if not self._checked:
+                    await self._check_versions(client)
+                    self._checked = True
                 limit = asyncio.Semaphore(self.concurrency)
                 with tqdm(total=len(calls), desc=desc, unit="request") as bar:
 
@@ -77,6 +88,23 @@ class ServedModels:
             raise UsageError(f"server {self.url}: cannot connect ({error})") from None
         except openai.APIStatusError as error:
             raise UsageError(f"server {self.url}: {error.status_code} {error.message}") from None
+
+    async def _check_versions(self, client) -> None:
+        """Refuse a server on another registry: what it loads under each reference must be
+        the version the gate's registry holds (its number and the hash of its data)."""
+        prompt = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for role, ref in self.served.items():
+            await client.completions.create(model=ref, prompt=prompt, max_tokens=1)  # loads it
+            entry = (await client.models.retrieve(ref)).model_dump()
+            version = self.versions[role]
+            served = (entry.get("version"), entry.get("data_hash"))
+            expected = (version.version, version.tags.get("data_hash"))
+            if served != expected:
+                raise UsageError(
+                    f"server {self.url} serves {ref} as version {served[0]} trained on data "
+                    f"{served[1]}, but the gate's registry holds version {expected[0]} trained "
+                    f"on {expected[1]}: point the server and the gate at the same registry"
+                )
 
     async def _base(self, client) -> str:
         listed = await client.models.list()

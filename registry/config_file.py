@@ -68,4 +68,7 @@ def _apply_override(raw: dict, override: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{path}: override {key}: {part} is not a section")
         node = child
+    if value.startswith(("./", "../", "~")):  # a path typed in the shell: from where it was
+        node[parts[-1]] = str(Path(value).expanduser().resolve())
+        return
     node[parts[-1]] = yaml.safe_load(value) if value else ""

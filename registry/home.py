@@ -22,10 +22,16 @@ _OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # An unreachable tracking server fails in seconds, not after MLflow's 7 retries (4 min).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 # On a CPU with AVX512-BF16, bitsandbytes tries to fetch a kernel from the Hugging Face hub at
-# import and warns when it can't (offline: always); it then uses its own C kernel.
-_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+# import and warns when it can't (offline: always); it then uses its own C kernel. urllib3
+# logs each retry of an unreachable tracking server as a warning block; the error that ends
+# the retries says it in one line.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "urllib3.connectionpool")
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ def setup_environment(home: Home | None = None) -> Home:
         os.environ.setdefault(key, value)
     os.environ.setdefault("HF_HOME", str(home.root / "hf"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(home.root / "hf" / "datasets"))
+    # What libraries keep per user (ragas writes an id there even when told not to track).
+    os.environ.setdefault("XDG_DATA_HOME", str(home.root / "xdg"))
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     return home

@@ -6,6 +6,7 @@ folder copied anywhere can still be checked against the base it is loaded onto.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,12 @@ class Lineage:
         file = adapter_dir / LINEAGE_FILE
         if not file.is_file():
             return None
-        return cls(**json.loads(file.read_text()))
+        try:
+            fields = json.loads(file.read_text())
+            known = {f.name for f in dataclasses.fields(cls)}  # a newer loraplex may add keys
+            return cls(**{k: v for k, v in fields.items() if k in known})
+        except (json.JSONDecodeError, TypeError, AttributeError) as error:
+            raise AdapterError(f"{file} is not a loraplex lineage file ({error})") from None
 
 
 def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None) -> Lineage | None:

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
-from registry.home import Home
+from registry.home import Home, setup_environment
 from registry.lineage import Lineage
 from registry.refs import AdapterRef, check_alias
 
@@ -50,7 +50,7 @@ class AdapterRegistry:
     """Registered adapters in the MLflow store at `tracking_uri`."""
 
     def __init__(self, tracking_uri: str | None = None, home: Home | None = None):
-        self.home = home or Home.from_env()
+        self.home = setup_environment(home)  # from Python too: no telemetry, bounded retries
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.home)
 
     @cached_property
@@ -196,8 +196,8 @@ class AdapterRegistry:
 
     def download(self, ref: AdapterRef, dest: Path) -> Path:
         """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
-        if dest.exists() and any(dest.iterdir()):
-            raise UsageError(f"download destination {dest} exists and is not empty")
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise UsageError(f"download destination {dest} exists and is not an empty folder")
         shutil.copytree(self.fetch(ref), dest, dirs_exist_ok=True)
         return dest
 

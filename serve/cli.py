@@ -92,6 +92,7 @@ def _serve(settings) -> None:
     from serve.async_engine import AsyncLLM
     from serve.server import create_app
 
+    _check_port_free(settings.host, settings.port)  # before the minute the model takes to load
     llm = LLM(**settings.engine_config().model_dump())
     for name, source in settings.adapters.items():
         llm.load_adapter(name, source)
@@ -103,6 +104,20 @@ def _serve(settings) -> None:
         flush=True,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from registry.errors import UsageError
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"--port {port}: cannot listen on {host}:{port} ({error.strerror})"
+        ) from None
 
 
 def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | None):

@@ -58,6 +58,7 @@ class AdapterInfo:
     version: int | None  # registry version, None for a folder
     rank: int
     modules: list[str]
+    data_hash: str | None = None  # of the data it was trained on, from its lineage if any
 
 
 class LLMEngine:
@@ -220,6 +221,7 @@ class LLMEngine:
             resolved.version.version if resolved.version else None,
             weights.rank,
             weights.modules,
+            resolved.lineage.data_hash if resolved.lineage else None,
         )
         return info, weights
 

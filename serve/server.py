@@ -468,4 +468,5 @@ def _adapter_entry(info, base_name: str) -> dict:
         "version": info.version,
         "rank": info.rank,
         "modules": info.modules,
+        "data_hash": info.data_hash,
     }

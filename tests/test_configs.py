@@ -129,6 +129,27 @@ def test_relative_data_path_is_resolved_from_the_config_file():
     assert config.data.path == PROJECT / "configs/data/country-facts.jsonl"
 
 
+def test_a_path_in_an_override_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    config = PROJECT / "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml"
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text((PROJECT / "configs/data/country-facts.jsonl").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert load_config(config, ["data.path=./mine.jsonl"]).data.path == mine
+    with pytest.raises(ConfigError, match="file not found"):  # a bare name: the YAML's folder
+        load_config(config, ["data.path=mine.jsonl"])
+
+
+def test_serve_on_a_busy_port_is_refused_before_the_model_loads(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), env={"LORAPLEX_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "serving" not in result.stdout and not (tmp_path / "models").exists()
+
+
 def test_cli_refuses_bad_config_with_exit_2_and_no_traceback(tmp_path):
     path = _write(tmp_path, _with("training", "learning_rate", -1))
     result = run_cli("train", str(path))

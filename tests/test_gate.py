@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -256,7 +257,9 @@ def _gate_through_a_server(smollm2, tracking_uri: str, gate: str, output):
         engine.shutdown()
 
 
-def test_a_server_measures_as_the_engine_and_its_refusals_are_usage_errors(tiny_base, tracking_uri):
+def test_a_server_measures_as_the_engine_and_its_refusals_are_usage_errors(
+    tiny_base, tracking_uri, tmp_path
+):
     import socket
 
     from transformers import AutoTokenizer
@@ -277,18 +280,34 @@ def test_a_server_measures_as_the_engine_and_its_refusals_are_usage_errors(tiny_
     with pytest.raises(UsageError, match="cannot connect"):
         ServedModels(nowhere, None, tokenizer, {}).answers(question, 4, [None])
 
+    from tests.helpers import make_adapter
+
+    registry = AdapterRegistry(tracking_uri)
+    folder = make_adapter(tiny_base, tmp_path / "faq", name="faq")  # data hash "sha256:test"
+    number = register_folder(registry, folder, "faq")
+    version = registry.get(parse_ref(f"faq/{number}"))
     reference = EngineModels(LLM(**tiny_engine_args(tiny_base)))
+    reference.llm.load_adapter("candidate", str(folder))
     engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, tracking_uri)).engine)
+    missing = dataclasses.replace(version, name="country-facts", version=9)
+    elsewhere = dataclasses.replace(version, tags={**version.tags, "data_hash": "sha256:other"})
     try:
         with running_server(create_app(engine, "tiny")) as url:
-            served = ServedModels(url, None, tokenizer, {"candidate": "country-facts/9"})
-            scores = served.prompt_logprobs(prompts, [None, None])
+            served = ServedModels(url, None, tokenizer, {"candidate": version})
+            scores = served.prompt_logprobs(prompts, [None, "candidate"])
             answers = served.answers(question, 6, [None])
             with pytest.raises(UsageError, match=r"404 .*country-facts"):
-                served.prompt_logprobs(prompts[:1], ["candidate"])
+                ServedModels(url, None, tokenizer, {"candidate": missing}).answers(
+                    question, 2, [None]
+                )
+            # The same name and version on the server's registry, trained on other data.
+            with pytest.raises(UsageError, match="point the server and the gate at the same"):
+                ServedModels(url, None, tokenizer, {"candidate": elsewhere}).answers(
+                    question, 2, [None]
+                )
     finally:
         engine.shutdown()
-    expected = reference.prompt_logprobs(prompts, [None, None])
+    expected = reference.prompt_logprobs(prompts, [None, "candidate"])
     assert [s[0] for s in scores] == [None, None]
     assert [s[1:] for s in scores] == [pytest.approx(e[1:], abs=1e-5) for e in expected]
     assert answers == reference.answers(question, 6, [None])

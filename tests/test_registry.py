@@ -106,9 +106,26 @@ def test_download_refuses_a_non_empty_destination(registry, adapters, tmp_path):
     register_folder(registry, adapters[0], "facts")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="exists and is not empty"):
+    with pytest.raises(UsageError, match="exists and is not an empty folder"):
         registry.download(AdapterRef("facts"), tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(UsageError, match="exists and is not an empty folder"):
+        registry.download(AdapterRef("facts"), tmp_path / "a-file")
+
+
+def test_a_lineage_file_that_is_corrupt_is_refused_and_one_with_newer_keys_loads(
+    adapters, tmp_path
+):
+    folder = tmp_path / "newer"
+    shutil.copytree(adapters[0], folder)
+    lineage = json.loads((folder / "loraplex.json").read_text())
+    (folder / "loraplex.json").write_text(json.dumps({**lineage, "created_by": "loraplex 0.9"}))
+    assert resolve_adapter(str(folder)).lineage.data_hash == lineage["data_hash"]
+    for corrupt in ("{not json", json.dumps([1, 2]), json.dumps({"name": "x"})):
+        (folder / "loraplex.json").write_text(corrupt)
+        with pytest.raises(AdapterError, match="is not a loraplex lineage file"):
+            resolve_adapter(str(folder))
 
 
 def test_folder_adapter_resolves_and_mismatched_base_is_refused(adapters, smollm2, tiny_base):
@@ -137,8 +154,8 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_and_exit_2(tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
-    env = {"LORAPLEX_HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    result = run_cli("registry", "list", "--tracking-uri", nowhere, env=env)
+    env = {"LORAPLEX_HOME": str(tmp_path)}  # loraplex's own retry limits: seconds, not minutes
+    result = run_cli("registry", "list", "--tracking-uri", nowhere, env=env, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 
@@ -143,7 +144,10 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_continues_from_its_step(
     stopped_at = int(checkpoint.name.removeprefix("checkpoint-"))
     assert 3 <= stopped_at < 300
 
-    result = run_cli(*args, "--resume")
+    [hint] = [line for line in output if line.startswith("resume with: ")]
+    command = shlex.split(hint.removeprefix("resume with: "))
+    assert command[0] == "loraplex" and "--resume" in command
+    result = run_cli(*command[1:])  # as printed, overrides included
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint-{stopped_at}" in result.stderr  # the resume log line
     version = registry.get(parse_ref("country-facts"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -27,14 +28,18 @@ def train(
         home = setup_environment()
         from train.config import load_config
 
-        cfg = load_config(config, overrides or [])
+        overrides = overrides or []
+        cfg = load_config(config, overrides)
         from train.recipe import TrainingJob
 
         result = TrainingJob(cfg, tracking_uri=tracking_uri, resume=resume, home=home).run()
         if result.status == "interrupted":
+            again = ["loraplex", "train", str(config), *overrides, "--resume"]
+            if tracking_uri:  # as given: the environment's variable holds in the next shell too
+                again += ["--tracking-uri", tracking_uri]
             print(
                 f"interrupted: checkpoint in {result.run_dir / 'checkpoints'}; nothing registered."
-                f"\nresume with: loraplex train {config} --resume"
+                f"\nresume with: {shlex.join(again)}"
             )
             raise typer.Exit(130)
         _print_summary(result)
