@@ -276,19 +276,21 @@ class LLMEngine:
             try:  # token ids: ints (numpy's too), never floats or strings
                 prompt_ids = [operator.index(t) for t in prompt]
             except TypeError:
-                raise UsageError("prompt token ids must be integers") from None
+                raise UsageError("prompt token ids must be integers", param="prompt") from None
         if not prompt_ids:
-            raise UsageError("prompt is empty")
+            raise UsageError("prompt is empty", param="prompt")
         if len(prompt_ids) >= self.max_model_len:
             raise UsageError(
                 f"prompt has {len(prompt_ids)} tokens; the context length is "
-                f"{self.max_model_len}, with room for at least one output token"
+                f"{self.max_model_len}, with room for at least one output token",
+                param="prompt",
             )
         vocab = self.model.shape.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise UsageError("prompt holds token ids outside the vocabulary")
+            raise UsageError("prompt holds token ids outside the vocabulary", param="prompt")
         if any(t >= vocab for t, _ in params.logit_bias):
-            raise UsageError(f"logit_bias holds token ids outside the vocabulary of {vocab}")
+            message = f"logit_bias holds token ids outside the vocabulary of {vocab}"
+            raise UsageError(message, param="logit_bias")
         if params.response_format is not None:  # last check: it holds state for the request
             self.guided.start(request_id, params.response_format)
         seq = Sequence(

@@ -194,7 +194,7 @@ def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(serv
     url, _, engine = server
     aborted = engine.stats()["requests_aborted"]
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="vocabulary"):  # the engine refuses it
+    with pytest.raises(openai.BadRequestError, match="vocabulary") as refused:  # the engine's
         client.completions.create(
             model="faq",
             prompt=[[1, 300, 301], [1, 10**7]],
@@ -202,6 +202,7 @@ def test_a_refused_prompt_in_a_batch_refuses_the_request_and_frees_the_rest(serv
             n=2,
             extra_body={"ignore_eos": True},
         )
+    assert refused.value.body["param"] == "prompt"
     deadline = time.monotonic() + 10
     while engine.stats()["kv_blocks_used"] or engine.stats()["running"]:
         assert time.monotonic() < deadline, "the batch's other requests kept their blocks"
