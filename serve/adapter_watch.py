@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
+from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
-from serve.engine import AdapterInfo
 from serve.refusal import Refusal
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from serve.engine import AdapterInfo, LLMEngine
+from serve.adapter_catalog import AdapterInfo
+from serve.engine import LLMEngine
 from serve.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 

@@ -8,23 +8,20 @@ scheduler.update(plan, result)       # advance, finish, free
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import operator
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from registry.base_model import resolve_base_model
-from registry.errors import AdapterError, NotFoundError, UsageError
+from registry.errors import AdapterError, UsageError
 from registry.home import setup_environment
-from registry.refs import is_ref
-from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool, LoraWeights, folder_stamp
+from serve.adapter_catalog import AdapterCatalog, AdapterInfo
+from serve.adapter_pool import AdapterPool, LoraWeights
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.guided import GuidedDecoding
@@ -47,18 +44,6 @@ from serve.sequence import Sequence, Status
 from serve.warmup import warmup_plans
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str  # what requests call it
-    uid: str  # name and version (or folder state): slot and prefix-cache key
-    source: str  # as given: a registry REF or a folder
-    path: Path
-    version: int | None  # registry version, None for a folder
-    rank: int
-    modules: list[str]
-    data_hash: str | None = None  # of the data it was trained on, from its lineage if any
 
 
 class LLMEngine:
@@ -122,10 +107,12 @@ class LLMEngine:
             self.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.slots = LoraSlots(config.max_loras)
+        self.catalog = AdapterCatalog(
+            self.pool, self.slots, self.base.fingerprint, config.tracking_uri, self.home
+        )
         self.scheduler = Scheduler(
             self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.adapters: dict[str, AdapterInfo] = {}
         self.requests: dict[str, RequestState] = {}
         self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
@@ -190,56 +177,23 @@ class LLMEngine:
 
         Requests already running keep the version they started with.
         """
-        return self.install_adapter(self.read_adapter(name, source))
+        return self.catalog.install(self.catalog.read(name, source))
 
     def read_adapter(self, name: str, source: str) -> tuple[AdapterInfo, LoraWeights]:
-        """The slow half of loading (registry download, checks, reading weights); touches no
-        engine state, so a server runs it while the engine keeps stepping."""
-        if not is_ref(name):  # a plain name, or the registry reference it was loaded by
-            raise UsageError(
-                f"adapter name {name!r} must be NAME, NAME/VERSION or NAME@ALIAS "
-                "(letters, digits, '.', '_' and '-')"
-            )
-        resolved = resolve_adapter(
-            source,
-            base_fingerprint=self.base.fingerprint,
-            tracking_uri=self.config.tracking_uri,
-            home=self.home,
-        )
-        if resolved.version is not None:
-            uid = f"{resolved.version.name}/{resolved.version.version}"
-        else:
-            stamp = folder_stamp(resolved.path)  # a rewritten folder is another adapter
-            digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
-            uid = f"{name}#{digest}"
-        weights = self.pool.read(resolved.path, uid)
-        info = AdapterInfo(
-            name,
-            uid,
-            source,
-            resolved.path,
-            resolved.version.version if resolved.version else None,
-            weights.rank,
-            weights.modules,
-            resolved.lineage.data_hash if resolved.lineage else None,
-        )
-        return info, weights
+        """The slow half of loading (`AdapterCatalog.read`): touches no engine state."""
+        return self.catalog.read(name, source)
 
     def install_adapter(self, loaded: tuple[AdapterInfo, LoraWeights]) -> AdapterInfo:
         """The quick half: make a read adapter available to new requests."""
-        info, weights = loaded
-        self.pool.keep(weights)
-        previous = self.adapters.get(info.name)
-        self.adapters[info.name] = info
-        if previous is not None and previous.uid != info.uid:
-            self.slots.forget(previous.uid)
-        return info
+        return self.catalog.install(loaded)
 
     def unload_adapter(self, name: str) -> None:
-        info = self.adapters.pop(name, None)
-        if info is None:
-            raise NotFoundError(f"adapter {name!r} is not loaded")
-        self.slots.forget(info.uid)
+        self.catalog.unload(name)
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by the name requests call them."""
+        return self.catalog.by_name
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -261,15 +215,7 @@ class LLMEngine:
             request_id = next(i for i in map("req-{}".format, self._ids) if i not in self.requests)
         if request_id in self.requests:
             raise UsageError(f"request id {request_id!r} is already in use")
-        uid = None
-        if adapter is not None and adapter_uid is not None and adapter_uid in self.pool.origin:
-            uid = adapter_uid
-        elif adapter is not None:
-            info = self.adapters.get(adapter)
-            if info is None:
-                loaded = ", ".join(sorted(self.adapters)) or "none"
-                raise NotFoundError(f"adapter {adapter!r} is not loaded (loaded: {loaded})")
-            uid = info.uid
+        uid = self.catalog.uid_of(adapter, adapter_uid)
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from registry.errors import AdapterError
+from serve.adapter_catalog import AdapterInfo
 from serve.config import EngineConfig
-from serve.engine import AdapterInfo, LLMEngine
+from serve.engine import LLMEngine
 from serve.outputs import RequestOutput
 from serve.sampling_params import SamplingParams
 
