@@ -45,16 +45,16 @@ def relative_to_file(config_path: Path, value: Path) -> Path:
 def format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"] if not _is_union_member(part))
+        key = ".".join(str(part) for part in item["loc"] if not is_union_member(part))
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
         got = "" if item["type"] in {"extra_forbidden", "missing"} else f" (got {item['input']!r})"
         lines.append(f"  {key}: {message}{got}")
     return "\n".join(dict.fromkeys(lines))
 
 
-def _is_union_member(part) -> bool:
-    # pydantic puts the union member it tried into the location ("str", "list[str]"): not a key.
-    return part in {"str", "list[str]"}
+def is_union_member(part) -> bool:
+    """A union member pydantic puts into an error's location ("str", "list[int]"): not a key."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def _apply_override(raw: dict, override: str, path: Path) -> None:

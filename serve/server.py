@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from registry.config_file import is_union_member
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
@@ -119,7 +120,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         # The deepest error: of a union's branches, the one that got furthest (an image part
         # fails `str` at the content, and `list[TextPart]` at the part's type).
         first = max(error.errors(), key=lambda e: len(e["loc"]))
-        field = ".".join(str(p) for p in first["loc"] if p != "body" and not _is_branch(p))
+        field = ".".join(str(p) for p in first["loc"] if p != "body" and not is_union_member(p))
         return JSONResponse(
             error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
         )
@@ -441,11 +442,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.state.metrics = metrics
     app.state.adapters = adapters
     return app
-
-
-def _is_branch(loc) -> bool:
-    """A union branch pydantic names in an error's location (`str`, `list[int]`), not a field."""
-    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool") or "[" in loc)
 
 
 def _model_entry(name: str, base_name: str) -> dict:
