@@ -251,3 +251,27 @@ def hang_up_after(stream, chunks: int) -> None:
         if i + 1 == chunks:
             break
     stream.close()
+
+
+@contextlib.contextmanager
+def tiny_server(tiny_base, root: Path, max_waiting: int | None = None):
+    """uvicorn on 127.0.0.1 over a tiny engine serving adapter `faq` (rank 4 on q/v), with an
+    empty registry of its own; yields (url, an offline LLM with the same adapter, the
+    AsyncLLM)."""
+    from serve import LLM
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
+    llm = LLM(**tiny_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
+    llm.load_adapter("faq", str(folder))
+    engine = AsyncLLM(llm.engine, max_waiting)
+    config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
+    reference = LLM(**tiny_engine_args(tiny_base))
+    reference.load_adapter("faq", str(folder))
+    try:
+        with running_server(create_app(engine, "tiny", config)) as url:
+            yield url, reference, engine
+    finally:
+        engine.shutdown()

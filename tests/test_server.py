@@ -8,30 +8,16 @@ import time
 import openai
 import pytest
 
-from serve import LLM, SamplingParams
-from tests.helpers import hang_up_after, make_lora, running_server, tiny_engine_args
+from serve import SamplingParams
+from tests.helpers import hang_up_after, make_lora, tiny_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    from serve.async_engine import AsyncLLM
-    from serve.serve_config import ServeConfig
-    from serve.server import create_app
-
-    root = tmp_path_factory.mktemp("srv")
-    folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
-    # An empty registry of its own, so the models it lists are known.
-    llm = LLM(**tiny_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
-    llm.load_adapter("faq", str(folder))
-    engine = AsyncLLM(llm.engine)
-    config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
-    reference = LLM(**tiny_engine_args(tiny_base))
-    reference.load_adapter("faq", str(folder))
-    with running_server(create_app(engine, "tiny", config)) as url:
-        yield url, reference, engine
-    engine.shutdown()
+    with tiny_server(tiny_base, tmp_path_factory.mktemp("srv")) as served:
+        yield served
 
 
 def test_chat_answers_equal_the_offline_engine_per_adapter(server):

@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
-from serve import LLM, SamplingParams
-from tests.helpers import make_lora, running_server, tiny_engine_args
+from serve import SamplingParams
+from tests.helpers import tiny_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
 MAX_WAITING = 6
@@ -17,21 +17,9 @@ MAX_WAITING = 6
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
     """(url, an offline engine with the same adapter for reference, the server's context)."""
-    from serve.async_engine import AsyncLLM
-    from serve.serve_config import ServeConfig
-    from serve.server import create_app
-
     root = tmp_path_factory.mktemp("compat")
-    folder = make_lora(tiny_base, root / "faq", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0)
-    llm = LLM(**tiny_engine_args(tiny_base, f"sqlite:///{root / 'mlflow.db'}"))
-    llm.load_adapter("faq", str(folder))
-    engine = AsyncLLM(llm.engine, max_waiting=MAX_WAITING)
-    config = ServeConfig(default_max_tokens=16, audit={"path": root / "audit.jsonl"})
-    reference = LLM(**tiny_engine_args(tiny_base))
-    reference.load_adapter("faq", str(folder))
-    with running_server(create_app(engine, "tiny", config)) as url:
-        yield url, reference, llm.engine.max_model_len
-    engine.shutdown()
+    with tiny_server(tiny_base, root, max_waiting=MAX_WAITING) as (url, reference, engine):
+        yield url, reference, engine.engine.max_model_len
 
 
 def _post(url: str, path: str, body: dict) -> httpx.Response:
