@@ -33,6 +33,8 @@ def generate(
         from registry.errors import UsageError
         from serve import SamplingParams
 
+        _check_quantization(quantization)
+        _check_adapters([adapter] if adapter else [], tracking_uri)
         llm = _make_llm(base_model, quantization, tracking_uri)
         name = None
         if adapter:
@@ -92,7 +94,9 @@ def _serve(settings) -> None:
     from serve.async_engine import AsyncLLM
     from serve.server import create_app
 
-    _check_port_free(settings.host, settings.port)  # before the minute the model takes to load
+    # Before the minute the base model takes to load:
+    _check_port_free(settings.host, settings.port)
+    _check_adapters(settings.adapters.values(), settings.tracking_uri)
     llm = LLM(**settings.engine_config().model_dump())
     for name, source in settings.adapters.items():
         llm.load_adapter(name, source)
@@ -120,12 +124,27 @@ def _check_port_free(host: str, port: int) -> None:
         ) from None
 
 
-def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | None):
+def _check_adapters(sources, tracking_uri: str | None) -> None:
+    """Each REF names a registered version and each folder holds an adapter (fetched once now).
+
+    Whether it was trained on this base is checked when it loads, after the base.
+    """
+    from registry.resolve import resolve_adapter
+
+    for source in sources:
+        resolve_adapter(source, tracking_uri=tracking_uri)
+
+
+def _check_quantization(quantization: str) -> None:
     from registry.errors import UsageError
-    from serve import LLM
 
     if quantization not in ("nf4", "fp4", "none"):
         raise UsageError(f"--quantization must be nf4, fp4 or none (got {quantization!r})")
+
+
+def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | None):
+    from serve import LLM
+
     args = {"tracking_uri": tracking_uri}
     if base_model:
         args["base_model"] = base_model

@@ -150,6 +150,22 @@ def test_serve_on_a_busy_port_is_refused_before_the_model_loads(tmp_path):
     assert "serving" not in result.stdout and not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["serve", "--adapter", "faq=nobody@champion"], "no registered adapter named 'nobody'"),
+        (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder"),
+        (["generate", "hi", "--adapter", "nobody/3"], "no registered adapter named 'nobody'"),
+    ],
+)
+def test_a_bad_adapter_is_refused_before_the_model_loads(tmp_path, command, message):
+    result = run_cli(*command, env={"LORAPLEX_HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()  # the base was never converted
+
+
 def test_cli_refuses_bad_config_with_exit_2_and_no_traceback(tmp_path):
     path = _write(tmp_path, _with("training", "learning_rate", -1))
     result = run_cli("train", str(path))
