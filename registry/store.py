@@ -179,6 +179,10 @@ class AdapterRegistry:
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
         self.client.set_registered_model_alias(name, alias, str(target.version))
+        # MLflow leaves the model's last-updated time alone when an alias moves; rewriting its
+        # (unchanged) description sets it, so `registry list` shows the promotion.
+        model = self.client.get_registered_model(name)
+        self.client.update_registered_model(name, model.description)
         return previous
 
     def record_gate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -37,8 +38,11 @@ def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
     assert latest.tags["target_modules"] == "q_proj,v_proj"
     assert latest.run_id
 
+    time.sleep(0.01)  # MLflow's clock is in milliseconds
     assert registry.promote("facts", 1) is None
     assert registry.get(parse_ref("facts@champion")).version == 1
+    [promoted] = registry.list()
+    assert promoted.updated > listed.updated  # `registry list` shows when it moved
     assert registry.promote("facts", 2) == 1
     assert registry.get(parse_ref("facts@champion")).version == 2
     assert "former_champion" in registry.get(parse_ref("facts/1")).tags
