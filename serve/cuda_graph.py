@@ -15,6 +15,7 @@ CUDA, `DecodeGraphs` runs the same padded step eagerly: that is how the padding 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,22 +31,59 @@ def batch_sizes(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+class _Staged:
+    """Tensors of the given shapes packed in one device buffer, with a page-locked host twin
+    of the same layout (on CUDA): `send` moves them all in one copy the host need not wait for.
+
+    From pageable memory each of a step's six inputs would be a copy that blocks the host
+    until the device has finished the step before (bench/gpu_notes.md, v8)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device):
+        size = sum(math.prod(shape) for shape in shapes)
+        cuda = torch.device(device).type == "cuda"
+        self.host = torch.zeros(size, dtype=dtype, pin_memory=cuda)
+        self.device = torch.zeros(size, dtype=dtype, device=device)
+        self.host_views = _views(self.host, shapes)
+        self.device_views = _views(self.device, shapes)
+        self.sent = torch.cuda.Event() if cuda else None  # the last send's copy
+
+    def write(self) -> list[torch.Tensor]:
+        """The host views, once the last send has read them."""
+        if self.sent is not None:
+            self.sent.synchronize()
+        return self.host_views
+
+    def send(self) -> None:
+        self.device.copy_(self.host, non_blocking=True)
+        if self.sent is not None:
+            self.sent.record()
+
+
+def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    parts = flat.split([math.prod(shape) for shape in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
 class _StaticStep:
-    """The inputs and output of one captured size: the graph reads and writes only these."""
+    """The inputs and output of one captured size: the graph reads and writes only these.
+
+    The inputs are views of two staged buffers: int64 (token ids, positions, cache slots)
+    and int32 (block tables, context lengths, the LoRA segment table)."""
 
     def __init__(self, size: int, width: int, block_size: int, device, with_lora: bool):
-        def zeros(*shape, dtype=torch.int32):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.ids = zeros(size, dtype=torch.long)
+        self.longs = _Staged([(size,)] * 3, torch.long, device)
+        int_shapes = [(size, width), (size,)] + ([(size, 3)] if with_lora else [])
+        self.ints = _Staged(int_shapes, torch.int32, device)
+        self.ids, positions, slot_mapping = self.longs.device_views
+        block_tables, context_lens, *segment_table = self.ints.device_views
         self.attention = AttentionMetadata(
-            positions=zeros(size, dtype=torch.long),
-            slot_mapping=zeros(size, dtype=torch.long),
+            positions=positions,
+            slot_mapping=slot_mapping,
             groups=None,
             block_size=block_size,
-            block_tables=zeros(size, width),
+            block_tables=block_tables,
             query_start=torch.arange(size + 1, dtype=torch.int32, device=device),
-            context_lens=torch.ones(size, dtype=torch.int32, device=device),
+            context_lens=context_lens,
             max_query_len=1,
             # the kernel's split over keys is fixed at capture: for the longest sequence
             max_context_len=width * block_size,
@@ -53,7 +91,9 @@ class _StaticStep:
         # Every segment may hold all rows, so the kernel's grid covers the largest; segments
         # past the step's are empty (start = end) and their programs return at once.
         self.lora = (
-            LoraBatch([], segment_table=zeros(size, 3), max_segment_len=size) if with_lora else None
+            LoraBatch([], segment_table=segment_table[0], max_segment_len=size)
+            if with_lora
+            else None
         )
         self.graph = None
         self.hidden = None  # [size, hidden], written by each replay
@@ -109,16 +149,18 @@ class DecodeGraphs:
             "cpu",
             padded_groups=False,
         )
-        meta = step.attention
-        step.ids.copy_(torch.tensor([*ids, *[0] * pad]))
-        meta.positions.copy_(host.positions)
-        meta.slot_mapping.copy_(host.slot_mapping)
-        meta.block_tables[:, : host.block_tables.shape[1]].copy_(host.block_tables)
-        meta.context_lens.copy_(host.context_lens)
-        if step.lora is not None:
-            table = torch.zeros(size, 3, dtype=torch.int32)
-            table[: len(segments)] = torch.tensor(segments, dtype=torch.int32)
-            step.lora.segment_table.copy_(table)
+        ids_h, positions, slot_mapping = step.longs.write()
+        ids_h.numpy()[:] = [*ids, *[0] * pad]
+        positions.copy_(host.positions)
+        slot_mapping.copy_(host.slot_mapping)
+        block_tables, context_lens, *segment_table = step.ints.write()
+        block_tables[:, : host.block_tables.shape[1]].copy_(host.block_tables)
+        context_lens.copy_(host.context_lens)
+        if segment_table:
+            segment_table[0].zero_()
+            segment_table[0][: len(segments)] = torch.tensor(segments, dtype=torch.int32)
+        step.longs.send()
+        step.ints.send()
         return step, n
 
     def replay(self, step: _StaticStep, n: int) -> torch.Tensor:
@@ -142,8 +184,13 @@ class DecodeGraphs:
         if key not in self.steps:
             step = _StaticStep(size, self.width, self.block_size, self.device, with_lora)
             # the buffers start as padding rows: the runs below touch only the scratch block
-            step.attention.block_tables.fill_(self.scratch_block)
-            step.attention.slot_mapping.fill_(self.scratch_block * self.block_size)
+            _, _, slot_mapping = step.longs.write()
+            slot_mapping.fill_(self.scratch_block * self.block_size)
+            block_tables, context_lens, *_ = step.ints.write()
+            block_tables.fill_(self.scratch_block)
+            context_lens.fill_(1)
+            step.longs.send()
+            step.ints.send()
             if self.capture:
                 self._capture(step)
             self.steps[key] = step

@@ -668,6 +668,14 @@ def test_decode_graph_step_pads_into_static_buffers():
     assert meta.block_tables.shape == (4, 10)  # room for the longest sequence: 40 / 4 blocks
     assert segments.tolist() == [[0, 2, 2], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
 
+    # The same buffers again: nothing of the step before shows through
+    graphs.run([14, 15, 16], [[8], [6], [4]], [1, 0, 2], lora_slots=[-1, 0, -1])
+    ids, meta, segments = seen[-1]
+    assert ids.tolist() == [14, 15, 16, 0] and meta.positions.tolist() == [1, 0, 2, 0]
+    assert meta.slot_mapping.tolist() == [8 * 4 + 1, 6 * 4, 4 * 4 + 2, scratch * 4]
+    assert meta.context_lens.tolist() == [2, 1, 3, 1]
+    assert segments.tolist() == [[1, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+
     graphs.run([21, 22], [[4], [6]], [0, 1], lora_slots=[-1, -1])  # no adapter: no LoRA
     assert seen[-1][2] is None
     assert set(graphs.steps) == {(4, True), (2, False)}
