@@ -6,12 +6,15 @@ gate that could not run (e.g. an unreachable registry).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from registry.console import TrackingUri, user_errors
+
+log = logging.getLogger(__name__)
 
 
 def gate(
@@ -45,15 +48,23 @@ def gate(
     """Judge a candidate adapter against its champion and the base; exit 1 on regression."""
     from registry.home import setup_environment
 
-    with user_errors(tracking_uri):
-        home = setup_environment()
-        from eval.gate import QualityGate
-        from eval.gate_config import load_gate_config
+    try:
+        with user_errors(tracking_uri):
+            home = setup_environment()
+            from eval.gate import QualityGate
+            from eval.gate_config import load_gate_config
 
-        cfg = load_gate_config(config, overrides or [])
-        job = QualityGate(cfg, candidate, baseline, tracking_uri, server, api_key)
-        folder = output or home.root / "gates" / job.candidate.name / str(job.candidate.version)
-        report = job.run(folder, promote=promote)
+            cfg = load_gate_config(config, overrides or [])
+            job = QualityGate(cfg, candidate, baseline, tracking_uri, server, api_key)
+            folder = output or home.root / "gates" / job.candidate.name / str(job.candidate.version)
+            report = job.run(folder, promote=promote)
+    except typer.Exit:
+        raise
+    except Exception:
+        # A crash (the engine, RAGAS, a bug) is a gate that could not run: exit 2, as to CI
+        # the 1 of an uncaught exception would read as the candidate's regression.
+        log.exception("the gate could not run")
+        raise typer.Exit(2) from None
     print(report.to_markdown())
     print(f"report: {folder / 'report.md'}")
     if promote and report.passed:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eval.gate_config import METRICS, BootstrapConfig, MetricRule
+from eval.gate_config import JUDGED, METRICS, BootstrapConfig, MetricRule
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def judge(
     boot: BootstrapConfig,
 ) -> Verdict:
     """The verdict on one metric. A regression fails only when the whole interval of the gain
-    lies below -tolerance: worse than tolerated, and beyond what resampling noise explains."""
+    lies below -tolerance: worse than tolerated, and beyond what resampling noise explains.
+    A sample left unscored is skipped only for LLM-judged metrics; elsewhere it fails."""
     higher = METRICS[metric]
     verdict = Verdict(
         metric,
@@ -112,8 +113,15 @@ def judge(
         compare(candidate, base, higher, boot) if base is not None else None,
     )
     value = verdict.candidate
+    broken = int((~np.isfinite(candidate.values)).sum())
     if np.isnan(value):
         verdict.reasons.append("no sample could be scored")
+    elif broken and metric not in JUDGED:
+        # Only a judge may fail to score a sample; here the model itself gave a NaN or
+        # infinite value (a NaN log-likelihood), which must not be averaged away.
+        verdict.reasons.append(
+            f"{broken} of {len(candidate.values)} samples have no finite value (NaN or infinite)"
+        )
     if rule.floor is not None and value < rule.floor:
         verdict.reasons.append(f"{value:.4g} is below the floor {rule.floor:g}")
     if rule.ceiling is not None and value > rule.ceiling:

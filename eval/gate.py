@@ -4,12 +4,15 @@
     report = gate.run(output=Path("reports"), promote=True)   # report.passed
 
 The baseline is `--baseline` if given, else the adapter's champion; with no champion yet the
-base model is the baseline, so a first adapter must at least beat (or match) the base.
+base model is the baseline, so a first adapter must at least beat (or match) the base. So is
+it when the candidate is the champion itself, which nothing could show regressing otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from eval.decision import Samples, Verdict, judge
@@ -63,9 +66,15 @@ class QualityGate:
             )
 
     def run(self, output: Path, promote: bool = False) -> GateReport:
+        if promote:
+            self._check_promotable()
         report = self.measure()
         files = report.write(output)
-        self.registry.record_gate(self.candidate, *self._record(report), output)
+        # The run gets the report alone, not whatever else `output` holds (`--output .`).
+        with tempfile.TemporaryDirectory() as reports:
+            for file in files:
+                shutil.copy(file, reports)
+            self.registry.record_gate(self.candidate, *self._record(report), Path(reports))
         if promote and report.passed:
             self.registry.promote(self.candidate.name, self.candidate.version, CHAMPION)
         log.info("gate report: %s", files[1])
@@ -74,20 +83,21 @@ class QualityGate:
     def measure(self) -> GateReport:
         from train.data import load_splits
 
-        served, models = self._models()
         splits = load_splits(self.train.data)
         records = select_test_records(splits, self.config.eval_set.max_samples)
-        measured: dict[str, dict[str | None, Samples]] = {}
-        if "perplexity" in self.config.metrics:
-            measured["perplexity"] = self._perplexity(served, models, records, splits.format)
         ragas = [m for m in self.config.metrics if m != "perplexity"]
         samples = []
-        if ragas:
+        if ragas:  # before the models load: a bad eval_set setting fails in seconds
             scorer = Scorer(self.config.judge)
             settings = self.config.eval_set
             samples = build_eval_set(
                 splits, records, settings.context_field, settings.top_k, scorer.embed
             )
+        served, models = self._models()
+        measured: dict[str, dict[str | None, Samples]] = {}
+        if "perplexity" in self.config.metrics:
+            measured["perplexity"] = self._perplexity(served, models, records, splits.format)
+        if ragas:
             measured |= self._ragas(served, models, samples, scorer, ragas)
         verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
         ppl = measured.get("perplexity")
@@ -177,6 +187,20 @@ class QualityGate:
         }
         return metrics, tags
 
+    def _check_promotable(self) -> None:
+        """Refuse `--promote` against a `--baseline` other than the champion: the champion
+        would be replaced by a candidate that was never compared with it."""
+        try:
+            champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
+        except NotFoundError:
+            return  # nothing to replace
+        compared = self.candidate if self.baseline is None else self.baseline
+        if compared.version != champion.version:
+            raise UsageError(
+                f"--promote would replace {_ref(champion)} (@{CHAMPION}) without comparing "
+                f"--candidate {_ref(self.candidate)} with it: drop --baseline to promote"
+            )
+
     def _measured_split(self) -> dict[str, str]:
         """What decides the test split measured here: the data, `seed` and `test` (a version
         trained with another `validation` size kept the same records out of training)."""
@@ -217,13 +241,18 @@ class QualityGate:
         if baseline is not None:
             return self._version(baseline, "--baseline")
         try:
-            return self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
+            champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
         except NotFoundError:
             return None  # no champion yet: judged against the floors and the base
+        # Against itself every gain is 0 and no regression could show: the base instead.
+        return None if champion.version == self.candidate.version else champion
 
     def _baseline_label(self) -> str:
         if self.baseline is None:
-            return "base (no champion yet)"
+            is_champion = CHAMPION in self.candidate.aliases
+            return (
+                "base (the candidate is the champion)" if is_champion else "base (no champion yet)"
+            )
         v = self.baseline
         aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
         return f"{v.name}/{v.version}{aliases}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from registry.config_file import read_config, relative_to_file
 from registry.errors import ConfigError
@@ -36,6 +36,9 @@ class _Strict(BaseModel):
 
 
 class MetricRule(_Strict):
+    # A NaN bound compares false with everything, so it would silently never fail.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     floor: float | None = None  # the candidate fails below it (metrics where higher is better)
     ceiling: float | None = None  # the candidate fails above it (perplexity)
     tolerance: float = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
@@ -73,21 +76,36 @@ class GateConfig(_Strict):
     judge: JudgeConfig | None = None
     metrics: dict[str, MetricRule] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _known_metrics(self) -> GateConfig:
-        check_name(self.adapter)
-        unknown = set(self.metrics) - set(METRICS)
+    @field_validator("adapter")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(
+        cls, metrics: dict[str, MetricRule], info: ValidationInfo
+    ) -> dict[str, MetricRule]:
+        unknown = set(metrics) - set(METRICS)
         if unknown:
-            raise ValueError(f"metrics: unknown {sorted(unknown)}; choose from {sorted(METRICS)}")
-        judged = JUDGED & set(self.metrics)
-        if judged and self.judge is None:
-            raise ValueError(f"metrics {sorted(judged)} are LLM-judged: set `judge`")
-        for name, rule in self.metrics.items():
+            raise ValueError(f"unknown {sorted(unknown)}; choose from {sorted(METRICS)}")
+        judged = JUDGED & set(metrics)
+        # `judge` comes before `metrics`, so it is validated already (absent if it failed).
+        if judged and "judge" in info.data and info.data["judge"] is None:
+            raise ValueError(f"{sorted(judged)} are LLM-judged: set `judge`")
+        for name, rule in metrics.items():
             wrong = "ceiling" if METRICS[name] else "floor"
             if getattr(rule, wrong) is not None:
                 better = "higher" if METRICS[name] else "lower"
-                raise ValueError(f"metrics.{name}: {better} is better, so it takes no {wrong}")
-        return self
+                raise ValueError(f"{name}: {better} is better, so it takes no {wrong}")
+            # A bound no model can meet fails every candidate; say so instead.
+            if rule.floor is not None and not 0 <= rule.floor <= 1:
+                raise ValueError(f"{name}: floor {rule.floor:g} is outside its range [0, 1]")
+            if rule.ceiling is not None and rule.ceiling < 1:
+                raise ValueError(
+                    f"{name}: ceiling {rule.ceiling:g} is below 1, the least perplexity"
+                )
+        return metrics
 
 
 def load_gate_config(path: Path, overrides: list[str] = ()) -> GateConfig:

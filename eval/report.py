@@ -92,12 +92,13 @@ class GateReport:
 
 
 def _finite(value):
-    """NaN (a metric no sample could be scored on) as null: strict JSON readers refuse NaN."""
+    """NaN (a metric no sample could be scored on) and infinities (a perplexity over a
+    log-likelihood of -inf) as null: strict JSON readers refuse NaN and Infinity."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _num(value: float | None) -> str:

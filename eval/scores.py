@@ -12,7 +12,7 @@ from functools import cached_property
 import numpy as np
 
 from eval.eval_set import EvalSample
-from eval.gate_config import JudgeConfig
+from eval.gate_config import JUDGED, JudgeConfig
 
 
 class Scorer:
@@ -38,19 +38,28 @@ class Scorer:
         """One score per sample (higher is better for all of these)."""
         if metric == "context_recall":
             return [_context_recall(s) for s in samples]
-        scorer = self._metric(metric)
-        if metric in ("faithfulness", "answer_relevancy"):
-            pairs = zip(samples, answers, strict=True)
-            rows = [{"user_input": s.question, "response": a} for s, a in pairs]
-            if metric == "faithfulness":
-                for row, s in zip(rows, samples, strict=True):
-                    row["retrieved_contexts"] = s.retrieved_contexts
-        else:
-            rows = [
-                {"reference": s.reference, "response": a}
-                for s, a in zip(samples, answers, strict=True)
-            ]
-        results = asyncio.run(scorer.abatch_score(rows))
+        if metric in JUDGED:
+            return self._judged(metric, samples, answers)
+        rows = [
+            {"reference": s.reference, "response": a} for s, a in zip(samples, answers, strict=True)
+        ]
+        return self._batch(metric, rows)
+
+    def _judged(self, metric: str, samples: list[EvalSample], answers: list[str]) -> list[float]:
+        """The judge's scores; an empty answer scores 0 without asking (RAGAS raises on one,
+        which would stop the whole gate, and a NaN would let the decision skip it)."""
+        scores = [0.0] * len(answers)
+        asked = [i for i, a in enumerate(answers) if a.strip()]
+        rows = [{"user_input": samples[i].question, "response": answers[i]} for i in asked]
+        if metric == "faithfulness":
+            for row, i in zip(rows, asked, strict=True):
+                row["retrieved_contexts"] = samples[i].retrieved_contexts
+        for i, value in zip(asked, self._batch(metric, rows) if rows else [], strict=True):
+            scores[i] = value
+        return scores
+
+    def _batch(self, metric: str, rows: list[dict]) -> list[float]:
+        results = asyncio.run(self._metric(metric).abatch_score(rows))
         return [float(r.value) for r in results]
 
     def _metric(self, metric: str):

@@ -429,3 +429,190 @@ def test_a_gate_that_cannot_reach_its_registry_exits_2_not_1(home, monkeypatch):
     result = _gate(config, "--candidate", "country-facts/1", "--tracking-uri", nowhere)
     assert result.exit_code == 2, result.output
     assert f"error: MLflow at {nowhere}: " in result.output
+
+
+@pytest.mark.parametrize(
+    ("values", "rule"),
+    [
+        ([1.0, 1.0, *[float("nan")] * 6], MetricRule(ceiling=3.0)),  # NaN on most records
+        ([10.0, float("inf"), 10.0, 10.0], MetricRule(tolerance=0.2)),  # a -inf logprob
+    ],
+)
+def test_a_candidate_with_non_finite_answer_likelihoods_fails_perplexity(values, rule):
+    # A NaN or infinite NLL is the model broken on that record, not a sample a judge could
+    # not score: it must not be averaged away (nor turn the interval into NaN).
+    n = len(values)
+    candidate = Samples(np.array(values), np.full(n, 5.0), exponent=True)
+    base = Samples(np.full(n, 10.0), np.full(n, 5.0), exponent=True)
+    verdict = judge("perplexity", rule, candidate, base, base, BOOT)
+    assert not verdict.passed
+    broken = sum(not np.isfinite(v) for v in values)
+    assert f"{broken} of {n} samples have no finite value" in " ".join(verdict.reasons)
+
+
+def test_report_json_writes_infinite_values_as_null(tmp_path):
+    from eval.report import GateReport
+
+    rule = MetricRule(ceiling=5.0)
+    samples = Samples(np.array([10.0, np.inf]), np.array([5.0, 5.0]), exponent=True)
+    verdict = judge("perplexity", rule, samples, None, None, BOOT)
+    GateReport("a", "a/1", "base", "b", "here", 0, 2, {"perplexity": rule}, [verdict]).write(
+        tmp_path
+    )
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert report["metrics"]["perplexity"]["candidate"] is None
+    assert report["result"] == "fail"
+
+
+def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(monkeypatch):
+    from types import SimpleNamespace
+
+    from eval.eval_set import EvalSample
+    from eval.gate_config import JudgeConfig
+    from eval.scores import Scorer
+
+    passage = "Norway is a country in Northern Europe. Its capital is Oslo."
+    sample = EvalSample([], "What is the capital of Norway?", "Oslo.", [passage], [passage])
+    scorer = Scorer(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="judge"))
+    # RAGAS itself raises on an empty response: one would stop the whole gate.
+    assert scorer.score("faithfulness", [sample, sample], ["", "  "]) == [0.0, 0.0]
+
+    asked = []
+
+    class Judge:
+        async def abatch_score(self, rows):
+            asked.extend(rows)
+            return [SimpleNamespace(value=0.5 + i / 10) for i in range(len(rows))]
+
+    monkeypatch.setattr(Scorer, "_metric", lambda self, metric: Judge())
+    scores = scorer.score("faithfulness", [sample] * 3, ["Oslo.", "", "Oslo is the capital."])
+    assert scores == [0.5, 0.0, 0.6]
+    assert [row["response"] for row in asked] == ["Oslo.", "Oslo is the capital."]
+    assert all(row["retrieved_contexts"] == [passage] for row in asked)
+
+
+@pytest.mark.parametrize(
+    ("body", "line"),
+    [
+        ("metrics: {rouge_l: {floor: .nan}}", "  metrics.rouge_l.floor: Input should be a finite"),
+        ("metrics: {perplexity: {ceiling: .nan}}", "  metrics.perplexity.ceiling: Input should"),
+        ("metrics: {rouge_l: {tolerance: .inf}}", "  metrics.rouge_l.tolerance: Input should be"),
+        ("metrics: {rouge_l: {floor: 30}}", "  metrics: Value error, rouge_l: floor 30 is outside"),
+        (
+            "metrics: {perplexity: {ceiling: 0.5}}",
+            "  metrics: Value error, perplexity: ceiling 0.5",
+        ),
+        ("metrics: {chrf: {ceiling: 2}}", "  metrics: Value error, chrf: higher is better"),
+        ("metrics: {answer_relevancy: {}}", "  metrics: Value error, ['answer_relevancy'] are LLM"),
+    ],
+)
+def test_gate_config_errors_name_their_key_and_refuse_bounds_that_cannot_work(tmp_path, body, line):
+    with pytest.raises(ConfigError) as error:
+        load_gate_config(_write_gate(tmp_path, body))
+    assert line in str(error.value).splitlines()[1]
+    assert "train_config" not in str(error.value)  # not the whole config echoed back
+
+
+def test_a_bad_adapter_name_in_a_gate_config_is_named_as_the_adapter_key(tmp_path):
+    path = tmp_path / "gate.yaml"
+    path.write_text(
+        f"adapter: Country Facts\ntrain_config: {TRAIN_CONFIG}\nmetrics: {{bleu: {{}}}}"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_gate_config(path)
+    assert str(error.value).splitlines()[1].startswith("  adapter: Value error, name 'Country")
+    assert "(got 'Country Facts')" in str(error.value)
+
+
+def test_a_bad_eval_set_setting_fails_before_the_models_load(registry, monkeypatch):
+    from eval.gate import QualityGate
+
+    _register_trained(registry, _trained_hash())
+    config = load_gate_config(
+        PROJECT / "configs/gates/country-facts.yaml", ["eval_set.context_field=contxt"]
+    )
+    gate = QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+
+    def load_models():
+        raise AssertionError("the models loaded before the eval set was checked")
+
+    monkeypatch.setattr(gate, "_models", load_models)
+    with pytest.raises(ConfigError, match=r"eval_set\.context_field: no column 'contxt'"):
+        gate.measure()
+
+
+def test_promoting_against_a_baseline_other_than_the_champion_is_refused_unmeasured(
+    registry, monkeypatch, tmp_path
+):
+    from eval.gate import QualityGate
+
+    for _ in range(3):
+        _register_trained(registry, _trained_hash())
+    registry.promote("country-facts", 2)
+    monkeypatch.setattr(QualityGate, "measure", lambda self: pytest.fail("measured"))
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/3", "country-facts/1", registry.tracking_uri)
+    # Beating v1 says nothing about v2: promoting would replace v2 uncompared.
+    with pytest.raises(UsageError, match=r"replace country-facts/2 \(@champion\) without") as e:
+        gate.run(tmp_path, promote=True)
+    assert e.value.exit_code == 2
+    assert registry.get(parse_ref("country-facts@champion")).version == 2
+
+
+def test_a_gate_that_crashes_exits_2_and_moves_no_alias(registry, monkeypatch, tmp_path):
+    from eval.gate import QualityGate
+
+    _register_trained(registry, _trained_hash())
+    _register_trained(registry, _trained_hash())
+    registry.promote("country-facts", 1)
+
+    def crash(self):
+        raise RuntimeError("the engine died")
+
+    monkeypatch.setattr(QualityGate, "measure", crash)
+    config = str(PROJECT / "configs/gates/country-facts.yaml")
+    result = _gate(config, "--candidate", "country-facts/2", "--promote",
+                   "--output", str(tmp_path), "--tracking-uri", registry.tracking_uri)  # fmt: skip
+    assert result.exit_code == 2, result.output  # not 1: that reads as a regression
+    assert registry.get(parse_ref("country-facts@champion")).version == 1
+    assert "gate_result" not in registry.get(parse_ref("country-facts/2")).tags
+
+
+def test_the_run_gets_the_gate_report_alone_not_the_rest_of_the_output_folder(
+    registry, monkeypatch, tmp_path
+):
+    from eval.gate import QualityGate
+    from eval.report import GateReport
+
+    _register_trained(registry, _trained_hash())
+    report = GateReport("country-facts", "country-facts/1", "base", "b", "here", 0, 0, {}, [])
+    monkeypatch.setattr(QualityGate, "measure", lambda self: report)
+    (tmp_path / "notes.txt").write_text("someone's file beside the report (`--output .`)")
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    gate.run(tmp_path)
+    logged = registry.client.list_artifacts(gate.candidate.run_id, "gate")
+    assert sorted(a.path for a in logged) == ["gate/report.json", "gate/report.md"]
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_the_champion_gated_again_is_compared_with_the_base_not_with_itself(
+    registry, monkeypatch, tmp_path
+):
+    from eval.gate import QualityGate
+    from eval.report import GateReport
+
+    _register_trained(registry, _trained_hash())
+    registry.promote("country-facts", 1)
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts@champion", tracking_uri=registry.tracking_uri)
+    assert gate.baseline is None  # its gain over itself is 0 whatever it is: no check at all
+    assert gate._baseline_label() == "base (the candidate is the champion)"
+    report = GateReport("country-facts", "country-facts/1", "base", "b", "here", 0, 0, {}, [])
+    monkeypatch.setattr(QualityGate, "measure", lambda self: report)
+    gate.run(tmp_path, promote=True)  # promoting the champion is no replacement: allowed
+    assert registry.get(parse_ref("country-facts@champion")).version == 1
