@@ -11,8 +11,6 @@ it when the candidate is the champion itself, which nothing could show regressin
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from eval.decision import Samples, Verdict, judge
@@ -70,11 +68,7 @@ class QualityGate:
             self._check_promotable()
         report = self.measure()
         files = report.write(output)
-        # The run gets the report alone, not whatever else `output` holds (`--output .`).
-        with tempfile.TemporaryDirectory() as reports:
-            for file in files:
-                shutil.copy(file, reports)
-            self.registry.record_gate(self.candidate, *self._record(report), Path(reports))
+        self.registry.record_gate(self.candidate, *self._record(report), files)
         if promote and report.passed:
             self.registry.promote(self.candidate.name, self.candidate.version, CHAMPION)
         log.info("gate report: %s", files[1])

@@ -170,15 +170,16 @@ class AdapterRegistry:
             previous = self.get(AdapterRef(name, alias=alias)).version
         except NotFoundError:
             previous = None
+        self.client.set_registered_model_alias(name, alias, str(target.version))
         if previous is not None and previous != target.version:
-            # The former holder keeps a record, so the history of promotions survives the move.
+            # The former holder keeps a record, so the history of promotions survives the move
+            # (written after it: a move that failed leaves no record of one).
             self.client.set_model_version_tag(
                 name,
                 str(previous),
                 f"former_{alias}",
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
-        self.client.set_registered_model_alias(name, alias, str(target.version))
         # MLflow leaves the model's last-updated time alone when an alias moves; rewriting its
         # (unchanged) description sets it, so `registry list` shows the promotion.
         model = self.client.get_registered_model(name)
@@ -186,17 +187,22 @@ class AdapterRegistry:
         return previous
 
     def record_gate(
-        self, version: AdapterVersion, metrics: dict[str, float], tags: dict[str, str], folder: Path
+        self,
+        version: AdapterVersion,
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        files: list[Path],
     ) -> None:
-        """A gate's outcome: metrics and report files on the version's training run, tags on
-        the version itself (so `registry show` and searches see the result)."""
+        """A gate's outcome: metrics and report `files` (under `gate/`) on the version's
+        training run, tags on the version itself (so `registry show` and searches see it)."""
         for key, value in tags.items():
             self.client.set_model_version_tag(version.name, str(version.version), key, value)
         if version.run_id is None:
             return
         for key, value in metrics.items():
             self.client.log_metric(version.run_id, key, value)
-        self.client.log_artifacts(version.run_id, str(folder), "gate")
+        for file in files:  # these alone, not the rest of their folder (`--output .`)
+            self.client.log_artifact(version.run_id, str(file), "gate")
 
     def download(self, ref: AdapterRef, dest: Path) -> Path:
         """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
