@@ -17,6 +17,7 @@ from train.data import (
     prompt_keys,
     split_indices,
     to_messages,
+    tokenize_split,
 )
 from train.demo_data import DEMO_DATA, render
 
@@ -137,6 +138,33 @@ def test_pack_keeps_every_token_in_rows_of_block_size():
     ]
     assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in e["labels"]]
     assert pack([], 6) == []
+
+
+def test_packed_rows_with_no_label_to_predict_are_dropped():
+    def example(first: int, n_prompt: int, n_answer: int) -> dict:
+        ids = list(range(first, first + n_prompt + n_answer))
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
+
+    # Rows of 4: the first example's cut tail and the second's long prompt fill rows 2 and 3
+    # with prompt tokens; the last row's one label opens it, and labels[0] is never a target.
+    examples = [example(10, 2, 2), example(20, 6, 1), example(30, 1, 2), example(40, 4, 1)]
+    examples[0]["labels"] += [IGNORE_INDEX] * 2  # its answer cut short by max_seq_length
+    examples[0]["input_ids"] += [14, 15]
+    rows = pack(examples, 4)
+    assert [r["input_ids"] for r in rows] == [[10, 11, 12, 13], [26, 30, 31, 32]]
+    assert [r["labels"] for r in rows] == [[-100, -100, 12, 13], [26, -100, 31, 32]]
+
+
+def test_a_text_record_of_one_token_has_nothing_to_predict_and_is_dropped(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(max_seq_length=64, path=tmp_path / "d.jsonl")
+    records = [{"text": ""}, {"text": "Plain words here."}]
+    for packing in (False, True):
+        rows = tokenize_split(records, "text", tokenizer, data, pack_rows=packing)
+        assert len(rows) == 1 and len(rows[0]["labels"]) > 1
+    with pytest.raises(ConfigError, match="gives no example with an answer"):
+        tokenize_split(records[:1], "text", tokenizer, data, pack_rows=False)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])

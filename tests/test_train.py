@@ -270,3 +270,148 @@ def test_resume_refuses_a_run_whose_data_or_base_changed_since(
     what = {"data_hash": "the data's hash", "base_fingerprint": "the base's fingerprint"}[changed]
     with pytest.raises(UsageError, match=rf"--resume: {what} \(sha256:then then, \S+ now\) differ"):
         job.setup()
+
+
+def _tiny_job(tiny_base, home, tracking_uri, *overrides: str, resume: bool = False):
+    from train.config import load_config
+    from train.recipe import TrainingJob
+
+    base = [
+        f"base_model={tiny_base.path}",
+        "lora.r=4",
+        "training.batch_size=2",
+        "training.max_steps=2",
+        "training.eval_steps=1000",
+        "data.split.validation=4",
+    ]
+    config = load_config(CONFIG, [*base, *overrides])
+    return TrainingJob(config, tracking_uri=tracking_uri, resume=resume, home=home)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lora.alpha=.inf", "lora.alpha"),
+        ("lora.alpha=1e400", "lora.alpha"),
+        ("training.weight_decay=.inf", "training.weight_decay"),
+        ("training.max_grad_norm=.nan", "training.max_grad_norm"),
+    ],
+)
+def test_a_float_that_is_not_finite_is_refused_naming_its_key(override, key):
+    from registry.errors import ConfigError
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be a finite number"):
+        load_config(CONFIG, [override])
+
+
+def test_an_empty_experiment_name_is_refused_naming_the_key():
+    from registry.errors import ConfigError
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"experiment: String should have at least 1 char"):
+        load_config(CONFIG, ["experiment="])
+
+
+def test_training_seed_decides_the_adapters_initial_weights(tiny_base, home, tracking_uri):
+    """The Trainer seeds only after the model exists: LoRA's random A must follow training.seed,
+    not whatever the process drew before."""
+    import torch
+
+    def initial_lora_a(seed: int) -> torch.Tensor:
+        torch.rand(7)  # another state of the global generator, as another process has
+        job = _tiny_job(tiny_base, home, tracking_uri, "name=seeded", f"training.seed={seed}")
+        job.setup()
+        return next(p for n, p in job.model.named_parameters() if "lora_A" in n).detach()
+
+    first = initial_lora_a(0)
+    torch.testing.assert_close(initial_lora_a(0), first, rtol=0, atol=0)
+    assert not torch.equal(initial_lora_a(1), first)
+
+
+def test_resume_refuses_changed_training_settings_naming_each_key(tiny_base, home, tracking_uri):
+    """A checkpoint's scheduler would keep the old learning rate unseen, and the run's MLflow
+    params (logged once) would misreport a new max_steps."""
+    import json
+
+    from registry.errors import UsageError
+    from train.data import data_hash
+    from train.recipe import RUN_FILE
+
+    then = _tiny_job(tiny_base, home, tracking_uri, "name=resume-changed").config
+    record = {
+        "run_id": "r",
+        "status": "interrupted",
+        "data_hash": data_hash(then.data.path),
+        "base_fingerprint": tiny_base.fingerprint,
+        "config": then.model_dump(mode="json"),
+    }
+    run_dir = home.runs / then.name / "20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    now = ["name=resume-changed", "training.learning_rate=0.01", "training.max_steps=9"]
+    job = _tiny_job(tiny_base, home, tracking_uri, *now, resume=True)
+    expected = (
+        r"--resume: training\.learning_rate \(0\.0005 then, 0\.01 now\), "
+        r"training\.max_steps \(2 then, 9 now\) differ from the interrupted run"
+    )
+    with pytest.raises(UsageError, match=expected):
+        job.setup()
+
+
+@pytest.mark.parametrize("stage", ["building the trainer", "uploading the adapter"])
+def test_a_failure_after_the_mlflow_run_opens_marks_it_failed_and_registers_nothing(
+    tiny_base, home, tracking_uri, monkeypatch, stage
+):
+    import json
+
+    from train.recipe import RUN_FILE, TrainingJob
+
+    def fail(*args, **kwargs):
+        raise OSError(f"failed while {stage}")
+
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=failing")
+    if stage == "building the trainer":
+        monkeypatch.setattr(TrainingJob, "_trainer", fail)
+    else:
+        monkeypatch.setattr(job.registry.client, "log_artifacts", fail)
+    with pytest.raises(OSError, match=stage):
+        job.run()
+    assert job.registry.client.get_run(job.run_id).info.status == "FAILED"
+    assert json.loads((job.run_dir / RUN_FILE).read_text())["status"] == "failed"
+    assert not job.registry.client.search_registered_models()
+
+
+def test_a_run_whose_adapter_diverged_to_nan_registers_nothing(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    import torch
+
+    from registry.errors import LoraplexError
+    from train.recipe import TrainingJob
+
+    train = TrainingJob.train
+
+    def train_then_diverge(self):
+        finished = train(self)
+        with torch.no_grad():
+            next(p for n, p in self.model.named_parameters() if "lora_B" in n).fill_(torch.nan)
+        return finished
+
+    monkeypatch.setattr(TrainingJob, "train", train_then_diverge)
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=diverged")
+    with pytest.raises(LoraplexError, match=r"training diverged: 1 adapter weights \(first "):
+        job.run()
+    assert job.registry.client.get_run(job.run_id).info.status == "FAILED"
+    assert not job.registry.client.search_registered_models()
+
+
+def test_warmup_with_the_constant_schedule_is_refused_not_ignored():
+    from registry.errors import ConfigError
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"training\.warmup_steps: Value error, lr_scheduler "):
+        load_config(CONFIG, ["training.lr_scheduler=constant"])  # the YAML warms up 5 steps
+    config = load_config(CONFIG, ["training.lr_scheduler=constant", "training.warmup_steps=0"])
+    assert config.training.lr_scheduler == "constant"
+    assert load_config(CONFIG, ["training.lr_scheduler=constant_with_warmup"]).training

@@ -12,6 +12,7 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
 )
 
@@ -35,8 +36,9 @@ SplitSize = Annotated[float, Field(gt=0), AfterValidator(_fraction_or_count)]
 
 class _Strict(BaseModel):
     # Ints and bools are StrictInt / StrictBool: `max_steps: 1.0` or `true` and `packing: 1` are
-    # refused, not read as 1 and True. Floats stay lax: YAML reads `1e-4` as a string.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # refused, not read as 1 and True. Floats stay lax: YAML reads `1e-4` as a string. No float
+    # may be `.inf` or `.nan` (or `1e400`): `lora.alpha: .inf` passes `gt=0` and trains NaNs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitConfig(_Strict):
@@ -105,11 +107,21 @@ class TrainingSettings(_Strict):
     save_steps: StrictInt = Field(50, ge=1)
     seed: StrictInt = Field(0, ge=0)
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_has_a_schedule(cls, steps: int, info: ValidationInfo) -> int:
+        # transformers' "constant" schedule drops num_warmup_steps without a word.
+        if steps and info.data.get("lr_scheduler") == "constant":
+            raise ValueError(
+                "lr_scheduler constant has no warmup: choose constant_with_warmup, or set 0"
+            )
+        return steps
+
 
 class TrainConfig(_Strict):
     name: str  # the registered model the adapter becomes a version of
     base_model: str = DEFAULT_BASE_MODEL
-    experiment: str = "loraplex"
+    experiment: str = Field("loraplex", min_length=1)  # MLflow refuses an empty name
     data: DataConfig
     quantization: QuantizationConfig = QuantizationConfig()
     lora: LoraSettings = LoraSettings()

@@ -208,13 +208,23 @@ def pack(examples: list[dict], block_size: int) -> list[dict]:
     """Concatenate examples and cut the stream into rows of `block_size` tokens.
 
     Fewer padding tokens per step; the price is that examples in one row attend to each other.
+    Only rows with a target are kept: a row of prompt tokens (the cut tail of a long multi-turn
+    example and the next one's prompt), or one whose only answer tokens open it, trains on
+    nothing; a batch of such rows has a loss of 0/0, which the Trainer logs as 0.0, and Adam's
+    momentum still moves the weights.
     """
     ids = [t for e in examples for t in e["input_ids"]]
     labels = [t for e in examples for t in e["labels"]]
-    return [
+    rows = (
         {"input_ids": ids[i : i + block_size], "labels": labels[i : i + block_size]}
         for i in range(0, len(ids), block_size)
-    ]
+    )
+    return [r for r in rows if has_target(r["labels"])]
+
+
+def has_target(labels: list[int]) -> bool:
+    """Whether a row trains on anything: labels[0] is never predicted (no token before it)."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
 
 
 @dataclass
@@ -251,9 +261,9 @@ def tokenize_split(records, fmt: str, tokenizer, data_config, pack_rows: bool):
     from datasets import Dataset
 
     examples = [encode(r, fmt, tokenizer, data_config.max_seq_length) for r in records]
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not examples:
-        raise ConfigError(f"data.path: {data_config.path.name} gives no example with an answer")
+    examples = [e for e in examples if has_target(e["labels"])]
     if pack_rows:
         examples = pack(examples, data_config.max_seq_length)
+    if not examples:
+        raise ConfigError(f"data.path: {data_config.path.name} gives no example with an answer")
     return Dataset.from_list(examples)

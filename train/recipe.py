@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.base_model import BaseModel, resolve_base_model
-from registry.errors import UsageError
+from registry.errors import LoraplexError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
 from registry.store import AdapterRegistry, AdapterVersion
@@ -23,8 +23,6 @@ from train.data import data_hash, load_splits, tokenize_split
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"  # beside the checkpoints: MLflow run id, status, config, data and base
-# Sections that must not change between an interrupted run and its resumption.
-_RESUME_FIXED = ("base_model", "data", "quantization", "lora")
 
 
 @dataclass
@@ -50,6 +48,7 @@ class TrainingJob:
         self.home = home or Home.from_env()
         self.registry = AdapterRegistry(tracking_uri, self.home)
         self.resume = resume
+        self.run_id: str | None = None  # the MLflow run, once setup has opened it
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -94,8 +93,14 @@ class TrainingJob:
             raise UsageError(f"--resume: no unfinished run of {self.config.name!r} in {runs}")
         run_dir = unfinished[0]
         record = json.loads((run_dir / RUN_FILE).read_text())
-        saved, now = record["config"], self.config.model_dump(mode="json")
-        changed = [key for key in _RESUME_FIXED if saved[key] != now[key]]
+        # Every key: the checkpoint's optimizer and scheduler would override a new learning
+        # rate unseen, and the run's MLflow params (logged once) would misreport any change.
+        saved, now = _flatten(record["config"]), _flatten(self.config.model_dump(mode="json"))
+        changed = [
+            f"{key} ({saved.get(key)!r} then, {now.get(key)!r} now)"
+            for key in sorted(saved.keys() | now.keys())
+            if saved.get(key) != now.get(key)
+        ]
         # The same config can name a data file or a base folder whose contents changed since.
         for key, what, current in (
             ("data_hash", "the data's hash", self.data_hash),
@@ -131,7 +136,7 @@ class TrainingJob:
 
     def _model(self):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
         q, lora = self.config.quantization, self.config.lora
         dtype = self.compute_dtype()
@@ -161,6 +166,9 @@ class TrainingJob:
             bias="none",
             task_type="CAUSAL_LM",
         )
+        # LoRA's A starts random, drawn before the Trainer seeds anything: seed it here, or the
+        # same config trains a different adapter in every process, whatever training.seed says.
+        set_seed(self.config.training.seed)
         return get_peft_model(model, peft_config)
 
     def _mlflow_run(self, n_train: int, n_eval: int) -> str:
@@ -332,19 +340,42 @@ class TrainingJob:
 
         shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
+    def _check_finite(self) -> None:
+        """Refuse to register an adapter whose training diverged: NaN or infinite weights or
+        validation loss would be served under a valid version number."""
+        import math
+
+        import torch
+
+        bad = [
+            name
+            for name, param in self.model.named_parameters()
+            if param.requires_grad and not torch.isfinite(param).all()
+        ]
+        loss = self.metrics().get("eval_loss", 0.0)
+        if bad or not math.isfinite(loss):
+            what = f"{len(bad)} adapter weights (first {bad[0]})" if bad else "the validation loss"
+            raise LoraplexError(
+                f"training diverged: {what} not finite (eval_loss {loss}); nothing registered. "
+                "Lower training.learning_rate or lora.alpha and train again"
+            )
+
     def run(self) -> TrainResult:
-        self.setup()
         try:
-            finished = self.train()
+            self.setup()
+            if not self.train():
+                return TrainResult("interrupted", self.run_dir, self.run_id)
+            self._check_finite()
+            adapter_dir = self.save()
+            version = self.register()
         except BaseException:
+            # From the moment the MLflow run exists (setup opens it before building the
+            # trainer) until it is registered, a failure must not leave it RUNNING forever.
             # Checkpoints stay: `--resume` continues from the last one.
-            self.registry.client.set_terminated(self.run_id, status="FAILED")
-            self._write_run_file(self.run_id, "failed")
+            if self.run_id is not None:
+                self.registry.client.set_terminated(self.run_id, status="FAILED")
+                self._write_run_file(self.run_id, "failed")
             raise
-        if not finished:
-            return TrainResult("interrupted", self.run_dir, self.run_id)
-        adapter_dir = self.save()
-        version = self.register()
         self.cleanup()
         return TrainResult(
             "finished", self.run_dir, self.run_id, adapter_dir, version, self.lineage.metrics
