@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from registry.errors import ConfigError
@@ -305,3 +308,43 @@ def test_shipped_data_splits_exactly_as_before(config):
         for part in ("train", "validation", "test")
     )
     assert digests == SHIPPED_SPLITS[config]
+
+
+def test_a_chat_opening_with_the_assistant_trains_on_the_answers_after_it(tokenizer):
+    record = {"messages": [{"role": "assistant", "content": "Welcome!"}, *CHAT["messages"][1:]]}
+    example = encode(record, "chat", tokenizer, max_length=512)
+    assert _labelled_text(tokenizer, example).count("<|im_end|>") == 2  # Hello. and Lima.
+    assert "Welcome" not in _labelled_text(tokenizer, example)
+    assert "Welcome" in tokenizer.decode(example["input_ids"])
+    # Its first key is what the conversation opens with, not an empty prompt every such
+    # record would share (one split part for all of them).
+    assert prompt_keys(record, "chat")[0] == "assistant: Welcome!\nuser: Hi"
+
+
+def test_a_csv_column_of_numbers_is_read_as_text(tmp_path, tokenizer):
+    path = tmp_path / "sums.csv"
+    path.write_text("instruction,output\n" + "".join(f"{i} + {i}?,{2 * i}\n" for i in range(9)))
+    records = load_records(path)
+    assert to_messages(records[3], "alpaca")[1] == {"role": "assistant", "content": "6"}
+    assert "6<|im_end|>" in _labelled_text(tokenizer, encode(records[3], "alpaca", tokenizer, 64))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"instruction": "q", "output": null}', "record 3 'output' is missing"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "record 3 role 'bot' is none of"),
+        ('{"messages": []}', "record 3 has no messages"),
+        ('{"conversations": [{"from": "robot", "value": "x"}]}', "record 3 from 'robot' is none"),
+        ('{"messages": [{"role": "user", "content": ["a"]}]}', "record 3 'content' is not text"),
+    ],
+)
+def test_a_malformed_record_is_refused_naming_its_number(tmp_path, line, message):
+    good = CHAT if "instruction" not in line else ALPACA
+    if "conversations" in line:
+        good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(good), json.dumps(good), line]) + "\n")
+    config = PROJECT / "configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml"
+    with pytest.raises(ConfigError, match=rf"data\.path: data\.jsonl {re.escape(message)}"):
+        load_splits(load_config(config, [f"data.path={path}", "data.format=auto"]).data)

@@ -72,20 +72,47 @@ def check_format(fmt: str, columns: list[str], path: Path) -> str:
 
 
 def to_messages(record: dict, fmt: str) -> list[dict]:
-    """The record as chat messages [{role, content}]."""
+    """The record as chat messages [{role, content}]; ValueError says what is wrong with it."""
     if fmt == "alpaca":
-        prompt = record["instruction"]
-        if record.get("input"):
+        prompt = _text(record, "instruction")
+        if record.get("input") is not None and str(record["input"]):
             prompt = f"{prompt}\n\n{record['input']}"
         return [
             {"role": "user", "content": prompt},
-            {"role": "assistant", "content": record["output"]},
+            {"role": "assistant", "content": _text(record, "output")},
         ]
     if record.get("messages") is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    return [
-        {"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]
-    ]
+        turns, role_key, content_key, roles = record["messages"], "role", "content", None
+    else:
+        turns, role_key, content_key, roles = (
+            record["conversations"],
+            "from",
+            "value",
+            _SHAREGPT_ROLES,
+        )
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("has no messages")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError(f"a message is {turn!r}, not a mapping")
+        role = turn.get(role_key)
+        if roles is not None:
+            if role not in roles:
+                raise ValueError(f"{role_key} {role!r} is none of {sorted(roles)}")
+            role = roles[role]
+        elif role not in ("system", "user", "assistant"):
+            raise ValueError(f"role {role!r} is none of system, user, assistant")
+        messages.append({"role": role, "content": _text(turn, content_key)})
+    return messages
+
+
+def _text(record: dict, column: str) -> str:
+    """A text field; a number (a CSV column of numbers loads as ints) as its digits."""
+    value = record.get(column)
+    if value is None or isinstance(value, (list, dict)):
+        raise ValueError(f"{column!r} is {'missing' if value is None else 'not text'}")
+    return str(value)
 
 
 def encode(record: dict, fmt: str, tokenizer, max_length: int) -> dict:
@@ -95,7 +122,7 @@ def encode(record: dict, fmt: str, tokenizer, max_length: int) -> dict:
     will see it at inference: prompt tokens (with the generation prompt), then answer tokens.
     """
     if fmt == "text":
-        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        ids = tokenizer(_text(record, "text"), add_special_tokens=True)["input_ids"]
         ids = ([*ids, tokenizer.eos_token_id])[:max_length]
         return {"input_ids": ids, "labels": list(ids)}
     messages = to_messages(record, fmt)
@@ -103,7 +130,7 @@ def encode(record: dict, fmt: str, tokenizer, max_length: int) -> dict:
     labels: list[int] = []
     rendered = ""
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i == 0:  # an opening answer answers nothing
             continue
         prompt = tokenizer.apply_chat_template(
             messages[:i], tokenize=False, add_generation_prompt=True
@@ -190,9 +217,11 @@ def prompt_keys(record: dict, fmt: str) -> list[str]:
     its whole prompt (system and user messages); its exchange adds no link of its own.
     """
     if fmt == "text":
-        return [record["text"]]
+        return [_text(record, "text")]
     messages = to_messages(record, fmt)
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    first = next(
+        (i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0), len(messages)
+    )
     keys = [_joined(messages[:first])]
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i > 0:
@@ -249,11 +278,22 @@ def load_splits(data_config) -> SplitData:
     else:
         fmt = check_format(fmt, records.column_names, data_config.path)
     split = data_config.split
-    keys = [prompt_keys(r, fmt) for r in records]
+    keys = _keys(records, fmt, data_config.path)
     indices = split_indices(keys, split.validation, split.test, split.seed)
     return SplitData(
         fmt, *(records.select(indices[name]) for name in ("train", "validation", "test"))
     )
+
+
+def _keys(records, fmt: str, path: Path) -> list[list[str]]:
+    """Each record's `prompt_keys`; a record that is not `fmt` is a ConfigError naming it."""
+    keys = []
+    for i, record in enumerate(records):
+        try:
+            keys.append(prompt_keys(record, fmt))
+        except ValueError as error:
+            raise ConfigError(f"data.path: {path.name} record {i + 1} {error}") from None
+    return keys
 
 
 def tokenize_split(records, fmt: str, tokenizer, data_config, pack_rows: bool):
