@@ -46,8 +46,14 @@ def format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"] if not is_union_member(part))
+        # A validator's own message needs no "Value error, " before it.
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        got = "" if item["type"] in {"extra_forbidden", "missing"} else f" (got {item['input']!r})"
+        message = message.removeprefix("Value error, ")
+        # A whole section as the value would bury the message; a scalar helps.
+        quiet = item["type"] in {"extra_forbidden", "missing"} or isinstance(
+            item["input"], dict | list
+        )
+        got = "" if quiet else f" (got {item['input']!r})"
         lines.append(f"  {key}: {message}{got}")
     return "\n".join(dict.fromkeys(lines))
 

@@ -410,7 +410,7 @@ def test_warmup_with_the_constant_schedule_is_refused_not_ignored():
     from registry.errors import ConfigError
     from train.config import load_config
 
-    with pytest.raises(ConfigError, match=r"training\.warmup_steps: Value error, lr_scheduler "):
+    with pytest.raises(ConfigError, match=r"training\.warmup_steps: lr_scheduler "):
         load_config(CONFIG, ["training.lr_scheduler=constant"])  # the YAML warms up 5 steps
     config = load_config(CONFIG, ["training.lr_scheduler=constant", "training.warmup_steps=0"])
     assert config.training.lr_scheduler == "constant"
