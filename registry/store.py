@@ -94,6 +94,11 @@ class AdapterRegistry:
             self.client.create_registered_model(
                 name, description=f"LoRA adapter over {lineage.base_model}"
             )
+        # A run registers once: a resumed run whose registration got as far as the version
+        # (and failed after it) gets that version back, not a second copy.
+        for v in self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
+            if v.source == source:
+                return self.get(AdapterRef(name, int(v.version)))
         created = self.client.create_model_version(
             name, source=source, run_id=run_id, tags=lineage.tags()
         )

@@ -47,6 +47,10 @@ def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
     assert registry.get(parse_ref("facts@champion")).version == 2
     assert "former_champion" in registry.get(parse_ref("facts/1")).tags
 
+    # The same run registering again (a resumed run) gets its version back
+    again = registry.register("facts", latest.run_id, latest.source, Lineage.read(adapters[1]))
+    assert again.version == 2 and registry.get(parse_ref("facts")).version == 2
+
     dest = registry.download(parse_ref("facts@champion"), tmp_path / "champion")
     original = adapters[1]
     assert (dest / "adapter_model.safetensors").read_bytes() == (
