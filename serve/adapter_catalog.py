@@ -16,7 +16,7 @@ from registry.errors import NotFoundError, UsageError
 from registry.home import Home
 from registry.refs import is_ref
 from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool, LoraWeights, folder_stamp
+from serve.adapter_pool import AdapterPool, LoraWeights
 from serve.lora_slots import LoraSlots
 
 
@@ -63,11 +63,13 @@ class AdapterCatalog:
         )
         if resolved.version is not None:
             uid = f"{resolved.version.name}/{resolved.version.version}"
+            weights = self.pool.read(resolved.path, uid)
         else:
-            stamp = folder_stamp(resolved.path)  # a rewritten folder is another adapter
-            digest = hashlib.sha256(f"{resolved.path}:{stamp}".encode()).hexdigest()[:12]
-            uid = f"{name}#{digest}"
-        weights = self.pool.read(resolved.path, uid)
+            # A rewritten folder is another adapter, named by the bytes read: a second look at
+            # the folder could find other files than those read.
+            weights = self.pool.read(resolved.path, name)
+            digest = hashlib.sha256(f"{resolved.path}:{weights.stamp}".encode()).hexdigest()[:12]
+            uid = weights.uid = f"{name}#{digest}"
         info = AdapterInfo(
             name,
             uid,

@@ -7,6 +7,7 @@ Slots hold every layer's A and B of each target module, zero-padded to `max_lora
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -39,7 +40,7 @@ class LoraWeights:
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     ranks: dict[str, list[int]]  # module -> its rank in each layer (0: not targeted there)
-    stamp: str = ""  # the folder's files as they were read (`folder_stamp`)
+    stamp: str = ""  # digest of the files' bytes as they were read (`content_stamp`)
 
     @property
     def rank(self) -> int:
@@ -50,14 +51,15 @@ class LoraWeights:
         return sorted(self.A)
 
 
-def folder_stamp(path: Path) -> str:
-    """What changes when an adapter folder's files are rewritten: their sizes and times."""
-    stamps = []
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if (path / name).is_file():
-            stat = (path / name).stat()
-            stamps.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return ";".join(stamps)
+def content_stamp(config: bytes, weights: bytes) -> str:
+    """What changes when an adapter folder's files are rewritten: a digest of their bytes.
+
+    Not their sizes and times: another adapter of the same shape has the same sizes, and a copy
+    that keeps times (`cp -p`, `rsync -a`, an archive) can give it the same times too; the
+    digest is of the bytes parsed, so a rewrite while they are read cannot pass for them."""
+    digest = hashlib.blake2b(len(config).to_bytes(8, "little") + config, digest_size=16)
+    digest.update(weights)
+    return digest.hexdigest()
 
 
 def read_peft_lora(
@@ -70,10 +72,10 @@ def read_peft_lora(
 ) -> LoraWeights:
     """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits;
     held in `dtype`, in page-locked memory with `pin_memory` (slots on a GPU)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    stamp = folder_stamp(path)  # before reading: a rewrite meanwhile shows at the next read
-    config = json.loads((path / "adapter_config.json").read_text())
+    config_bytes = (path / "adapter_config.json").read_bytes()
+    config = json.loads(config_bytes)
     name = f"adapter {uid!r}"
     if config.get("use_dora"):
         raise AdapterError(f"{name}: DoRA adapters are not supported")
@@ -86,8 +88,9 @@ def read_peft_lora(
     files = [path / "adapter_model.safetensors"]
     if not files[0].is_file():
         raise AdapterError(f"{name}: {path} has no adapter_model.safetensors")
+    data = files[0].read_bytes()  # once: the stamp is of the very bytes parsed
     try:
-        state = load_file(str(files[0]))
+        state = load(data)
     except Exception as error:  # safetensors raises its own error type for corrupt files
         raise AdapterError(
             f"{name}: {files[0]} is not a readable safetensors file ({error})"
@@ -127,7 +130,7 @@ def read_peft_lora(
     if not tensors:
         raise AdapterError(f"{name}: {path} holds no LoRA weights")
     weights = slot_layout(uid, path, tensors, shape, dtype, pin_memory)
-    weights.stamp = stamp
+    weights.stamp = content_stamp(config_bytes, data)
     return weights
 
 
@@ -208,7 +211,7 @@ class AdapterPool:
             if m not in self.rank_table:
                 self.rank_table[m] = torch.zeros(L, max_loras, dtype=torch.int32, device=device)
         self.host: OrderedDict[str, LoraWeights] = OrderedDict()
-        self.origin: dict[str, tuple[Path, str]] = {}  # uid -> its folder and folder_stamp
+        self.origin: dict[str, tuple[Path, str]] = {}  # uid -> its folder and content_stamp
         self.host_evictions = 0
 
     def keep(self, weights: LoraWeights) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -80,6 +81,34 @@ def test_reloading_a_folder_whose_config_changed_loads_the_new_scale(tiny_base, 
     llm.load_adapter("a", str(a))
     assert llm.engine.adapters["a"].uid != uid
     assert _tokens(llm, "a") == _tokens(llm, None) != before  # alpha 0.001: nearly the base
+
+
+def test_a_folder_rewritten_with_the_same_file_sizes_and_times_is_another_adapter(
+    tiny_base, tmp_path
+):
+    """Another adapter of the same shape has files of the same sizes, and a copy that keeps
+    file times (cp -p, rsync -a, an archive) gives them the same times: reloading the folder
+    serves the new weights, never the old ones from the slot or the old prefix cache."""
+    old = make_adapter(tiny_base, tmp_path / "old", name="x", seed=0, rank=8, targets=TARGETS)
+    new = make_adapter(tiny_base, tmp_path / "new", name="x", seed=1, rank=8, targets=TARGETS)
+    folder = tmp_path / "x"
+
+    def put(source):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(source, folder)
+        for file in folder.iterdir():
+            os.utime(file, ns=(10**18, 10**18))  # as an archive with normalized times has them
+
+    llm = LLM(**tiny_engine_args(tiny_base, max_loras=1))
+    put(old)
+    uid = llm.load_adapter("x", str(folder)).uid
+    of_old = _tokens(llm, "x")
+    put(new)
+    assert llm.load_adapter("x", str(folder)).uid != uid
+    reloaded = _tokens(llm, "x")
+    llm.load_adapter("new", str(new))
+    assert reloaded == _tokens(llm, "new") != of_old
+    assert _tokens(llm, "x") == reloaded  # read into the slot again, past the prefix cache
 
 
 def test_a_step_that_fails_fails_its_generate_and_the_next_one_serves(tiny_base, monkeypatch):
