@@ -54,9 +54,11 @@ def test_prompt_and_token_logprobs_equal_transformers(llm, hf_model):
     [{}, {"top_p": 0.9}, {"top_k": 40, "top_p": 0.5, "temperature": 0.7}],
     ids=["full", "nucleus", "top-k-and-p"],
 )
-def test_seeded_sampling_is_reproducible_in_any_batch(llm, options):
+def test_a_seeds_draws_do_not_depend_on_the_rest_of_the_batch(llm, options):
     """The tiny model's flat distributions put a top-p nucleus past the sampler's candidates:
-    the whole-vocabulary path must give the seeded request the same tokens as well."""
+    the whole-vocabulary path must give the seeded request the same tokens as well. (Its
+    logits may differ in the last bits with the batch's size, which at a near-tie can change
+    a token: these prompts have none.)"""
     seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
     seeded = dataclasses.replace(seeded, **options)
     [alone] = llm.generate([PROMPTS[0]], seeded)
