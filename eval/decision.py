@@ -85,7 +85,8 @@ def compare(
     ours, theirs = candidate.on(index), other.on(index)
     gains = ours - theirs if higher_is_better else theirs - ours
     tail = (1 - boot.confidence) / 2
-    low, high = np.quantile(gains, [tail, 1 - tail])
+    with np.errstate(invalid="ignore"):  # inf - inf: a non-finite candidate fails in `judge`
+        low, high = np.quantile(gains, [tail, 1 - tail])
     sign = 1 if higher_is_better else -1
     point = candidate.on(both[None])[0] - other.on(both[None])[0]
     return Comparison(float(sign * point), float(low), float(high))
