@@ -248,28 +248,35 @@ def test_resume_refuses_a_run_whose_data_or_base_changed_since(
     tiny_base, home, tracking_uri, changed
 ):
     """Same config, other contents: the data file or the base folder was rewritten in place."""
-    import json
-
     from registry.errors import UsageError
     from train.config import load_config
-    from train.data import data_hash
-    from train.recipe import RUN_FILE, TrainingJob
+    from train.recipe import TrainingJob
 
     config = load_config(CONFIG, [f"name=resume-{changed}", f"base_model={tiny_base.path}"])
-    record = {
-        "run_id": "r",
-        "status": "interrupted",
-        "data_hash": data_hash(config.data.path),
-        "base_fingerprint": tiny_base.fingerprint,
-        "config": config.model_dump(mode="json"),
-    } | {changed: "sha256:then"}
-    run_dir = home.runs / config.name / "20260101-000000"
-    run_dir.mkdir(parents=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    _interrupted_run(home, config, tiny_base, **{changed: "sha256:then"})
     job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
     what = {"data_hash": "the data's hash", "base_fingerprint": "the base's fingerprint"}[changed]
     with pytest.raises(UsageError, match=rf"--resume: {what} \(sha256:then then, \S+ now\) differ"):
         job.setup()
+
+
+def _interrupted_run(home, config, base, **record_changes) -> None:
+    """The record an interrupted run of `config` over `base` leaves, as `--resume` reads it."""
+    import json
+
+    from train.data import data_hash
+    from train.recipe import RUN_FILE
+
+    record = {
+        "run_id": "r",
+        "status": "interrupted",
+        "data_hash": data_hash(config.data.path),
+        "base_fingerprint": base.fingerprint,
+        "config": config.model_dump(mode="json"),
+    } | record_changes
+    run_dir = home.runs / config.name / "20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
 
 
 def _tiny_job(tiny_base, home, tracking_uri, *overrides: str, resume: bool = False):
@@ -332,23 +339,10 @@ def test_training_seed_decides_the_adapters_initial_weights(tiny_base, home, tra
 def test_resume_refuses_changed_training_settings_naming_each_key(tiny_base, home, tracking_uri):
     """A checkpoint's scheduler would keep the old learning rate unseen, and the run's MLflow
     params (logged once) would misreport a new max_steps."""
-    import json
-
     from registry.errors import UsageError
-    from train.data import data_hash
-    from train.recipe import RUN_FILE
 
     then = _tiny_job(tiny_base, home, tracking_uri, "name=resume-changed").config
-    record = {
-        "run_id": "r",
-        "status": "interrupted",
-        "data_hash": data_hash(then.data.path),
-        "base_fingerprint": tiny_base.fingerprint,
-        "config": then.model_dump(mode="json"),
-    }
-    run_dir = home.runs / then.name / "20260101-000000"
-    run_dir.mkdir(parents=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    _interrupted_run(home, then, tiny_base)
     now = ["name=resume-changed", "training.learning_rate=0.01", "training.max_steps=9"]
     job = _tiny_job(tiny_base, home, tracking_uri, *now, resume=True)
     expected = (
