@@ -46,6 +46,18 @@ class ApiKey(_Strict):
             raise ValueError("must be the 64 hex digits of the key's SHA-256")
         return None if value is None else value.lower()
 
+    @field_validator("adapters")
+    @classmethod
+    def _whole_star(cls, adapters: list[str]) -> list[str]:
+        # Entries are matched whole: `team-*` would silently allow nothing.
+        for entry in adapters:
+            if "*" in entry and entry != "*":
+                raise ValueError(
+                    f"{entry!r}: entries are model values or adapter names, matched whole; "
+                    "'*' alone allows every model"
+                )
+        return adapters
+
     @model_validator(mode="after")
     def _one_source(self) -> ApiKey:
         if (self.sha256 is None) == (self.env is None):

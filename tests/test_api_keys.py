@@ -100,3 +100,11 @@ def test_keys_off_let_everyone_in_and_a_missing_variable_is_a_config_error(monke
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     with pytest.raises(ConfigError, match="key 'k': environment variable NOT_SET_ANYWHERE"):
         ApiKeys([ApiKey(id="k", env="NOT_SET_ANYWHERE")])
+
+
+def test_a_star_inside_an_allow_list_entry_is_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'faq-\\*': entries are model values"):
+        _key("k", "secret", adapters=["faq-*"])
+    assert _key("k", "secret", adapters=["*", "faq"]).adapters == ["*", "faq"]
