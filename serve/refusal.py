@@ -30,3 +30,14 @@ def timed_out(seconds: float) -> Refusal:
         "request_timeout",
         {"x-should-retry": "false"},
     )
+
+
+def registry_unavailable() -> Refusal:
+    """503 for an adapter the registry cannot be read for now (its URI stays in the log)."""
+    return Refusal(
+        503,
+        "the adapter registry cannot be read now",
+        "server_error",
+        "registry_unavailable",
+        {"Retry-After": "10"},
+    )

@@ -15,6 +15,7 @@ failed engine step; a client that hangs up, queued or mid-answer, aborts its req
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -28,7 +29,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from registry.config_file import is_union_member
-from registry.errors import NotFoundError, UnknownAdapterError, UsageError
+from registry.errors import ConfigError, NotFoundError, UnknownAdapterError, UsageError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
@@ -47,7 +48,7 @@ from serve.protocol import (
     new_id,
     now,
 )
-from serve.refusal import Refusal, timed_out
+from serve.refusal import Refusal, registry_unavailable, timed_out
 from serve.serve_config import ServeConfig
 from serve.streaming import (
     all_started,
@@ -92,15 +93,22 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     metrics = ServerMetrics()
     keys = ApiKeys(config.api_keys)
     adapters = AdapterWatch(engine, lambda reason: metrics.adapter_loads.labels(reason).inc())
+    if base_name in adapters.loaded:  # requests for it would get the base: never served
+        raise ConfigError(f"adapter {base_name!r}: the base model's name cannot name an adapter")
     audit = AuditLog(
         config.audit.path or engine.engine.home.root / "audit.jsonl", config.audit.include_prompts
     )
+    # Prompts are tokenized on threads of their own: registry calls, which can hang for as
+    # long as the registry is unreachable, hold the loop's default threads.
+    tokenizing = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio-tokenize")
+    listing: asyncio.Future | None = None  # the registry's adapters, asked once for all callers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         follower = asyncio.create_task(adapters.follow(config.alias_poll_interval_s))
         yield
         follower.cancel()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
         audit.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
@@ -174,6 +182,18 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    async def tokenized(function, *args) -> list[int]:
+        """Off the event loop (other streams go on) and off the engine thread (steps go on)."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
+
+    async def registered():
+        """The registry's adapters; callers that ask while a listing runs share it, so a slow
+        registry holds one thread, not one per caller."""
+        nonlocal listing
+        if listing is None or listing.done():
+            listing = asyncio.ensure_future(adapters.registered())
+        return await asyncio.shield(listing)
 
     async def adapter_for(model: str) -> str | None:
         """The adapter a request's `model` names (None: the base), loaded on first use."""
@@ -333,11 +353,20 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.post("/v1/adapters")
     async def load_adapter(record: Authenticated, body: AdapterLoad):
+        from mlflow.exceptions import MlflowException
+
         keys.require_admin(record.caller)
-        info = await adapters.load(body.name, body.source)
+        if body.name == base_name:
+            raise InvalidField("name", f"{base_name!r} is the base model's name")
+        try:
+            info = await adapters.load(body.name, body.source)
+        except MlflowException as error:  # as on first use: its URI stays in the log
+            log.warning("cannot load %s from the registry: %s", body.source, error)
+            raise registry_unavailable() from None
         return _adapter_entry(info, base_name)
 
-    @app.delete("/v1/adapters/{name}")
+    # :path, as names loaded by reference hold '/' (name/3)
+    @app.delete("/v1/adapters/{name:path}")
     async def unload_adapter(record: Authenticated, name: str):
         keys.require_admin(record.caller)
         await engine.unload_adapter(name)
@@ -349,8 +378,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         entries = {base_name: _model_entry(base_name, base_name)}
         for name, info in sorted(adapters.loaded.items()):
             entries[name] = _adapter_entry(info, base_name)
-        for registered in await adapters.registered():
-            refs = [registered.name, *(f"{registered.name}@{a}" for a in registered.aliases)]
+        for adapter in await registered():
+            refs = [adapter.name, *(f"{adapter.name}@{a}" for a in adapter.aliases)]
             for ref in refs:
                 entries.setdefault(ref, {**_model_entry(ref, base_name), "loaded": False})
         return {k: entry for k, entry in entries.items() if record.caller.may_use(k)}
@@ -372,8 +401,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         messages = [m.for_template() for m in body.messages]
         record.prompt = messages
         check_length("messages", sum(len(m["content"]) for m in messages))
-        # Off the event loop (other streams go on) and off the engine thread (steps go on).
-        prompt = await asyncio.to_thread(chat_prompt, messages)
+        prompt = await tokenized(chat_prompt, messages)
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
         streams = await unless_gone(request, start(record, body, [prompt]))
@@ -408,7 +436,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         for prompt in given:
             if isinstance(prompt, str):
                 check_length("prompt", len(prompt))
-        prompts = [await asyncio.to_thread(encode, p) if isinstance(p, str) else p for p in given]
+        prompts = [await tokenized(encode, p) if isinstance(p, str) else p for p in given]
         streams = await unless_gone(request, start(record, body, prompts))
         rid = new_id("cmpl")
         # Per choice: its prompt's text (echoed, and where logprob offsets count from).

@@ -3,6 +3,7 @@ limits, the audit log, the waiting-queue cap, request timeouts and Prometheus me
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -15,6 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from registry.errors import ConfigError
 from serve import LLM
 from tests.helpers import hang_up_after, make_lora, paused, running_server, tiny_engine_args
 
@@ -492,9 +494,76 @@ def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
             with pytest.raises(openai.InternalServerError, match="registry") as refused:
                 client.chat.completions.create(model="faq@champion", messages=QUESTION)
             assert refused.value.status_code == 503
+            # An admin load by reference is refused the same way, and `faq` served as before.
+            loaded = httpx.post(
+                f"{url}/adapters", json={"name": "faq", "source": "faq@champion"}, timeout=30
+            )
+            assert loaded.status_code == 503 and loaded.headers["retry-after"] == "10"
+            assert loaded.json()["error"]["code"] == "registry_unavailable"
+            assert client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
             assert time.monotonic() - t0 < 30  # MLflow's own retries alone take minutes
     finally:
         for name, value in saved.items():
             os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
+
+
+def test_the_base_name_is_refused_as_an_adapter_and_a_versioned_name_is_unloaded(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, engine):
+        http = httpx.Client(base_url=url, timeout=60)
+        shadowing = http.post("/adapters", json={"name": "tiny", "source": str(faq_folder)})
+        assert shadowing.status_code == 400 and shadowing.json()["error"]["param"] == "name"
+        assert [m["parent"] for m in http.get("/models").json()["data"] if m["id"] == "tiny"] == [
+            None
+        ]
+        # The name a reference loads under on first use (faq/3), here from a folder.
+        assert http.post("/adapters", json={"name": "faq/3", "source": str(faq_folder)}).is_success
+        unloaded = http.delete("/adapters/faq/3")
+        assert unloaded.status_code == 200 and unloaded.json()["name"] == "faq/3"
+        assert "faq/3" not in engine.engine.adapters
+        # Nor can a server start with an adapter under the base's name.
+        from serve.serve_config import ServeConfig
+        from serve.server import create_app
+
+        asyncio.run(engine.load_adapter("tiny", str(faq_folder)))
+        with pytest.raises(ConfigError, match="the base model's name"):
+            create_app(engine, "tiny", ServeConfig(audit={"path": tmp_path / "other.jsonl"}))
+
+
+def test_model_lists_waiting_on_a_hung_registry_hold_up_no_completion(
+    tiny_base, faq_folder, empty_registry, tmp_path, monkeypatch
+):
+    import os
+    import threading
+
+    from registry.store import AdapterRegistry
+
+    released, calls = threading.Event(), []
+
+    def hung(self):  # a registry host that drops packets: each call waits out its timeouts
+        calls.append(1)
+        released.wait(60)
+        return []
+
+    monkeypatch.setattr(AdapterRegistry, "list", hung)
+    lists = min(32, (os.cpu_count() or 1) + 4) + 2  # more than the loop's default threads
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path) as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=10)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(lists) as pool:
+                listed = [pool.submit(httpx.get, f"{url}/models", timeout=60) for _ in range(lists)]
+                deadline = time.monotonic() + 20
+                while not calls:
+                    assert time.monotonic() < deadline, "the model list did not ask the registry"
+                    time.sleep(0.02)
+                time.sleep(1)  # the other lists arrive meanwhile
+                reply = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+                assert reply.usage.completion_tokens >= 1
+                assert client.completions.create(model="faq", prompt="Hi", max_tokens=2)
+                assert len(calls) == 1  # one registry call for all the lists waiting
+        finally:
+            released.set()
+        assert all(f.result().status_code == 200 for f in listed)
