@@ -22,8 +22,10 @@ from serve.serve_config import ApiKey
 
 class TokenBucket:
     """A tokens-per-minute budget: the level refills at `per_minute / 60` tokens a second up to
-    `per_minute`. A request is admitted while the level is positive and pays its prompt and
-    completion tokens when it ends, so one large request can push the level below zero.
+    `per_minute`. A request is admitted while the level is positive and takes the most it can
+    use (its prompt and `max_tokens`) at once, so one large request can push the level below
+    zero and requests streaming at the same time cannot all be admitted on one positive level;
+    what it did not use comes back when it ends.
     """
 
     def __init__(self, per_minute: int, now: float):
@@ -86,7 +88,8 @@ class ApiKeys:
         raise Refusal(401, "unknown API key", *_AUTH)
 
     def admit(self, caller: Caller, model: str) -> None:
-        """403 for a model off the caller's allow-list, 429 while its token budget is spent."""
+        """403 for a model off the caller's allow-list, 429 while its token budget is spent
+        (checked again by `reserve`, once the request's size is known)."""
         if not caller.may_use(model):
             raise Refusal(
                 403,
@@ -94,16 +97,16 @@ class ApiKeys:
                 "permission_error",
                 "model_not_allowed",
             )
-        if caller.bucket is not None:
-            wait = caller.bucket.retry_after(self.clock())
-            if wait > 0:
-                raise Refusal(
-                    429,
-                    f"key {caller.id!r} is over its tokens per minute; retry in {wait:.0f} s",
-                    "tokens",
-                    "rate_limit_exceeded",
-                    {"Retry-After": str(math.ceil(wait))},
-                )
+        self._check_budget(caller)
+
+    def reserve(self, caller: Caller, tokens: int) -> int:
+        """Take the most tokens a request can use from the caller's budget (429 while it is
+        spent); what it takes, which `settle` gets back when the request ends."""
+        if caller.bucket is None:
+            return 0
+        self._check_budget(caller)  # no await since: requests cannot pass it in between
+        caller.bucket.charge(tokens, self.clock())
+        return tokens
 
     def require_admin(self, caller: Caller) -> None:
         if not caller.admin:
@@ -111,9 +114,23 @@ class ApiKeys:
                 403, f"key {caller.id!r} may not load or unload adapters", "permission_error"
             )
 
-    def charge(self, caller: Caller, tokens: int) -> None:
-        if caller.bucket is not None and tokens:
-            caller.bucket.charge(tokens, self.clock())
+    def settle(self, caller: Caller, reserved: int, used: int) -> None:
+        """Charge a finished request's tokens, against what it reserved."""
+        if caller.bucket is not None and used != reserved:
+            caller.bucket.charge(used - reserved, self.clock())
+
+    def _check_budget(self, caller: Caller) -> None:
+        if caller.bucket is None:
+            return
+        wait = caller.bucket.retry_after(self.clock())
+        if wait > 0:
+            raise Refusal(
+                429,
+                f"key {caller.id!r} is over its tokens per minute; retry in {wait:.0f} s",
+                "tokens",
+                "rate_limit_exceeded",
+                {"Retry-After": str(math.ceil(wait))},
+            )
 
 
 _AUTH = ("authentication_error", "invalid_api_key")

@@ -34,7 +34,8 @@ class RequestRecord:
     started: float = field(default_factory=time.monotonic)
     key_id: str | None = None
     caller: Any = None  # the api_keys.Caller, charged for the tokens when the request ends
-    model: str | None = None  # the base or adapter name the request resolved to
+    reserved_tokens: int = 0  # taken from the caller's budget when it was queued
+    model: str | None = None  # the base or adapter the request ran on, loaded or unloaded
     adapter_uid: str | None = None  # the adapter version it ran on
     prompt: Any = None  # messages or prompt; written only with audit.include_prompts
     prompt_tokens: int = 0

@@ -116,7 +116,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     def finished(record: RequestRecord) -> None:
         metrics.observe(record)
         if record.caller is not None:
-            keys.charge(record.caller, record.prompt_tokens + record.completion_tokens)
+            used = record.prompt_tokens + record.completion_tokens
+            keys.settle(record.caller, record.reserved_tokens, used)
         audit.write(record)
 
     max_chars = engine.engine.max_model_len * _CHARS_PER_TOKEN_BOUND
@@ -231,6 +232,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             )
         field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         params = [body.choice_params(max_tokens_for(body, len(p), field)) for p in prompts]
+        most = sum(len(p) + n * ps[0].max_tokens for p, ps in zip(prompts, params, strict=True))
+        record.reserved_tokens = keys.reserve(record.caller, most)
         try:
             async with asyncio.timeout_at(deadline):
                 adapter = await adapter_for(body.model)
@@ -356,6 +359,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         from mlflow.exceptions import MlflowException
 
         keys.require_admin(record.caller)
+        record.model = body.name
         if body.name == base_name:
             raise InvalidField("name", f"{base_name!r} is the base model's name")
         try:
@@ -369,6 +373,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     @app.delete("/v1/adapters/{name:path}")
     async def unload_adapter(record: Authenticated, name: str):
         keys.require_admin(record.caller)
+        record.model = name
         await engine.unload_adapter(name)
         return {"name": name, "unloaded": True}
 

@@ -84,8 +84,8 @@ def test_keys_from_the_environment_and_the_rate_limit_per_key(monkeypatch):
     )
     team, ops = keys.caller("bearer from-env"), keys.caller("Bearer ops")
     assert (team.id, ops.id) == ("team", "ops")
-    keys.charge(team, 90)
-    keys.charge(ops, 10**6)  # no limit set
+    keys.settle(team, reserved=0, used=90)
+    assert keys.reserve(ops, 10**6) == 0  # no limit set: nothing taken
     with pytest.raises(Refusal) as limited:
         keys.admit(team, "faq")
     assert (limited.value.status, limited.value.headers) == (429, {"Retry-After": "31"})
@@ -108,3 +108,19 @@ def test_a_star_inside_an_allow_list_entry_is_a_config_error():
     with pytest.raises(ValidationError, match="'faq-\\*': entries are model values"):
         _key("k", "secret", adapters=["faq-*"])
     assert _key("k", "secret", adapters=["*", "faq"]).adapters == ["*", "faq"]
+
+
+def test_a_reservation_holds_back_concurrent_requests_and_what_it_did_not_use_comes_back():
+    clock = Clock()
+    keys = ApiKeys([_key("team", "secret", tokens_per_minute=60)], clock)
+    team = keys.caller("Bearer secret")
+    first = keys.reserve(team, 40)  # prompt + max_tokens: the most it can use
+    second = keys.reserve(team, 40)  # the level (20) was still positive
+    assert (first, second, team.bucket.level) == (40, 40, -20)
+    with pytest.raises(Refusal) as limited:  # a third, while both are in flight
+        keys.reserve(team, 40)
+    assert limited.value.status == 429 and limited.value.code == "rate_limit_exceeded"
+    keys.settle(team, first, used=10)  # it stopped early: 30 come back
+    keys.settle(team, second, used=0)  # refused after reserving (unknown model): all back
+    assert team.bucket.level == 50
+    assert keys.reserve(team, 40) == 40

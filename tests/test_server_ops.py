@@ -138,6 +138,33 @@ def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
     assert line["adapter_uid"].startswith("faq#") and line["latency_s"] > 0
 
 
+def test_requests_in_flight_hold_their_most_tokens_so_a_burst_cannot_overdraw_a_key(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    key = {"id": "team", "sha256": hashlib.sha256(OPS_KEY.encode()).hexdigest()}
+    key["tokens_per_minute"] = 1000  # room for two requests of 400 tokens, and a third begun
+    keys = [key]
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, api_keys=keys) as (url, engine):
+        client = openai.OpenAI(base_url=url, api_key=OPS_KEY, max_retries=0)
+
+        def ask():
+            try:
+                client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=400)
+                return 200
+            except openai.APIStatusError as error:
+                return error.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            with paused(engine):  # none has used a token yet: all four arrive on a full budget
+                futures = [pool.submit(ask) for _ in range(4)]
+                deadline = time.monotonic() + 20
+                while engine._inbox.qsize() < 3 or not any(f.done() for f in futures):
+                    assert time.monotonic() < deadline, "no request was refused while queued"
+                    time.sleep(0.02)
+            assert sorted(f.result() for f in futures) == [200, 200, 200, 429]
+    assert sorted(line["status"] for line in _audit(tmp_path)) == [200, 200, 200, 429]
+
+
 def test_a_full_waiting_queue_gets_503_and_the_queued_requests_finish(
     tiny_base, faq_folder, empty_registry, tmp_path
 ):
@@ -524,6 +551,13 @@ def test_the_base_name_is_refused_as_an_adapter_and_a_versioned_name_is_unloaded
         unloaded = http.delete("/adapters/faq/3")
         assert unloaded.status_code == 200 and unloaded.json()["name"] == "faq/3"
         assert "faq/3" not in engine.engine.adapters
+        lines = [x for x in _audit(tmp_path) if x["endpoint"].startswith("/v1/adapters")]
+        admin = [(x["endpoint"], x["model"], x["status"]) for x in lines]
+        assert admin == [  # admin lines name the adapter they load or unload
+            ("/v1/adapters", "tiny", 400),
+            ("/v1/adapters", "faq/3", 200),
+            ("/v1/adapters/{name}", "faq/3", 200),
+        ]
         # Nor can a server start with an adapter under the base's name.
         from serve.serve_config import ServeConfig
         from serve.server import create_app
