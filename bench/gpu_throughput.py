@@ -82,6 +82,7 @@ MODES = {
 def make_llm(cfg, args, base: Path):
     from serve import LLM
 
+    slots = args.max_loras or cfg["max_seqs"]
     return LLM(
         base_model=str(base),
         quantization=None if args.quantization == "none" else args.quantization,
@@ -94,9 +95,9 @@ def make_llm(cfg, args, base: Path):
         # default: one slot per running sequence, so slots never hold back a batch of distinct
         # adapters; fewer caps the adapters a step reads (the scheduler lets requests whose
         # adapter is in a slot pass the others)
-        max_loras=args.max_loras or cfg["max_seqs"],
+        max_loras=slots,
         max_lora_rank=cfg["rank"],
-        max_cpu_loras=cfg["adapters"],
+        max_cpu_loras=max(cfg["adapters"], slots),  # every adapter; at least one per slot
         kv_cache_memory_gb=cfg["kv_gb"],
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from registry.base_model import DEFAULT_BASE_MODEL
 
@@ -50,3 +50,13 @@ class EngineConfig(BaseModel):
     # steps. Nothing to do without the kernels
     warmup: bool = True
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)
+
+    @field_validator("max_cpu_loras")
+    @classmethod
+    def _holds_every_slot(cls, value: int, info: ValidationInfo) -> int:
+        # A step fills slots from the host tier: with fewer host copies than slots, one step's
+        # reads would evict each other and every adapter would be read from disk twice.
+        slots = info.data.get("max_loras")
+        if slots is not None and value < slots:
+            raise ValueError(f"must be at least max_loras ({slots}): slots load from host memory")
+        return value

@@ -186,6 +186,11 @@ SERVE_YAML = PROJECT / "configs/serve/smollm2-135m_nf4_cpu.yaml"
         ({"port": 0}, "port", "greater than or equal to 1"),
         ({"max_waiting": 0}, "max_waiting", "greater than or equal to 1"),
         ({"engine": {"max_loras": 0}}, "engine.max_loras", "greater than or equal to 1"),
+        (
+            {"engine": {"max_loras": 8, "max_cpu_loras": 4}},
+            "engine.max_cpu_loras",
+            "must be at least max_loras (8)",
+        ),
         ({"engine": {"base_model": "x"}}, "engine", "at the top level"),
         ({"adapters": {"has space": "faq"}}, "adapters", "letters, digits"),
         ({"api_keys": [{"id": "a", "sha256": "abc"}]}, "api_keys.0.sha256", "64 hex digits"),
