@@ -23,28 +23,26 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from jinja2 import TemplateError
-from starlette.exceptions import HTTPException
 
-from registry.config_file import is_union_member
-from registry.errors import ConfigError, NotFoundError, UnknownAdapterError, UsageError
+from registry.errors import ConfigError, NotFoundError, UnknownAdapterError
 from registry.refs import is_ref
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
-from serve.async_engine import AsyncLLM, EngineStepError, QueueFull
+from serve.async_engine import AsyncLLM
 from serve.audit import SCOPE_KEY, AuditLog, RecordRequests, RequestRecord
 from serve.body_limit import LimitBody
+from serve.error_handlers import install_error_handlers
 from serve.metrics import CONTENT_TYPE, ServerMetrics
+from serve.model_list import ModelList
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs, LogprobsFormatter
 from serve.outputs import RequestOutput
+from serve.prompt_reader import PromptReader
 from serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
     CompletionRequest,
     InvalidField,
-    error_body,
     new_id,
     now,
 )
@@ -77,10 +75,7 @@ Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 log = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.5  # how often a request not streaming yet checks that its client is there
-# Text prompts are refused past this many characters per token of the context length, before
-# tokenizing (which costs in proportion): tokenizers average 3-5 characters per token.
-_CHARS_PER_TOKEN_BOUND = 16
-# Request bodies are refused past this many bytes per character of that bound (JSON escapes
+# Request bodies are refused past this many bytes per character a prompt may hold (JSON escapes
 # take up to 6 bytes a character; a batch holds several prompts), and never below 16 MiB.
 _BODY_BYTES_PER_CHAR = 64
 _MIN_BODY_BYTES = 16 * 2**20
@@ -93,6 +88,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     metrics = ServerMetrics()
     keys = ApiKeys(config.api_keys)
     adapters = AdapterWatch(engine, lambda reason: metrics.adapter_loads.labels(reason).inc())
+    model_list = ModelList(adapters, base_name)
+    reader = PromptReader(tokenizer, engine.engine.max_model_len, config.default_max_tokens)
     if base_name in adapters.loaded:  # requests for it would get the base: never served
         raise ConfigError(f"adapter {base_name!r}: the base model's name cannot name an adapter")
     audit = AuditLog(
@@ -101,7 +98,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     # Prompts are tokenized on threads of their own: registry calls, which can hang for as
     # long as the registry is unreachable, hold the loop's default threads.
     tokenizing = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio-tokenize")
-    listing: asyncio.Future | None = None  # the registry's adapters, asked once for all callers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -120,81 +116,15 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             keys.settle(record.caller, record.reserved_tokens, used)
         audit.write(record)
 
-    max_chars = engine.engine.max_model_len * _CHARS_PER_TOKEN_BOUND
-    app.add_middleware(LimitBody, max_bytes=max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * max_chars))
+    max_bytes = max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * reader.max_chars)
+    app.add_middleware(LimitBody, max_bytes=max_bytes)
     app.add_middleware(RecordRequests, on_finish=finished)  # outside: it records the 413s too
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError):
-        # The deepest error: of a union's branches, the one that got furthest (an image part
-        # fails `str` at the content, and `list[TextPart]` at the part's type).
-        first = max(error.errors(), key=lambda e: len(e["loc"]))
-        field = ".".join(str(p) for p in first["loc"] if p != "body" and not is_union_member(p))
-        return JSONResponse(
-            error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
-        )
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, error: HTTPException):
-        message = error.detail  # Starlette's own: unknown routes (404), methods (405), 413
-        if error.status_code in (404, 405):
-            message = f"{error.detail}: {request.method} {request.url.path}"
-        return JSONResponse(
-            error_body(message, "invalid_request_error"),
-            status_code=error.status_code,
-            headers=error.headers,
-        )
-
-    @app.exception_handler(NotFoundError)
-    async def _not_found(request: Request, error: NotFoundError):
-        return JSONResponse(
-            error_body(str(error), "invalid_request_error", "model", "model_not_found"),
-            status_code=404,
-        )
-
-    # The request's own mistakes only: any other ValueError is a bug, a 500 (RecordRequests).
-    @app.exception_handler(UsageError)
-    async def _bad_value(request: Request, error: UsageError):
-        code = getattr(error, "code", None)  # InvalidField's
-        return JSONResponse(
-            error_body(str(error), "invalid_request_error", error.param, code), status_code=400
-        )
-
-    @app.exception_handler(EngineStepError)
-    async def _step_failed(request: Request, error: EngineStepError):
-        request.scope[SCOPE_KEY].finish_reason = "error"
-        message = f"the engine step computing this request failed: {error}"
-        return JSONResponse(
-            error_body(message, "server_error", None, "engine_step_failed"), status_code=500
-        )
-
-    @app.exception_handler(Refusal)
-    async def _refused(request: Request, error: Refusal):
-        return JSONResponse(
-            error_body(str(error), error.kind, None, error.code),
-            status_code=error.status,
-            headers=error.headers,
-        )
-
-    @app.exception_handler(QueueFull)
-    async def _overloaded(request: Request, error: QueueFull):
-        return JSONResponse(
-            error_body(f"server overloaded: {error}", "server_overloaded", None, "queue_full"),
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+    install_error_handlers(app)
 
     async def tokenized(function, *args) -> list[int]:
         """Off the event loop (other streams go on) and off the engine thread (steps go on)."""
         return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
-
-    async def registered():
-        """The registry's adapters; callers that ask while a listing runs share it, so a slow
-        registry holds one thread, not one per caller."""
-        nonlocal listing
-        if listing is None or listing.done():
-            listing = asyncio.ensure_future(adapters.registered())
-        return await asyncio.shield(listing)
 
     async def adapter_for(model: str) -> str | None:
         """The adapter a request's `model` names (None: the base), loaded on first use."""
@@ -231,7 +161,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
                 f"once (max_waiting: {engine.max_waiting})",
             )
         field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-        params = [body.choice_params(max_tokens_for(body, len(p), field)) for p in prompts]
+        params = [body.choice_params(reader.max_tokens_for(body, len(p), field)) for p in prompts]
         most = sum(len(p) + n * ps[0].max_tokens for p, ps in zip(prompts, params, strict=True))
         record.reserved_tokens = keys.reserve(record.caller, most)
         try:
@@ -292,53 +222,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         except TimeoutError:
             raise timed_out(config.request_timeout_s) from None
 
-    def max_tokens_for(body, prompt_tokens: int, field: str) -> int:
-        """The request's `max_tokens` for one prompt: refused (as vLLM and OpenAI do) if it
-        cannot fit the context with the prompt, so a reply is never cut by the context while
-        `length` says it was cut by `max_tokens`; if not given, the default or the room left."""
-        context = engine.engine.max_model_len
-        room = context - prompt_tokens
-        if room < 1:
-            raise InvalidField(
-                field,
-                f"the prompt has {prompt_tokens} tokens; the context length is {context}, "
-                "with room for at least one output token",
-                "context_length_exceeded",
-            )
-        if body.max_tokens is None:
-            return min(config.default_max_tokens, room)
-        if body.max_tokens > room:
-            raise InvalidField(
-                "max_tokens",
-                f"{body.max_tokens} is too large: the context length is {context} tokens and "
-                f"the prompt has {prompt_tokens}, leaving room for {room}",
-                "context_length_exceeded",
-            )
-        if body.max_tokens == 0 and not getattr(body, "echo", False):
-            raise InvalidField("max_tokens", "0 is only allowed with echo (to score the prompt)")
-        return max(body.max_tokens, 1)  # 0: one token is computed, and not returned
-
-    def check_length(field: str, chars: int) -> None:
-        """Refuse text that cannot fit the context before tokenizing it."""
-        if chars > max_chars:
-            raise InvalidField(
-                field,
-                f"{chars} characters cannot fit the context length of "
-                f"{engine.engine.max_model_len} tokens (at most {max_chars} characters)",
-            )
-
-    def chat_prompt(messages: list[dict]) -> list[int]:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as error:  # the template's raise_exception: roles, order
-            raise InvalidField("messages", f"the chat template refused them: {error}") from None
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(prompt: str) -> list[int]:
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]  # as add_request does
-
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -367,7 +250,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         except MlflowException as error:  # as on first use: its URI stays in the log
             log.warning("cannot load %s from the registry: %s", body.source, error)
             raise registry_unavailable() from None
-        return _adapter_entry(info, base_name)
+        return model_list.adapter_entry(info)
 
     # :path, as names loaded by reference hold '/' (name/3)
     @app.delete("/v1/adapters/{name:path}")
@@ -377,25 +260,14 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         await engine.unload_adapter(name)
         return {"name": name, "unloaded": True}
 
-    async def model_entries(record: RequestRecord) -> dict[str, dict]:
-        """The base, loaded adapters and registered ones not loaded yet, that the caller may
-        use, by id."""
-        entries = {base_name: _model_entry(base_name, base_name)}
-        for name, info in sorted(adapters.loaded.items()):
-            entries[name] = _adapter_entry(info, base_name)
-        for adapter in await registered():
-            refs = [adapter.name, *(f"{adapter.name}@{a}" for a in adapter.aliases)]
-            for ref in refs:
-                entries.setdefault(ref, {**_model_entry(ref, base_name), "loaded": False})
-        return {k: entry for k, entry in entries.items() if record.caller.may_use(k)}
-
     @app.get("/v1/models")
     async def models(record: Authenticated):
-        return {"object": "list", "data": list((await model_entries(record)).values())}
+        entries = await model_list.entries(record.caller.may_use)
+        return {"object": "list", "data": list(entries.values())}
 
     @app.get("/v1/models/{model:path}")  # :path, as references hold '/' (name/3)
     async def model(record: Authenticated, model: str):
-        entry = (await model_entries(record)).get(model)
+        entry = (await model_list.entries(record.caller.may_use)).get(model)
         if entry is None:
             raise NotFoundError(f"model {model!r} does not exist")
         return entry
@@ -405,8 +277,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         keys.admit(record.caller, body.model)
         messages = [m.for_template() for m in body.messages]
         record.prompt = messages
-        check_length("messages", sum(len(m["content"]) for m in messages))
-        prompt = await tokenized(chat_prompt, messages)
+        reader.check_length("messages", sum(len(m["content"]) for m in messages))
+        prompt = await tokenized(reader.chat, messages)
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
         streams = await unless_gone(request, start(record, body, [prompt]))
@@ -440,8 +312,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         given = body.prompts()
         for prompt in given:
             if isinstance(prompt, str):
-                check_length("prompt", len(prompt))
-        prompts = [await tokenized(encode, p) if isinstance(p, str) else p for p in given]
+                reader.check_length("prompt", len(prompt))
+        prompts = [await tokenized(reader.encode, p) if isinstance(p, str) else p for p in given]
         streams = await unless_gone(request, start(record, body, prompts))
         rid = new_id("cmpl")
         # Per choice: its prompt's text (echoed, and where logprob offsets count from).
@@ -475,27 +347,3 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.state.metrics = metrics
     app.state.adapters = adapters
     return app
-
-
-def _model_entry(name: str, base_name: str) -> dict:
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "loraplex",
-        "root": base_name,
-        "parent": None if name == base_name else base_name,
-    }
-
-
-def _adapter_entry(info, base_name: str) -> dict:
-    return {
-        **_model_entry(info.name, base_name),
-        "loaded": True,
-        "uid": info.uid,
-        "source": info.source,
-        "version": info.version,
-        "rank": info.rank,
-        "modules": info.modules,
-        "data_hash": info.data_hash,
-    }

@@ -1,0 +1,81 @@
+"""The server's refusals as OpenAI-shaped error bodies: each exception type, its status."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from registry.config_file import is_union_member
+from registry.errors import NotFoundError, UsageError
+from serve.async_engine import EngineStepError, QueueFull
+from serve.audit import SCOPE_KEY
+from serve.protocol import error_body
+from serve.refusal import Refusal
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """400 for the request's own mistakes, 404/405 for unknown models, routes and methods,
+    500 for a failed engine step, 503 for a full queue, and each `Refusal`'s own status.
+    Any other exception is a bug: a 500 (`serve.audit.RecordRequests`)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        # The deepest error: of a union's branches, the one that got furthest (an image part
+        # fails `str` at the content, and `list[TextPart]` at the part's type).
+        first = max(error.errors(), key=lambda e: len(e["loc"]))
+        field = ".".join(str(p) for p in first["loc"] if p != "body" and not is_union_member(p))
+        return JSONResponse(
+            error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException):
+        message = error.detail  # Starlette's own: unknown routes (404), methods (405), 413
+        if error.status_code in (404, 405):
+            message = f"{error.detail}: {request.method} {request.url.path}"
+        return JSONResponse(
+            error_body(message, "invalid_request_error"),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, error: NotFoundError):
+        return JSONResponse(
+            error_body(str(error), "invalid_request_error", "model", "model_not_found"),
+            status_code=404,
+        )
+
+    # The request's own mistakes only: any other ValueError is a bug, a 500.
+    @app.exception_handler(UsageError)
+    async def _bad_value(request: Request, error: UsageError):
+        code = getattr(error, "code", None)  # InvalidField's
+        return JSONResponse(
+            error_body(str(error), "invalid_request_error", error.param, code), status_code=400
+        )
+
+    @app.exception_handler(EngineStepError)
+    async def _step_failed(request: Request, error: EngineStepError):
+        request.scope[SCOPE_KEY].finish_reason = "error"
+        message = f"the engine step computing this request failed: {error}"
+        return JSONResponse(
+            error_body(message, "server_error", None, "engine_step_failed"), status_code=500
+        )
+
+    @app.exception_handler(Refusal)
+    async def _refused(request: Request, error: Refusal):
+        return JSONResponse(
+            error_body(str(error), error.kind, None, error.code),
+            status_code=error.status,
+            headers=error.headers,
+        )
+
+    @app.exception_handler(QueueFull)
+    async def _overloaded(request: Request, error: QueueFull):
+        return JSONResponse(
+            error_body(f"server overloaded: {error}", "server_overloaded", None, "queue_full"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )

@@ -1,0 +1,56 @@
+"""What `GET /v1/models` lists: the base, the loaded adapters with their version, and the
+registered adapters (and their aliases) not loaded yet."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serve.adapter_watch import AdapterWatch
+
+
+class ModelList:
+    def __init__(self, adapters: AdapterWatch, base_name: str):
+        self.adapters = adapters
+        self.base_name = base_name
+        self._listing: asyncio.Future | None = None  # the registry's, asked once for all
+
+    async def entries(self, may_use) -> dict[str, dict]:
+        """The entries, by id, whose id `may_use` allows."""
+        entries = {self.base_name: self.entry(self.base_name)}
+        for name, info in sorted(self.adapters.loaded.items()):
+            entries[name] = self.adapter_entry(info)
+        for adapter in await self._registered():
+            refs = [adapter.name, *(f"{adapter.name}@{a}" for a in adapter.aliases)]
+            for ref in refs:
+                entries.setdefault(ref, {**self.entry(ref), "loaded": False})
+        return {k: entry for k, entry in entries.items() if may_use(k)}
+
+    def entry(self, name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "loraplex",
+            "root": self.base_name,
+            "parent": None if name == self.base_name else self.base_name,
+        }
+
+    def adapter_entry(self, info) -> dict:
+        """A loaded adapter's entry: its version, and what `loraplex gate --server` checks."""
+        return {
+            **self.entry(info.name),
+            "loaded": True,
+            "uid": info.uid,
+            "source": info.source,
+            "version": info.version,
+            "rank": info.rank,
+            "modules": info.modules,
+            "data_hash": info.data_hash,
+        }
+
+    async def _registered(self):
+        """The registry's adapters; callers that ask while a listing runs share it, so a slow
+        registry holds one thread, not one per caller."""
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.ensure_future(self.adapters.registered())
+        return await asyncio.shield(self._listing)
