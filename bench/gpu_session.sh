@@ -2,7 +2,9 @@
 # Issue 6's measurements on a lent GPU in ONE call of the device tool. A task's lease is 15
 # minutes of device time in all, the machine's start (1-2 minutes) included, so the call is
 # budgeted: every stage is cut at what is left of BUDGET seconds (default 540), and a rerun of
-# the tests stage still fits what the lease has left (900 s - start - 570). Here, once, first:
+# the tests stage still fits what the lease has left (900 s - start - 570), if it is sent at
+# once: the machine goes back 30 s after a call, and none starts with under 4 minutes left.
+# Here, once, first:
 #
 #   bash bench/gpu_session.sh wheels     # the wheels the device image lacks, into .whl
 #
@@ -16,9 +18,10 @@
 #            others decode, 256 requests served with 100 adapters (over every slot, then over
 #            a quarter of them) and with none, peft's mixed-batch generate on the first 32 of
 #            them (cut at 360 s)
-#   kernels  each Triton kernel and the NF4 matmul alone against the op it replaces (60 s)
 #   tests    tests/test_gpu.py: the engine through kernels and CUDA graphs against the plain
-#            ops, the NF4 kernel against bitsandbytes, the KV pool sized from the GPU (120 s)
+#            ops, the NF4 kernel against bitsandbytes, the KV pool sized from the GPU (120 s;
+#            before kernels: a model stage run to its cap leaves it its whole 120 s)
+#   kernels  each Triton kernel and the NF4 matmul alone against the op it replaces (60 s)
 #   tune     the kernels' tiles, split and warps swept, in whatever time is left
 #
 # $OUT gets session.log and a JSON file per benchmark stage, written as each of its sections
@@ -109,13 +112,13 @@ stage() {
         run tune 600 "${bench[@]}" --sections tune --out "$out/tune.json"
         ;;
     *)
-        echo "unknown stage $1: model, kernels, tests or tune (or 'wheels', here)"
+        echo "unknown stage $1: model, tests, kernels or tune (or 'wheels', here)"
         return 1
         ;;
     esac
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(model kernels tests tune)
+[ ${#stages[@]} -gt 0 ] || stages=(model tests kernels tune)
 mkdir -p "$out"
 session "${stages[@]}" 2>&1 | tee "$out/session.log"
