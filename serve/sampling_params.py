@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from registry.errors import UsageError
@@ -53,7 +54,15 @@ class SamplingParams:
             integer = isinstance(value, int) and not isinstance(value, bool)
             _check(integer or (optional and value is None), name, "must be an integer", value)
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1", self.max_tokens)
-        _check(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
+        # Finite: logits divided by an infinite temperature are NaN, and the draw then takes
+        # the vocabulary's last id, whatever a grammar allows.
+        temperature = self.temperature
+        _check(
+            math.isfinite(temperature) and temperature >= 0,
+            "temperature",
+            "must be a finite number >= 0",
+            temperature,
+        )
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         # top_k becomes an int64 tensor row: past int32 it means "all" anyway
         _check(
@@ -63,9 +72,9 @@ class SamplingParams:
             value = getattr(self, name)
             _check(-2 <= value <= 2, name, "must be in [-2, 2]", value)
         _check(
-            self.repetition_penalty > 0,
+            0.01 <= self.repetition_penalty <= 100,  # the server's range: beyond, logits overflow
             "repetition_penalty",
-            "must be > 0",
+            "must be in [0.01, 100]",
             self.repetition_penalty,
         )
         _check(

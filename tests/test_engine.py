@@ -189,8 +189,12 @@ def test_logit_bias_forces_or_bans_tokens_per_request_in_one_batch(llm):
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm):
     with pytest.raises(NotFoundError, match=r"adapter 'nope' is not loaded"):
         llm.generate([PROMPTS[0]], adapters=["nope"])
-    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(got -1\)"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(got -1\)"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(got inf\)"):
+        SamplingParams(temperature=float("inf"))  # its logits were NaN: the last id drawn
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100\]"):
+        SamplingParams(repetition_penalty=float("inf"))
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match=r"top_k must be in \[0, 2\*\*31\)"):
