@@ -45,10 +45,13 @@ async def observed(
 
 
 async def prompt_only(stream) -> AsyncIterator[RequestOutput]:
-    """`max_tokens: 0` (with echo: the prompt scored): the one token computed is not returned."""
+    """`max_tokens: 0` (with echo: the prompt scored): the one token computed is not returned,
+    nor how it would have ended the answer (an EOS or a completed grammar: "stop"); no token
+    is the length asked for."""
     async for out in stream:
         yield dataclasses.replace(
             out,
+            finish_reason="length" if out.finished else None,
             text="",
             token_ids=[],
             delta_text="",

@@ -153,6 +153,10 @@ def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
         [prompt], SamplingParams(max_tokens=1, prompt_logprobs=1), adapters=["faq"]
     )
     assert scored[1:] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+    # The token computed and dropped would have stopped the answer: no token is "length".
+    stopping = {"logit_bias": {"7": 100}, "extra_body": {"stop_token_ids": [7]}}
+    hidden = client.completions.create(**asked, **stopping).choices[0]
+    assert (hidden.text, hidden.finish_reason) == (text, "length")
     with pytest.raises(openai.BadRequestError, match="only allowed with echo"):
         client.completions.create(model="faq", prompt=prompt, max_tokens=0)
 
