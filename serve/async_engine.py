@@ -35,6 +35,10 @@ class QueueFull(RuntimeError):
     """`max_waiting` requests are already queued: the server is overloaded."""
 
 
+class EngineStopped(EngineStepError):
+    """The engine was shut down before this request or command was served."""
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
         self.engine = engine
@@ -42,7 +46,9 @@ class AsyncLLM:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (command, future)
         self._work = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stopped = False
+        self._stopped = False  # asked to stop
+        self._closed = False  # stopped: the inbox takes no more commands
+        self._closing = threading.Lock()  # so that no command is queued after the last drain
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
 
@@ -70,7 +76,7 @@ class AsyncLLM:
         try:
             request_id = await asyncio.wrap_future(added)
         except asyncio.CancelledError:  # gave up while queued: abort it if it was added
-            added.add_done_callback(self._abort_if_added)
+            added.add_done_callback(lambda added: self._abort_if_added(added, stream))
             raise
         finished = False
         try:
@@ -82,7 +88,7 @@ class AsyncLLM:
                 yield item
         finally:
             if not finished:  # the caller went away (disconnect, timeout): free its blocks
-                self._submit(lambda: self._abort(request_id))
+                self._submit(lambda: self._abort(request_id, stream))
 
     async def abort(self, request_id: str) -> bool:
         return await asyncio.wrap_future(self._submit(lambda: self._abort(request_id)))
@@ -120,25 +126,52 @@ class AsyncLLM:
         return await asyncio.wrap_future(self._submit(lambda: self.engine.stats))
 
     def shutdown(self) -> None:
+        """Stop the engine thread; open streams, queued and later calls raise EngineStopped."""
         self._stopped = True
         self._work.set()
         self._thread.join(timeout=10)
 
     def _submit(self, command: Callable) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((command, future))
+        with self._closing:
+            if self._closed:
+                future.set_exception(EngineStopped("the engine was shut down"))
+                return future
+            self._inbox.put((command, future))
         self._work.set()
         return future
 
-    def _abort_if_added(self, added: concurrent.futures.Future) -> None:
+    def _abort_if_added(self, added: concurrent.futures.Future, stream) -> None:
         if not added.cancelled() and added.exception() is None:
-            self._submit(lambda: self._abort(added.result()))
+            self._submit(lambda: self._abort(added.result(), stream))
 
-    def _abort(self, request_id: str) -> bool:
+    def _abort(self, request_id: str, stream=None) -> bool:
+        """Abort a request; with `stream`, only while that stream is still its own: a stream
+        left after its request finished must not abort a later request reusing the id."""
+        if stream is not None and self._streams.get(request_id) is not stream:
+            return False
         self._streams.pop(request_id, None)
         return self.engine.abort(request_id)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Fail what can no longer be served: queued commands and open streams."""
+        stopped = EngineStopped("the engine was shut down")
+        with self._closing:
+            self._closed = True
+        while not self._inbox.empty():
+            _, future = self._inbox.get()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(stopped)
+        for request_id in list(self._streams):
+            self._fail_stream(request_id, stopped)
+
+    def _serve(self) -> None:
         while not self._stopped:
             while not self._inbox.empty():
                 command, future = self._inbox.get()
@@ -157,7 +190,7 @@ class AsyncLLM:
                 self.engine.step(deliver=self._deliver)
             except Exception as error:  # a bug or out-of-memory: fail those, keep serving
                 log.exception("engine step failed")
-                self._fail_running(error)
+                self._fail_cut(error)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -171,10 +204,12 @@ class AsyncLLM:
                 item = output if output.error is None else EngineStepError(output.error)
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def _fail_running(self, error: Exception) -> None:
-        for seq in list(self.engine.scheduler.running):
-            stream = self._streams.pop(seq.request_id, None)
-            self.engine.abort(seq.request_id)
-            if stream is not None:
-                loop, q = stream
-                loop.call_soon_threadsafe(q.put_nowait, EngineStepError(str(error)))
+    def _fail_cut(self, error: Exception) -> None:
+        for request_id in self.engine.abort_cut():
+            self._fail_stream(request_id, EngineStepError(str(error)))
+
+    def _fail_stream(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, error)

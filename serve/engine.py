@@ -262,6 +262,21 @@ class LLMEngine:
         self.num_aborted += 1
         return True
 
+    def abort_cut(self) -> list[str]:
+        """After a step raised: abort the requests it may have cut and return their ids. Those
+        running, and those it finished before their last output was made (no step would make
+        it); waiting ones, and finished ones the next step still makes the output of, go on."""
+        pending = {id(seq) for seq in self._pending[0].seqs} if self._pending else set()
+        cut = [
+            request_id
+            for request_id, state in self.requests.items()
+            if state.seq.status is Status.RUNNING
+            or (state.seq.is_finished and id(state.seq) not in pending)
+        ]
+        for request_id in cut:
+            self.abort(request_id)
+        return cut
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or self._pending is not None or bool(self._outbox)

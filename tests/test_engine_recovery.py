@@ -283,3 +283,86 @@ def test_generate_ignores_requests_another_caller_queued_on_its_engine(tiny_base
     [out] = llm.generate([PROMPT], GREEDY)
     assert out.token_ids == _tokens(llm, None)
     assert not any(engine.requests.get(rid) for rid in others)  # they ran, and finished
+
+
+async def _drain(stream) -> list:
+    return [out async for out in stream]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+def test_a_request_a_failed_step_finished_gets_the_error_not_silence(
+    tiny_base, overlap, monkeypatch
+):
+    import asyncio
+
+    from serve import outputs
+    from serve.async_engine import AsyncLLM, EngineStepError
+
+    llm = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap))
+    made = outputs.RequestState.output
+
+    def fails_on_the_last(self, adapter):  # a bug making the output that ends a request
+        if self.seq.is_finished:
+            monkeypatch.setattr(outputs.RequestState, "output", made)
+            raise RuntimeError("no final output")
+        return made(self, adapter)
+
+    monkeypatch.setattr(outputs.RequestState, "output", fails_on_the_last)
+    engine = AsyncLLM(llm.engine)
+
+    async def run():
+        # Its sequence had left the running list when the step failed: it waited forever.
+        with pytest.raises(EngineStepError, match="no final output"):
+            await asyncio.wait_for(_drain(engine.generate(PROMPT, GREEDY, request_id="a")), 30)
+        return await _drain(engine.generate(PROMPT, GREEDY))
+
+    try:
+        served = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert served[-1].token_ids == _tokens(llm, None)
+    assert not llm.engine.requests and llm.engine.allocator.num_used_blocks == 0
+
+
+def test_a_stream_left_after_its_request_finished_aborts_no_later_request_of_its_id(tiny_base):
+    import asyncio
+
+    from serve.async_engine import AsyncLLM
+
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine = AsyncLLM(llm.engine)
+
+    async def run():
+        async for _ in engine.generate(PROMPT, GREEDY, request_id="x"):
+            while "x" in llm.engine.requests:  # it finishes while its caller looks away
+                await asyncio.sleep(0.01)
+            break  # the stream is closed later, by the garbage collector
+        # That close aborted "x" by id: the new "x", whose stream it dropped too.
+        again = engine.generate([1, 9, 10, 11], GREEDY, request_id="x")
+        return await asyncio.wait_for(_drain(again), 30)
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert len(outs[-1].token_ids) == GREEDY.max_tokens and llm.engine.num_aborted == 0
+
+
+def test_shutdown_fails_open_streams_and_every_later_call(tiny_base):
+    import asyncio
+
+    from serve.async_engine import AsyncLLM, EngineStopped
+
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base)).engine)
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def run():
+        stream = engine.generate(PROMPT, long)
+        await anext(stream)
+        engine.shutdown()
+        for call in (_drain(stream), _drain(engine.generate(PROMPT, GREEDY)), engine.abort("x")):
+            with pytest.raises(EngineStopped, match="shut down"):
+                await asyncio.wait_for(call, 10)  # each waited forever
+
+    asyncio.run(run())
+    assert not engine.alive
