@@ -46,6 +46,6 @@ def resolve_adapter(
     registry = AdapterRegistry(tracking_uri, home)
     ref = parse_ref(source)
     version = registry.get(ref)
-    path = registry.fetch(ref)
+    path = registry.fetch_version(version)  # not `ref` again: an alias may move in between
     lineage = check_adapter_folder(path, base_fingerprint)
     return ResolvedAdapter(source, path, version, lineage)

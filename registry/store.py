@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -217,25 +218,36 @@ class AdapterRegistry:
         return dest
 
     def fetch(self, ref: AdapterRef) -> Path:
+        """A local folder holding the adapter of the version `ref` names now."""
+        return self.fetch_version(self.get(ref))
+
+    def fetch_version(self, version: AdapterVersion) -> Path:
         """A local folder holding the version's adapter, downloaded once into the data home.
 
         Versions are immutable, but a model deleted and registered again numbers its versions
-        from 1 anew: the cache is keyed by (store, name, version, run and source).
+        from 1 anew: the cache is keyed by (store, name, version, run and source). Each call
+        downloads into a folder of its own and renames it into place, so two loads of one
+        version at once (`faq/1` and `faq@champion`) cannot undo each other's download.
         """
         import mlflow.artifacts
 
-        version = self.get(ref)
         store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
         origin = hashlib.sha256(f"{version.run_id}\n{version.source}".encode()).hexdigest()[:12]
         local = self.home.adapters / store / version.name / f"{version.version}-{origin}"
-        if not local.is_dir():
-            partial = local.with_name(local.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+        if local.is_dir():
+            return local
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{local.name}.partial-", dir=local.parent))
+        try:
             downloaded = mlflow.artifacts.download_artifacts(
                 artifact_uri=version.source, dst_path=str(partial), tracking_uri=self.tracking_uri
             )
-            Path(downloaded).rename(local)
+            try:
+                Path(downloaded).rename(local)
+            except OSError:
+                if not local.is_dir():  # not another call's finished download: a real failure
+                    raise
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
         return local
 

@@ -201,3 +201,47 @@ def test_a_version_registered_again_after_its_model_was_deleted_is_not_served_fr
     again = registry.fetch(parse_ref("facts/1"))
     assert json.loads((again / "adapter_config.json").read_text())["r"] == 8
     assert registry.fetch(parse_ref("facts/1")) == again  # and cached from then on
+
+
+def test_an_alias_moved_while_resolving_gives_one_versions_number_and_folder(
+    registry, adapters, monkeypatch
+):
+    assert [register_folder(registry, folder, "facts") for folder in adapters] == [1, 2]
+    registry.promote("facts", 1)
+    looked_up = AdapterRegistry.get
+
+    def promoted_meanwhile(self, ref):  # `loraplex registry promote facts 2` lands now
+        version = looked_up(self, ref)
+        monkeypatch.setattr(AdapterRegistry, "get", looked_up)
+        self.promote("facts", 2)
+        return version
+
+    monkeypatch.setattr(AdapterRegistry, "get", promoted_meanwhile)
+    resolved = resolve_adapter(
+        "facts@champion", tracking_uri=registry.tracking_uri, home=registry.home
+    )
+    # Version 1's number had version 2's folder: its uid, slot and prefix cache meant both.
+    assert resolved.version.version == 1
+    assert json.loads((resolved.path / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_two_downloads_of_one_version_at_once_both_get_it(registry, adapters, monkeypatch):
+    import concurrent.futures
+    import threading
+
+    import mlflow.artifacts
+
+    assert register_folder(registry, adapters[1], "facts") == 1
+    downloading, download = threading.Barrier(2, timeout=30), mlflow.artifacts.download_artifacts
+
+    def together(**kwargs):  # both calls are inside the download at once, as from a remote store
+        downloading.wait()
+        return download(**kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", together)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # e.g. `facts/1`, `facts@champion`
+        calls = [pool.submit(registry.fetch, parse_ref("facts/1")) for _ in range(2)]
+        paths = [call.result() for call in calls]  # one undid the other's folder: OSError
+    assert paths[0] == paths[1]
+    assert json.loads((paths[0] / "adapter_config.json").read_text())["r"] == 8
+    assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # no partial left
