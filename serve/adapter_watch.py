@@ -22,7 +22,7 @@ from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
 from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
-from serve.refusal import Refusal
+from serve.refusal import registry_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,15 @@ class AdapterWatch:
     async def load(
         self, name: str, source: str, reason: str = "api", replacing: AdapterInfo | None = None
     ) -> AdapterInfo | None:
-        """Read and install; with `replacing`, only over that adapter (None if it is gone)."""
-        info = await self.engine.load_adapter(name, source, replacing)
+        """Read and install; with `replacing`, only over that adapter (None if it is gone). A
+        registry that cannot be read is a 503; its error, with its URI, goes to the log."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            info = await self.engine.load_adapter(name, source, replacing)
+        except MlflowException as error:  # our own errors (not found, not an adapter) pass
+            log.warning("cannot load %s from the registry: %s", source, error)
+            raise registry_unavailable() from None
         if info is not None:
             self.on_load(reason)
         return info
@@ -63,26 +70,11 @@ class AdapterWatch:
             return self.loaded[ref]
         pending = self._loading.get(ref)
         if pending is None:
-            pending = asyncio.ensure_future(self._first_use(ref))
+            pending = asyncio.ensure_future(self.load(ref, ref, "first_use"))
             self._loading[ref] = pending
             pending.add_done_callback(lambda done: self._loaded(ref, done))
         # Shielded: a caller that times out must not cancel the load others wait for.
         return await asyncio.shield(pending)
-
-    async def _first_use(self, ref: str) -> AdapterInfo:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return await self.load(ref, ref, "first_use")
-        except MlflowException as error:  # our own errors (not found, not an adapter) pass
-            log.warning("cannot load %s from the registry: %s", ref, error)
-            raise Refusal(
-                503,
-                "the adapter registry cannot be read now",  # its URI: in the log
-                "server_error",
-                "registry_unavailable",
-                {"Retry-After": "10"},
-            ) from None
 
     def _loaded(self, ref: str, done: asyncio.Future) -> None:
         self._loading.pop(ref, None)

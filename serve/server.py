@@ -46,7 +46,7 @@ from serve.protocol import (
     new_id,
     now,
 )
-from serve.refusal import Refusal, registry_unavailable, timed_out
+from serve.refusal import Refusal, timed_out
 from serve.serve_config import ServeConfig
 from serve.streaming import (
     all_started,
@@ -239,18 +239,11 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.post("/v1/adapters")
     async def load_adapter(record: Authenticated, body: AdapterLoad):
-        from mlflow.exceptions import MlflowException
-
         keys.require_admin(record.caller)
         record.model = body.name
         if body.name == base_name:
             raise InvalidField("name", f"{base_name!r} is the base model's name")
-        try:
-            info = await adapters.load(body.name, body.source)
-        except MlflowException as error:  # as on first use: its URI stays in the log
-            log.warning("cannot load %s from the registry: %s", body.source, error)
-            raise registry_unavailable() from None
-        return model_list.adapter_entry(info)
+        return model_list.adapter_entry(await adapters.load(body.name, body.source))
 
     # :path, as names loaded by reference hold '/' (name/3)
     @app.delete("/v1/adapters/{name:path}")
