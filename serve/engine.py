@@ -35,7 +35,8 @@ from serve.kv_budget import (
 )
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
-from serve.model_runner import ModelRunner, RunnerOutput
+from serve.model_runner import ModelRunner
+from serve.output_processor import OutputProcessor
 from serve.outputs import RequestOutput, RequestState
 from serve.sampler import Sampler
 from serve.sampling_params import SamplingParams
@@ -113,7 +114,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.requests: dict[str, RequestState] = {}
+        self.outputs = OutputProcessor(self.scheduler, self.sampler)
         self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
         # Outputs of a step made during the next one's forward pass: on CUDA, where it runs
@@ -121,8 +122,6 @@ class LLMEngine:
         self.overlap_outputs = (
             self.device.type == "cuda" if config.overlap_outputs is None else config.overlap_outputs
         )
-        self._pending: tuple[SchedulerOutput, RunnerOutput] | None = None  # outputs not made
-        self._outbox: list[RequestOutput] = []  # outputs made, not yet returned
 
     def _num_kv_blocks(self, block_bytes: int) -> int:
         """As configured; on CUDA by default, what the GPU has left after the largest step."""
@@ -197,6 +196,11 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
 
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """The requests held, by id: from `add_request` until their last output is made."""
+        return self.outputs.requests
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -249,37 +253,26 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
         )
-        self.requests[request_id] = RequestState(seq, self.tokenizer)
+        self.outputs.add(RequestState(seq, self.tokenizer))
         self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        state = self.requests.pop(request_id, None)
-        if state is None:
-            return False
-        self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
-        self.sampler.forget(request_id)
-        self.num_aborted += 1
-        return True
+        aborted = self.outputs.abort(request_id)
+        self.num_aborted += aborted
+        return aborted
 
     def abort_cut(self) -> list[str]:
-        """After a step raised: abort the requests it may have cut and return their ids. Those
-        running, and those it finished before their last output was made (no step would make
-        it); waiting ones, and finished ones the next step still makes the output of, go on."""
-        pending = {id(seq) for seq in self._pending[0].seqs} if self._pending else set()
-        cut = [
-            request_id
-            for request_id, state in self.requests.items()
-            if state.seq.status is Status.RUNNING
-            or (state.seq.is_finished and id(state.seq) not in pending)
-        ]
+        """After a step raised: abort the requests it may have cut (see
+        `OutputProcessor.cut_by_failed_step`) and return their ids."""
+        cut = self.outputs.cut_by_failed_step()
         for request_id in cut:
             self.abort(request_id)
         return cut
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or self._pending is not None or bool(self._outbox)
+        return self.scheduler.has_unfinished or self.outputs.has_outputs
 
     def step(
         self, deliver: Callable[[list[RequestOutput]], None] | None = None
@@ -296,7 +289,7 @@ class LLMEngine:
         if plan.lora_loads:
             plan = self._without_unreadable_adapters(plan)
         if plan.is_empty:
-            self._make_outputs()
+            self.outputs.make()
         else:
             try:
                 forward = self.runner.launch(plan)
@@ -304,18 +297,18 @@ class LLMEngine:
                 # The plan's copies into slots may not have happened: no slot may claim them.
                 self.slots.unfill(slot for slot, _ in plan.lora_loads)
                 raise
-            self._make_outputs()  # the last step's when overlapping, while the device computes
-            if deliver is not None and (made := self._take_outbox()):
+            self.outputs.make()  # the last step's when overlapping, while the device computes
+            if deliver is not None and (made := self.outputs.take()):
                 deliver(made)
             result = self.runner.sample(plan, forward)
             self.scheduler.update(plan, result.sampled)
             for seq, token in zip(plan.seqs, result.sampled, strict=True):
                 if token is not None and self.guided.finished(seq):  # the JSON is complete
                     self.scheduler.finish(seq, Status.FINISHED_STOPPED)
-            self._pending = (plan, result)
+            self.outputs.pending = (plan, result)
             if not self.overlap_outputs:
-                self._make_outputs()
-        made = self._take_outbox()
+                self.outputs.make()
+        made = self.outputs.take()
         if deliver is None:
             return made
         if made:
@@ -337,11 +330,7 @@ class LLMEngine:
         self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)
         for seq in [*plan.seqs, *self.scheduler.waiting]:
             if seq.adapter_uid in failed:
-                state = self.requests.pop(seq.request_id)
-                self.scheduler.finish(seq, Status.FINISHED_ERROR)
-                self.sampler.forget(seq.request_id)
-                state.error = failed[seq.adapter_uid]
-                self._outbox.append(state.output(seq.adapter))
+                self.outputs.fail(seq, failed[seq.adapter_uid])
         keep = [i for i, seq in enumerate(plan.seqs) if seq.adapter_uid not in failed]
         return SchedulerOutput(
             seqs=[plan.seqs[i] for i in keep],
@@ -350,30 +339,6 @@ class LLMEngine:
             lora_loads=[(slot, uid) for slot, uid in plan.lora_loads if uid not in failed],
             preempted=plan.preempted,
         )
-
-    def _take_outbox(self) -> list[RequestOutput]:
-        # Kept until taken: a step that fails after making them loses none.
-        outputs, self._outbox = self._outbox, []
-        return outputs
-
-    def _make_outputs(self) -> None:
-        """The outputs of the last step's result, into the outbox; ends sequences on stop
-        strings and forgets finished requests."""
-        if self._pending is None:
-            return
-        (plan, result), self._pending = self._pending, None
-        for i, seq in enumerate(plan.seqs):
-            state = self.requests.get(seq.request_id)
-            if state is None or state.seq is not seq:  # aborted (its id perhaps reused since)
-                continue
-            state.update(result.logprobs[i], result.prompt_logprobs[i])
-            if state.stopped_by_string:  # also when the stop came with the last token allowed
-                self.scheduler.finish(seq, Status.FINISHED_STOPPED)
-            if result.sampled[i] is not None or seq.is_finished:
-                self._outbox.append(state.output(seq.adapter))
-            if seq.is_finished:
-                del self.requests[seq.request_id]
-                self.sampler.forget(seq.request_id)
 
     # -- stats -------------------------------------------------------------------------------
 

@@ -128,7 +128,8 @@ def test_engine_keeps_serving_and_releases_everything_under_random_interleavings
             engine, s = self.engine, self.engine.scheduler
             in_flight = {q.request_id for q in [*s.running, *s.waiting]}
             # and, overlapping, those whose last outputs the next step makes
-            pending = {q.request_id for q in engine._pending[0].seqs} if engine._pending else set()
+            made = engine.outputs.pending
+            pending = {q.request_id for q in made[0].seqs} if made else set()
             assert in_flight <= set(engine.requests) <= in_flight | pending
             assert set(engine.sampler._seeded) <= set(engine.requests)
             assert set(engine.sampler.history) <= set(engine.requests)
