@@ -237,6 +237,7 @@ class AdapterRegistry:
         if local.is_dir():
             return local
         local.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_downloads(local.parent)
         partial = Path(tempfile.mkdtemp(prefix=f"{local.name}.partial-", dir=local.parent))
         try:
             downloaded = mlflow.artifacts.download_artifacts(
@@ -267,6 +268,21 @@ class AdapterRegistry:
                 f"no registered adapter named {name!r} in {self.tracking_uri} "
                 f"(registered: {_names(known)})"
             )
+
+
+# A download folder untouched this long belongs to a process killed mid-way (`finally` never
+# ran); adapters take seconds to download, so no live download is this old.
+ABANDONED_DOWNLOAD_SECONDS = 24 * 3600
+
+
+def _remove_abandoned_downloads(folder: Path) -> None:
+    cutoff = time.time() - ABANDONED_DOWNLOAD_SECONDS
+    for partial in folder.glob("*.partial-*"):
+        try:
+            if partial.stat().st_mtime < cutoff:
+                shutil.rmtree(partial)
+        except OSError:  # another call removed it first, or it is not ours to remove
+            pass
 
 
 def _version(v) -> AdapterVersion:

@@ -245,3 +245,22 @@ def test_two_downloads_of_one_version_at_once_both_get_it(registry, adapters, mo
     assert paths[0] == paths[1]
     assert json.loads((paths[0] / "adapter_config.json").read_text())["r"] == 8
     assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # no partial left
+
+
+def test_a_download_abandoned_by_a_killed_process_is_removed_by_a_later_fetch(registry, adapters):
+    import os
+
+    from registry.store import ABANDONED_DOWNLOAD_SECONDS
+
+    assert register_folder(registry, adapters[1], "facts") == 1
+    assert register_folder(registry, adapters[1], "facts") == 2
+    folder = registry.fetch(parse_ref("facts/1")).parent
+    abandoned, live = folder / "2-x.partial-killed", folder / "2-x.partial-downloading"
+    for partial in (abandoned, live):
+        partial.mkdir()
+        (partial / "adapter_model.safetensors").write_bytes(b"half")
+    old = time.time() - ABANDONED_DOWNLOAD_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    registry.fetch(parse_ref("facts/2"))
+    assert not abandoned.exists()
+    assert live.exists()  # perhaps another process's download in flight
