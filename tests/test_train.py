@@ -265,7 +265,7 @@ def _interrupted_run(home, config, base, **record_changes) -> None:
     import json
 
     from train.data import data_hash
-    from train.recipe import RUN_FILE
+    from train.run_folder import RUN_FILE
 
     record = {
         "run_id": "r",
@@ -359,7 +359,8 @@ def test_a_failure_after_the_mlflow_run_opens_marks_it_failed_and_registers_noth
 ):
     import json
 
-    from train.recipe import RUN_FILE, TrainingJob
+    from train.recipe import TrainingJob
+    from train.run_folder import RUN_FILE
 
     def fail(*args, **kwargs):
         raise OSError(f"failed while {stage}")

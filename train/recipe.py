@@ -6,9 +6,7 @@ every run tracked in MLflow and every finished adapter registered as a new versi
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +17,9 @@ from registry.lineage import Lineage
 from registry.store import AdapterRegistry, AdapterVersion
 from train.config import TrainConfig
 from train.data import data_hash, load_splits, tokenize_split
+from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"  # beside the checkpoints: MLflow run id, status, config, data and base
 
 
 @dataclass
@@ -78,42 +75,20 @@ class TrainingJob:
 
         runs = self.home.runs / self.config.name
         if not self.resume:
-            run_dir = runs / time.strftime("%Y%m%d-%H%M%S")
-            while run_dir.exists():
-                run_dir = run_dir.with_name(run_dir.name + "-1")
-            (run_dir / "checkpoints").mkdir(parents=True)
-            return run_dir, None
-        unfinished = [
-            d
-            for d in sorted(runs.glob("*/"), reverse=True)
-            if (d / RUN_FILE).is_file()
-            and json.loads((d / RUN_FILE).read_text())["status"] != "finished"
-        ]
-        if not unfinished:
-            raise UsageError(f"--resume: no unfinished run of {self.config.name!r} in {runs}")
-        run_dir = unfinished[0]
-        record = json.loads((run_dir / RUN_FILE).read_text())
-        # Every key: the checkpoint's optimizer and scheduler would override a new learning
-        # rate unseen, and the run's MLflow params (logged once) would misreport any change.
-        saved, now = _flatten(record["config"]), _flatten(self.config.model_dump(mode="json"))
-        changed = [
-            f"{key} ({saved.get(key)!r} then, {now.get(key)!r} now)"
-            for key in sorted(saved.keys() | now.keys())
-            if saved.get(key) != now.get(key)
-        ]
-        # The same config can name a data file or a base folder whose contents changed since.
-        for key, what, current in (
-            ("data_hash", "the data's hash", self.data_hash),
-            ("base_fingerprint", "the base's fingerprint", self.base.fingerprint),
-        ):
-            if record.get(key, current) != current:
-                changed.append(f"{what} ({record[key]} then, {current} now)")
-        if changed:
-            raise UsageError(
-                f"--resume: {', '.join(changed)} differ from the interrupted run in {run_dir}; "
-                "a checkpoint only continues the run it came from"
-            )
+            return new_run_dir(runs), None
+        run_dir = run_to_resume(runs, self._record())
         return run_dir, get_last_checkpoint(run_dir / "checkpoints")
+
+    def _record(self, run_id: str | None = None, status: str | None = None) -> dict:
+        """What `run.json` holds of this run (train/run_folder.py)."""
+        return {
+            "run_id": run_id,
+            "status": status,
+            "tracking_uri": self.registry.tracking_uri,
+            "data_hash": self.data_hash,
+            "base_fingerprint": self.base.fingerprint,
+            "config": self.config.model_dump(mode="json"),
+        }
 
     def _tokenizer(self):
         from transformers import AutoTokenizer
@@ -175,9 +150,9 @@ class TrainingJob:
         from mlflow.entities import Param, RunTag
 
         client = self.registry.client
-        run_file = self.run_dir / RUN_FILE
-        if run_file.is_file():  # resuming: reopen the interrupted run
-            run_id = json.loads(run_file.read_text())["run_id"]
+        record = read_record(self.run_dir)
+        if record is not None:  # resuming: reopen the interrupted run
+            run_id = record["run_id"]
             client.update_run(run_id, status="RUNNING")
             return run_id
         experiment_id = self.registry.experiment_id(self.config.experiment)
@@ -188,7 +163,7 @@ class TrainingJob:
         )
         run_id = run.info.run_id
         params = {
-            **_flatten(self.config.model_dump(mode="json")),
+            **flatten(self.config.model_dump(mode="json")),
             "data.train_rows": n_train,
             "data.validation_rows": n_eval,
         }
@@ -204,15 +179,7 @@ class TrainingJob:
         return run_id
 
     def _write_run_file(self, run_id: str, status: str) -> None:
-        record = {
-            "run_id": run_id,
-            "status": status,
-            "tracking_uri": self.registry.tracking_uri,
-            "data_hash": self.data_hash,
-            "base_fingerprint": self.base.fingerprint,
-            "config": self.config.model_dump(mode="json"),
-        }
-        (self.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(self.run_dir, self._record(run_id, status))
 
     def _trainer(self):
         import torch
@@ -394,13 +361,3 @@ def _keep_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
