@@ -48,8 +48,6 @@ class BlockAllocator:
         self.cached: dict[bytes, int] = {}  # block hash -> block id
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
-        self.prefix_hits = 0  # blocks reused, for metrics
-        self.prefix_queries = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -74,22 +72,21 @@ class BlockAllocator:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
-    def match_prefix(self, seq: Sequence) -> int:
-        """Take the cached blocks that hold a prefix of `seq`; returns the tokens they cover.
-
-        At least the last token is left to compute: its logits are needed to sample.
-        """
-        # Prompt log-probabilities need every prompt position computed, so no reuse for them.
-        if (
-            not self.enable_prefix_caching
-            or seq.block_table
-            or seq.params.prompt_logprobs is not None
-        ):
+    def cacheable_blocks(self, seq: Sequence) -> int:
+        """The full blocks of `seq` a prefix lookup considers: those before its last token,
+        whose logits are needed to sample. None without caching or with prompt logprobs,
+        which need every prompt position computed."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
-        hashes = self._hashes_of(seq)
-        usable = (seq.num_tokens - 1) // self.block_size
-        self.prefix_queries += usable
-        for h in hashes[:usable]:
+        return (seq.num_tokens - 1) // self.block_size
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Take the cached blocks that hold a prefix of `seq` (of its `cacheable_blocks`);
+        returns the tokens they cover."""
+        usable = 0 if seq.block_table else self.cacheable_blocks(seq)
+        if not usable:
+            return 0
+        for h in self._hashes_of(seq)[:usable]:
             block = self.cached.get(h)
             if block is None:
                 break
@@ -97,7 +94,6 @@ class BlockAllocator:
                 del self.free_blocks[block]
             self.ref_counts[block] += 1
             seq.block_table.append(block)
-        self.prefix_hits += len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 

@@ -344,15 +344,15 @@ class LLMEngine:
 
     @property
     def stats(self) -> dict[str, float]:
-        a = self.allocator
+        a, s = self.allocator, self.scheduler
         return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "running": len(s.running),
+            "waiting": len(s.waiting),
             "kv_blocks_used": a.num_used_blocks,
             "kv_blocks_total": a.num_blocks,
-            "prefix_cache_hit_blocks": a.prefix_hits,
-            "prefix_cache_query_blocks": a.prefix_queries,
-            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_blocks": s.prefix_hit_blocks,
+            "prefix_cache_query_blocks": s.prefix_query_blocks,
+            "preemptions": s.num_preemptions,
             "requests_aborted": self.num_aborted,
             "adapter_slot_loads": self.slots.loads,
             "adapter_slot_hits": self.slots.hits,

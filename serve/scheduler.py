@@ -66,6 +66,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_query_blocks = 0  # prompt blocks looked up in the prefix cache, for metrics
+        self.prefix_hit_blocks = 0  # and found there
 
     @property
     def has_unfinished(self) -> bool:
@@ -133,10 +135,7 @@ class Scheduler:
                         self._drain_a_slot()
                     skipped.append(self.waiting.popleft())
                     continue
-            if not seq.block_table:
-                cached = self.allocator.match_prefix(seq)
-                if not seq.num_preemptions:  # a recompute finds its own blocks: not the prompt's
-                    seq.num_cached_tokens = cached
+            self.allocator.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_append(seq, n):
                 self.allocator.free(seq)
@@ -149,6 +148,8 @@ class Scheduler:
                 if self.slots.fill(seq.adapter_uid):
                     loads.append((slot, seq.adapter_uid))
             self.allocator.append(seq, n)
+            if not seq.num_preemptions:  # a recompute finds its own blocks: not the prompt's
+                self._count_prefix_hit(seq)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -158,6 +159,13 @@ class Scheduler:
         if not starving:
             self.draining = None
         return loads
+
+    def _count_prefix_hit(self, seq: Sequence) -> None:
+        """Once per request, when admitted: a lookup that finds no room is retried the next
+        step, and counting each try would inflate both counts."""
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.prefix_query_blocks += self.allocator.cacheable_blocks(seq)
+        self.prefix_hit_blocks += seq.num_computed_tokens // self.allocator.block_size
 
     def _drain_a_slot(self) -> None:
         """Keep draining the same slot while it has running sequences; else pick the one

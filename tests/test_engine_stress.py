@@ -126,7 +126,7 @@ def test_every_request_gives_what_it_gives_alone_and_everything_comes_back(
         assert step < 2000, "the engine stopped making progress"
 
     s = engine.scheduler
-    assert s.num_preemptions and engine.allocator.prefix_hits and engine.slots.evictions
+    assert s.num_preemptions and engine.scheduler.prefix_hit_blocks and engine.slots.evictions
     for request_id, (prompt, adapter, params) in asked.items():
         if request_id not in aborted:
             out = final[request_id]

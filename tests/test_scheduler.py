@@ -96,6 +96,23 @@ def test_newest_sequence_is_preempted_and_resumes_with_its_tokens():
     # Its usage's cached prompt tokens are what its first admission found (none): a recompute
     # finding its own blocks again (output tokens too, past a longer run) is not a cache hit.
     assert b.num_cached_tokens == 0 and b.num_preemptions == 1
+    # nor in the metrics: a's and b's first admissions looked up one block each, found none
+    assert (s.prefix_query_blocks, s.prefix_hit_blocks) == (2, 0)
+
+
+def test_prefix_cache_counts_a_request_once_however_long_it_waits_for_blocks():
+    s = make(num_blocks=4, block_size=4, budget=32)
+    a = Sequence("a", list(range(12)), 12, SamplingParams(max_tokens=3))
+    s.add(a)
+    step(s)  # a: blocks 0-2; its prompt's blocks are cached
+    b = Sequence("b", [*range(8), *range(100, 108)], 16, SamplingParams(max_tokens=3))
+    s.add(b)
+    while not a.is_finished:  # b finds two of its blocks in a's, no room for the other two
+        assert b not in step(s).seqs
+    assert step(s).seqs == [b]
+    assert b.num_cached_tokens == 8
+    # a looked up (12 - 1) // 4 = 2 blocks, b (16 - 1) // 4 = 3 and found 2, once each
+    assert (s.prefix_query_blocks, s.prefix_hit_blocks) == (5, 2)
 
 
 def test_distinct_adapters_per_step_are_capped_at_the_slots():
