@@ -58,6 +58,7 @@ class RecordRequests:
         record = RequestRecord(new_id("req"), _endpoint(scope["path"]))
         scope[SCOPE_KEY] = record
         ended = False  # the body's last part was sent
+        failed = False  # the app raised after the response began
 
         async def send_with_id(message):
             nonlocal ended
@@ -73,6 +74,8 @@ class RecordRequests:
             await self.app(scope, receive, send_with_id)
         except Exception:
             if record.status:  # the response has begun: it cannot become an error now
+                failed = True
+                record.finish_reason = "error"
                 raise
             log.exception("%s %s failed", scope["method"], scope["path"])
             body = json.dumps(error_body("internal server error", "server_error")).encode()
@@ -83,7 +86,7 @@ class RecordRequests:
             record.status = record.status or 500
             raise
         finally:
-            if record.status and not ended:  # cut short: the client went away mid-stream
+            if record.status and not ended and not failed:  # the client went away mid-stream
                 record.status = 499
                 record.finish_reason = "abort"
             record.latency_s = time.monotonic() - record.started

@@ -7,7 +7,13 @@ the engine's stats taken between two steps when `/metrics` is scraped.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serve.audit import RequestRecord
@@ -15,6 +21,9 @@ from serve.audit import RequestRecord
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_GENERATION = ("/v1/chat/completions", "/v1/completions")
+# How a stream ended where its status, 200 (sent with its first byte), cannot say it.
+_STREAM_OUTCOME = {"timeout": "504", "error": "500"}
 
 # engine.stats key -> (metric name, help, gauge or counter)
 _ENGINE = {
@@ -74,6 +83,9 @@ class _EngineSnapshot:
 
 class ServerMetrics:
     def __init__(self):
+        # No `_created` series beside each counter and histogram (vLLM drops them too): they
+        # double the series to scrape and say only when the server started. Process-wide.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -116,12 +128,21 @@ class ServerMetrics:
         r.register(self._engine)
 
     def observe(self, record: RequestRecord) -> None:
-        """A finished request (the audit record) into the counters and histograms."""
-        model = record.model or "none"
-        self.requests.labels(record.endpoint, model, str(record.status)).inc()
-        if record.endpoint not in ("/v1/chat/completions", "/v1/completions"):
-            return
+        """A finished request (the audit record) into the counters and histograms.
+
+        Its model is a label only where the server knew the name: generation records it
+        once resolved, the admin routes as sent (for the audit line), so there only once the
+        load or unload succeeded. Names a client makes up must not add series without end.
+        """
+        known = record.endpoint in _GENERATION or 200 <= record.status < 300
+        model = (record.model if known else None) or "none"
+        status = str(record.status)
         if record.status == 200:
+            status = _STREAM_OUTCOME.get(record.finish_reason, status)
+        self.requests.labels(record.endpoint, model, status).inc()
+        if record.endpoint not in _GENERATION:
+            return
+        if status == "200":  # answers given in full: not a stream cut by a timeout or error
             self.e2e.labels(model).observe(record.latency_s)
         if record.first_token_at is not None:
             self.ttft.labels(model).observe(record.first_token_at - record.started)

@@ -221,9 +221,11 @@ def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
         _wait_until_idle(engine)
         assert engine.stats()["requests_aborted"] == aborted + 1
         samples = _metrics(url)
-    # x-should-retry: false kept the client from sending the timed-out request again.
+    # x-should-retry: false kept the client from sending the timed-out request again. The
+    # stream's status was 200 (sent with its first chunk): its metrics say how it ended.
     key = (("endpoint", "/v1/chat/completions"), ("model", "faq"), ("status", "504"))
-    assert samples[("loraplex_requests_total", key)] == 1
+    assert samples[("loraplex_requests_total", key)] == 2
+    assert samples.get(("loraplex_request_latency_seconds_count", (("model", "faq"),)), 0) == 0
     assert [line["finish_reason"] for line in _audit(tmp_path)] == ["timeout", "timeout"]
 
 
@@ -323,8 +325,14 @@ def test_a_failed_step_is_audited_with_finish_reason_error_and_the_server_goes_o
         ok = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
         assert ok.choices[0].finish_reason == "length"
         _wait_until_idle(engine)
+        samples = _metrics(url)
     lines = [(line["status"], line["finish_reason"]) for line in _audit(tmp_path)]
     assert lines == [(500, "error"), (200, "error"), (200, "length")]
+    # the stream cut by the error is a 500 in the metrics, its latency not an answer's
+    chat = ("endpoint", "/v1/chat/completions"), ("model", "faq")
+    assert samples[("loraplex_requests_total", (*chat, ("status", "500")))] == 2
+    assert samples[("loraplex_requests_total", (*chat, ("status", "200")))] == 1
+    assert samples[("loraplex_request_latency_seconds_count", (("model", "faq"),))] == 1
 
 
 def test_metrics_count_requests_tokens_latencies_and_engine_state(
@@ -354,6 +362,10 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
             client.chat.completions.create(model="no such model", messages=QUESTION)
         loaded = httpx.post(f"{url}/adapters", json={"name": "faq2", "source": str(faq_folder)})
         assert loaded.status_code == 200
+        # names a client makes up, refused: audited, but no metrics series of their own
+        bad_source = {"name": "made-up-1", "source": str(tmp_path / "nothing")}
+        assert httpx.post(f"{url}/adapters", json=bad_source).status_code == 400
+        assert httpx.delete(f"{url}/adapters/made-up-2").status_code == 404
         _wait_until_idle(eng)
         m = _metrics(url)
 
@@ -374,6 +386,12 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     assert value("loraplex_inter_token_latency_seconds_count", model="faq") == 2 * 5
     assert value("loraplex_inter_token_latency_seconds_count", model="tiny") == 4
     assert value("loraplex_adapter_loads_total", reason="api") == 1
+    admin = "/v1/adapters/{name}"
+    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="faq2", status="200")
+    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="400")
+    assert value("loraplex_requests_total", endpoint=admin, model="none", status="404") == 1
+    assert not [labels for _, labels in m if ("model", "made-up-1") in labels]
+    assert not [name for name, _ in m if name.endswith("_created")]
     assert value("loraplex_kv_cache_blocks_total") == 128
     assert value("loraplex_kv_cache_blocks_used") == 0
     assert value("loraplex_num_requests_running") == 0
@@ -601,3 +619,37 @@ def test_model_lists_waiting_on_a_hung_registry_hold_up_no_completion(
         finally:
             released.set()
         assert all(f.result().status_code == 200 for f in listed)
+
+
+@pytest.mark.parametrize("server_fails", [True, False])
+def test_a_stream_cut_by_a_server_error_is_an_error_and_one_cut_by_its_client_a_hang_up(
+    server_fails,
+):
+    from serve.audit import RecordRequests
+    from serve.metrics import ServerMetrics
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        if server_fails:
+            raise RuntimeError("a bug mid-stream")
+        # else the client went away: the app stops sending without a last body part
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    records = []
+    scope = {"type": "http", "path": "/v1/completions", "method": "POST"}
+    with pytest.raises(RuntimeError) if server_fails else contextlib.nullcontext():
+        asyncio.run(RecordRequests(app, records.append)(scope, receive, send))
+    [record] = records
+    metrics = ServerMetrics()
+    metrics.observe(record)
+    labels = {"endpoint": "/v1/completions", "model": "none"}
+    labels["status"] = "500" if server_fails else "499"
+    assert metrics.registry.get_sample_value("loraplex_requests_total", labels) == 1
+    expected = (200, "error") if server_fails else (499, "abort")
+    assert (record.status, record.finish_reason) == expected
