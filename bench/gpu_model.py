@@ -114,6 +114,12 @@ def write_tokenizer(folder: Path, size: int) -> None:
     ).save_pretrained(folder)
 
 
+def other_tokens(prompts: list[list[int]], vocab: int, k: int) -> list[list[int]]:
+    """The prompts with every id moved `k` places (within 3 .. vocab - 1): the same lengths,
+    and none finds a prefix that a run over other `k` left in the prefix cache."""
+    return [[3 + (t - 3 + k) % (vocab - 3) for t in p] for p in prompts]
+
+
 def chat_workload(n: int, n_adapters: int, vocab: int, prompt, output, seed: int = 0):
     """Random prompts and output lengths, both log-normal around the given medians (chat
     traffic: mostly short, a long tail), clipped to the maxima; adapters round-robin."""

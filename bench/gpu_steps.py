@@ -4,7 +4,7 @@
           memory-bandwidth floor (bytes of weights, KV and adapters read per step over the
           measured device copy bandwidth); with CUDA graphs, eager and replayed alternating;
 - load:   the step that copies an adapter from the host tier into a slot while 32 others
-          decode, against the steps around it.
+          decode, against the same step for an adapter already in a slot.
 """
 
 from __future__ import annotations
@@ -17,32 +17,45 @@ from bench.gpu_kernels import copy_bandwidth
 from bench.timing import median_time
 
 
-def step_bytes(engine, seqs) -> dict[str, int]:
-    """Bytes one decode step must read: every base weight once, the KV of every sequence's
-    context, and the padded A and B of every distinct adapter slot in the batch."""
+def step_bytes(engine, seqs, context_tokens: float) -> dict[str, int]:
+    """Bytes one decode step must read: every base weight once, the KV of `context_tokens`
+    tokens over all sequences, and the padded A and B of every distinct adapter slot in the
+    batch. "weights" in the engine's own layout (the Triton NF4 kernel reads fp32 scales);
+    "weights_double_quant" as bitsandbytes' smallest NF4, 8-bit scales (the stricter floor)."""
     from serve.kv_budget import kv_block_bytes
     from serve.linear import DenseLinear, PackedLinear4bit
 
     model = engine.model
-    weights = model.lm_head.nbytes
+    weights = smallest = model.lm_head.nbytes
     for layer in model.layers:
-        weights += layer.input_norm.nbytes + layer.post_norm.nbytes
+        norms = layer.input_norm.nbytes + layer.post_norm.nbytes
+        weights += norms
+        smallest += norms
         for linear in layer.linears.values():
             if isinstance(linear, DenseLinear):
                 weights += linear.weight.nbytes
-            elif isinstance(linear, PackedLinear4bit):
+                smallest += linear.weight.nbytes
+                continue
+            if isinstance(linear, PackedLinear4bit):
                 weights += linear.packed.nbytes + linear.absmax.nbytes + linear.code.nbytes
             else:
                 state = linear.state
                 weights += linear.packed.nbytes + state.absmax.nbytes + state.code.nbytes
                 if state.nested:
                     weights += state.state2.absmax.nbytes + state.state2.code.nbytes
+            params = 2 * linear.packed.numel()  # two 4-bit values a byte
+            # 4 bits a weight, a uint8 scale per 64, an fp32 scale of those per 256 scales
+            smallest += params // 2 + params // 64 + 4 * (params // (64 * 256))
     per_token_kv = kv_block_bytes(model.shape, 1, model.dtype)
-    kv = sum(seq.num_tokens for seq in seqs) * per_token_kv
     pool = engine.pool
     per_slot = sum(a[:, 0].nbytes + pool.B[m][:, 0].nbytes for m, a in pool.A.items())
     slots = {engine.slots.slot_of[seq.adapter_uid] for seq in seqs if seq.adapter_uid}
-    return {"weights": weights, "kv": kv, "adapters": per_slot * len(slots)}
+    return {
+        "weights": weights,
+        "weights_double_quant": smallest,
+        "kv": round(context_tokens * per_token_kv),
+        "adapters": per_slot * len(slots),
+    }
 
 
 def start_decoding(engine, prompts, adapters, max_tokens: int):
@@ -91,6 +104,7 @@ def section_decode(llm, cfg, args, names, results) -> None:
         modes |= {"graphs": (graphs, True), "graphs_outputs_after": (graphs, False)}
     ids = start_decoding(engine, prompts, adapters, max_tokens=2 * len(modes) * steps + 8)
     seqs = list(engine.scheduler.running)
+    context_before = sum(seq.num_tokens for seq in seqs)
     times = {label: [] for label in modes}
     for _ in range(steps):
         for label, mode in modes.items():
@@ -99,16 +113,21 @@ def section_decode(llm, cfg, args, names, results) -> None:
     engine.runner.graphs, engine.overlap_outputs = graphs, overlap
     medians = {label: statistics.median(t[1:]) for label, t in times.items()}
     step = min(medians.values())
-    parts = step_bytes(engine, seqs)
+    # The KV read grows a token a sequence a step: at the timed steps' middle, their median.
+    context_after = sum(seq.num_tokens for seq in seqs)
+    parts = step_bytes(engine, seqs, (context_before + context_after) / 2)
     stop(engine, ids)
     bandwidth = copy_bandwidth(args.device, args.copy_bytes)
-    floor = sum(parts.values()) / bandwidth
+    read = parts["kv"] + parts["adapters"]
+    floor = (read + parts["weights"]) / bandwidth
+    strict = (read + parts["weights_double_quant"]) / bandwidth
     steps_text = ", ".join(f"{label} {t * 1e3:.2f} ms" for label, t in medians.items())
     print(
         f"decode     batch {batch}, context {context}: step {steps_text}; bytes per step "
         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts.items())
         + f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s; floor {floor * 1e3:.2f} ms = "
-        f"{floor / step:.1%} of the faster step (goal 70 %)"
+        f"{floor / step:.1%} of the faster step (goal 70 %); with double-quant NF4 weights "
+        f"{strict * 1e3:.2f} ms = {strict / step:.1%}"
     )
     results["decode"] = {
         "batch": batch,
@@ -119,17 +138,21 @@ def section_decode(llm, cfg, args, names, results) -> None:
         "copy_bandwidth_bytes_per_s": bandwidth,
         "floor_ms": floor * 1e3,
         "floor_fraction": floor / step,
+        "floor_double_quant_ms": strict * 1e3,
+        "floor_double_quant_fraction": strict / step,
     }
 
 
 def section_load(llm, cfg, args, names, results) -> None:
     """While half the slots' sequences decode, a request for an adapter that is in host memory
-    but in no slot arrives: the step that copies it in (and prefills the 32-token prompt),
-    against the decode steps around it; then the copy alone, repeated into the same slot."""
+    but in no slot arrives: the step that copies it in and prefills its 32-token prompt,
+    against the decode steps around it and against the control, the same step for a request
+    whose adapter is in a slot (both run eagerly: a step with a prefill is no decode graph);
+    then the copy alone, repeated into the same slot."""
     engine = llm.engine
     running = max(1, cfg["max_seqs"] // 2)
     rng = random.Random(2)
-    prompts = [[rng.randrange(3, cfg["vocab"]) for _ in range(32)] for _ in range(running + 1)]
+    prompts = [[rng.randrange(3, cfg["vocab"]) for _ in range(32)] for _ in range(running + 2)]
     ids = start_decoding(engine, prompts[:running], names[:running], max_tokens=64)
     in_slots = set(engine.slots.contents)
     outside = [n for n in names[running:] if engine.adapters[n].uid not in in_slots]
@@ -138,7 +161,7 @@ def section_load(llm, cfg, args, names, results) -> None:
         print("load       every adapter is in a slot: nothing to measure")
         return
     before = timed_steps(engine, 5)
-    ids += start_decoding_one(engine, prompts[-1], outside[-1])
+    ids += start_decoding_one(engine, prompts[-2], outside[-1])
     loads = engine.slots.loads
     load_step = None
     after = []
@@ -146,6 +169,10 @@ def section_load(llm, cfg, args, names, results) -> None:
         after += timed_steps(engine, 1)
         if engine.slots.loads > loads and load_step is None:
             load_step = after.pop()
+    while ids[-1] in engine.requests:  # the loaded adapter's request done: as many decodes
+        engine.step()
+    ids += start_decoding_one(engine, prompts[-1], names[0])  # its adapter is decoding
+    [control] = timed_steps(engine, 1)
     uid = engine.adapters[outside[-1]].uid
     slot = engine.slots.slot_of[uid]
     copy = median_time(lambda: engine.pool.load_slot(slot, uid), args.device, repeats=3)
@@ -153,10 +180,14 @@ def section_load(llm, cfg, args, names, results) -> None:
     base = statistics.median(before + after)
     print(
         f"load       step with a host-to-slot adapter copy {load_step * 1e3:.2f} ms against "
-        f"{base * 1e3:.2f} ms for {running} decodes; the copy alone {copy * 1e3:.2f} ms"
+        f"{control * 1e3:.2f} ms for the same step without the copy (the load costs "
+        f"{(load_step - control) * 1e3:.2f} ms) and {base * 1e3:.2f} ms for {running} decodes; "
+        f"the copy alone {copy * 1e3:.2f} ms"
     )
     results["load"] = {
         "load_step_ms": load_step * 1e3,
+        "control_step_ms": control * 1e3,
+        "load_cost_ms": (load_step - control) * 1e3,
         "median_step_ms": base * 1e3,
         "copy_ms": copy * 1e3,
     }

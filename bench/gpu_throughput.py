@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_kernels import section_kernels, section_matmul, section_tune  # noqa: E402
-from bench.gpu_model import SHAPES, chat_workload, write_random_base  # noqa: E402
+from bench.gpu_model import SHAPES, chat_workload, other_tokens, write_random_base  # noqa: E402
 from bench.gpu_steps import section_decode, section_load  # noqa: E402
 from bench.throughput import pct, run_loraplex, run_peft, write_random_adapters  # noqa: E402
 from serve.kernels import kernel_compiles  # noqa: E402
@@ -106,12 +106,13 @@ def section_serve(llm, cfg, names, results) -> None:
     prompts, lengths, index = chat_workload(
         cfg["requests"], cfg["adapters"], cfg["vocab"], cfg["prompt"], cfg["output"]
     )
-    # Warm-up, so that neither timed run pays what the first run of a workload does (the
-    # engine compiled the kernels at start; the allocator's pools, adapter reads remain):
-    # the same lengths and adapters with outputs cut to 16 tokens, prompts of other tokens
-    # so that no timed prompt finds its prefix cached.
-    other = [[3 + (t - 2) % (cfg["vocab"] - 3) for t in p] for p in prompts]  # ids stay >= 3
-    run_loraplex(llm, other, [min(n, 16) for n in lengths], [names[i] for i in index])
+    # Warm-up, so that no timed run pays what the first run of a workload does (the engine
+    # compiled the kernels at start; the allocator's pools, adapter reads remain): the same
+    # lengths and adapters with outputs cut to 16 tokens. Each run has prompts of its own
+    # tokens, so that none finds its prefix cached by another (their stats show 0 hits).
+    vocab = cfg["vocab"]
+    warm = other_tokens(prompts, vocab, 1)
+    run_loraplex(llm, warm, [min(n, 16) for n in lengths], [names[i] for i in index])
     # The 90 % goal is a question of bytes: a step of 64 sequences on 64 distinct adapters
     # reads as many adapter bytes as weights and KV together (gpu_notes.md, v2). With fewer
     # slots the scheduler lets requests whose adapter is in one pass the others, and a step
@@ -122,14 +123,18 @@ def section_serve(llm, cfg, names, results) -> None:
     engine, slots = llm.engine, llm.engine.config.max_loras
     few = max(1, slots // 4)
     runs = {}
-    for label, adapters, count in (
-        ("adapters", [names[i] for i in index], None),  # the slots as the warm-up left them
-        (f"adapters_{few}_slots", [names[i] for i in index], few),
-        ("none", None, slots),
+    for k, (label, adapters, count) in enumerate(
+        (
+            ("adapters", [names[i] for i in index], None),  # the slots as the warm-up left them
+            (f"adapters_{few}_slots", [names[i] for i in index], few),
+            ("none", None, slots),
+        ),
+        start=2,
     ):
         if count is not None:
             engine.slots = engine.scheduler.slots = LoraSlots(count)
-        run = run_loraplex(llm, prompts, lengths, adapters or [None] * len(prompts))
+        run_prompts = other_tokens(prompts, vocab, k)
+        run = run_loraplex(llm, run_prompts, lengths, adapters or [None] * len(prompts))
         runs[label] = run
         print(
             f"serve      {label:8s} {run['tokens_per_s']:9.1f} tokens/s ({run['tokens']} tokens "
@@ -163,7 +168,9 @@ def section_peft(llm, cfg, args, base, folders, names, results) -> None:
         cfg["requests"], cfg["adapters"], cfg["vocab"], cfg["prompt"], cfg["output"]
     )
     n = cfg["peft_requests"]
-    prompts, lengths, index = prompts[:n], lengths[:n], index[:n]
+    # tokens of their own: the serve section's runs cached their first prompts' prefixes
+    prompts = other_tokens(prompts[:n], cfg["vocab"], 5)
+    lengths, index = lengths[:n], index[:n]
     ours = run_loraplex(llm, prompts, lengths, [names[i] for i in index])
     results["peft"] = {"loraplex_tokens_per_s": ours["tokens_per_s"]}
     return lambda: _run_peft_after(cfg, args, base, folders, prompts, lengths, index, ours, results)

@@ -7,8 +7,11 @@ Same process, same SmolLM2 base (NF4 by default), same prompts (questions from t
 and the same output lengths, drawn heavy-tailed like chat traffic and forced with ignore_eos.
 At most 32 sequences run at once on both sides. The baseline is what serving looks like
 without continuous batching: padded batches of 32 in arrival order, each running until its
-longest member is done. Random rank-16 adapters on all seven Llama modules stand in for
-trained ones (speed depends on shapes, not values). Greedy by default; `--temperature` (and
+longest member is done. On CPU the engine dequantizes the NF4 weights once, at load (memory
+for speed); peft then runs on the same dequantized weights (identical logits), so the ratio
+is batching and kernels, not a dequantization peft repeats at every call (`--peft-weights
+nf4` measures that). Random rank-16 adapters on all seven Llama modules stand in for trained
+ones (speed depends on shapes, not values). Greedy by default; `--temperature` (and
 `--top-p`) sample on both sides, as chat clients ask; `--dtype bfloat16` runs both in bf16.
 """
 
@@ -146,6 +149,7 @@ def run_peft(
     temperature=0.0,
     top_p=1.0,
     dtype_name="auto",
+    dequantize=False,
 ):
     import torch
     from peft import PeftModel
@@ -163,9 +167,15 @@ def run_peft(
             bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-    model = PeftModel.from_pretrained(model, folders[0], adapter_name="a0")
+    if quantization and dequantize:  # the NF4 values, in dense weights
+        model = model.dequantize()
+    # The adapters in the dtype they are stored in, as the engine runs them (peft's default
+    # upcasts bf16 adapters to fp32).
+    model = PeftModel.from_pretrained(
+        model, folders[0], adapter_name="a0", autocast_adapter_dtype=False
+    )
     for i, folder in enumerate(folders[1:], start=1):
-        model.load_adapter(folder, adapter_name=f"a{i}")
+        model.load_adapter(folder, adapter_name=f"a{i}", autocast_adapter_dtype=False)
     model.eval()
     pad = model.generation_config.eos_token_id
     pad = pad if isinstance(pad, int) else pad[0]
@@ -210,6 +220,13 @@ def main() -> None:
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--peft-weights",
+        default="as-engine",
+        choices=["as-engine", "nf4"],
+        help="peft's base: the weights as the engine holds them (CPU: NF4 dequantized once), "
+        "or bitsandbytes' NF4 layers, which dequantize at every call",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -266,6 +283,11 @@ def main() -> None:
             + (f"T {args.temperature} top_p {args.top_p}" if args.temperature else "greedy")
             + f", dtype {args.dtype}"
         )
+        # peft on dense weights where the engine dequantized its NF4 ones at load
+        dequantize = args.peft_weights == "as-engine" and not llm.engine.model.keeps_4bit
+        if quantization:
+            held = "NF4 dequantized once, as the engine's" if dequantize else "bitsandbytes' NF4"
+            print(f"peft base: {held}")
         print(
             f"loraplex   {ours['tokens_per_s']:8.1f} tokens/s  ({ours['tokens']} tokens in "
             f"{ours['seconds']:.1f} s)"
@@ -279,6 +301,7 @@ def main() -> None:
                 index,
                 quantization,
                 dtype_name=args.dtype,
+                dequantize=dequantize,
                 **sampling,
             )
             print(

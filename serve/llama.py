@@ -179,6 +179,7 @@ class LlamaModel:
             return tensors.pop(name).to(device=self.device, dtype=dtype)
 
         packed = quantization is not None and keep_quantized
+        self.keeps_4bit = packed  # else dense weights (4-bit ones dequantized once, here)
         # On CUDA with the kernels, 4-bit modules that read the same input are one stacked
         # weight and one launch (serve.kernels.nf4_matmul); bitsandbytes takes them one by one.
         packed_kernel = (

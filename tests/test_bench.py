@@ -59,6 +59,11 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     few, every = serve["adapters_2_slots"]["stats"], serve["adapters"]["stats"]
     assert few["adapter_slot_evictions"] > every["adapter_slot_evictions"]
     assert serve["adapters_2_slots_vs_none"] > 0
+    # each timed run computes its prompts: none finds a prefix an earlier run cached
+    runs = {label: run for label, run in serve.items() if isinstance(run, dict)}
+    assert len(runs) == 3 and all(r["stats"]["prefix_cache_hit_blocks"] == 0 for r in runs.values())
+    assert model["load"]["control_step_ms"] > 0  # the load step's cost is against a control
+    assert 0 < model["decode"]["floor_double_quant_ms"] <= model["decode"]["floor_ms"]
     for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name
     for batch, row in kernels["matmul"].items():
