@@ -62,6 +62,7 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     # each timed run computes its prompts: none finds a prefix an earlier run cached
     runs = {label: run for label, run in serve.items() if isinstance(run, dict)}
     assert len(runs) == 3 and all(r["stats"]["prefix_cache_hit_blocks"] == 0 for r in runs.values())
+    assert all(0 < r["ttft_admitted_ms"]["50"] <= r["ttft_ms"]["50"] for r in runs.values())
     assert model["load"]["control_step_ms"] > 0  # the load step's cost is against a control
     assert 0 < model["decode"]["floor_double_quant_ms"] <= model["decode"]["floor_ms"]
     for name, row in kernels["kernels"].items():
