@@ -17,15 +17,38 @@ from registry.errors import ConfigError
 Config = TypeVar("Config", bound=BaseModel)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently, dropping the first: a whole `engine:` section, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (again on line {line})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_config(path: Path, model: type[Config], overrides: list[str] = ()) -> Config:
     """The YAML file at `path` with `overrides` applied, validated as `model`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
     for override in overrides:
@@ -74,7 +97,11 @@ def _apply_override(raw: dict, override: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{path}: override {key}: {part} is not a section")
         node = child
-    if value.startswith(("./", "../", "~")):  # a path typed in the shell: from where it was
-        node[parts[-1]] = str(Path(value).expanduser().resolve())
-        return
-    node[parts[-1]] = yaml.safe_load(value) if value else ""
+    try:
+        if value.startswith(("./", "../", "~")):  # a path typed in the shell: from where it was
+            node[parts[-1]] = str(Path(value).expanduser().resolve())
+            return
+        node[parts[-1]] = _load_yaml(value) if value else ""
+    except (yaml.YAMLError, RuntimeError) as e:  # RuntimeError: `~user` of no such user
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {key}: {value!r} is not a valid value: {reason}") from None

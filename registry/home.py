@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry.errors import ConfigError
+
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Libraries that phone home or reach for a hub unless told not to. Set for every entry point so
@@ -49,6 +51,15 @@ class Home:
             return cls(_PROJECT_ROOT / ".loraplex")
         return cls(Path.home() / ".loraplex")
 
+    def create(self) -> None:
+        """The folder itself, if missing; a clear error where it cannot be."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"LORAPLEX_HOME: cannot use {self.root} as the data home: {e.strerror}"
+            ) from None
+
     @property
     def models(self) -> Path:
         return self.root / "models"
@@ -83,7 +94,7 @@ def setup_environment(home: Home | None = None) -> Home:
     Values a user already set win, so a team can still point HF_HOME elsewhere.
     """
     home = home or Home.from_env()
-    home.root.mkdir(parents=True, exist_ok=True)
+    home.create()
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("HF_HOME", str(home.root / "hf"))

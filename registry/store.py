@@ -59,7 +59,7 @@ class AdapterRegistry:
         from mlflow import MlflowClient
 
         if self.is_embedded:
-            self.home.root.mkdir(parents=True, exist_ok=True)
+            self.home.create()
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     @property

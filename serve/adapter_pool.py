@@ -74,9 +74,21 @@ def read_peft_lora(
     held in `dtype`, in page-locked memory with `pin_memory` (slots on a GPU)."""
     from safetensors.torch import load
 
-    config_bytes = (path / "adapter_config.json").read_bytes()
-    config = json.loads(config_bytes)
     name = f"adapter {uid!r}"
+    config_file = path / "adapter_config.json"
+    try:
+        config_bytes = config_file.read_bytes()
+        config = json.loads(config_bytes)
+    except (OSError, ValueError) as error:
+        raise AdapterError(f"{name}: {config_file} cannot be read: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{name}: {config_file} is not a JSON object")
+    alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
+    if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alphas):
+        raise AdapterError(
+            f"{name}: {config_file}: lora_alpha (and alpha_pattern's values) must be numbers "
+            f"(got {config.get('lora_alpha')!r})"
+        )
     if config.get("use_dora"):
         raise AdapterError(f"{name}: DoRA adapters are not supported")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
@@ -111,6 +123,9 @@ def read_peft_lora(
         )
     tensors = {}
     for (layer, module), ab in sorted(pairs.items()):
+        if len(ab) != 2:  # peft writes both or neither
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise AdapterError(f"{name}: layer {layer} {module} has no {missing} weight")
         a, b = ab["A"].float(), ab["B"].float()
         rank = a.shape[0]
         if rank > max_rank:

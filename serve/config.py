@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from registry.base_model import DEFAULT_BASE_MODEL
 
@@ -14,41 +22,41 @@ class EngineConfig(BaseModel):
 
     base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
     quantization: Literal["nf4", "fp4"] | None = "nf4"  # as the adapters were trained
-    double_quant: bool = True
+    double_quant: StrictBool = True
     # Packed 4-bit weights (memory /4) or the same weights dequantized once at load (no
     # per-step dequantization). None: packed on GPU, dequantized on CPU.
-    keep_quantized: bool | None = None
+    keep_quantized: StrictBool | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    block_size: int = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size
+    block_size: StrictInt = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size
     # KV pool size; the block count and the longest context follow. None: on CUDA, what
     # gpu_memory_utilization leaves after the weights and the largest step; 1 GB on CPU
     kv_cache_memory_gb: float | None = Field(None, gt=0)
     # share of the GPU's memory this engine may fill (KV sizing only): the rest is headroom
     # for CUDA graphs and fragmentation, or room for another process
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    num_kv_blocks: int | None = Field(None, ge=1)  # overrides kv_cache_memory_gb (tests)
-    max_num_seqs: int = Field(32, ge=1)  # running sequences per step
-    max_num_batched_tokens: int = Field(512, ge=1)  # token budget per step (prefill chunk size)
-    max_model_len: int | None = Field(None, ge=2)  # default: the model's context length
-    max_loras: int = Field(8, ge=1)  # device slots: distinct adapters in one step
-    max_lora_rank: int = Field(16, ge=1, le=512)  # slots are padded to this rank
-    max_cpu_loras: int = Field(32, ge=1)  # adapters kept in host memory
-    enable_prefix_caching: bool = True
-    seed: int = 0  # of the sampler for requests without their own seed
+    num_kv_blocks: StrictInt | None = Field(None, ge=1)  # overrides kv_cache_memory_gb (tests)
+    max_num_seqs: StrictInt = Field(32, ge=1)  # running sequences per step
+    max_num_batched_tokens: StrictInt = Field(512, ge=1)  # tokens a step (the prefill chunk)
+    max_model_len: StrictInt | None = Field(None, ge=2)  # default: the model's context length
+    max_loras: StrictInt = Field(8, ge=1)  # device slots: distinct adapters in one step
+    max_lora_rank: StrictInt = Field(16, ge=1, le=512)  # slots are padded to this rank
+    max_cpu_loras: StrictInt = Field(32, ge=1)  # adapters kept in host memory
+    enable_prefix_caching: StrictBool = True
+    seed: StrictInt = 0  # of the sampler for requests without their own seed
     # Triton kernels for attention, LoRA and 4-bit matmuls: "auto" on CUDA when triton
     # imports; "reference" forces the plain ops (to compare, or to rule the kernels out)
     kernels: Literal["auto", "triton", "reference"] = "auto"
     # Decode steps replayed as CUDA graphs (serve.cuda_graph); needs the kernels. Off until
     # measured on a GPU (bench/gpu_notes.md)
-    cuda_graphs: bool = False
+    cuda_graphs: StrictBool = False
     # Make a step's outputs (text, stop strings) while the device computes the next step:
     # the host's work hides behind the GPU's, each output comes a step later. None: on CUDA
-    overlap_outputs: bool | None = None
+    overlap_outputs: StrictBool | None = None
     # Compile every Triton kernel variant at start over scratch steps (serve.warmup): seconds
     # on a fresh machine, Triton's disk cache after, rather than stalls in the first requests'
     # steps. Nothing to do without the kernels
-    warmup: bool = True
+    warmup: StrictBool = True
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)
 
     @field_validator("max_cpu_loras")

@@ -10,6 +10,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -36,8 +38,8 @@ class ApiKey(_Strict):
     sha256: str | None = None  # hex digest of the key (`printf %s KEY | sha256sum`)
     env: str | None = None  # or: the environment variable that holds the key
     adapters: list[str] = Field(default_factory=lambda: ["*"])  # `model` values allowed; * = all
-    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + completion tokens; None: no cap
-    admin: bool = False  # may load and unload adapters (POST/DELETE /v1/adapters)
+    tokens_per_minute: StrictInt | None = Field(None, ge=1)  # prompt + completion; None: no cap
+    admin: StrictBool = False  # may load and unload adapters (POST/DELETE /v1/adapters)
 
     @field_validator("sha256")
     @classmethod
@@ -67,7 +69,7 @@ class ApiKey(_Strict):
 
 class AuditConfig(_Strict):
     path: Path | None = None  # JSON lines, one per request; None: LORAPLEX_HOME/audit.jsonl
-    include_prompts: bool = False  # prompt text in the log (it may hold personal data)
+    include_prompts: StrictBool = False  # prompt text in the log (it may hold personal data)
 
 
 class ServeConfig(_Strict):
@@ -75,10 +77,10 @@ class ServeConfig(_Strict):
     quantization: Literal["nf4", "fp4", "none"] = "nf4"  # as the adapters were trained
     tracking_uri: str | None = None  # registry of adapter references (default: embedded)
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: StrictInt = Field(8000, ge=1, le=65535)
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> registry REF or folder
-    default_max_tokens: int = Field(256, ge=1)  # for requests that do not say
-    max_waiting: int = Field(256, ge=1)  # queued requests beyond which new ones get 503
+    default_max_tokens: StrictInt = Field(256, ge=1)  # for requests that do not say
+    max_waiting: StrictInt = Field(256, ge=1)  # queued requests beyond which new ones get 503
     request_timeout_s: float = Field(300, gt=0)  # a request still running then is aborted
     alias_poll_interval_s: float = Field(10, gt=0)  # how soon a moved alias is followed
     engine: EngineConfig = EngineConfig()

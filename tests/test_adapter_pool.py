@@ -112,3 +112,41 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
         assert pool.rank_table[m][:, 1].tolist() == ranks
         assert [r[1] for r in pool.ranks[m]] == ranks
         assert not pool.A[m][:, 0].any() and not pool.A[m][:, 2].any()  # other slots untouched
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("no lora_alpha", "lora_alpha .* must be numbers"),
+        ("lora_alpha a string", "lora_alpha .* must be numbers"),
+        ("config not JSON", "adapter_config.json cannot be read"),
+        ("lora_B missing", "layer 0 q_proj has no lora_B weight"),
+    ],
+)
+def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
+    tiny_base, patterned, tmp_path, breakage, message
+):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from registry.errors import AdapterError
+
+    source, state = patterned
+    folder = tmp_path / "broken"
+    shutil.copytree(source, folder)
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if breakage == "no lora_alpha":
+        del config["lora_alpha"]
+    elif breakage == "lora_alpha a string":
+        config["lora_alpha"] = "32"
+    config_file.write_text(json.dumps(config))
+    if breakage == "config not JSON":
+        config_file.write_text("{not json")
+    elif breakage == "lora_B missing":
+        kept = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj.lora_B" not in k}
+        save_file(kept, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=message):
+        read_peft_lora(folder, "broken", _shape(tiny_base), max_rank=8)

@@ -101,6 +101,16 @@ def test_missing_config_and_bad_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+    path.write_bytes(b"name: caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 9\)"):
+        load_config(path)
+
+
+def test_a_key_given_twice_is_refused_not_the_first_dropped(tmp_path):
+    path = _write(tmp_path, GOOD)
+    path.write_text(path.read_text() + "name: other\n")  # plain YAML keeps this one alone
+    with pytest.raises(ConfigError, match="key 'name' appears twice"):
+        load_config(path)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
@@ -120,6 +130,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert config.data.packing is True
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(path, ["training.max_steps"])
+    for value, reason in (("[1", "expected ',' or ']'"), ("@x", "'@' that cannot start")):
+        with pytest.raises(ConfigError, match=f"override training.max_steps: .*{reason}"):
+            load_config(path, [f"training.max_steps={value}"])
+    with pytest.raises(ConfigError, match=r"override experiment: .* home directory"):
+        load_config(path, ["experiment=~no-such-user-here/x"])
     with pytest.raises(ConfigError, match=r"training\.warmup: unknown key"):
         load_config(path, ["training.warmup=3"])
 
@@ -197,6 +212,10 @@ SERVE_YAML = PROJECT / "configs/serve/smollm2-135m_nf4_cpu.yaml"
         ({"api_keys": [{"id": "a"}]}, "api_keys.0", "exactly one of sha256 or env"),
         ({"api_keys": [{"id": "a", "env": "A"}, {"id": "a", "env": "B"}]}, "api_keys", "unique"),
         ({"audit": {"prompts": True}}, "audit.prompts", "unknown key"),
+        # YAML's `true` is no port 1, nor `0` a switch off (as in the training config)
+        ({"port": True}, "port", "valid integer"),
+        ({"engine": {"block_size": True}}, "engine.block_size", "valid integer"),
+        ({"engine": {"enable_prefix_caching": 0}}, "engine.enable_prefix_caching", "valid boolean"),
     ],
 )
 def test_bad_serve_config_names_file_and_key(tmp_path, config, key, message):

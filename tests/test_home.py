@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import PROJECT
 
 
@@ -25,3 +27,13 @@ def test_setup_environment_keeps_the_stack_offline_and_bitsandbytes_quiet(tmp_pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", str(tmp_path / "hf")]
     assert "kernels-community" not in result.stderr, result.stderr
+
+
+def test_a_data_home_that_cannot_be_a_folder_is_a_config_error_naming_it(tmp_path):
+    from registry.errors import ConfigError
+    from registry.home import Home, setup_environment
+
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(ConfigError, match=f"LORAPLEX_HOME: cannot use {taken} .*: File exists"):
+        setup_environment(Home(taken))
