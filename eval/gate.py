@@ -66,6 +66,10 @@ class QualityGate:
     def run(self, output: Path, promote: bool = False) -> GateReport:
         if promote:
             self._check_promotable()
+        try:  # before the minutes of measuring, not after
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output {output}: {e.strerror}") from None
         report = self.measure()
         files = report.write(output)
         self.registry.record_gate(self.candidate, *self._record(report), files)

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +54,10 @@ class AdapterRegistry:
     def __init__(self, tracking_uri: str | None = None, home: Home | None = None):
         self.home = setup_environment(home)  # from Python too: no telemetry, bounded retries
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.home)
+        try:  # MLflow would raise on it mid-command, with a traceback
+            urllib.parse.urlsplit(self.tracking_uri).port  # noqa: B018 - parses host, port
+        except ValueError as e:
+            raise UsageError(f"tracking URI {self.tracking_uri!r}: {e}") from None
 
     @cached_property
     def client(self):
@@ -214,7 +219,11 @@ class AdapterRegistry:
         """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise UsageError(f"download destination {dest} exists and is not an empty folder")
-        shutil.copytree(self.fetch(ref), dest, dirs_exist_ok=True)
+        source = self.fetch(ref)
+        try:
+            shutil.copytree(source, dest, dirs_exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"download destination {dest}: {e.strerror or e}") from None
         return dest
 
     def fetch(self, ref: AdapterRef) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry.errors import ConfigError
 from serve.protocol import error_body, new_id
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,11 @@ class AuditLog:
     def __init__(self, path: Path, include_prompts: bool = False):
         self.path = Path(path)
         self.include_prompts = include_prompts
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"audit.path: cannot append to {self.path}: {e.strerror}") from None
         self._lock = threading.Lock()
 
     def write(self, record: RequestRecord) -> None:

@@ -90,13 +90,18 @@ def serve(
 def _serve(settings) -> None:
     import uvicorn
 
+    from registry.home import Home
     from serve import LLM
+    from serve.api_keys import ApiKeys
     from serve.async_engine import AsyncLLM
+    from serve.audit import AuditLog
     from serve.server import create_app
 
     # Before the minute the base model takes to load:
     _check_port_free(settings.host, settings.port)
     _check_adapters(settings.adapters.values(), settings.tracking_uri)
+    ApiKeys(settings.api_keys)  # each key's variable is set
+    AuditLog(settings.audit_path(Home.from_env())).close()  # the log can be written
     llm = LLM(**settings.engine_config().model_dump())
     for name, source in settings.adapters.items():
         llm.load_adapter(name, source)

@@ -20,6 +20,7 @@ from pydantic import (
 from registry.base_model import DEFAULT_BASE_MODEL
 from registry.config_file import format_errors, read_config, relative_to_file
 from registry.errors import ConfigError
+from registry.home import Home
 from registry.refs import is_ref
 from serve.config import EngineConfig
 
@@ -86,6 +87,9 @@ class ServeConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     api_keys: list[ApiKey] = Field(default_factory=list)  # empty: no keys asked
     audit: AuditConfig = AuditConfig()
+
+    def audit_path(self, home: Home) -> Path:
+        return self.audit.path or home.root / "audit.jsonl"
 
     @field_validator("adapters")
     @classmethod

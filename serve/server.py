@@ -92,9 +92,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     reader = PromptReader(tokenizer, engine.engine.max_model_len, config.default_max_tokens)
     if base_name in adapters.loaded:  # requests for it would get the base: never served
         raise ConfigError(f"adapter {base_name!r}: the base model's name cannot name an adapter")
-    audit = AuditLog(
-        config.audit.path or engine.engine.home.root / "audit.jsonl", config.audit.include_prompts
-    )
+    audit = AuditLog(config.audit_path(engine.engine.home), config.audit.include_prompts)
     # Prompts are tokenized on threads of their own: registry calls, which can hang for as
     # long as the registry is unreachable, hold the loop's default threads.
     tokenizing = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio-tokenize")

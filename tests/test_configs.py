@@ -165,6 +165,24 @@ def test_serve_on_a_busy_port_is_refused_before_the_model_loads(tmp_path):
     assert "serving" not in result.stdout and not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize("unwritable", ["audit", "key"])
+def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loads(
+    tmp_path, unwritable
+):
+    (tmp_path / "a-file").write_text("")
+    config = tmp_path / "serve.yaml"
+    if unwritable == "audit":
+        config.write_text("audit: {path: a-file/audit.jsonl}\n")
+        message = f"audit.path: cannot append to {tmp_path / 'a-file/audit.jsonl'}"
+    else:
+        config.write_text("api_keys: [{id: ops, env: LORAPLEX_TEST_UNSET_KEY}]\n")
+        message = "environment variable LORAPLEX_TEST_UNSET_KEY is not set"
+    result = run_cli("serve", str(config), env={"LORAPLEX_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "home" / "models").exists()  # no model was loaded
+
+
 @pytest.mark.parametrize(
     ("command", "message"),
     [

@@ -563,6 +563,22 @@ def test_promoting_against_a_baseline_other_than_the_champion_is_refused_unmeasu
     assert registry.get(parse_ref("country-facts@champion")).version == 2
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_before_measuring(
+    registry, monkeypatch, tmp_path
+):
+    from eval.gate import QualityGate
+
+    _register_trained(registry, _trained_hash())
+    monkeypatch.setattr(QualityGate, "measure", lambda self: pytest.fail("measured"))
+    (tmp_path / "a-file").write_text("")
+    config = str(PROJECT / "configs/gates/country-facts.yaml")
+    output = str(tmp_path / "a-file/reports")
+    result = _gate(config, "--candidate", "country-facts/1", "--output", output,
+                   "--tracking-uri", registry.tracking_uri)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--output" in result.output and "a-file/reports" in result.output
+
+
 def test_a_gate_that_crashes_exits_2_and_moves_no_alias(registry, monkeypatch, tmp_path):
     from eval.gate import QualityGate
 

@@ -264,3 +264,15 @@ def test_a_download_abandoned_by_a_killed_process_is_removed_by_a_later_fetch(re
     registry.fetch(parse_ref("facts/2"))
     assert not abandoned.exists()
     assert live.exists()  # perhaps another process's download in flight
+
+
+def test_a_download_under_a_file_and_a_malformed_tracking_uri_are_usage_errors(
+    registry, adapters, tmp_path
+):
+    assert register_folder(registry, adapters[1], "facts") == 1
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UsageError, match=r"download destination .*a-file/sub: Not a directory"):
+        registry.download(parse_ref("facts/1"), tmp_path / "a-file" / "sub")
+    for uri, reason in (("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "out of range")):
+        with pytest.raises(UsageError, match=f"tracking URI .*{reason}"):
+            AdapterRegistry(uri, registry.home)
