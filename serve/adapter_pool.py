@@ -76,11 +76,11 @@ def read_peft_lora(
 
     name = f"adapter {uid!r}"
     config_file = path / "adapter_config.json"
+    config_bytes = config_file.read_bytes()  # an OSError is the caller's (a read-back's)
     try:
-        config_bytes = config_file.read_bytes()
         config = json.loads(config_bytes)
-    except (OSError, ValueError) as error:
-        raise AdapterError(f"{name}: {config_file} cannot be read: {error}") from None
+    except ValueError as error:
+        raise AdapterError(f"{name}: {config_file} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{name}: {config_file} is not a JSON object")
     alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]

@@ -119,7 +119,7 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
     [
         ("no lora_alpha", "lora_alpha .* must be numbers"),
         ("lora_alpha a string", "lora_alpha .* must be numbers"),
-        ("config not JSON", "adapter_config.json cannot be read"),
+        ("config not JSON", "adapter_config.json is not valid JSON"),
         ("lora_B missing", "layer 0 q_proj has no lora_B weight"),
     ],
 )
