@@ -22,11 +22,36 @@ from registry.lineage import Lineage
 from registry.refs import AdapterRef, check_alias
 
 TRACKING_URI_ENV = "LORAPLEX_TRACKING_URI"
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+DRIVER_PACKAGES = {  # SQLAlchemy's driver module -> what pip installs it as
+    "psycopg": "psycopg[binary]",
+    "psycopg2": "psycopg2-binary",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+}
 
 
 def resolve_tracking_uri(explicit: str | None = None, home: Home | None = None) -> str:
     """`--tracking-uri`, else `$LORAPLEX_TRACKING_URI`, else the embedded SQLite store."""
     return explicit or os.environ.get(TRACKING_URI_ENV) or (home or Home.from_env()).tracking_uri
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database store's driver must be installed; MLflow would fail on its first query, with
+    an ImportError traceback. The message names the scheme, never the URI: it holds passwords."""
+    scheme = uri.partition("://")[0]
+    if scheme.split("+")[0] not in DATABASE_SCHEMES:
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        package = DRIVER_PACKAGES.get(e.name, e.name)
+        raise UsageError(
+            f"tracking URI scheme {scheme!r} needs the database driver {e.name!r}, which is not "
+            f"installed: pip install '{package}' into this environment"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -58,6 +83,7 @@ class AdapterRegistry:
             urllib.parse.urlsplit(self.tracking_uri).port  # noqa: B018 - parses host, port
         except ValueError as e:
             raise UsageError(f"tracking URI {self.tracking_uri!r}: {e}") from None
+        _check_database_driver(self.tracking_uri)
 
     @cached_property
     def client(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -276,3 +277,20 @@ def test_a_download_under_a_file_and_a_malformed_tracking_uri_are_usage_errors(
     for uri, reason in (("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "out of range")):
         with pytest.raises(UsageError, match=f"tracking URI .*{reason}"):
             AdapterRegistry(uri, registry.home)
+
+
+@pytest.mark.parametrize(
+    "uri, driver",
+    [
+        ("postgresql://u:secret@127.0.0.1:1/db", "psycopg"),
+        ("mysql+pymysql://u:secret@h/db", "pymysql"),
+    ],
+)
+def test_a_database_uri_whose_driver_is_missing_is_a_usage_error_without_its_password(
+    registry, uri, driver
+):
+    if importlib.util.find_spec(driver):
+        pytest.skip(f"{driver} is installed here")
+    with pytest.raises(UsageError, match=f"needs the database driver '{driver}'") as refused:
+        AdapterRegistry(uri, registry.home)
+    assert "secret" not in str(refused.value)
