@@ -131,10 +131,10 @@ class QualityGate:
             return ServedModels(self.server, self.api_key, tokenizer, versions), roles
         from serve import LLM
 
-        method = self.train.quantization.method
         llm = LLM(
             base_model=self.train.base_model,
-            quantization=None if method == "none" else method,
+            quantization=self.train.quantization.method,
+            double_quant=self.train.quantization.double_quant,
             max_loras=self.config.generation.max_loras,
             tracking_uri=self.registry.tracking_uri,
         )

@@ -153,4 +153,4 @@ def _make_llm(base_model: str | None, quantization: str, tracking_uri: str | Non
     args = {"tracking_uri": tracking_uri}
     if base_model:
         args["base_model"] = base_model
-    return LLM(quantization=None if quantization == "none" else quantization, **args)
+    return LLM(quantization=quantization, **args)

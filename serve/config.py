@@ -21,7 +21,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
-    quantization: Literal["nf4", "fp4"] | None = "nf4"  # as the adapters were trained
+    # as the adapters were trained; "none" is None, as a train config and the CLI spell it
+    quantization: Literal["nf4", "fp4"] | None = "nf4"
     double_quant: StrictBool = True
     # Packed 4-bit weights (memory /4) or the same weights dequantized once at load (no
     # per-step dequantization). None: packed on GPU, dequantized on CPU.
@@ -58,6 +59,11 @@ class EngineConfig(BaseModel):
     # steps. Nothing to do without the kernels
     warmup: StrictBool = True
     tracking_uri: str | None = None  # registry for adapter references (default: embedded)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _none_is_none(cls, value):
+        return None if value == "none" else value
 
     @field_validator("max_cpu_loras")
     @classmethod

@@ -116,13 +116,11 @@ class ServeConfig(_Strict):
         return keys
 
     def engine_config(self) -> EngineConfig:
-        quantization = None if self.quantization == "none" else self.quantization
-        return self.engine.model_copy(
-            update={
-                "base_model": self.base_model,
-                "quantization": quantization,
-                "tracking_uri": self.tracking_uri,
-            }
+        return EngineConfig(
+            **self.engine.model_dump(exclude_unset=True),
+            base_model=self.base_model,
+            quantization=self.quantization,
+            tracking_uri=self.tracking_uri,
         )
 
 

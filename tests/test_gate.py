@@ -245,7 +245,7 @@ def _gate_through_a_server(smollm2, tracking_uri: str, gate: str, output):
     method = load_config(TRAIN_CONFIG).quantization.method  # as the gate's own engine
     llm = LLM(
         base_model=str(smollm2.path),
-        quantization=None if method == "none" else method,
+        quantization=method,
         tracking_uri=tracking_uri,
     )
     engine = AsyncLLM(llm.engine)
@@ -632,3 +632,24 @@ def test_the_champion_gated_again_is_compared_with_the_base_not_with_itself(
     monkeypatch.setattr(QualityGate, "measure", lambda self: report)
     gate.run(tmp_path, promote=True)  # promoting the champion is no replacement: allowed
     assert registry.get(parse_ref("country-facts@champion")).version == 1
+
+
+def test_the_gate_measures_the_base_quantized_as_its_train_config_trained_it(registry, monkeypatch):
+    import serve.llm
+    from eval.gate import QualityGate
+
+    _register_trained(registry, _trained_hash())
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    single = gate.train.quantization.model_copy(update={"double_quant": False})
+    gate.train = gate.train.model_copy(update={"quantization": single})
+    built = []
+
+    def engine(config):
+        built.append(config)
+        raise RuntimeError("stop before loading the model")
+
+    monkeypatch.setattr(serve.llm, "LLMEngine", engine)
+    with pytest.raises(RuntimeError, match="stop before"):
+        gate._models()
+    assert (built[0].quantization, built[0].double_quant) == ("nf4", False)
