@@ -181,7 +181,9 @@ class AdapterRegistry:
         if ref.alias is not None:
             try:
                 return _version(self.client.get_model_version_by_alias(ref.name, ref.alias))
-            except MlflowException:
+            except MlflowException as e:
+                if not _is_missing(e):
+                    raise
                 known = sorted(self.client.get_registered_model(ref.name).aliases or {})
                 raise NotFoundError(
                     f"adapter {ref.name!r} has no alias {ref.alias!r} (aliases: {_names(known)})"
@@ -292,7 +294,9 @@ class AdapterRegistry:
 
         try:
             self.client.get_registered_model(name)
-        except MlflowException:
+        except MlflowException as e:
+            if not _is_missing(e):
+                raise
             return False
         return True
 
@@ -303,6 +307,12 @@ class AdapterRegistry:
                 f"no registered adapter named {name!r} in {self.tracking_uri} "
                 f"(registered: {_names(known)})"
             )
+
+
+def _is_missing(error) -> bool:
+    """MLflow's "not found" (a missing alias is an invalid parameter to it), as opposed to a
+    store that failed to answer (a timeout, a 5xx): that must not read as a missing adapter."""
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 # A download folder untouched this long belongs to a process killed mid-way (`finally` never

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from registry.errors import AdapterError, BaseMismatchError, NotFoundError, UsageError
+from registry.errors import (
+    AdapterError,
+    BaseMismatchError,
+    NotFoundError,
+    UnknownAdapterError,
+    UsageError,
+)
 from registry.lineage import Lineage
 from registry.refs import AdapterRef, parse_ref
 from registry.resolve import resolve_adapter
@@ -85,6 +91,11 @@ def test_register_promote_download_on_a_real_mlflow_server(
     assert result.returncode == 0, result.stderr
     assert "facts" in result.stdout
     assert "champion→2" in result.stdout
+    # The server says "not found" as the SQLite store does, and it is told apart from a failure.
+    with pytest.raises(UnknownAdapterError, match="no registered adapter named 'other'"):
+        registry.get(parse_ref("other"))
+    with pytest.raises(NotFoundError, match="has no alias 'staging'"):
+        registry.get(parse_ref("facts@staging"))
 
 
 def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path, monkeypatch):
@@ -294,3 +305,26 @@ def test_a_database_uri_whose_driver_is_missing_is_a_usage_error_without_its_pas
     with pytest.raises(UsageError, match=f"needs the database driver '{driver}'") as refused:
         AdapterRegistry(uri, registry.home)
     assert "secret" not in str(refused.value)
+
+
+def test_a_store_that_fails_to_answer_is_its_error_not_an_unknown_adapter(
+    registry, adapters, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    register_folder(registry, adapters[1], "facts")
+    registry.promote("facts", 1)
+    unavailable = MlflowException("503 from the tracking server", "TEMPORARILY_UNAVAILABLE")
+
+    def fails(*args):
+        raise unavailable
+
+    for method in ("get_registered_model", "get_model_version_by_alias"):
+        with monkeypatch.context() as patch:
+            patch.setattr(registry.client, method, fails)
+            with pytest.raises(MlflowException, match="503 from the tracking server"):
+                registry.get(parse_ref("facts@champion"))
+    with pytest.raises(UnknownAdapterError, match="no registered adapter named 'other'"):
+        registry.get(parse_ref("other"))
+    with pytest.raises(NotFoundError, match="has no alias 'staging'"):
+        registry.get(parse_ref("facts@staging"))
