@@ -84,6 +84,7 @@ def write_random_adapters(
 
 def workload(tokenizer, n: int, n_adapters: int, max_output: int, seed: int = 0):
     """Prompts (token ids), output lengths (log-normal, median ~24) and adapter per request."""
+    from serve.prompts import chat_prompt_ids
     from train.demo_data import construction_faq, country_facts
 
     questions = [r["instruction"] for r in construction_faq()]
@@ -91,12 +92,8 @@ def workload(tokenizer, n: int, n_adapters: int, max_output: int, seed: int = 0)
     rng = random.Random(seed)
     prompts, lengths, adapters = [], [], []
     for i in range(n):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": rng.choice(questions)}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        question = [{"role": "user", "content": rng.choice(questions)}]
+        prompts.append(chat_prompt_ids(tokenizer, question))
         lengths.append(max(4, min(max_output, round(rng.lognormvariate(math.log(24), 0.9)))))
         adapters.append(i % n_adapters)
     return prompts, lengths, adapters

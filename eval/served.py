@@ -12,6 +12,7 @@ import asyncio
 
 from registry.errors import UsageError
 from registry.store import AdapterVersion
+from serve.prompts import text_prompt_ids
 
 
 class ServedModels:
@@ -92,7 +93,7 @@ class ServedModels:
     async def _check_versions(self, client) -> None:
         """Refuse a server on another registry: what it loads under each reference must be
         the version the gate's registry holds (its number and the hash of its data)."""
-        prompt = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        prompt = text_prompt_ids(self.tokenizer, "a")
         for role, ref in self.served.items():
             await client.completions.create(model=ref, prompt=prompt, max_tokens=1)  # loads it
             entry = (await client.models.retrieve(ref)).model_dump()

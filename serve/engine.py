@@ -38,6 +38,7 @@ from serve.lora_slots import LoraSlots
 from serve.model_runner import ModelRunner
 from serve.output_processor import OutputProcessor
 from serve.outputs import RequestOutput, RequestState
+from serve.prompts import text_prompt_ids
 from serve.sampler import Sampler
 from serve.sampling_params import SamplingParams
 from serve.scheduler import Scheduler, SchedulerOutput
@@ -221,7 +222,7 @@ class LLMEngine:
             raise UsageError(f"request id {request_id!r} is already in use")
         uid = self.catalog.uid_of(adapter, adapter_uid)
         if isinstance(prompt, str):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt_ids = text_prompt_ids(self.tokenizer, prompt)
         else:
             try:  # token ids: ints (numpy's too), never floats or strings
                 prompt_ids = [operator.index(t) for t in prompt]

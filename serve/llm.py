@@ -9,6 +9,7 @@ from serve.adapter_catalog import AdapterInfo
 from serve.config import EngineConfig
 from serve.engine import LLMEngine
 from serve.outputs import RequestOutput
+from serve.prompts import chat_prompt_ids
 from serve.sampling_params import SamplingParams
 
 
@@ -66,10 +67,7 @@ class LLM:
         return self.generate(prompts, sampling_params, adapters, use_tqdm)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
+from serve.prompts import chat_prompt_ids, text_prompt_ids
 from serve.protocol import InvalidField
 
 # Text prompts are refused past this many characters per token of the context length, before
@@ -31,15 +32,12 @@ class PromptReader:
     def chat(self, messages: list[dict]) -> list[int]:
         """Messages through the base model's chat template, ready for the answer."""
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            return chat_prompt_ids(self.tokenizer, messages)
         except TemplateError as error:  # the template's raise_exception: roles, order
             raise InvalidField("messages", f"the chat template refused them: {error}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]  # as add_request
+        return text_prompt_ids(self.tokenizer, prompt)
 
     def max_tokens_for(self, body, prompt_tokens: int, field: str) -> int:
         """The request's `max_tokens` for one prompt: refused (as vLLM and OpenAI do) if it
