@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serve import LLM, SamplingParams
-from train.data import IGNORE_INDEX, encode
+from train.data import IGNORE_INDEX, encode, has_target
 
 
 class Models(Protocol):
@@ -66,7 +66,7 @@ def answer_likelihoods(
     training loss, only tokens labelled as answer count.
     """
     examples = [encode(r, fmt, models.tokenizer, max_length) for r in records]
-    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"][1:])]
+    examples = [e for e in examples if has_target(e["labels"])]  # as training keeps them
     prompts = [e["input_ids"] for e in examples] * len(names)
     per_prompt = [n for n in names for _ in examples]
     scored = models.prompt_logprobs(prompts, per_prompt)
