@@ -16,7 +16,7 @@ from functools import partial
 
 from bench.gpu_model import SHAPES
 from bench.timing import median_time, sync
-from serve.llama import LORA_MODULES, ModelShape
+from serve.llama import FUSED_GROUPS, LORA_MODULES, ModelShape
 
 
 def section_kernels(cfg, args, results) -> None:
@@ -146,7 +146,7 @@ def section_matmul(cfg, args, results) -> None:
     from serve.linear import Linear4bit, PackedLinear4bit
 
     weights, dtype = _layer_weights(cfg, args)
-    groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    groups = FUSED_GROUPS
     bnb = {m: Linear4bit(w, None, "nf4", True, dtype) for m, w in weights.items()}
     fused = {
         g: PackedLinear4bit([weights[m] for m in g], [None] * len(g), "nf4", True, dtype)

@@ -32,6 +32,8 @@ EMBEDDED_MODELS = {
     ),
 }
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# A Llama-family layer's linear modules: what an adapter may target, in training and serving
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from registry.errors import AdapterError
-from serve.llama import LORA_MODULES, PARENT_OF, ModelShape
+from serve.llama import FUSED_GROUPS, LORA_MODULES, PARENT_OF, ModelShape
 from serve.lora_ops import LoraBatch, lora_gathered, lora_gathered_shared, lora_segments
 
 # Modules that read the same input: their A live stacked along the rank, so that one shrink
 # matmul serves them all (`lora_gathered_shared`); each module's A is a view of its rows.
-SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+SHARED_INPUT = tuple(group for group in FUSED_GROUPS if len(group) > 1)
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from registry.base_model import LORA_MODULES
 from registry.errors import UsageError
 from serve.attention import paged_attention
 from serve.linear import (
@@ -27,7 +28,6 @@ from serve.linear import (
 )
 
 SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARENT_OF = {m: "self_attn" for m in LORA_MODULES[:4]} | {m: "mlp" for m in LORA_MODULES[4:]}
 
 
@@ -123,8 +123,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-# Modules that read the same input, computed as one matmul when the weights are dense.
-_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# The layer's modules by the input they read, in the order the forward pass runs them: one
+# matmul per group when the weights are dense, one LoRA shrink per group in the adapter pool.
+QKV, OUT, GATE_UP, DOWN = FUSED_GROUPS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)
 
 
 class Layer:
@@ -185,7 +191,9 @@ class LlamaModel:
         packed_kernel = (
             packed
             and use_triton
-            and all(stackable([self.shape.lora_dims(m)[::-1] for m in group]) for group in _FUSED)
+            and all(
+                stackable([self.shape.lora_dims(m)[::-1] for m in group]) for group in FUSED_GROUPS
+            )
         )
 
         def linear_group(prefix: str, modules: tuple[str, ...]):
@@ -206,7 +214,7 @@ class LlamaModel:
                 return Linear4bit(weight, bias, quantization, double_quant, dtype)
             return DenseLinear(torch.cat(weights), stacked_bias(weights, biases))
 
-        groups = [(m,) for m in LORA_MODULES] if packed and not packed_kernel else _FUSED
+        groups = [(m,) for m in LORA_MODULES] if packed and not packed_kernel else FUSED_GROUPS
 
         s = self.shape
         self.embed = take("embed_tokens.weight")  # [vocab, hidden]
@@ -259,7 +267,7 @@ class LlamaModel:
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            q, k, v = self._proj(layer, i, ("q_proj", "k_proj", "v_proj"), h, lora, ctx)
+            q, k, v = self._proj(layer, i, QKV, h, lora, ctx)
             if layer.qk_norms is not None:
                 q_norm, k_norm = layer.qk_norms
                 q = rms_norm(q.view(n, s.num_heads, s.head_dim), q_norm, s.rms_norm_eps)
@@ -273,11 +281,11 @@ class LlamaModel:
             attn = self.attention(
                 q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
             )
-            [o] = self._proj(layer, i, ("o_proj",), attn.reshape(n, -1), lora, ctx)
+            [o] = self._proj(layer, i, OUT, attn.reshape(n, -1), lora, ctx)
             x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate, up = self._proj(layer, i, ("gate_proj", "up_proj"), h, lora, ctx)
-            [down] = self._proj(layer, i, ("down_proj",), F.silu(gate) * up, lora, ctx)
+            gate, up = self._proj(layer, i, GATE_UP, h, lora, ctx)
+            [down] = self._proj(layer, i, DOWN, F.silu(gate) * up, lora, ctx)
             x = x + down
         return rms_norm(x, self.norm, s.rms_norm_eps)
 

@@ -16,12 +16,10 @@ from pydantic import (
     field_validator,
 )
 
-from registry.base_model import DEFAULT_BASE_MODEL
+from registry.base_model import DEFAULT_BASE_MODEL, LORA_MODULES
 from registry.config_file import read_config, relative_to_file
 from registry.errors import ConfigError
 from registry.refs import check_name
-
-_LINEAR_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def _fraction_or_count(value: float) -> float:
@@ -79,8 +77,8 @@ class LoraSettings(_Strict):
     @classmethod
     def _known_modules(cls, modules):
         names = [modules] if isinstance(modules, str) else modules
-        if modules != "all-linear" and (not names or set(names) - _LINEAR_MODULES):
-            raise ValueError(f"choose 'all-linear' or a list from {sorted(_LINEAR_MODULES)}")
+        if modules != "all-linear" and (not names or set(names) - set(LORA_MODULES)):
+            raise ValueError(f"choose 'all-linear' or a list from {sorted(LORA_MODULES)}")
         # peft reads any other string as a regex that must match a module's whole path.
         return modules if modules == "all-linear" else names
 
