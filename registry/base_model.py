@@ -55,9 +55,10 @@ def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         known = ", ".join(EMBEDDED_MODELS)
+        hint = "" if "/" in spec else f" (a folder is written with a '/': './{spec}')"
         raise UsageError(
             f"base_model: {spec!r} is neither an embedded model ({known}) "
-            "nor a folder with a Hugging Face config.json"
+            f"nor a folder with a Hugging Face config.json{hint}"
         )
     return BaseModel(spec, path.resolve(), fingerprint(path, home))
 

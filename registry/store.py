@@ -162,9 +162,7 @@ class AdapterRegistry:
                 return
 
     def versions(self, name: str) -> list[AdapterVersion]:
-        self._require(name)
-        found = self.client.search_model_versions(f"name = '{name}'")
-        return sorted((_version(v) for v in found), key=lambda v: v.version)
+        return self._versions(self._registered(name))
 
     def run_params(self, version: AdapterVersion) -> dict[str, str]:
         """The params of the run that trained `version` (its resolved config, flattened); empty
@@ -175,29 +173,26 @@ class AdapterRegistry:
 
     def get(self, ref: AdapterRef) -> AdapterVersion:
         """The version a reference points at; NotFoundError names what is missing."""
-        from mlflow.exceptions import MlflowException
-
-        self._require(ref.name)
+        model = self._registered(ref.name)
+        number = ref.version
         if ref.alias is not None:
-            try:
-                return _version(self.client.get_model_version_by_alias(ref.name, ref.alias))
-            except MlflowException as e:
-                if not _is_missing(e):
-                    raise
-                known = sorted(self.client.get_registered_model(ref.name).aliases or {})
+            aliases = model.aliases or {}
+            if ref.alias not in aliases:
                 raise NotFoundError(
-                    f"adapter {ref.name!r} has no alias {ref.alias!r} (aliases: {_names(known)})"
-                ) from None
-        versions = self.versions(ref.name)
+                    f"adapter {ref.name!r} has no alias {ref.alias!r} "
+                    f"(aliases: {_names(sorted(aliases))})"
+                )
+            number = int(aliases[ref.alias])
+        versions = self._versions(model)
         if not versions:
             raise NotFoundError(f"adapter {ref.name!r} has no versions yet")
-        if ref.version is None:
+        if number is None:
             return versions[-1]
         for version in versions:
-            if version.version == ref.version:
+            if version.version == number:
                 return version
         raise NotFoundError(
-            f"adapter {ref.name!r} has no version {ref.version} "
+            f"adapter {ref.name!r} has no version {number} "
             f"(versions: {', '.join(str(v.version) for v in versions)})"
         )
 
@@ -300,13 +295,29 @@ class AdapterRegistry:
             return False
         return True
 
-    def _require(self, name: str) -> None:
-        if not self._exists(name):
-            known = [a.name for a in self.list()]
-            raise UnknownAdapterError(
-                f"no registered adapter named {name!r} in {self.tracking_uri} "
-                f"(registered: {_names(known)})"
-            )
+    def _registered(self, name: str):
+        """MLflow's registered model `name`; UnknownAdapterError naming those there are."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException as e:
+            if not _is_missing(e):
+                raise
+        known = [a.name for a in self.list()]
+        raise UnknownAdapterError(
+            f"no registered adapter named {name!r} in {self.tracking_uri} "
+            f"(registered: {_names(known)})"
+        )
+
+    def _versions(self, model) -> list[AdapterVersion]:
+        """Its versions, oldest first, with their aliases: MLflow's search leaves them out."""
+        held: dict[int, list[str]] = {}
+        for alias, number in (model.aliases or {}).items():
+            held.setdefault(int(number), []).append(alias)
+        found = self.client.search_model_versions(f"name = '{model.name}'")
+        versions = (_version(v, held.get(int(v.version), [])) for v in found)
+        return sorted(versions, key=lambda v: v.version)
 
 
 def _is_missing(error) -> bool:
@@ -330,13 +341,13 @@ def _remove_abandoned_downloads(folder: Path) -> None:
             pass
 
 
-def _version(v) -> AdapterVersion:
+def _version(v, aliases: list[str]) -> AdapterVersion:
     return AdapterVersion(
         name=v.name,
         version=int(v.version),
         source=v.source,
         run_id=v.run_id,
-        aliases=list(v.aliases or []),
+        aliases=sorted(aliases),
         tags=dict(v.tags or {}),
         created=(v.creation_timestamp or 0) / 1000,
     )

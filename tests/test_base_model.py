@@ -59,8 +59,11 @@ def test_fingerprint_is_stable_cached_and_tracks_weights(tiny_base, home, tmp_pa
 def test_unknown_base_model_is_refused(home, tmp_path):
     with pytest.raises(UsageError, match=r"base_model: .*neither an embedded model"):
         resolve_base_model(str(tmp_path), home)
-    with pytest.raises(UsageError, match="neither an embedded model"):
-        resolve_base_model("smollm3-huge", home)
+    with pytest.raises(UsageError, match=r"neither an embedded model.*'\./smollm3-huge'"):
+        resolve_base_model("smollm3-huge", home)  # a bare word: a folder needs its '/'
+    with pytest.raises(UsageError) as folder:
+        resolve_base_model(str(tmp_path), home)
+    assert "written with a '/'" not in str(folder.value)
 
 
 def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tmp_path):

@@ -625,9 +625,10 @@ def test_the_champion_gated_again_is_compared_with_the_base_not_with_itself(
     _register_trained(registry, _trained_hash())
     registry.promote("country-facts", 1)
     config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
-    gate = QualityGate(config, "country-facts@champion", tracking_uri=registry.tracking_uri)
-    assert gate.baseline is None  # its gain over itself is 0 whatever it is: no check at all
-    assert gate._baseline_label() == "base (the candidate is the champion)"
+    for ref in ("country-facts/1", "country-facts@champion"):
+        gate = QualityGate(config, ref, tracking_uri=registry.tracking_uri)
+        assert gate.baseline is None  # its gain over itself is 0 whatever it is: no check at all
+        assert gate._baseline_label() == "base (the candidate is the champion)", ref
     report = GateReport("country-facts", "country-facts/1", "base", "b", "here", 0, 0, {}, [])
     monkeypatch.setattr(QualityGate, "measure", lambda self: report)
     gate.run(tmp_path, promote=True)  # promoting the champion is no replacement: allowed

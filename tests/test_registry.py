@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import time
 
@@ -319,7 +320,7 @@ def test_a_store_that_fails_to_answer_is_its_error_not_an_unknown_adapter(
     def fails(*args):
         raise unavailable
 
-    for method in ("get_registered_model", "get_model_version_by_alias"):
+    for method in ("get_registered_model", "search_model_versions"):
         with monkeypatch.context() as patch:
             patch.setattr(registry.client, method, fails)
             with pytest.raises(MlflowException, match="503 from the tracking server"):
@@ -328,3 +329,17 @@ def test_a_store_that_fails_to_answer_is_its_error_not_an_unknown_adapter(
         registry.get(parse_ref("other"))
     with pytest.raises(NotFoundError, match="has no alias 'staging'"):
         registry.get(parse_ref("facts@staging"))
+
+
+def test_a_version_got_by_number_name_or_alias_carries_its_aliases(registry, adapters):
+    for _ in range(2):
+        register_folder(registry, adapters[1], "facts")
+    registry.promote("facts", 1)
+    registry.promote("facts", 1, "stable")
+    registry.promote("facts", 2, "canary")
+    for ref in ("facts/1", "facts@champion", "facts@stable"):
+        assert registry.get(parse_ref(ref)).aliases == ["champion", "stable"], ref
+    assert registry.get(parse_ref("facts")).aliases == ["canary"]  # the latest, 2
+    assert [v.aliases for v in registry.versions("facts")] == [["champion", "stable"], ["canary"]]
+    shown = run_cli("registry", "show", "facts/1", "--tracking-uri", registry.tracking_uri)
+    assert re.search(r"aliases\s*│\s*champion, stable", shown.stdout), shown.stdout + shown.stderr
