@@ -45,7 +45,7 @@ def gate(
     ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Judge a candidate adapter against its champion and the base; exit 1 on regression."""
+    """Judge a candidate adapter against its champion and the base; exit 1 if it fails."""
     from registry.home import setup_environment
 
     try:

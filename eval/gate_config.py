@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from registry.config_file import read_config, relative_to_file
 from registry.errors import ConfigError
@@ -32,33 +32,33 @@ JUDGED = {"faithfulness", "answer_relevancy"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MetricRule(_Strict):
     # A NaN bound compares false with everything, so it would silently never fail.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+
+class MetricRule(_Strict):
     floor: float | None = None  # the candidate fails below it (metrics where higher is better)
     ceiling: float | None = None  # the candidate fails above it (perplexity)
     tolerance: float = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
 
 
 class EvalSetConfig(_Strict):
-    max_samples: int = Field(32, ge=2)  # test examples used; time grows linearly with it
+    max_samples: StrictInt = Field(32, ge=2)  # test examples used; time grows linearly with it
     context_field: str | None = None  # column with each record's passage; None: its answer
-    top_k: int = Field(2, ge=1, le=20)  # passages retrieved per question for the context metrics
+    top_k: StrictInt = Field(
+        2, ge=1, le=20
+    )  # passages retrieved per question for the context metrics
 
 
 class GenerationConfig(_Strict):
-    max_tokens: int = Field(64, ge=1)
-    max_loras: int = Field(4, ge=1)
+    max_tokens: StrictInt = Field(64, ge=1)
+    max_loras: StrictInt = Field(4, ge=1)
 
 
 class BootstrapConfig(_Strict):
-    resamples: int = Field(2000, ge=100)
+    resamples: StrictInt = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    seed: int = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0)
 
 
 class JudgeConfig(_Strict):

@@ -508,6 +508,11 @@ def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(
         ),
         ("metrics: {chrf: {ceiling: 2}}", "  metrics: chrf: higher is better"),
         ("metrics: {answer_relevancy: {}}", "  metrics: ['answer_relevancy'] are LLM"),
+        # ints are strict, as in the train and serve configs: true is no 1, 8.0 no 8
+        ("metrics: {rouge_l: {}}\neval_set: {top_k: true}", "  eval_set.top_k: Input should"),
+        ("metrics: {rouge_l: {}}\neval_set: {max_samples: 8.0}", "  eval_set.max_samples: "),
+        ("metrics: {rouge_l: {}}\nbootstrap: {seed: true}", "  bootstrap.seed: Input should"),
+        ("metrics: {rouge_l: {}}\nbootstrap: {confidence: .nan}", "  bootstrap.confidence: "),
     ],
 )
 def test_gate_config_errors_name_their_key_and_refuse_bounds_that_cannot_work(tmp_path, body, line):

@@ -32,7 +32,7 @@ def construction_faq() -> list[dict]:
 
 
 def country_facts() -> list[dict]:
-    """Short factual answers about 250 countries (countryinfo, MIT), chat shape with a context."""
+    """Short factual answers about 239 countries (countryinfo, MIT), chat shape with a context."""
     from countryinfo import all_countries
 
     countries = {c.name(): c for c in all_countries()}
