@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from registry.errors import UsageError
 from serve.response_format import ResponseFormat
-from serve.sampling_params import SamplingParams
+from serve.sampling_params import (
+    MAX_LOGPROBS,
+    PENALTY_RANGE,
+    REPETITION_RANGE,
+    SEED_RANGE,
+    SamplingParams,
+)
 
 
 class JsonSchemaSpec(BaseModel):
@@ -60,10 +66,10 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # beyond, logits overflow
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: float = Field(1.0, ge=REPETITION_RANGE[0], le=REPETITION_RANGE[1])
     ignore_eos: bool = False
     response_format: ResponseFormatSpec | None = None
     logit_bias: dict[str, float] | None = None  # token id -> added to its logit, in [-100, 100]
@@ -177,7 +183,7 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's logprob
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # and its n likeliest alternatives
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # and its n likeliest ones
     # Function calling would change what the answer is: refused, never silently ignored.
     tools: list | None = None
     tool_choice: str | dict | None = None
@@ -212,7 +218,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
-    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: only its own
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per token; 0: only its own
     echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
     suffix: str | None = None  # insertion: not served, refused if given
     best_of: int | None = None  # server-side ranking of choices: not served beyond `n`

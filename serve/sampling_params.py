@@ -9,6 +9,11 @@ from registry.errors import UsageError
 from serve.response_format import ResponseFormat
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+# Bounds (inclusive) the engine takes; the server's request models take the same
+PENALTY_RANGE = (-2, 2)  # frequency and presence penalties, OpenAI's range
+REPETITION_RANGE = (0.01, 100)  # beyond, logits overflow
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,24 +74,15 @@ class SamplingParams:
             0 <= self.top_k < 2**31, "top_k", "must be in [0, 2**31) (0 disables it)", self.top_k
         )
         for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            _check(-2 <= value <= 2, name, "must be in [-2, 2]", value)
-        _check(
-            0.01 <= self.repetition_penalty <= 100,  # the server's range: beyond, logits overflow
-            "repetition_penalty",
-            "must be in [0.01, 100]",
-            self.repetition_penalty,
-        )
-        _check(
-            self.seed is None or -(2**63) <= self.seed <= 2**64 - 1,
-            "seed",
-            "must be in [-2**63, 2**64) (what torch.manual_seed takes)",
-            self.seed,
-        )
+            _in_range(getattr(self, name), PENALTY_RANGE, name)
+        _in_range(self.repetition_penalty, REPETITION_RANGE, "repetition_penalty")
+        if self.seed is not None:
+            shown = "[-2**63, 2**64) (what torch.manual_seed takes)"
+            _in_range(self.seed, SEED_RANGE, "seed", shown)
         _check("" not in self.stop, "stop", "must not hold an empty string", self.stop)
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            _check(value is None or 0 <= value <= 20, name, "must be in [0, 20]", value)
+            if getattr(self, name) is not None:
+                _in_range(getattr(self, name), (0, MAX_LOGPROBS), name)
 
     @property
     def greedy(self) -> bool:
@@ -123,6 +119,11 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
         _check(-100 <= amount <= 100, "logit_bias", "values must be in [-100, 100]", amount)
         bias.append((int(token), float(amount)))
     return tuple(sorted(bias))
+
+
+def _in_range(value, bounds: tuple, name: str, shown: str | None = None) -> None:
+    low, high = bounds
+    _check(low <= value <= high, name, f"must be in {shown or f'[{low}, {high}]'}", value)
 
 
 def _check(ok: bool, name: str, rule: str, value) -> None:
