@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+BLOCKSIZE = 64  # weights per absmax, as the trainer's BitsAndBytesConfig quantizes
+
 # oneDNN's linear (the op torch.compile emits on CPU). torch sends fp32 F.linear to MKL, whose
 # sgemm runs 1.1-1.7x slower than oneDNN's at the 8-256 rows of a serving step on this AMD CPU,
 # and bf16 to a plain mm that oneDNN beats too, on CPUs with bf16 instructions
@@ -126,7 +128,7 @@ def stackable(shapes: list[tuple[int, int]]) -> bool:
     return (
         in_features % 2 == 0
         and all(n == in_features for _, n in shapes)
-        and all(out * n % 64 == 0 for out, n in shapes[:-1])
+        and all(out * n % BLOCKSIZE == 0 for out, n in shapes[:-1])
     )
 
 
@@ -136,7 +138,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
 
     return bnbf.quantize_4bit(
         weight.contiguous(),
-        blocksize=64,
+        blocksize=BLOCKSIZE,
         compress_statistics=double_quant,
         quant_type=quant_type,
         quant_storage=torch.uint8,

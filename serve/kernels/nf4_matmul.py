@@ -27,7 +27,8 @@ import triton.language as tl
 
 from serve.kernels import dot_precision, power_of_2_at_most
 
-BLOCKSIZE = 64  # weights per absmax, as the trainer's BitsAndBytesConfig quantizes
+# The kernels read one absmax per 64 weights (serve.linear.BLOCKSIZE, the trainer's setting)
+# as a literal: a constant folded into the index arithmetic.
 
 
 # M, the step's token count, changes from step to step: specializing on it (== 1, divisible
