@@ -252,11 +252,14 @@ class LlamaModel:
 
             self.attention = paged_attention_triton
 
-    def forward(self, input_ids: torch.Tensor, ctx, kv_cache: torch.Tensor, lora) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, ctx, kv_cache: torch.Tensor, adapters
+    ) -> torch.Tensor:
         """Hidden states of every token of the step: [num_tokens, hidden].
 
-        input_ids: [num_tokens]; ctx: ForwardContext; kv_cache: [layers, 2, slots, kv_heads,
-        head_dim]; lora: AdapterPool or None.
+        input_ids: [num_tokens]; ctx: ForwardContext (its `lora`: the step's LoraBatch, None
+        when no token has an adapter); kv_cache: [layers, 2, slots, kv_heads, head_dim];
+        adapters: the AdapterPool whose slots `ctx.lora` indexes.
         """
         s = self.shape
         n = input_ids.shape[0]
@@ -267,7 +270,7 @@ class LlamaModel:
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
-            q, k, v = self._proj(layer, i, QKV, h, lora, ctx)
+            q, k, v = self._proj(layer, i, QKV, h, adapters, ctx)
             if layer.qk_norms is not None:
                 q_norm, k_norm = layer.qk_norms
                 q = rms_norm(q.view(n, s.num_heads, s.head_dim), q_norm, s.rms_norm_eps)
@@ -281,11 +284,11 @@ class LlamaModel:
             attn = self.attention(
                 q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx.attention, self.scale
             )
-            [o] = self._proj(layer, i, OUT, attn.reshape(n, -1), lora, ctx)
+            [o] = self._proj(layer, i, OUT, attn.reshape(n, -1), adapters, ctx)
             x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate, up = self._proj(layer, i, GATE_UP, h, lora, ctx)
-            [down] = self._proj(layer, i, DOWN, F.silu(gate) * up, lora, ctx)
+            gate, up = self._proj(layer, i, GATE_UP, h, adapters, ctx)
+            [down] = self._proj(layer, i, DOWN, F.silu(gate) * up, adapters, ctx)
             x = x + down
         return rms_norm(x, self.norm, s.rms_norm_eps)
 
@@ -293,12 +296,12 @@ class LlamaModel:
         """[rows, hidden] -> [rows, vocab] in fp32."""
         return linear(hidden, self.lm_head).float()
 
-    def _proj(self, layer, i, modules, x, lora, ctx) -> list[torch.Tensor]:
+    def _proj(self, layer, i, modules, x, adapters, ctx) -> list[torch.Tensor]:
         """Base projections of `modules` (all reading x), each plus its LoRA delta in place."""
         outs = []
         for group in dict.fromkeys(layer.group_of[m] for m in modules):
             y = layer.linears[group](x)
             outs += list(y.split(layer.widths[group], dim=-1)) if len(group) > 1 else [y]
-        if lora is not None and ctx.lora is not None:
-            lora.apply_modules(outs, x, i, modules, ctx.lora)
+        if ctx.lora is not None:
+            adapters.apply_modules(outs, x, i, modules, ctx.lora)
         return outs

@@ -53,7 +53,7 @@ class ModelRunner:
         self,
         model: LlamaModel,
         block_size: int,
-        pool: AdapterPool | None,
+        pool: AdapterPool,
         sampler: Sampler,
         *,
         cuda_graphs: bool = False,
@@ -95,7 +95,7 @@ class ModelRunner:
             )
             if self.graphs.capture:
                 t0 = time.perf_counter()
-                self.graphs.capture_all(with_lora=self.pool is not None)
+                self.graphs.capture_all(with_lora=True)
                 log.info(
                     "captured %d decode CUDA graphs in %.1f s",
                     len(self.graphs.steps),
@@ -123,9 +123,8 @@ class ModelRunner:
         # Adapter copies are queued last before the forward: the inputs' copies from pageable
         # memory would make the host wait for them (milliseconds) before launching anything.
         if self.graphs is not None and self.graphs.fits(new):
-            lora_slots = plan.lora_slots if self.pool is not None else None
             tables = [s.block_table for s in seqs]
-            prepared = self.graphs.prepare(ids, tables, computed, lora_slots)
+            prepared = self.graphs.prepare(ids, tables, computed, plan.lora_slots)
             self._load_slots(plan)
             hidden = self.graphs.replay(*prepared)
         else:
@@ -183,9 +182,7 @@ class ModelRunner:
             device,
             padded_groups=not kernels,
         )
-        lora = None
-        if self.pool is not None:
-            lora = LoraBatch.build(plan.lora_slots, new, device, kernel=kernels)
+        lora = LoraBatch.build(plan.lora_slots, new, device, kernel=kernels)
         return torch.tensor(ids, device=device), attention, lora
 
     def _prompt_logprobs(self, plan, computed, hidden) -> list[list[tuple[int, TokenLogprobs]]]:
