@@ -91,12 +91,12 @@ class QualityGate:
             samples = build_eval_set(
                 splits, records, settings.context_field, settings.top_k, scorer.embed
             )
-        served, models = self._models()
+        models, roles = self._models()
         measured: dict[str, dict[str | None, Samples]] = {}
         if "perplexity" in self.config.metrics:
-            measured["perplexity"] = self._perplexity(served, models, records, splits.format)
+            measured["perplexity"] = self._perplexity(models, roles, records, splits.format)
         if ragas:
-            measured |= self._ragas(served, models, samples, scorer, ragas)
+            measured |= self._ragas(models, roles, samples, scorer, ragas)
         verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]
         ppl = measured.get("perplexity")
         return GateReport(
@@ -143,23 +143,24 @@ class QualityGate:
             llm.load_adapter(BASELINE, _ref(self.baseline))
         return EngineModels(llm), roles
 
-    def _perplexity(self, served, models, records, fmt: str) -> dict[str | None, Samples]:
-        nll = answer_likelihoods(served, records, fmt, self.train.data.max_seq_length, models)
+    def _perplexity(self, models, roles, records, fmt: str) -> dict[str | None, Samples]:
+        nll = answer_likelihoods(models, records, fmt, self.train.data.max_seq_length, roles)
         return {
-            m: Samples(_array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True)
-            for m, v in nll.items()
+            role: Samples(_array([x.nll for x in v]), _array([x.tokens for x in v]), exponent=True)
+            for role, v in nll.items()
         }
 
-    def _ragas(self, served, models, samples, scorer, metrics) -> dict[str, dict]:
+    def _ragas(self, models, roles, samples, scorer, metrics) -> dict[str, dict]:
         from tqdm import tqdm
 
         conversations = [s.messages for s in samples]
-        answered = answers(served, conversations, self.config.generation.max_tokens, models)
+        answered = answers(models, conversations, self.config.generation.max_tokens, roles)
         measured: dict[str, dict[str | None, Samples]] = {metric: {} for metric in metrics}
-        with tqdm(total=len(metrics) * len(models), desc="scoring", unit="metric") as bar:
+        with tqdm(total=len(metrics) * len(roles), desc="scoring", unit="metric") as bar:
             for metric in metrics:
-                for m in models:
-                    measured[metric][m] = Samples.scores(scorer.score(metric, samples, answered[m]))
+                for role in roles:
+                    scores = scorer.score(metric, samples, answered[role])
+                    measured[metric][role] = Samples.scores(scores)
                     bar.update(1)
         return measured
 

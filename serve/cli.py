@@ -1,4 +1,5 @@
-"""`loraplex generate`: a quick try of the engine from the command line."""
+"""`loraplex serve` (the OpenAI-compatible server) and `loraplex generate` (a quick try of the
+engine from the command line)."""
 
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: StrictInt = Field(16, ge=1, le=256)  # tokens per KV block: waste vs table size
-    # KV pool size; the block count and the longest context follow. None: on CUDA, what
-    # gpu_memory_utilization leaves after the weights and the largest step; 1 GB on CPU
+    # KV pool size in GiB (2**30 bytes); the block count and the longest context follow.
+    # None: on CUDA, what gpu_memory_utilization leaves after the weights and the largest
+    # step; 1 GiB on CPU
     kv_cache_memory_gb: float | None = Field(None, gt=0)
     # share of the GPU's memory this engine may fill (KV sizing only): the rest is headroom
     # for CUDA graphs and fragmentation, or room for another process

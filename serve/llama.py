@@ -137,7 +137,7 @@ class Layer:
     def __init__(self, norms, linears, shape: ModelShape, qk_norms=None):
         self.input_norm, self.post_norm = norms  # [hidden] each
         self.qk_norms = qk_norms  # (query, key) norms, [head_dim] each; None: no such norms
-        # module names -> DenseLinear | Linear4bit over their stacked weights
+        # module names -> DenseLinear | Linear4bit | PackedLinear4bit over their stacked weights
         self.linears = linears
         self.group_of = {m: g for g in linears for m in g}
         # output width of each module of a group, to split the stacked output

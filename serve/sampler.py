@@ -1,7 +1,8 @@
 """From the logits of each sequence's last token to its next token, batched over the step.
 
-Rows with a `response_format` first lose the tokens their grammar forbids (greedy and sampled
-rows both obey it); then penalties, then greedy rows by argmax; the others by temperature, top-k,
+`logit_bias` is added first; then rows with a `response_format` lose the tokens their grammar
+forbids (greedy and sampled rows both obey it, whatever the bias); then penalties, then greedy
+rows by argmax; the others by temperature, top-k,
 top-p and a draw from the request's own generator when it set a seed. Log-probabilities are those
 of the model's distribution (before the grammar, penalties and temperature), as OpenAI reports
 them.
