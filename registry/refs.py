@@ -60,8 +60,8 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def check_name(name: str, what: str = "name") -> str:
+def check_name(name: str) -> str:
     """Validate an adapter name (used for configs before anything is trained)."""
     if re.fullmatch(_NAME, name) is None:
-        raise UsageError(f"{what} {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+        raise UsageError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
     return name

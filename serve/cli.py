@@ -31,22 +31,18 @@ def generate(
 
     with user_errors(tracking_uri):
         setup_environment()
-        from registry.errors import UsageError
         from serve import SamplingParams
 
         _check_quantization(quantization)
+        params = SamplingParams(  # a bad value: UsageError naming it, before the model loads
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         _check_adapters([adapter] if adapter else [], tracking_uri)
         llm = _make_llm(base_model, quantization, tracking_uri)
         name = None
         if adapter:
             name = "adapter"
             llm.load_adapter(name, adapter)
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
-            )
-        except ValueError as e:
-            raise UsageError(str(e)) from None
         if raw:
             [output] = llm.generate([prompt], params, adapters=[name])
         else:

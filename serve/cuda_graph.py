@@ -130,7 +130,7 @@ class DecodeGraphs:
     def run(self, ids, block_tables, computed, lora_slots) -> torch.Tensor:
         """Hidden states [len(ids), hidden] of a step computing token ids[i] at position
         computed[i] of sequence i (at most the largest size); lora_slots: each sequence's
-        adapter slot, -1 for none (None: no adapter pool)."""
+        adapter slot, -1 for none (all -1 or None: the graph without LoRA)."""
         return self.replay(*self.prepare(ids, block_tables, computed, lora_slots))
 
     def prepare(self, ids, block_tables, computed, lora_slots) -> tuple[_StaticStep, int]:

@@ -189,9 +189,10 @@ def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loa
         (["serve", "--adapter", "faq=nobody@champion"], "no registered adapter named 'nobody'"),
         (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder"),
         (["generate", "hi", "--adapter", "nobody/3"], "no registered adapter named 'nobody'"),
+        (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1] (got 0.0)"),
     ],
 )
-def test_a_bad_adapter_is_refused_before_the_model_loads(tmp_path, command, message):
+def test_a_bad_adapter_or_setting_is_refused_before_the_model_loads(tmp_path, command, message):
     result = run_cli(*command, env={"LORAPLEX_HOME": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
