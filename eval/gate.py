@@ -51,7 +51,7 @@ class QualityGate:
         differences = self._split_differences(self.candidate, measured)
         if differences:
             raise UsageError(
-                f"--candidate {_ref(self.candidate)} was not trained on the split this gate "
+                f"--candidate {self.candidate.ref} was not trained on the split this gate "
                 f"measures on, so it may have trained on its test records: {differences}"
             )
         differences = self._split_differences(self.baseline, measured) if self.baseline else ""
@@ -59,7 +59,7 @@ class QualityGate:
             # Refusing would block exactly the change that moves the data (the champion was
             # trained on the old one); the reader is told instead.
             self.notes.append(
-                f"baseline {_ref(self.baseline)} was trained on another split than the one "
+                f"baseline {self.baseline.ref} was trained on another split than the one "
                 f"measured here, so it may have seen test records: {differences}"
             )
 
@@ -101,7 +101,7 @@ class QualityGate:
         ppl = measured.get("perplexity")
         return GateReport(
             adapter=self.config.adapter,
-            candidate=f"{self.candidate.name}/{self.candidate.version}",
+            candidate=self.candidate.ref,
             baseline=self._baseline_label(),
             base_model=self.train.base_model,
             measured_on=self.server or "the serving engine, in process",
@@ -138,9 +138,9 @@ class QualityGate:
             max_loras=self.config.generation.max_loras,
             tracking_uri=self.registry.tracking_uri,
         )
-        llm.load_adapter(CANDIDATE, _ref(self.candidate))
+        llm.load_adapter(CANDIDATE, self.candidate.ref)
         if self.baseline is not None:
-            llm.load_adapter(BASELINE, _ref(self.baseline))
+            llm.load_adapter(BASELINE, self.baseline.ref)
         return EngineModels(llm), roles
 
     def _perplexity(self, models, roles, records, fmt: str) -> dict[str | None, Samples]:
@@ -196,8 +196,8 @@ class QualityGate:
         compared = self.candidate if self.baseline is None else self.baseline
         if compared.version != champion.version:
             raise UsageError(
-                f"--promote would replace {_ref(champion)} (@{CHAMPION}) without comparing "
-                f"--candidate {_ref(self.candidate)} with it: drop --baseline to promote"
+                f"--promote would replace {champion.ref} (@{CHAMPION}) without comparing "
+                f"--candidate {self.candidate.ref} with it: drop --baseline to promote"
             )
 
     def _measured_split(self) -> dict[str, str]:
@@ -254,11 +254,7 @@ class QualityGate:
             )
         v = self.baseline
         aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
-        return f"{v.name}/{v.version}{aliases}"
-
-
-def _ref(version: AdapterVersion) -> str:
-    return f"{version.name}/{version.version}"
+        return f"{v.ref}{aliases}"
 
 
 def _array(values: list[float]):

@@ -31,7 +31,7 @@ class ServedModels:
         self.api_key = api_key or "unused"
         self.tokenizer = tokenizer  # the base's, to encode prompts as the server would
         self.versions = served
-        self.served = {role: f"{v.name}/{v.version}" for role, v in served.items()}
+        self.served = {role: v.ref for role, v in served.items()}
         self.concurrency = concurrency
         self._checked = False
 

@@ -64,6 +64,11 @@ class AdapterVersion:
     tags: dict[str, str] = field(default_factory=dict)
     created: float = 0.0  # unix seconds
 
+    @property
+    def ref(self) -> str:
+        """The reference to exactly this version: `name/3`."""
+        return str(AdapterRef(self.name, self.version))
+
 
 @dataclass(frozen=True)
 class RegisteredAdapter:

@@ -62,7 +62,7 @@ class AdapterCatalog:
             home=self.home,
         )
         if resolved.version is not None:
-            uid = f"{resolved.version.name}/{resolved.version.version}"
+            uid = resolved.version.ref
             weights = self.pool.read(resolved.path, uid)
         else:
             # A rewritten folder is another adapter, named by the bytes read: a second look at

@@ -62,4 +62,4 @@ def _print_summary(result) -> None:
     console.print(f"adapter: {result.adapter_dir}\nMLflow run: {result.run_id}")
     # Last and unwrapped (rich wraps at the terminal's width): what scripts read, e.g. the
     # quality-gate workflow, which gates exactly this version.
-    print(f"registered: {result.version.name}/{result.version.version}")
+    print(f"registered: {result.version.ref}")
