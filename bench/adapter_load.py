@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.adapter_pool import AdapterPool, slot_layout
+from serve.adapter_pool import AdapterPool
 from serve.llama import LORA_MODULES, ModelShape
+from serve.lora_weights import slot_layout
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

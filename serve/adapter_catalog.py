@@ -16,8 +16,9 @@ from registry.errors import NotFoundError, UsageError
 from registry.home import Home
 from registry.refs import is_ref
 from registry.resolve import resolve_adapter
-from serve.adapter_pool import AdapterPool, LoraWeights
+from serve.adapter_pool import AdapterPool
 from serve.lora_slots import LoraSlots
+from serve.lora_weights import LoraWeights
 
 
 @dataclass(frozen=True)

@@ -1,180 +1,26 @@
 """LoRA adapters in two tiers: host memory (LRU, `max_cpu_loras`) and `max_loras` device slots.
 
-An adapter is validated and read once from its PEFT folder into host memory; the scheduler
-decides which slot it occupies (`LoraSlots`) and the runner copies it in with `load_slot`.
+An adapter is validated and read once from its PEFT folder into host memory
+(`serve.lora_weights`); the scheduler decides which slot it occupies (`LoraSlots`) and the
+runner copies it in with `load_slot`.
 Slots hold every layer's A and B of each target module, zero-padded to `max_lora_rank`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from registry.errors import AdapterError
-from serve.llama import FUSED_GROUPS, LORA_MODULES, PARENT_OF, ModelShape
+from serve.llama import FUSED_GROUPS, LORA_MODULES, ModelShape
 from serve.lora_ops import LoraBatch, lora_gathered, lora_gathered_shared, lora_segments
+from serve.lora_weights import LoraWeights, read_peft_lora
 
 # Modules that read the same input: their A live stacked along the rank, so that one shrink
 # matmul serves them all (`lora_gathered_shared`); each module's A is a view of its rows.
 SHARED_INPUT = tuple(group for group in FUSED_GROUPS if len(group) > 1)
-
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-@dataclass
-class LoraWeights:
-    """One adapter in host memory, laid out as a slot holds it: a slot load is two copies per
-    module (from page-locked memory when the slots are on a GPU), no per-layer work."""
-
-    uid: str
-    path: Path
-    # module -> A [layers, r, in] and B [layers, r, out] (= scale · lora_Bᵀ) in the slots'
-    # dtype, r the module's largest rank over the layers, zero past each layer's own rank
-    A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
-    ranks: dict[str, list[int]]  # module -> its rank in each layer (0: not targeted there)
-    stamp: str = ""  # digest of the files' bytes as they were read (`content_stamp`)
-
-    @property
-    def rank(self) -> int:
-        return max(max(r) for r in self.ranks.values())
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted(self.A)
-
-
-def content_stamp(config: bytes, weights: bytes) -> str:
-    """What changes when an adapter folder's files are rewritten: a digest of their bytes.
-
-    Not their sizes and times: another adapter of the same shape has the same sizes, and a copy
-    that keeps times (`cp -p`, `rsync -a`, an archive) can give it the same times too; the
-    digest is of the bytes parsed, so a rewrite while they are read cannot pass for them."""
-    digest = hashlib.blake2b(len(config).to_bytes(8, "little") + config, digest_size=16)
-    digest.update(weights)
-    return digest.hexdigest()
-
-
-def read_peft_lora(
-    path: Path,
-    uid: str,
-    shape: ModelShape,
-    max_rank: int,
-    dtype: torch.dtype = torch.float32,
-    pin_memory: bool = False,
-) -> LoraWeights:
-    """Read and check a PEFT LoRA folder against the base's shapes and the engine's limits;
-    held in `dtype`, in page-locked memory with `pin_memory` (slots on a GPU)."""
-    from safetensors.torch import load
-
-    name = f"adapter {uid!r}"
-    config_file = path / "adapter_config.json"
-    config_bytes = config_file.read_bytes()  # an OSError is the caller's (a read-back's)
-    try:
-        config = json.loads(config_bytes)
-    except ValueError as error:
-        raise AdapterError(f"{name}: {config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{name}: {config_file} is not a JSON object")
-    alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
-    if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alphas):
-        raise AdapterError(
-            f"{name}: {config_file}: lora_alpha (and alpha_pattern's values) must be numbers "
-            f"(got {config.get('lora_alpha')!r})"
-        )
-    if config.get("use_dora"):
-        raise AdapterError(f"{name}: DoRA adapters are not supported")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise AdapterError(f"{name}: adapters that train biases are not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(
-            f"{name}: modules_to_save ({config['modules_to_save']}) is not supported"
-        )
-    files = [path / "adapter_model.safetensors"]
-    if not files[0].is_file():
-        raise AdapterError(f"{name}: {path} has no adapter_model.safetensors")
-    data = files[0].read_bytes()  # once: the stamp is of the very bytes parsed
-    try:
-        state = load(data)
-    except Exception as error:  # safetensors raises its own error type for corrupt files
-        raise AdapterError(
-            f"{name}: {files[0]} is not a readable safetensors file ({error})"
-        ) from None
-
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    unsupported = set()
-    for key, tensor in state.items():
-        match = _KEY.search(key)
-        if match is None or match[2] not in LORA_MODULES:
-            unsupported.add(key.split(".lora_")[0].rsplit(".", 1)[-1])
-            continue
-        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
-    if unsupported:
-        raise AdapterError(
-            f"{name}: unsupported target modules {sorted(unsupported)}; "
-            f"served: {', '.join(LORA_MODULES)}"
-        )
-    tensors = {}
-    for (layer, module), ab in sorted(pairs.items()):
-        if len(ab) != 2:  # peft writes both or neither
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise AdapterError(f"{name}: layer {layer} {module} has no {missing} weight")
-        a, b = ab["A"].float(), ab["B"].float()
-        rank = a.shape[0]
-        if rank > max_rank:
-            raise AdapterError(f"{name}: rank {rank} is over max_lora_rank {max_rank}")
-        fan_in, fan_out = shape.lora_dims(module)
-        if layer >= shape.num_layers or a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
-            raise AdapterError(
-                f"{name}: layer {layer} {module} has A {list(a.shape)}, B {list(b.shape)}; "
-                f"this base needs A [{rank}, {fan_in}], B [{fan_out}, {rank}] "
-                f"over {shape.num_layers} layers"
-            )
-        # the module's name as peft matches alpha_pattern keys against it
-        key = f"model.layers.{layer}.{PARENT_OF[module]}.{module}"
-        alpha = _pattern(config.get("alpha_pattern"), key, config["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        tensors[(layer, module)] = (a, b, scale)
-    if not tensors:
-        raise AdapterError(f"{name}: {path} holds no LoRA weights")
-    weights = slot_layout(uid, path, tensors, shape, dtype, pin_memory)
-    weights.stamp = content_stamp(config_bytes, data)
-    return weights
-
-
-def slot_layout(
-    uid, path, tensors, shape: ModelShape, dtype, pin_memory: bool = False
-) -> LoraWeights:
-    """(layer, module) -> (A [r, in], B [out, r], scale) stacked per module over the layers,
-    B scaled and transposed (in fp32, then rounded once to `dtype`, as a slot stores it)."""
-    ranks: dict[str, list[int]] = {}
-    for (layer, m), (a, _, _) in tensors.items():
-        ranks.setdefault(m, [0] * shape.num_layers)[layer] = a.shape[0]
-    A, B = {}, {}
-    for m, per_layer in ranks.items():
-        fan_in, fan_out = shape.lora_dims(m)
-        size = (shape.num_layers, max(per_layer))
-        A[m] = torch.zeros(*size, fan_in, dtype=dtype, pin_memory=pin_memory)
-        B[m] = torch.zeros(*size, fan_out, dtype=dtype, pin_memory=pin_memory)
-    for (layer, m), (a, b, scale) in tensors.items():
-        r = a.shape[0]
-        A[m][layer, :r] = a
-        B[m][layer, :r] = b.T * scale
-    return LoraWeights(uid, path, A, B, ranks)
-
-
-def _pattern(patterns: dict | None, key: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):  # peft's match: a group, for `a|b` keys
-            return value
-    return default
 
 
 class AdapterPool:

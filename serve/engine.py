@@ -21,7 +21,7 @@ from registry.base_model import resolve_base_model
 from registry.errors import AdapterError, UsageError
 from registry.home import setup_environment
 from serve.adapter_catalog import AdapterCatalog, AdapterInfo
-from serve.adapter_pool import AdapterPool, LoraWeights
+from serve.adapter_pool import AdapterPool
 from serve.block_allocator import BlockAllocator
 from serve.config import EngineConfig
 from serve.guided import GuidedDecoding
@@ -35,6 +35,7 @@ from serve.kv_budget import (
 )
 from serve.llama import LlamaModel
 from serve.lora_slots import LoraSlots
+from serve.lora_weights import LoraWeights
 from serve.model_runner import ModelRunner
 from serve.output_processor import OutputProcessor
 from serve.outputs import RequestOutput, RequestState

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.adapter_pool import AdapterPool, read_peft_lora
+from serve.adapter_pool import AdapterPool
 from serve.llama import LORA_MODULES, ModelShape
+from serve.lora_weights import read_peft_lora
 
 
 @pytest.fixture(scope="module")
