@@ -15,18 +15,13 @@ failed engine step; a client that hangs up, queued or mid-answer, aborts its req
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from registry.errors import ConfigError, NotFoundError, UnknownAdapterError
-from registry.refs import is_ref
+from registry.errors import ConfigError, NotFoundError
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM
@@ -36,7 +31,7 @@ from serve.error_handlers import install_error_handlers
 from serve.metrics import CONTENT_TYPE, ServerMetrics
 from serve.model_list import ModelList
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs, LogprobsFormatter
-from serve.outputs import RequestOutput
+from serve.openai_serving import OpenAIServing
 from serve.prompt_reader import PromptReader
 from serve.protocol import (
     AdapterLoad,
@@ -46,17 +41,11 @@ from serve.protocol import (
     new_id,
     now,
 )
-from serve.refusal import Refusal, timed_out
 from serve.serve_config import ServeConfig
 from serve.streaming import (
-    all_started,
     chat_chunks,
     completion_chunks,
-    last_outputs,
-    observed,
-    prompt_only,
     sse,
-    until,
     usage,
 )
 
@@ -72,9 +61,6 @@ async def _authenticated(request: Request) -> RequestRecord:
 Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 
 
-log = logging.getLogger(__name__)
-
-_DISCONNECT_POLL_S = 0.5  # how often a request not streaming yet checks that its client is there
 # Request bodies are refused past this many bytes per character a prompt may hold (JSON escapes
 # take up to 6 bytes a character; a batch holds several prompts), and never below 16 MiB.
 _BODY_BYTES_PER_CHAR = 64
@@ -92,17 +78,17 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     reader = PromptReader(tokenizer, engine.engine.max_model_len, config.default_max_tokens)
     if base_name in adapters.loaded:  # requests for it would get the base: never served
         raise ConfigError(f"adapter {base_name!r}: the base model's name cannot name an adapter")
+    serving = OpenAIServing(
+        engine, base_name, adapters, reader, keys, metrics, config.request_timeout_s
+    )
     audit = AuditLog(config.audit_path(engine.engine.home), config.audit.include_prompts)
-    # Prompts are tokenized on threads of their own: registry calls, which can hang for as
-    # long as the registry is unreachable, hold the loop's default threads.
-    tokenizing = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         follower = asyncio.create_task(adapters.follow(config.alias_poll_interval_s))
         yield
         follower.cancel()
-        tokenizing.shutdown(wait=False, cancel_futures=True)
+        serving.close()
         audit.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
@@ -119,106 +105,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     app.add_middleware(RecordRequests, on_finish=finished)  # outside: it records the 413s too
 
     install_error_handlers(app)
-
-    async def tokenized(function, *args) -> list[int]:
-        """Off the event loop (other streams go on) and off the engine thread (steps go on)."""
-        return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
-
-    async def adapter_for(model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base), loaded on first use."""
-        if model == base_name:
-            return None
-        if model in adapters.loaded:
-            return model
-        missing = f"model {model!r} does not exist: not the base ({base_name!r}), a loaded adapter"
-        if not is_ref(model):
-            raise NotFoundError(f"{missing} or a registry reference")
-        try:
-            await adapters.ensure(model)
-        except UnknownAdapterError as error:  # its URI and the names registered stay in the log
-            log.info("model %r: %s", model, error)
-            raise NotFoundError(f"{missing} or a registered adapter") from None
-        return model
-
-    async def start(record: RequestRecord, body, prompts: list) -> list[AsyncIterator]:
-        """Queue each choice (`n` per prompt, in order) on the request's adapter; their outputs,
-        once each has its first (so a refusal is an error status, not a broken stream), cut
-        at the request's deadline. One refused choice aborts the others.
-
-        A prompt's other choices are queued once its first has its first token: its prompt's
-        full blocks are then in the prefix cache, so they compute only the rest (n prefills
-        become one, and the first choice streams meanwhile)."""
-        loop = asyncio.get_running_loop()
-        elapsed = time.monotonic() - record.started
-        deadline = loop.time() + config.request_timeout_s - elapsed
-        n = body.n
-        if engine.max_waiting is not None and len(prompts) * n > engine.max_waiting:
-            raise InvalidField(
-                "prompt" if len(prompts) > 1 else "n",
-                f"{len(prompts)} prompt(s) x n={n} are more requests than can ever queue at "
-                f"once (max_waiting: {engine.max_waiting})",
-            )
-        field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-        params = [body.choice_params(reader.max_tokens_for(body, len(p), field)) for p in prompts]
-        most = sum(len(p) + n * ps[0].max_tokens for p, ps in zip(prompts, params, strict=True))
-        record.reserved_tokens = keys.reserve(record.caller, most)
-        try:
-            async with asyncio.timeout_at(deadline):
-                adapter = await adapter_for(body.model)
-                record.model = body.model
-                info = adapters.loaded.get(adapter) if adapter else None  # None if unloaded
-                # Every choice on this version, even if the name is replaced meanwhile (the
-                # engine refuses an unloaded name when the uid is None).
-                uid = record.adapter_uid = info.uid if info else None
-                itl = metrics.itl.labels(body.model)
-
-                def queue(i: int, j: int) -> AsyncIterator[RequestOutput]:
-                    k = i * n + j  # the choice's index in the response
-                    rid = record.request_id + (f"-{k}" if k else "")
-                    outputs = engine.generate(prompts[i], params[i][j], adapter, rid, uid)
-                    if body.max_tokens == 0:
-                        outputs = prompt_only(outputs)
-                    return observed(outputs, record, itl, counts_prompt=j == 0)
-
-                firsts = await all_started([queue(i, 0) for i in range(len(prompts))])
-                try:
-                    others = await all_started(
-                        [queue(i, j) for i in range(len(prompts)) for j in range(1, n)]
-                    )
-                except BaseException:
-                    for stream in firsts:
-                        await stream.aclose()
-                    raise
-                streams = [
-                    firsts[i] if j == 0 else others[i * (n - 1) + j - 1]
-                    for i in range(len(prompts))
-                    for j in range(n)
-                ]
-                return [until(s, deadline, record) for s in streams]
-        except TimeoutError:
-            record.finish_reason = "timeout"
-            raise timed_out(config.request_timeout_s) from None
-
-    async def unless_gone(request: Request, work: Awaitable):
-        """`work`'s result; a client that hangs up first cancels it, which aborts its
-        requests (their streams' end frees their KV blocks), and gets 499, as a streaming
-        client does by closing the stream."""
-        task = asyncio.ensure_future(work)
-        try:
-            while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
-                if await request.is_disconnected() and not task.done():
-                    request.scope[SCOPE_KEY].finish_reason = "abort"
-                    raise Refusal(499, "client closed the request", "client_closed_request")
-            return task.result()
-        finally:
-            task.cancel()
-
-    async def last(request: Request, streams: list[AsyncIterator]) -> list[RequestOutput]:
-        """The final output of each choice (aborted if the client hangs up first)."""
-        try:
-            return await unless_gone(request, last_outputs(streams))
-        except TimeoutError:
-            raise timed_out(config.request_timeout_s) from None
 
     @app.get("/health")
     async def health():
@@ -269,15 +155,15 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         messages = [m.for_template() for m in body.messages]
         record.prompt = messages
         reader.check_length("messages", sum(len(m["content"]) for m in messages))
-        prompt = await tokenized(reader.chat, messages)
+        prompt = await serving.tokenized(reader.chat, messages)
         if body.max_completion_tokens:
             body.max_tokens = body.max_completion_tokens
-        streams = await unless_gone(request, start(record, body, [prompt]))
+        streams = await serving.unless_gone(request, serving.start(record, body, [prompt]))
         rid = new_id("chatcmpl")
         scores = [ChatLogprobs(logprobs) for _ in streams]
         if body.stream:
             return sse(chat_chunks(streams, rid, body, scores), config.request_timeout_s)
-        finals = await last(request, streams)
+        finals = await serving.last(request, streams)
         choices = [
             {
                 "index": k,
@@ -304,8 +190,10 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         for prompt in given:
             if isinstance(prompt, str):
                 reader.check_length("prompt", len(prompt))
-        prompts = [await tokenized(reader.encode, p) if isinstance(p, str) else p for p in given]
-        streams = await unless_gone(request, start(record, body, prompts))
+        prompts = [
+            await serving.tokenized(reader.encode, p) if isinstance(p, str) else p for p in given
+        ]
+        streams = await serving.unless_gone(request, serving.start(record, body, prompts))
         rid = new_id("cmpl")
         # Per choice: its prompt's text (echoed, and where logprob offsets count from).
         texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
@@ -315,7 +203,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         if body.stream:
             chunks = completion_chunks(streams, rid, body, echo, scores)
             return sse(chunks, config.request_timeout_s)
-        finals = await last(request, streams)
+        finals = await serving.last(request, streams)
         choices = [
             {
                 "index": k,
