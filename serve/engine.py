@@ -116,7 +116,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.outputs = OutputProcessor(self.scheduler, self.sampler)
+        self.outputs = OutputProcessor(self.sampler)
         self.num_aborted = 0  # requests aborted before they finished
         self._ids = itertools.count()
         # Outputs of a step made during the next one's forward pass: on CUDA, where it runs
@@ -260,9 +260,12 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        aborted = self.outputs.abort(request_id)
-        self.num_aborted += aborted
-        return aborted
+        seq = self.outputs.abort(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, Status.FINISHED_ABORTED)
+        self.num_aborted += 1
+        return True
 
     def abort_cut(self) -> list[str]:
         """After a step raised: abort the requests it may have cut (see
@@ -291,7 +294,7 @@ class LLMEngine:
         if plan.lora_loads:
             plan = self._without_unreadable_adapters(plan)
         if plan.is_empty:
-            self.outputs.make()
+            self._make_outputs()
         else:
             try:
                 forward = self.runner.launch(plan)
@@ -299,7 +302,7 @@ class LLMEngine:
                 # The plan's copies into slots may not have happened: no slot may claim them.
                 self.slots.unfill(slot for slot, _ in plan.lora_loads)
                 raise
-            self.outputs.make()  # the last step's when overlapping, while the device computes
+            self._make_outputs()  # the last step's when overlapping, while the device computes
             if deliver is not None and (made := self.outputs.take()):
                 deliver(made)
             result = self.runner.sample(plan, forward)
@@ -309,13 +312,19 @@ class LLMEngine:
                     self.scheduler.finish(seq, Status.FINISHED_STOPPED)
             self.outputs.pending = (plan, result)
             if not self.overlap_outputs:
-                self.outputs.make()
+                self._make_outputs()
         made = self.outputs.take()
         if deliver is None:
             return made
         if made:
             deliver(made)
         return []
+
+    def _make_outputs(self) -> None:
+        """The pending step's outputs, its sequences that stop strings ended finished first."""
+        for seq in self.outputs.read():
+            self.scheduler.finish(seq, Status.FINISHED_STOPPED)
+        self.outputs.make()
 
     def _without_unreadable_adapters(self, plan: SchedulerOutput) -> SchedulerOutput:
         """The plan without the sequences of adapters the host tier evicted and cannot read
@@ -332,6 +341,7 @@ class LLMEngine:
         self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)
         for seq in [*plan.seqs, *self.scheduler.waiting]:
             if seq.adapter_uid in failed:
+                self.scheduler.finish(seq, Status.FINISHED_ERROR)
                 self.outputs.fail(seq, failed[seq.adapter_uid])
         keep = [i for i, seq in enumerate(plan.seqs) if seq.adapter_uid not in failed]
         return SchedulerOutput(

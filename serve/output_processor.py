@@ -1,18 +1,20 @@
 """The requests the engine holds and their outputs: made from a step's result (detokenized,
-stop strings searched), kept in an outbox until the caller takes them."""
+stop strings searched), kept in an outbox until the caller takes them.
+
+It never touches the scheduler: the engine ends the sequences it names (stop strings found,
+aborts), then has their outputs made."""
 
 from __future__ import annotations
 
 from serve.model_runner import RunnerOutput
 from serve.outputs import RequestOutput, RequestState
 from serve.sampler import Sampler
-from serve.scheduler import Scheduler, SchedulerOutput
+from serve.scheduler import SchedulerOutput
 from serve.sequence import Sequence, Status
 
 
 class OutputProcessor:
-    def __init__(self, scheduler: Scheduler, sampler: Sampler):
-        self.scheduler = scheduler
+    def __init__(self, sampler: Sampler):
         self.sampler = sampler
         self.requests: dict[str, RequestState] = {}  # by request id, until finished and output
         self.pending: tuple[SchedulerOutput, RunnerOutput] | None = None  # outputs not yet made
@@ -26,19 +28,17 @@ class OutputProcessor:
     def add(self, state: RequestState) -> None:
         self.requests[state.seq.request_id] = state
 
-    def abort(self, request_id: str) -> bool:
-        """End a request without an output; False if the engine does not hold it."""
+    def abort(self, request_id: str) -> Sequence | None:
+        """Forget a request, to end without an output; its sequence (None if not held)."""
         state = self.requests.pop(request_id, None)
         if state is None:
-            return False
-        self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
+            return None
         self.sampler.forget(request_id)
-        return True
+        return state.seq
 
     def fail(self, seq: Sequence, error: str) -> None:
-        """End a request with `error` (finish reason "error") and output it."""
+        """Output a request the engine ended with `error` (finish reason "error")."""
         state = self.requests.pop(seq.request_id)
-        self.scheduler.finish(seq, Status.FINISHED_ERROR)
         self.sampler.forget(seq.request_id)
         state.error = error
         self._outbox.append(state.output(seq.adapter))
@@ -55,24 +55,40 @@ class OutputProcessor:
             or (state.seq.is_finished and id(state.seq) not in pending)
         ]
 
+    def read(self) -> list[Sequence]:
+        """Detokenize the pending step's result and search its stop strings; the sequences
+        a stop string ended (also with the last token allowed), for the engine to finish
+        before `make`."""
+        if self.pending is None:
+            return []
+        plan, result = self.pending
+        stopped = []
+        for i, seq in self._held(plan):
+            self.requests[seq.request_id].update(result.logprobs[i], result.prompt_logprobs[i])
+            if self.requests[seq.request_id].stopped_by_string:
+                stopped.append(seq)
+        return stopped
+
     def make(self) -> None:
-        """The outputs of the pending step's result, into the outbox; ends sequences on stop
-        strings and forgets finished requests."""
+        """The outputs of the pending step's result, once `read`, into the outbox; forgets
+        finished requests."""
         if self.pending is None:
             return
         (plan, result), self.pending = self.pending, None
-        for i, seq in enumerate(plan.seqs):
-            state = self.requests.get(seq.request_id)
-            if state is None or state.seq is not seq:  # aborted (its id perhaps reused since)
-                continue
-            state.update(result.logprobs[i], result.prompt_logprobs[i])
-            if state.stopped_by_string:  # also when the stop came with the last token allowed
-                self.scheduler.finish(seq, Status.FINISHED_STOPPED)
+        for i, seq in self._held(plan):
+            state = self.requests[seq.request_id]
             if result.sampled[i] is not None or seq.is_finished:
                 self._outbox.append(state.output(seq.adapter))
             if seq.is_finished:
                 del self.requests[seq.request_id]
                 self.sampler.forget(seq.request_id)
+
+    def _held(self, plan: SchedulerOutput):
+        """(row, sequence) of the plan's sequences whose requests are still held."""
+        for i, seq in enumerate(plan.seqs):
+            state = self.requests.get(seq.request_id)
+            if state is not None and state.seq is seq:  # else aborted (its id perhaps reused)
+                yield i, seq
 
     def take(self) -> list[RequestOutput]:
         # Kept until taken: a step that fails after making them loses none.
