@@ -55,7 +55,8 @@ def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         known = ", ".join(EMBEDDED_MODELS)
-        hint = "" if "/" in spec else f" (a folder is written with a '/': './{spec}')"
+        bare_word = "/" not in spec and not spec.startswith(("~", "."))
+        hint = f" (a folder is written with a '/': './{spec}')" if bare_word else ""
         raise UsageError(
             f"base_model: {spec!r} is neither an embedded model ({known}) "
             f"nor a folder with a Hugging Face config.json{hint}"

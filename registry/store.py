@@ -7,6 +7,7 @@ source is the run's `adapter` artifact folder (PEFT format) and whose tags carry
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -47,10 +48,16 @@ def _check_database_driver(uri: str) -> None:
     try:
         make_url(uri).get_dialect().import_dbapi()
     except ImportError as e:
-        package = DRIVER_PACKAGES.get(e.name, e.name)
+        if e.name and importlib.util.find_spec(e.name.split(".")[0]) is None:
+            package = DRIVER_PACKAGES.get(e.name, e.name)
+            raise UsageError(
+                f"tracking URI scheme {scheme!r} needs the database driver {e.name!r}, which is "
+                f"not installed: pip install '{package}' into this environment"
+            ) from None
+        # Installed but unusable, e.g. psycopg without libpq: its own first line says why.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
-            f"tracking URI scheme {scheme!r} needs the database driver {e.name!r}, which is not "
-            f"installed: pip install '{package}' into this environment"
+            f"tracking URI scheme {scheme!r}: its database driver failed to import: {reason}"
         ) from None
 
 
@@ -326,9 +333,9 @@ class AdapterRegistry:
 
 
 def _is_missing(error) -> bool:
-    """MLflow's "not found" (a missing alias is an invalid parameter to it), as opposed to a
-    store that failed to answer (a timeout, a 5xx): that must not read as a missing adapter."""
-    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    """MLflow's "not found", as opposed to a store that failed to answer (a timeout, a 5xx):
+    that must not read as a missing adapter."""
+    return error.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 # A download folder untouched this long belongs to a process killed mid-way (`finally` never

@@ -64,6 +64,10 @@ def test_unknown_base_model_is_refused(home, tmp_path):
     with pytest.raises(UsageError) as folder:
         resolve_base_model(str(tmp_path), home)
     assert "written with a '/'" not in str(folder.value)
+    for spec in ("~", "..", ".hidden"):  # paths already: no './' hint
+        with pytest.raises(UsageError) as path_like:
+            resolve_base_model(spec, home)
+        assert "written with a '/'" not in str(path_like.value), spec
 
 
 def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tmp_path):

@@ -343,3 +343,14 @@ def test_a_version_got_by_number_name_or_alias_carries_its_aliases(registry, ada
     assert [v.aliases for v in registry.versions("facts")] == [["champion", "stable"], ["canary"]]
     shown = run_cli("registry", "show", "facts/1", "--tracking-uri", registry.tracking_uri)
     assert re.search(r"aliases\s*│\s*champion, stable", shown.stdout), shown.stdout + shown.stderr
+
+
+def test_a_database_driver_that_is_installed_but_fails_to_import_says_why(
+    registry, tmp_path, monkeypatch
+):
+    broken = tmp_path / "site" / "psycopg"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("no pq wrapper available.\\nmore")')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(UsageError, match=r"driver failed to import: no pq wrapper available\.$"):
+        AdapterRegistry("postgresql://u:secret@127.0.0.1:1/db", registry.home)
