@@ -235,9 +235,10 @@ def test_resume_with_nothing_to_resume_is_refused(tiny_base, tracking_uri):
 def test_train_summary_ends_with_the_registered_ref_on_one_line(capsys):
     from types import SimpleNamespace
 
+    from registry.store import AdapterVersion
     from train.cli import _print_summary
 
-    version = SimpleNamespace(name="x" * 90, version=12)  # longer than a terminal's width
+    version = AdapterVersion("x" * 90, 12, "source", "r")  # longer than a terminal's width
     metrics = {"eval_loss": 1.0, "eval_perplexity": 2.7}
     _print_summary(SimpleNamespace(metrics=metrics, version=version, adapter_dir="a", run_id="r"))
     assert capsys.readouterr().out.splitlines()[-1] == f"registered: {'x' * 90}/12"
