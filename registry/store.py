@@ -297,18 +297,10 @@ class AdapterRegistry:
         return local
 
     def _exists(self, name: str) -> bool:
-        from mlflow.exceptions import MlflowException
+        return self._lookup(name) is not None
 
-        try:
-            self.client.get_registered_model(name)
-        except MlflowException as e:
-            if not _is_missing(e):
-                raise
-            return False
-        return True
-
-    def _registered(self, name: str):
-        """MLflow's registered model `name`; UnknownAdapterError naming those there are."""
+    def _lookup(self, name: str):
+        """MLflow's registered model `name`, None if there is none."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -316,6 +308,13 @@ class AdapterRegistry:
         except MlflowException as e:
             if not _is_missing(e):
                 raise
+        return None
+
+    def _registered(self, name: str):
+        """MLflow's registered model `name`; UnknownAdapterError naming those there are."""
+        model = self._lookup(name)
+        if model is not None:
+            return model
         known = [a.name for a in self.list()]
         raise UnknownAdapterError(
             f"no registered adapter named {name!r} in {self.tracking_uri} "

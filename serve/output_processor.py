@@ -63,10 +63,10 @@ class OutputProcessor:
             return []
         plan, result = self.pending
         stopped = []
-        for i, seq in self._held(plan):
-            self.requests[seq.request_id].update(result.logprobs[i], result.prompt_logprobs[i])
-            if self.requests[seq.request_id].stopped_by_string:
-                stopped.append(seq)
+        for i, state in self._held(plan):
+            state.update(result.logprobs[i], result.prompt_logprobs[i])
+            if state.stopped_by_string:
+                stopped.append(state.seq)
         return stopped
 
     def make(self) -> None:
@@ -75,8 +75,8 @@ class OutputProcessor:
         if self.pending is None:
             return
         (plan, result), self.pending = self.pending, None
-        for i, seq in self._held(plan):
-            state = self.requests[seq.request_id]
+        for i, state in self._held(plan):
+            seq = state.seq
             if result.sampled[i] is not None or seq.is_finished:
                 self._outbox.append(state.output(seq.adapter))
             if seq.is_finished:
@@ -84,11 +84,11 @@ class OutputProcessor:
                 self.sampler.forget(seq.request_id)
 
     def _held(self, plan: SchedulerOutput):
-        """(row, sequence) of the plan's sequences whose requests are still held."""
+        """(row, request state) of the plan's sequences whose requests are still held."""
         for i, seq in enumerate(plan.seqs):
             state = self.requests.get(seq.request_id)
             if state is not None and state.seq is seq:  # else aborted (its id perhaps reused)
-                yield i, seq
+                yield i, state
 
     def take(self) -> list[RequestOutput]:
         # Kept until taken: a step that fails after making them loses none.
