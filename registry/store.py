@@ -30,6 +30,7 @@ DRIVER_PACKAGES = {  # SQLAlchemy's driver module -> what pip installs it as
     "MySQLdb": "mysqlclient",
     "pymysql": "PyMySQL",
 }
+PROBE_TIMEOUT_S = 10  # a tracking server's /health answers in milliseconds when it is up
 
 
 def resolve_tracking_uri(explicit: str | None = None, home: Home | None = None) -> str:
@@ -59,6 +60,25 @@ def _check_database_driver(uri: str) -> None:
         raise UsageError(
             f"tracking URI scheme {scheme!r}: its database driver failed to import: {reason}"
         ) from None
+
+
+def _check_server_answers(uri: str) -> None:
+    """A tracking server that takes connections but never answers would hold every MLflow call
+    for its timeout and retries (3 x 30 s); one short probe says so in seconds. Only silence
+    fails it: any HTTP answer (even a proxy's 401) or another error is left to MLflow."""
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
+    except requests.Timeout:
+        raise MlflowException(
+            f"no answer to GET /health in {PROBE_TIMEOUT_S} s", "TEMPORARILY_UNAVAILABLE"
+        ) from None
+    except requests.RequestException:
+        pass
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,7 @@ class AdapterRegistry:
 
         if self.is_embedded:
             self.home.create()
+        _check_server_answers(self.tracking_uri)
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     @property

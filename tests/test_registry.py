@@ -183,6 +183,22 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_and_exit_2(tmp_pat
     assert line.startswith(f"error: MLflow at {nowhere}: ")
 
 
+def test_a_tracking_server_that_never_answers_fails_in_seconds_not_minutes(tmp_path):
+    import socket
+
+    from registry.store import PROBE_TIMEOUT_S
+
+    with socket.socket() as silent:  # the kernel takes connections; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = {"LORAPLEX_HOME": str(tmp_path)}
+        result = run_cli("registry", "list", "--tracking-uri", uri, env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line == f"error: MLflow at {uri}: no answer to GET /health in {PROBE_TIMEOUT_S} s"
+
+
 @pytest.mark.parametrize("alias", ["latest", "v1", "V2", "has space"])
 def test_promote_refuses_reserved_and_malformed_aliases_with_exit_2(registry, adapters, alias):
     from typer.testing import CliRunner
