@@ -1,6 +1,7 @@
 """Compile every Triton kernel, as the engine launches it, for Hopper (sm_90), without a GPU.
 
-    python tests/kernels_sm90.py        # one JSON line per launch: kernel, shared memory, MMA
+    python tests/kernels_sm90.py [DTYPE ...]   # a JSON line per launch: shared memory, MMA
+                                               # (DTYPE: bfloat16, the default; float16, float32)
 
 Triton's compiler and ptxas ship in its wheel, so the real GPU toolchain checks what the
 interpreter lets through (dot shapes and dtypes, pointer arithmetic, layouts) and reports
@@ -98,8 +99,8 @@ def registers(ptx: str) -> dict:
     }
 
 
-def launches() -> list:
-    """Each kernel's launches at Llama-3-8B shapes: decode and prefill, bf16 (served)."""
+def launches(dtype: torch.dtype) -> list:
+    """Each kernel's launches at Llama-3-8B shapes in `dtype`: decode and prefill."""
     from serve.attention import build_attention_metadata
     from serve.kernels import lora_sgmv, nf4_matmul, paged_attention
     from serve.lora_ops import LoraBatch
@@ -111,9 +112,11 @@ def launches() -> list:
         (paged_attention, ("_paged_attention_kernel", "_combine_kernel")),
     ):
         for name in names:
-            setattr(module, name, Recorder(getattr(module, name), recorded))
+            kernel = getattr(module, name)
+            kernel = kernel.kernel if isinstance(kernel, Recorder) else kernel
+            setattr(module, name, Recorder(kernel, recorded))
 
-    bf16 = torch.bfloat16
+    bf16 = dtype
     hidden, qkv, kv_heads, head_dim = 4096, 6144, 8, 128
     packed = torch.zeros(qkv * hidden // 2, dtype=torch.uint8)
     absmax, code = torch.zeros(qkv * hidden // 64), torch.zeros(16)
@@ -153,10 +156,12 @@ def launches() -> list:
     return recorded
 
 
-def main() -> None:
-    for kernel, args, kwargs in launches():
-        print(json.dumps(compile_sm90(kernel, args, dict(kwargs))), flush=True)
+def main(dtypes: list[str]) -> None:
+    for name in dtypes or ["bfloat16"]:
+        for kernel, args, kwargs in launches(getattr(torch, name)):
+            launch = compile_sm90(kernel, args, dict(kwargs))
+            print(json.dumps({"dtype": name} | launch), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

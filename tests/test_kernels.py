@@ -105,6 +105,23 @@ def test_decode_attention_split_over_keys_equals_the_reference(splits):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_paged_attention_kernel_takes_a_query_whose_head_dim_is_strided():
+    """The kernels store along the head dim at stride 1: the output must be laid out so
+    whatever q's strides (here heads innermost), not copy them."""
+    computed, new, block_size, dim = [5, 0], [1, 7], 4, 16
+    gen = torch.Generator().manual_seed(3)
+    tables, (q, k, v, k_cache, v_cache) = _attention_case(
+        gen, new, computed, 2, 2, dim, block_size, torch.float32
+    )
+    ref_meta = build_attention_metadata(tables, computed, new, block_size, DEVICE)
+    meta = build_attention_metadata(tables, computed, new, block_size, DEVICE, padded_groups=False)
+    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), ref_meta, dim**-0.5)
+    heads_inner = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (H·D, 1, H)
+    assert heads_inner.stride(-1) != 1
+    out = paged_attention_triton(heads_inner, k, v, k_cache, v_cache, meta, scale=dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_paged_attention_kernel_in_half_precision_stays_close_to_fp32():
     computed, new, block_size, dim = [5, 0, 11], [1, 9, 4], 4, 32
     gen = torch.Generator().manual_seed(7)
@@ -352,12 +369,12 @@ def test_4bit_weights_that_cannot_be_stacked_are_refused():
         )
 
 
-def _compiled_run(script: str, **env: str) -> str:
-    """stdout of `script` in a process of its own without the interpreter (whose kernels this
+def _compiled_run(script: str, *args: str, **env: str) -> str:
+    """stdout of `script args` in a process of its own without the interpreter (whose kernels this
     process holds), so that Triton's compiler sees real kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     result = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, cwd=PROJECT, env=env
+        [sys.executable, script, *args], capture_output=True, text=True, cwd=PROJECT, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -391,28 +408,32 @@ def test_a_server_compiles_each_kernel_a_bounded_number_of_times_all_at_start():
 @pytest.mark.skipif(CUDA, reason="on CUDA the other tests compile the kernels for the device")
 def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     """The real toolchain (Triton to PTX to ptxas, no GPU needed) over each wrapper's
-    launches at Llama-3-8B shapes in bf16: what the interpreter lets through may not
+    launches at Llama-3-8B shapes, in bf16 (served) and fp32 (whose tiles take twice the
+    registers; fp16 compiles as bf16 does): what the interpreter lets through may not
     compile. Shared memory must fit an H100 block (227 KiB), no register may spill, and the
-    matmuls must use the tensor cores."""
+    16-bit matmuls must use the tensor cores (fp32 ones multiply in full fp32, without)."""
     import json
 
-    output = _compiled_run("tests/kernels_sm90.py", TRITON_DEFAULT_FP_FUSION="1")
-    launches = [json.loads(line) for line in output.splitlines()]
-    kernels = sorted({launch["kernel"] for launch in launches})
-    assert kernels == sorted(
-        [
-            "_nf4_matmul_kernel",
-            "_dequantize_kernel",
-            "_shrink_kernel",
-            "_expand_kernel",
-            "_paged_attention_kernel",
-            "_combine_kernel",
-        ]
+    output = _compiled_run(
+        "tests/kernels_sm90.py", "bfloat16", "float32", TRITON_DEFAULT_FP_FUSION="1"
     )
+    launches = [json.loads(line) for line in output.splitlines()]
+    kernels = [
+        "_nf4_matmul_kernel",
+        "_dequantize_kernel",
+        "_shrink_kernel",
+        "_expand_kernel",
+        "_paged_attention_kernel",
+        "_combine_kernel",
+    ]
+    for dtype in ("bfloat16", "float32"):
+        compiled = {launch["kernel"] for launch in launches if launch["dtype"] == dtype}
+        assert sorted(compiled) == sorted(kernels), dtype
     for launch in launches:
         assert launch["shared_bytes"] <= 227 * 1024, launch
         assert launch["spill_bytes"] == 0, launch  # registers spilled to local memory
-        if launch["kernel"] not in ("_dequantize_kernel", "_combine_kernel"):  # no matmul
+        matmul = launch["kernel"] not in ("_dequantize_kernel", "_combine_kernel")
+        if matmul and launch["dtype"] == "bfloat16":
             assert launch["mma"] in ("mma", "wgmma"), launch
 
 

@@ -152,7 +152,8 @@ def _combine_kernel(
     sums = tl.load(partial_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
     weight = tl.exp2(maxes - tl.max(maxes, 0))  # split 0 always holds keys: a finite max
     d = tl.arange(0, BLOCK_D)
-    acc = tl.load(partial_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None])
+    acc_ptrs = partial_acc_ptr + part[:, None] * BLOCK_D + d[None, :]
+    acc = tl.load(acc_ptrs, mask=s_ok[:, None], other=0.0)  # masked lanes are undefined, not 0
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(sums * weight, 0)
     o = out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + d
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -179,7 +180,7 @@ def paged_attention_triton(
     v_cache: torch.Tensor,
     meta,
     scale: float,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 8,
     splits: int | None = None,
 ) -> torch.Tensor:
@@ -188,22 +189,25 @@ def paged_attention_triton(
     kv_heads, dim]; meta: AttentionMetadata. Returns [tokens, heads, dim].
 
     num_warps 8: at 4 the gathered K/V tiles' addresses need more than 255 registers and
-    spill (head dim 128; `tests/kernels_sm90.py` reports registers and spills). splits:
+    spill (head dim 128; `tests/kernels_sm90.py` reports registers and spills). block_n: keys
+    per tile (None: 64; 32 in fp32, whose tiles take twice the registers). splits:
     programs per decode tile's keys (None: `decode_splits`; prefill steps take 1)."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    out = torch.empty_like(q)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty_like(q)  # the kernels store along head dim at stride 1, as q's now is
     seqs = meta.context_lens.shape[0]
     if tokens == 0 or seqs == 0:
         return out
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
     # tl.dot wants at least 16 rows; decode tiles hold one real token, prefill tiles more.
-    rows = 16 if meta.max_query_len == 1 else 64
+    wide = q.element_size() > 2  # fp32: half the rows and keys per tile spill no register
+    rows = 16 if meta.max_query_len == 1 else 32 if wide else 64
+    block_n = block_n or (32 if wide else 64)
     block_m = max(1, rows // group_pad)
-    q = q if q.stride(-1) == 1 else q.contiguous()
     block_d = max(16, triton.next_power_of_2(dim))
     if meta.max_query_len != 1:
         splits = 1  # a split could hold no key a prefill row may see
