@@ -26,9 +26,21 @@ def install_error_handlers(app: FastAPI) -> None:
         # fails `str` at the content, and `list[TextPart]` at the part's type).
         first = max(error.errors(), key=lambda e: len(e["loc"]))
         field = ".".join(str(p) for p in first["loc"] if p != "body" and not is_union_member(p))
-        return JSONResponse(
-            error_body(f"{field}: {first['msg']}", "invalid_request_error", field), status_code=400
-        )
+        message = f"{field}: {first['msg']}"
+        if first["type"] == "json_invalid":  # its loc is a character offset, not a field
+            field, reason = None, first.get("ctx", {}).get("error", first["msg"])
+            message = (
+                f"the request body is not valid JSON: {reason} (at character {first['loc'][-1]})"
+            )
+        elif not field:  # the body as a whole: missing, or not a JSON object
+            field = None
+            message = (
+                "the request body is missing: send a JSON object"
+                if first["type"] == "missing"
+                else "the request body must be a JSON object, sent with Content-Type: "
+                f"application/json ({first['msg']})"
+            )
+        return JSONResponse(error_body(message, "invalid_request_error", field), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, error: HTTPException):

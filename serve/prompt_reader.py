@@ -27,6 +27,7 @@ class PromptReader:
                 field,
                 f"{chars} characters cannot fit the context length of {self.context} tokens "
                 f"(at most {self.max_chars} characters)",
+                "context_length_exceeded",
             )
 
     def chat(self, messages: list[dict]) -> list[int]:
@@ -55,7 +56,7 @@ class PromptReader:
             return min(self.default_max_tokens, room)
         if body.max_tokens > room:
             raise InvalidField(
-                "max_tokens",
+                body.max_tokens_field,
                 f"{body.max_tokens} is too large: the context length is {self.context} tokens "
                 f"and the prompt has {prompt_tokens}, leaving room for {room}",
                 "context_length_exceeded",

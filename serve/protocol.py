@@ -119,6 +119,11 @@ class _Request(BaseModel):
             value.parsed()  # a schema llguidance cannot enforce is a 400 naming the field
         return value
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The field that set `max_tokens`, for its errors to name."""
+        return "max_tokens"
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's params, with `max_tokens` as the server settled it for one prompt."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -210,6 +215,17 @@ class ChatCompletionRequest(_Request):
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("needs logprobs: true")
         return value
+
+    @model_validator(mode="after")
+    def _newer_name_wins(self):
+        """`max_completion_tokens`, OpenAI's newer name for `max_tokens`, wins over it."""
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def logprobs_asked(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None

@@ -156,8 +156,6 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         record.prompt = messages
         reader.check_length("messages", sum(len(m["content"]) for m in messages))
         prompt = await serving.tokenized(reader.chat, messages)
-        if body.max_completion_tokens:
-            body.max_tokens = body.max_completion_tokens
         streams = await serving.unless_gone(request, serving.start(record, body, [prompt]))
         rid = new_id("chatcmpl")
         scores = [ChatLogprobs(logprobs) for _ in streams]

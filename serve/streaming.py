@@ -183,8 +183,15 @@ async def _chunks(streams, base: dict, body, choice) -> AsyncIterator[dict]:
         yield {**base, "choices": [], "usage": usage(finals, body.n).model_dump()}
 
 
+def _base(rid: str, kind: str, body) -> dict:
+    """Every chunk's fields; with usage asked, `usage: null` on each chunk but the last (as
+    OpenAI sends it)."""
+    base = {"id": rid, "object": kind, "created": now(), "model": body.model}
+    return base | ({"usage": None} if body.include_usage else {})
+
+
 async def chat_chunks(streams, rid: str, body: ChatCompletionRequest, logprobs: list[ChatLogprobs]):
-    base = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": body.model}
+    base = _base(rid, "chat.completion.chunk", body)
     role = {"role": "assistant", "content": ""}
     for k in range(len(streams)):
         yield {**base, "choices": [{"index": k, "delta": role, "finish_reason": None}]}
@@ -200,7 +207,7 @@ def completion_chunks(
     streams, rid: str, body: CompletionRequest, echo: list[str], logprobs: list[CompletionLogprobs]
 ):
     """Chunks of a completion; each choice's `echo` (its prompt, or nothing) leads its first."""
-    base = {"id": rid, "object": "text_completion", "created": now(), "model": body.model}
+    base = _base(rid, "text_completion", body)
     echoed: set[int] = set()
 
     def choice(k: int, out: RequestOutput) -> dict:

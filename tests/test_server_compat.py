@@ -3,6 +3,8 @@ extensions, prompt scoring with `max_tokens: 0`, model retrieval and the shape o
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -57,6 +59,18 @@ def test_a_reply_that_cannot_fit_the_context_is_refused_not_cut(server):
             "prompt",
             "context_length_exceeded",
         )
+    chat_prompt = [{"role": "user", "content": "x" * (context * 16 + 1)}]  # past it untokenized
+    for field, args in (
+        ("max_completion_tokens", dict(messages=QUESTION, max_completion_tokens=context)),
+        ("messages", dict(messages=chat_prompt, max_tokens=1)),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="faq", **args)
+        assert (refused.value.body["param"], refused.value.body["code"]) == (
+            field,
+            "context_length_exceeded",
+        )
+        assert refused.value.body["message"].startswith(f"{field}: ")
     # Without max_tokens: the default (16), cut to the room left; so, as the offline engine.
     reply = client.completions.create(model="faq", prompt=prompt, extra_body={"ignore_eos": True})
     assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (5, "length")
@@ -195,6 +209,47 @@ def test_unknown_routes_and_methods_get_openai_shaped_errors(server):
         assert reply.status_code == status
         error = reply.json()["error"]
         assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "message"),
+    [
+        (b'{"model": "faq",}', {"Content-Type": "application/json"}, "is not valid JSON: "),
+        (b"", {"Content-Type": "application/json"}, "is missing: send a JSON object"),
+        (b'["faq"]', {"Content-Type": "application/json"}, "must be a JSON object"),
+        (b'{"model": "faq"}', {}, "Content-Type: application/json"),  # curl -d's form type
+    ],
+    ids=["invalid-json", "empty", "array", "no-content-type"],
+)
+def test_a_body_that_is_not_a_json_object_is_named_as_such_not_as_a_field(
+    server, content, headers, message
+):
+    url, _, _ = server
+    reply = httpx.post(f"{url}/chat/completions", content=content, headers=headers, timeout=30)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] is None and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the request body ") and message in error["message"]
+
+
+def test_with_usage_asked_every_chunk_but_the_last_carries_usage_null(server):
+    url, _, _ = server
+    for path, body in (
+        ("/chat/completions", {"messages": QUESTION}),
+        ("/completions", {"prompt": "Hello", "n": 2}),
+    ):
+        asked = {**body, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}{path}", json={"model": "faq", **asked}) as reply:
+            lines = [line.removeprefix("data: ") for line in reply.iter_lines() if line]
+        assert lines[-1] == "[DONE]"
+        *chunks, last = [json.loads(line) for line in lines[:-1]]
+        assert len(chunks) > 2 and all(c["usage"] is None and c["choices"] for c in chunks)
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] >= 1
+        with httpx.stream(
+            "POST", f"{url}{path}", json={"model": "faq", **asked, "stream_options": None}
+        ) as reply:
+            unasked = [json.loads(line[6:]) for line in reply.iter_lines() if line[6:7] == "{"]
+        assert all("usage" not in c for c in unasked)
 
 
 def test_a_union_fields_error_names_the_field_not_the_branch(server):
