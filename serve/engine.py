@@ -291,18 +291,16 @@ class LLMEngine:
         they are made (a server streams them before the step ends) and the step returns none.
         """
         plan = self.scheduler.schedule()
-        if plan.lora_loads:
-            plan = self._without_unreadable_adapters(plan)
-        if plan.is_empty:
-            self._make_outputs()
-        else:
-            try:
-                forward = self.runner.launch(plan)
-            except BaseException:
-                # The plan's copies into slots may not have happened: no slot may claim them.
-                self.slots.unfill(slot for slot, _ in plan.lora_loads)
-                raise
-            self._make_outputs()  # the last step's when overlapping, while the device computes
+        try:
+            if plan.lora_loads:
+                plan = self._without_unreadable_adapters(plan)
+            forward = None if plan.is_empty else self.runner.launch(plan)
+        except BaseException:
+            # The plan's copies into slots may not have happened: no slot may claim them.
+            self.slots.unfill(slot for slot, _ in plan.lora_loads)
+            raise
+        self._make_outputs()  # the last step's when overlapping, while the device computes
+        if forward is not None:
             if deliver is not None and (made := self.outputs.take()):
                 deliver(made)
             result = self.runner.sample(plan, forward)
@@ -336,6 +334,8 @@ class LLMEngine:
                 self.pool.weights(uid)  # read back into the host tier now, if evicted
             except AdapterError as error:
                 failed[uid] = str(error)
+            except Exception as error:  # the disk's, or the reader's own: this adapter's alone
+                failed[uid] = f"adapter {uid!r}: cannot read it back: {error!r}"
         if not failed:
             return plan
         self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)

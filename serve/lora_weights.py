@@ -76,7 +76,19 @@ def read_peft_lora(
         raise AdapterError(f"{name}: {config_file} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{name}: {config_file} is not a JSON object")
-    alphas = [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise AdapterError(
+            f"{name}: {config_file}: alpha_pattern must be an object (got {patterns!r})"
+        )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise AdapterError(
+                f"{name}: {config_file}: alpha_pattern key {pattern!r} is not a regex: {error}"
+            ) from None
+    alphas = [config.get("lora_alpha"), *patterns.values()]
     if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alphas):
         raise AdapterError(
             f"{name}: {config_file}: lora_alpha (and alpha_pattern's values) must be numbers "
@@ -120,6 +132,13 @@ def read_peft_lora(
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterError(f"{name}: layer {layer} {module} has no {missing} weight")
         a, b = ab["A"].float(), ab["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+            raise AdapterError(
+                f"{name}: layer {layer} {module} has A {list(a.shape)}, B {list(b.shape)}: "
+                "LoRA weights are matrices of rank 1 or more"
+            )
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise AdapterError(f"{name}: layer {layer} {module} has NaN or infinite weights")
         rank = a.shape[0]
         if rank > max_rank:
             raise AdapterError(f"{name}: rank {rank} is over max_lora_rank {max_rank}")
@@ -132,7 +151,7 @@ def read_peft_lora(
             )
         # the module's name as peft matches alpha_pattern keys against it
         key = f"model.layers.{layer}.{PARENT_OF[module]}.{module}"
-        alpha = _pattern(config.get("alpha_pattern"), key, config["lora_alpha"])
+        alpha = _pattern(patterns, key, config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         tensors[(layer, module)] = (a, b, scale)
     if not tensors:
@@ -163,8 +182,8 @@ def slot_layout(
     return LoraWeights(uid, path, A, B, ranks)
 
 
-def _pattern(patterns: dict | None, key: str, default):
-    for pattern, value in (patterns or {}).items():
+def _pattern(patterns: dict, key: str, default):
+    for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):  # peft's match: a group, for `a|b` keys
             return value
     return default

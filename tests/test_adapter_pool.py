@@ -122,6 +122,11 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
         ("lora_alpha a string", "lora_alpha .* must be numbers"),
         ("config not JSON", "adapter_config.json is not valid JSON"),
         ("lora_B missing", "layer 0 q_proj has no lora_B weight"),
+        ("alpha_pattern a list", "alpha_pattern must be an object"),
+        ("alpha_pattern not a regex", "alpha_pattern key 'q_proj\\(' is not a regex"),
+        ("rank 0", r"layer 0 q_proj has A \[0, 64\], B \[64, 0\]: LoRA weights are matrices"),
+        ("a scalar", r"layer 0 q_proj has A \[\], .*: LoRA weights are matrices of rank 1"),
+        ("NaN weights", "layer 0 q_proj has NaN or infinite weights"),
     ],
 )
 def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
@@ -143,11 +148,24 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         del config["lora_alpha"]
     elif breakage == "lora_alpha a string":
         config["lora_alpha"] = "32"
+    elif breakage == "alpha_pattern a list":
+        config["alpha_pattern"] = ["q_proj"]
+    elif breakage == "alpha_pattern not a regex":
+        config["alpha_pattern"] = {"q_proj(": 4}
     config_file.write_text(json.dumps(config))
     if breakage == "config not JSON":
         config_file.write_text("{not json")
     elif breakage == "lora_B missing":
         kept = {k: v for k, v in state.items() if "layers.0.self_attn.q_proj.lora_B" not in k}
         save_file(kept, str(folder / "adapter_model.safetensors"))
+    elif breakage in ("rank 0", "a scalar", "NaN weights"):
+        key = "layers.0.self_attn.q_proj.lora_"
+        broken = {
+            "rank 0": lambda k, v: v[:0] if "lora_A" in k else v[:, :0],
+            "a scalar": lambda k, v: torch.tensor(1.0) if "lora_A" in k else v,
+            "NaN weights": lambda k, v: torch.full_like(v, float("nan")),
+        }[breakage]
+        state = {k: broken(k, v).contiguous() if key in k else v for k, v in state.items()}
+        save_file(state, str(folder / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=message):
         read_peft_lora(folder, "broken", _shape(tiny_base), max_rank=8)

@@ -242,6 +242,42 @@ def test_an_adapter_that_cannot_be_read_back_fails_only_its_own_requests(two, tm
     assert _tokens(llm, "a") == of_a
 
 
+def test_a_read_back_failing_with_any_error_fails_its_requests_and_leaves_no_slot_claimed(
+    two, monkeypatch
+):
+    """Not only the reader's own refusals and the disk's errors: whatever a read-back raises
+    (a bug) ends that adapter's requests with it, and its slot is not left claiming weights it never
+    got (the next request of it would get the slot's previous adapter's)."""
+    import serve.adapter_pool
+
+    llm, a, b = two
+    engine = llm.engine
+    of_a = _tokens(llm, "a")
+    llm.load_adapter("b", str(b))  # a leaves the host tier and b takes the slot
+    of_b = _tokens(llm, "b")
+    read = serve.adapter_pool.read_peft_lora
+
+    def broken(path, *args, **kwargs):
+        if path == a:
+            raise RuntimeError("a bug in the reader")
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(serve.adapter_pool, "read_peft_lora", broken)
+    rid = engine.add_request(PROMPT, GREEDY, None)
+    failing = engine.add_request(PROMPT, GREEDY, "a")
+    outputs = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    [out] = outputs[failing]
+    assert out.finish_reason == "error" and "cannot read it back" in out.error
+    assert "a bug in the reader" in out.error and "'a#" in out.error
+    assert outputs[rid][-1].error is None and len(outputs[rid][-1].token_ids) == 8
+    monkeypatch.undo()
+    assert _tokens(llm, "a") == of_a  # read and copied in now, not b's weights under its name
+    assert _tokens(llm, "b") == of_b
+
+
 def test_an_async_stream_of_an_unreadable_adapter_fails_while_the_others_finish(two, tmp_path):
     import asyncio
 
