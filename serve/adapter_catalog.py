@@ -62,15 +62,13 @@ class AdapterCatalog:
             tracking_uri=self.tracking_uri,
             home=self.home,
         )
-        if resolved.version is not None:
-            uid = resolved.version.ref
-            weights = self.pool.read(resolved.path, uid)
-        else:
-            # A rewritten folder is another adapter, named by the bytes read: a second look at
-            # the folder could find other files than those read.
-            weights = self.pool.read(resolved.path, name)
-            digest = hashlib.sha256(f"{resolved.path}:{weights.stamp}".encode()).hexdigest()[:12]
-            uid = weights.uid = f"{name}#{digest}"
+        # Named by the bytes read: a rewritten folder is another adapter, and so is a registry
+        # version whose number came back (its model deleted and registered again). A second
+        # look at the folder could find other files than those read.
+        label = resolved.version.ref if resolved.version is not None else name
+        weights = self.pool.read(resolved.path, label)
+        digest = hashlib.sha256(f"{resolved.path}:{weights.stamp}".encode()).hexdigest()[:12]
+        uid = weights.uid = f"{label}#{digest}"
         info = AdapterInfo(
             name,
             uid,

@@ -146,12 +146,18 @@ class AsyncLLM:
             self._submit(lambda: self._abort(added.result(), stream))
 
     def _abort(self, request_id: str, stream=None) -> bool:
-        """Abort a request; with `stream`, only while that stream is still its own: a stream
-        left after its request finished must not abort a later request reusing the id."""
-        if stream is not None and self._streams.get(request_id) is not stream:
-            return False
-        self._streams.pop(request_id, None)
-        return self.engine.abort(request_id)
+        """Abort a request; with `stream` (its consumer left), only while that stream is still
+        its own: a stream left after its request finished must not abort a later request
+        reusing the id. Aborted by another caller, its consumer gets the last output."""
+        if stream is not None:  # its consumer left: nothing more goes to it
+            if self._streams.get(request_id) is not stream:
+                return False
+            del self._streams[request_id]
+            return self.engine.abort(request_id) is not None
+        final = self.engine.abort(request_id)
+        if final is not None and (own := self._streams.pop(request_id, None)) is not None:
+            self._put(own, final)
+        return final is not None
 
     def _run(self) -> None:
         try:
@@ -200,9 +206,7 @@ class AsyncLLM:
                 else self._streams.get(output.request_id)
             )
             if stream is not None:
-                loop, q = stream
-                item = output if output.error is None else EngineStepError(output.error)
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                self._put(stream, output if output.error is None else EngineStepError(output.error))
 
     def _fail_cut(self, error: Exception) -> None:
         for request_id in self.engine.abort_cut():
@@ -211,5 +215,15 @@ class AsyncLLM:
     def _fail_stream(self, request_id: str, error: Exception) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, error)
+            self._put(stream, error)
+
+    def _put(self, stream, item: RequestOutput | Exception) -> None:
+        """Hand an output or error to its consumer's event loop. A loop closed meanwhile takes
+        nothing, and must not fail the step (every other request in it) for one caller:
+        its request, if still held, is aborted before the next step."""
+        loop, q = stream
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            if isinstance(item, RequestOutput) and not item.finished:
+                self._submit(lambda: self._abort(item.request_id))

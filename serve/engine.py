@@ -259,21 +259,28 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        seq = self.outputs.abort(request_id)
-        if seq is None:
-            return False
-        self.scheduler.finish(seq, Status.FINISHED_ABORTED)
-        self.num_aborted += 1
-        return True
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End an unfinished request now: its last output (finish reason "abort", with what
+        it generated). None where there is none of that id, or it finished and its last
+        output is still to come (with overlapped outputs, from the next step)."""
+        state = self.requests.get(request_id)
+        if state is None or state.seq.is_finished:
+            return None
+        return self._end(request_id)
 
     def abort_cut(self) -> list[str]:
-        """After a step raised: abort the requests it may have cut (see
+        """After a step raised: end the requests it may have cut (see
         `OutputProcessor.cut_by_failed_step`) and return their ids."""
         cut = self.outputs.cut_by_failed_step()
         for request_id in cut:
-            self.abort(request_id)
+            self._end(request_id)
         return cut
+
+    def _end(self, request_id: str) -> RequestOutput:
+        state = self.outputs.abort(request_id)
+        self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
+        self.num_aborted += 1
+        return state.output(state.seq.adapter)
 
     @property
     def has_unfinished(self) -> bool:

@@ -28,13 +28,12 @@ class OutputProcessor:
     def add(self, state: RequestState) -> None:
         self.requests[state.seq.request_id] = state
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Forget a request, to end without an output; its sequence (None if not held)."""
+    def abort(self, request_id: str) -> RequestState | None:
+        """Forget a request, to end without a step's output; its state (None if not held)."""
         state = self.requests.pop(request_id, None)
-        if state is None:
-            return None
-        self.sampler.forget(request_id)
-        return state.seq
+        if state is not None:
+            self.sampler.forget(request_id)
+        return state
 
     def fail(self, seq: Sequence, error: str) -> None:
         """Output a request the engine ended with `error` (finish reason "error")."""

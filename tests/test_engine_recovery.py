@@ -402,3 +402,105 @@ def test_shutdown_fails_open_streams_and_every_later_call(tiny_base):
 
     asyncio.run(run())
     assert not engine.alive
+
+
+def test_an_abort_by_another_caller_ends_the_stream_with_what_it_generated(tiny_base):
+    import asyncio
+
+    from serve.async_engine import AsyncLLM
+
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base)).engine)
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def run():
+        outs = []
+        async for out in engine.generate(PROMPT, long, request_id="x"):
+            outs.append(out)
+            if len(outs) == 3:
+                assert await engine.abort("x")  # from elsewhere: an admin, a timeout
+        assert not await engine.abort("x")
+        return outs
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 60))  # the stream waited forever
+    finally:
+        engine.shutdown()
+    last = outs[-1]
+    assert (last.finished, last.finish_reason) == (True, "abort")
+    assert last.token_ids == [t for out in outs for t in out.delta_token_ids]
+    assert 3 <= len(last.token_ids) < 200 and not engine.engine.requests
+
+
+def test_a_caller_whose_event_loop_closed_fails_no_other_request(tiny_base):
+    """Its next output cannot be handed over (the loop is closed): that must not fail the
+    step, and so every other caller's request, nor stop the engine thread."""
+    import asyncio
+    import threading
+
+    from serve.async_engine import AsyncLLM
+
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base)).engine)
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    healthy = {}
+
+    async def other_caller():
+        async for out in engine.generate(PROMPT, long, request_id="healthy"):
+            healthy["last"] = out
+
+    thread = threading.Thread(target=lambda: asyncio.run(other_caller()))
+    thread.start()
+    try:
+        loop = asyncio.new_event_loop()
+        stream = engine.generate([1, 9, 10, 11], long, request_id="gone")
+        loop.run_until_complete(anext(stream))
+        loop.close()  # the stream left open: its request runs on, for a loop that is gone
+        thread.join(timeout=60)
+        assert healthy["last"].finish_reason == "length" and len(healthy["last"].token_ids) == 60
+        assert engine.alive
+        again = asyncio.run(asyncio.wait_for(_drain(engine.generate(PROMPT, GREEDY)), 30))
+        assert len(again[-1].token_ids) == GREEDY.max_tokens
+        assert "gone" not in engine.engine.requests  # aborted, not left to run on
+    finally:
+        engine.shutdown()
+    del stream
+
+
+def test_an_abort_after_the_request_finished_leaves_it_its_last_output(tiny_base):
+    """Overlapped, a request finishes a step before its last output is made: aborting it
+    then is too late (None), and its last output still comes, not counted as aborted."""
+    engine = LLM(**tiny_engine_args(tiny_base, overlap_outputs=True)).engine
+    engine.add_request(PROMPT, GREEDY, request_id="x")
+    outputs = []
+    while not engine.requests["x"].seq.is_finished:
+        outputs += engine.step()
+    assert engine.abort("x") is None
+    while engine.has_unfinished:
+        outputs += engine.step()
+    assert outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 8
+    assert engine.num_aborted == 0 and not engine.requests
+
+
+def test_a_version_number_registered_again_serves_its_new_weights(
+    tiny_base, registry, tracking_uri, tmp_path
+):
+    """A registered model deleted and registered again numbers its versions from 1 anew:
+    the new `faq/1` is another adapter (its slot and prefix cache entries), not a hit on the
+    old one's."""
+    from tests.helpers import register_folder
+
+    folders = [
+        make_adapter(tiny_base, tmp_path / name, name="faq", seed=seed, rank=4, targets=TARGETS)
+        for name, seed in (("first", 0), ("second", 7))
+    ]
+    llm = LLM(**tiny_engine_args(tiny_base, tracking_uri=tracking_uri))
+    served = []
+    for folder in folders:
+        assert register_folder(registry, folder, "faq") == 1
+        llm.load_adapter("faq", "faq/1")
+        served.append(_tokens(llm, "faq"))
+        registry.client.delete_registered_model("faq")
+    for folder, tokens in zip(folders, served, strict=True):
+        alone = LLM(**tiny_engine_args(tiny_base))
+        alone.load_adapter("x", str(folder))
+        assert _tokens(alone, "x") == tokens
+    assert served[0] != served[1]

@@ -117,8 +117,12 @@ def test_every_request_gives_what_it_gives_alone_and_everything_comes_back(
             asked[engine.add_request(prompt, params, adapter)] = prompt, adapter, params
         if engine.requests and rng.random() < 0.05:
             request_id = rng.choice(sorted(engine.requests))
-            assert engine.abort(request_id)
-            aborted.add(request_id)
+            finished = engine.requests[request_id].seq.is_finished  # its last output to come
+            ended = engine.abort(request_id)
+            assert (ended is None) == finished, request_id
+            if ended is not None:
+                assert ended.finished and ended.finish_reason == "abort"
+                aborted.add(request_id)
         for out in engine.step():
             if out.finished:
                 final[out.request_id] = out
