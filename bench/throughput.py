@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+GAUGES = ("running", "waiting", "kv_blocks_used", "kv_blocks_total")  # engine stats: not counters
+
 
 def write_random_adapters(
     base_path: Path, folder: Path, count: int, rank: int, dtype=None, device="cpu"
@@ -112,15 +114,18 @@ def run_loraplex(llm, prompts, lengths, adapter_names, temperature=0.0, top_p=1.
         times[rid] = []
     peak_blocks = 0
     admitted: dict[str, float] = {}  # when the step that first scheduled it began
+
+    def deliver(outputs) -> None:  # when a server would send them: made, mid-step if overlapped
+        now = time.perf_counter()
+        for out in outputs:
+            times[out.request_id] += [now] * len(out.delta_token_ids)
+
     while engine.has_unfinished:
         began = time.perf_counter()
-        outputs = engine.step()
-        now = time.perf_counter()
+        engine.step(deliver)
         for seq in engine.scheduler.running:
             admitted.setdefault(seq.request_id, began)
         peak_blocks = max(peak_blocks, engine.allocator.num_used_blocks)
-        for out in outputs:
-            times[out.request_id] += [now] * len(out.delta_token_ids)
     wall = time.perf_counter() - t0
     tokens = sum(len(t) for t in times.values())
     ttft = sorted(t[0] - t0 for t in times.values())
@@ -136,8 +141,8 @@ def run_loraplex(llm, prompts, lengths, adapter_names, temperature=0.0, top_p=1.
         "itl": itl,
         "peak_blocks": peak_blocks,
         "blocks": engine.num_blocks,
-        # counters of this run only (the engine's own are cumulative)
-        "stats": {k: v - before[k] for k, v in engine.stats.items()},
+        # counters of this run only (the engine's own are cumulative; gauges left out)
+        "stats": {k: v - before[k] for k, v in engine.stats.items() if k not in GAUGES},
     }
 
 
@@ -154,7 +159,12 @@ def run_peft(
     top_p=1.0,
     dtype_name="auto",
     dequantize=False,
+    deadline=None,
 ):
+    """peft's mixed-batch `generate` over the requests in static batches: useful tokens (each
+    request's own length) per second. `deadline` (a `time.perf_counter()` value) cuts a
+    batch's generate when it passes; tokens then count up to the step it reached ("cut"),
+    when every request still generates, so a cut run's rate is, if anything, too high."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -175,11 +185,11 @@ def run_peft(
         model = model.dequantize()
     # The adapters in the dtype they are stored in, as the engine runs them (peft's default
     # upcasts bf16 adapters to fp32).
-    model = PeftModel.from_pretrained(
-        model, folders[0], adapter_name="a0", autocast_adapter_dtype=False
-    )
+    # low_cpu_mem_usage: no random init of each adapter's weights before they are read
+    load = {"autocast_adapter_dtype": False, "low_cpu_mem_usage": True}
+    model = PeftModel.from_pretrained(model, folders[0], adapter_name="a0", **load)
     for i, folder in enumerate(folders[1:], start=1):
-        model.load_adapter(folder, adapter_name=f"a{i}", autocast_adapter_dtype=False)
+        model.load_adapter(folder, adapter_name=f"a{i}", **load)
     model.eval()
     pad = model.generation_config.eos_token_id
     pad = pad if isinstance(pad, int) else pad[0]
@@ -187,7 +197,7 @@ def run_peft(
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     t0 = time.perf_counter()
-    useful = 0
+    useful, cut = 0, False
     for start in range(0, len(prompts), batch):
         group = range(start, min(start + batch, len(prompts)))
         width = max(len(prompts[i]) for i in group)
@@ -198,8 +208,13 @@ def run_peft(
         ).long()
         ids, mask = ids.to(device), mask.to(device)
         steps = max(lengths[i] for i in group)
+        if deadline is not None:
+            if deadline - time.perf_counter() < 1:
+                cut = True
+                break
+            sampling["max_time"] = deadline - time.perf_counter()
         with torch.no_grad():
-            model.generate(
+            out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=steps,
@@ -208,9 +223,11 @@ def run_peft(
                 adapter_names=[f"a{adapter_index[i]}" for i in group],
                 **sampling,
             )
-        useful += sum(lengths[i] for i in group)
+        done = out.shape[1] - width
+        cut |= done < steps
+        useful += sum(min(lengths[i], done) for i in group)
     wall = time.perf_counter() - t0
-    return {"tokens": useful, "seconds": wall, "tokens_per_s": useful / wall}
+    return {"tokens": useful, "seconds": wall, "tokens_per_s": useful / wall, "cut": cut}
 
 
 def pct(values, q):

@@ -63,7 +63,13 @@ def test_gpu_session_runs_every_benchmark_section_in_tiny_mode(tmp_path):
     runs = {label: run for label, run in serve.items() if isinstance(run, dict)}
     assert len(runs) == 3 and all(r["stats"]["prefix_cache_hit_blocks"] == 0 for r in runs.values())
     assert all(0 < r["ttft_admitted_ms"]["50"] <= r["ttft_ms"]["50"] for r in runs.values())
-    assert model["load"]["control_step_ms"] > 0  # the load step's cost is against a control
+    load = model["load"]
+    assert load["pairs"] >= 1 and len(load["control_steps_ms"]) == load["pairs"]
+    assert load["control_step_ms"] > 0  # the load step's cost is against a control
+    assert load["copy_in_step_device_ms"] > 0 and load["slot_bytes"] > 0
+    # both sides counted the same useful tokens; the stage's cap left peft its whole run
+    peft = model["peft"]
+    assert peft["peft_tokens"] == peft["loraplex_tokens"] and not peft["peft_cut"]
     assert 0 < model["decode"]["floor_double_quant_ms"] <= model["decode"]["floor_ms"]
     for name, row in kernels["kernels"].items():
         assert row["relative_error"] < 1e-4, name
@@ -100,3 +106,20 @@ def test_detokenize_benchmark_gets_the_same_text_both_ways(tmp_path):
     result = _run("bench/detokenize.py", "--lengths", "16", "100", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]  # it asserts the texts are equal
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["16", "100"]
+
+
+def test_peft_baseline_cut_at_its_deadline_counts_only_the_steps_it_reached(tiny_base, tmp_path):
+    """A lent GPU's stage has a cap: peft's generate stops at the deadline, and its useful
+    tokens are those of the steps it reached, marked as cut (whole here without one)."""
+    import time
+
+    from bench.throughput import run_peft
+    from tests.helpers import make_adapter
+
+    folders = [make_adapter(tiny_base, tmp_path / f"a{i}", name=f"a{i}", seed=i) for i in (0, 1)]
+    prompts, lengths = [[1, 5, 6, 7], [1, 8, 9]], [6, 9]
+    args = (tiny_base.path, folders, prompts, lengths, [0, 1], None)
+    whole = run_peft(*args, batch=2)
+    assert (whole["tokens"], whole["cut"]) == (15, False)
+    late = run_peft(*args, batch=2, deadline=time.perf_counter())  # past before it starts
+    assert (late["tokens"], late["cut"]) == (0, True)
