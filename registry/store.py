@@ -70,12 +70,13 @@ def _check_server_answers(uri: str) -> None:
         return
     import requests
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
     except requests.Timeout:
         raise MlflowException(
-            f"no answer to GET /health in {PROBE_TIMEOUT_S} s", "TEMPORARILY_UNAVAILABLE"
+            f"no answer to GET /health in {PROBE_TIMEOUT_S} s", TEMPORARILY_UNAVAILABLE
         ) from None
     except requests.RequestException:
         pass

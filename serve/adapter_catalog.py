@@ -24,13 +24,16 @@ from serve.lora_weights import LoraWeights
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str  # what requests call it
-    uid: str  # name and version (or folder state): slot and prefix-cache key
+    uid: str  # name or name/version, and a digest of its bytes: slot and prefix-cache key
     source: str  # as given: a registry REF or a folder
     path: Path
     version: int | None  # registry version, None for a folder
     rank: int
     modules: list[str]
     data_hash: str | None = None  # of the data it was trained on, from its lineage if any
+    # the registry version's artifact URI: which weights its number meant (a model deleted and
+    # registered again numbers its versions from 1 anew)
+    artifact: str | None = None
 
 
 class AdapterCatalog:
@@ -78,6 +81,7 @@ class AdapterCatalog:
             weights.rank,
             weights.modules,
             resolved.lineage.data_hash if resolved.lineage else None,
+            resolved.version.source if resolved.version else None,
         )
         return info, weights
 

@@ -4,7 +4,8 @@ A request for `name@alias` (or a bare `name`, the latest version) loads it once,
 requests ask at the same time. Every `interval` seconds the references of loaded adapters that
 can move are resolved again; one that now points at another version is read and installed
 under the same name. New requests get the new version; requests in flight keep the adapter
-uid (name/version) they started with, and so their slot and their prefix-cache entries.
+uid (name/version and its bytes) they started with, and so their slot and prefix-cache
+entries.
 
 An unreachable registry fails fast: MLflow's client would retry it for minutes (7 retries with
 exponential back-off, 120 s a call), so unless the environment says otherwise the server's
@@ -82,7 +83,9 @@ class AdapterWatch:
             done.exception()  # its waiters have it; marked retrieved even if all gave up
 
     async def follow_moves(self) -> list[str]:
-        """Reload the adapters whose alias (or latest version) moved; their names."""
+        """Reload the adapters whose alias (or latest version) moved, or whose version's
+        number now means other weights (its model deleted and registered again); their
+        names."""
         moved = []
         for info in list(self.loaded.values()):
             if info.version is None:
@@ -95,7 +98,8 @@ class AdapterWatch:
             except Exception as error:  # registry down or the alias deleted: keep serving
                 log.warning("cannot resolve %s to follow it: %s", info.source, error)
                 continue
-            if current.version == info.version or self.loaded.get(info.name) is not info:
+            same = (current.version, current.source) == (info.version, info.artifact)
+            if same or self.loaded.get(info.name) is not info:
                 continue
             try:
                 # Over `info` only: an unload or a replacement meanwhile (the API) wins.

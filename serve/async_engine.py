@@ -220,10 +220,10 @@ class AsyncLLM:
     def _put(self, stream, item: RequestOutput | Exception) -> None:
         """Hand an output or error to its consumer's event loop. A loop closed meanwhile takes
         nothing, and must not fail the step (every other request in it) for one caller:
-        its request, if still held, is aborted before the next step."""
+        its request is aborted before the next step, if the stream is still its own."""
         loop, q = stream
         try:
             loop.call_soon_threadsafe(q.put_nowait, item)
         except RuntimeError:  # "Event loop is closed"
             if isinstance(item, RequestOutput) and not item.finished:
-                self._submit(lambda: self._abort(item.request_id))
+                self._submit(lambda: self._abort(item.request_id, stream))

@@ -260,11 +260,11 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """End an unfinished request now: its last output (finish reason "abort", with what
-        it generated). None where there is none of that id, or it finished and its last
-        output is still to come (with overlapped outputs, from the next step)."""
+        """End a request now: its last output (finish reason "abort", with what it generated).
+        None where there is none of that id, or it finished and its last output is still to
+        come (with overlapped outputs, from the next step)."""
         state = self.requests.get(request_id)
-        if state is None or state.seq.is_finished:
+        if state is None or (state.seq.is_finished and self.outputs.output_due(state.seq)):
             return None
         return self._end(request_id)
 

@@ -83,7 +83,7 @@ def read_peft_lora(
         )
     for pattern in patterns:
         try:
-            re.compile(pattern)
+            _pattern_regex(pattern)
         except re.error as error:
             raise AdapterError(
                 f"{name}: {config_file}: alpha_pattern key {pattern!r} is not a regex: {error}"
@@ -184,6 +184,10 @@ def slot_layout(
 
 def _pattern(patterns: dict, key: str, default):
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):  # peft's match: a group, for `a|b` keys
+        if _pattern_regex(pattern).match(key):
             return value
     return default
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({pattern})$")  # peft's match: a group, for `a|b` keys

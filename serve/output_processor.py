@@ -29,11 +29,26 @@ class OutputProcessor:
         self.requests[state.seq.request_id] = state
 
     def abort(self, request_id: str) -> RequestState | None:
-        """Forget a request, to end without a step's output; its state (None if not held)."""
+        """Forget a request, to end it without a step's output; its state (None if not held),
+        caught up with the pending step's result for it (the text and logprob of the token
+        that step sampled), so that the state's output holds all it generated."""
         state = self.requests.pop(request_id, None)
-        if state is not None:
-            self.sampler.forget(request_id)
+        if state is None:
+            return None
+        if (row := self._due_row(state.seq)) is not None:
+            result = self.pending[1]
+            state.update(result.logprobs[row], result.prompt_logprobs[row])
+        self.sampler.forget(request_id)
         return state
+
+    def output_due(self, seq: Sequence) -> bool:
+        """Whether the pending step has a result of `seq` still to output."""
+        return self._due_row(seq) is not None
+
+    def _due_row(self, seq: Sequence) -> int | None:
+        if self.pending is None:
+            return None
+        return next((i for i, s in enumerate(self.pending[0].seqs) if s is seq), None)
 
     def fail(self, seq: Sequence, error: str) -> None:
         """Output a request the engine ended with `error` (finish reason "error")."""
@@ -46,12 +61,11 @@ class OutputProcessor:
         """The requests a step that raised may have cut: those running, and those it finished
         before their last output was made (no step would make it). Waiting ones, and finished
         ones whose output is pending (the next step makes it), go on."""
-        pending = {id(seq) for seq in self.pending[0].seqs} if self.pending else set()
         return [
             request_id
             for request_id, state in self.requests.items()
             if state.seq.status is Status.RUNNING
-            or (state.seq.is_finished and id(state.seq) not in pending)
+            or (state.seq.is_finished and not self.output_due(state.seq))
         ]
 
     def read(self) -> list[Sequence]:

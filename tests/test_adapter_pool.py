@@ -124,6 +124,7 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
         ("lora_B missing", "layer 0 q_proj has no lora_B weight"),
         ("alpha_pattern a list", "alpha_pattern must be an object"),
         ("alpha_pattern not a regex", "alpha_pattern key 'q_proj\\(' is not a regex"),
+        ("alpha_pattern flags mid-regex", "alpha_pattern key '\\(\\?i\\)Q_PROJ' is not"),
         ("rank 0", r"layer 0 q_proj has A \[0, 64\], B \[64, 0\]: LoRA weights are matrices"),
         ("a scalar", r"layer 0 q_proj has A \[\], .*: LoRA weights are matrices of rank 1"),
         ("NaN weights", "layer 0 q_proj has NaN or infinite weights"),
@@ -152,6 +153,8 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         config["alpha_pattern"] = ["q_proj"]
     elif breakage == "alpha_pattern not a regex":
         config["alpha_pattern"] = {"q_proj(": 4}
+    elif breakage == "alpha_pattern flags mid-regex":  # valid alone; not as peft matches it
+        config["alpha_pattern"] = {"(?i)Q_PROJ": 4}
     config_file.write_text(json.dumps(config))
     if breakage == "config not JSON":
         config_file.write_text("{not json")

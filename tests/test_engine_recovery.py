@@ -504,3 +504,44 @@ def test_a_version_number_registered_again_serves_its_new_weights(
         alone.load_adapter("x", str(folder))
         assert _tokens(alone, "x") == tokens
     assert served[0] != served[1]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+def test_an_aborted_requests_last_output_holds_the_text_of_every_token(tiny_base, overlap):
+    """Overlapped, the last step's token is sampled but not yet read: the abort's output
+    reads it first, so text and logprobs cover every token."""
+    engine = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap)).engine
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, logprobs=0)
+    engine.add_request(PROMPT, params, request_id="x")
+    outputs = []
+    for _ in range(5):
+        outputs += engine.step()
+    final = engine.abort("x")
+    assert final.finish_reason == "abort" and len(final.token_ids) == 5
+    assert len(final.logprobs) == 5
+    assert final.text == engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+    sent = [t for out in [*outputs, final] for t in out.delta_token_ids]
+    assert sent == final.token_ids
+    assert "".join(out.delta_text for out in [*outputs, final]) == final.text
+
+
+def test_a_request_finished_by_a_step_that_then_raised_is_released_by_generates_cleanup(
+    tiny_base, monkeypatch
+):
+    """Its last output will never be made (the step raised): `LLM.generate` must still end
+    it, or it holds its id and its state for good."""
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine = llm.engine
+    finished = engine.guided.finished
+
+    def interrupted(seq):  # after the step finished it (by length), before its output
+        if seq.is_finished:
+            raise KeyboardInterrupt
+        return finished(seq)
+
+    monkeypatch.setattr(engine.guided, "finished", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    monkeypatch.undo()
+    assert not engine.requests and not engine.has_unfinished
+    assert engine.allocator.num_used_blocks == 0

@@ -13,10 +13,18 @@ import openai
 import pytest
 
 from serve import LLM
-from tests.helpers import make_lora, paused, register_folder, running_server, tiny_engine_args
+from tests.helpers import (
+    make_adapter,
+    make_lora,
+    paused,
+    register_folder,
+    running_server,
+    tiny_engine_args,
+)
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 ANSWER = dict(max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+PROMPT = [1, 5, 6, 7, 8, 9, 10, 11]
 
 
 @pytest.mark.slow
@@ -131,3 +139,50 @@ def test_an_unload_or_replacement_while_a_moved_alias_is_read_is_not_undone(
         assert loaded == ({} if meanwhile == "unload" else {"faq@champion": str(tmp_path / "v1")})
     finally:
         engine.shutdown()
+
+
+def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_weights(
+    tiny_base, registry, tmp_path
+):
+    """Deleted and registered again, a model numbers its versions from 1 anew: `faq@champion`
+    at version 1 both times is still a move, to other weights."""
+    from serve import SamplingParams
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    targets = ("q_proj", "v_proj", "o_proj", "down_proj")
+    folders = [
+        make_adapter(tiny_base, tmp_path / f"v{seed}", name="faq", seed=seed, targets=targets)
+        for seed in (0, 1)
+    ]
+    llm = LLM(**tiny_engine_args(tiny_base, registry.tracking_uri))
+    engine = AsyncLLM(llm.engine)
+    watch = AdapterWatch(engine)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    async def answer() -> list[int]:
+        async for out in engine.generate(PROMPT, greedy, "faq@champion"):
+            last = out
+        return last.token_ids
+
+    async def main():
+        register_folder(registry, folders[0], "faq")
+        registry.promote("faq", 1)
+        await watch.ensure("faq@champion")
+        first, unmoved = await answer(), await watch.follow_moves()
+        registry.client.delete_registered_model("faq")
+        register_folder(registry, folders[1], "faq")
+        registry.promote("faq", 1)
+        return first, unmoved, await watch.follow_moves(), await answer()
+
+    try:
+        first, unmoved, moved, second = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    alone = LLM(**tiny_engine_args(tiny_base))
+    expected = []
+    for k, folder in enumerate(folders):
+        alone.load_adapter(f"v{k}", str(folder))
+        expected.append(alone.generate([PROMPT], greedy, adapters=[f"v{k}"])[0].token_ids)
+    assert (unmoved, moved) == ([], ["faq@champion"])
+    assert [first, second] == expected and first != second
