@@ -64,8 +64,15 @@ def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
     return BaseModel(spec, path.resolve(), fingerprint(path, home))
 
 
+# What a config.json records of the program that wrote it, not of the model: two machines
+# that convert or save the same weights with other transformers releases share the base.
+_WRITER_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+_SCHEME = 2  # of the fingerprint: cached values of another scheme are computed again
+
+
 def fingerprint(path: Path, home: Home | None = None) -> str:
-    """sha256 over config.json and every weight file, cached by file size and mtime."""
+    """sha256 over config.json (less what records its writer) and every weight file, cached
+    by file size and mtime."""
     home = home or Home.from_env()
     path = path.resolve()
     weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
@@ -74,19 +81,34 @@ def fingerprint(path: Path, home: Home | None = None) -> str:
     cache = home.fingerprints / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached["stamp"] == stamp:
+        if cached["stamp"] == stamp and cached.get("scheme") == _SCHEME:
             return cached["fingerprint"]
     digest = hashlib.sha256()
     # the files hashed in parallel (hashlib lets go of the GIL): a sharded 8B checkpoint's
     # 16 GB take a core ~8 s one file after another
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for file, file_digest in zip(files, pool.map(_file_digest, files), strict=True):
+        digests = [_config_digest(files[0]), *pool.map(_file_digest, files[1:])]
+        for file, file_digest in zip(files, digests, strict=True):
             digest.update(file.name.encode())
             digest.update(file_digest)
     value = "sha256:" + digest.hexdigest()[:24]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"path": str(path), "stamp": stamp, "fingerprint": value}))
+    record = {"path": str(path), "stamp": stamp, "scheme": _SCHEME, "fingerprint": value}
+    cache.write_text(json.dumps(record))
     return value
+
+
+def _config_digest(file: Path) -> bytes:
+    try:
+        config = json.loads(file.read_bytes())
+    except ValueError as error:
+        raise UsageError(f"base_model: {file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"base_model: {file} is not a JSON object")
+    model = {k: v for k, v in config.items() if k not in _WRITER_KEYS}
+    return hashlib.sha256(
+        json.dumps(model, sort_keys=True, separators=(",", ":")).encode()
+    ).digest()
 
 
 def _file_digest(file: Path) -> bytes:

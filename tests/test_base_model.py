@@ -56,6 +56,22 @@ def test_fingerprint_is_stable_cached_and_tracks_weights(tiny_base, home, tmp_pa
     assert fingerprint(copy, home) != first
 
 
+def test_fingerprint_ignores_what_config_records_of_its_writer_not_of_the_model(
+    tiny_base, home, tmp_path
+):
+    """Converted or saved by another transformers release, the same weights are the same base
+    (an adapter trained on one machine serves on another); a change to the model is not."""
+    first = fingerprint(tiny_base.path, home)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base.path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    rewritten = {"transformers_version": "9.99.0", "_name_or_path": "/elsewhere", **config}
+    (copy / "config.json").write_text(json.dumps(rewritten, indent=4))
+    assert fingerprint(copy, home) == first
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert fingerprint(copy, home) != first
+
+
 def test_unknown_base_model_is_refused(home, tmp_path):
     with pytest.raises(UsageError, match=r"base_model: .*neither an embedded model"):
         resolve_base_model(str(tmp_path), home)
@@ -80,7 +96,7 @@ def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tm
     for name, data in zip(names, contents, strict=True):
         (tmp_path / name).write_bytes(data)
     expected = hashlib.sha256()
-    files = [("config.json", b'{"model_type": "llama"}'), *zip(names, contents, strict=True)]
+    files = [("config.json", b'{"model_type":"llama"}'), *zip(names, contents, strict=True)]
     for name, data in files:
         expected.update(name.encode())
         expected.update(hashlib.sha256(data).digest())
