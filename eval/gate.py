@@ -19,7 +19,7 @@ from eval.gate_config import GateConfig
 from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
-from registry.errors import NotFoundError, UsageError
+from registry.errors import ConfigError, NotFoundError, UsageError
 from registry.refs import AdapterRef, parse_ref
 from registry.store import AdapterRegistry, AdapterVersion
 
@@ -95,6 +95,12 @@ class QualityGate:
         measured: dict[str, dict[str | None, Samples]] = {}
         if "perplexity" in self.config.metrics:
             measured["perplexity"] = self._perplexity(models, roles, records, splits.format)
+            if not len(measured["perplexity"][CANDIDATE].values):  # the data's fault, not its
+                raise ConfigError(
+                    f"perplexity: none of the {len(records)} test records keeps an answer token "
+                    f"within the train config's data.max_seq_length "
+                    f"({self.train.data.max_seq_length}): the gate has nothing to score"
+                )
         if ragas:
             measured |= self._ragas(models, roles, samples, scorer, ragas)
         verdicts = [self._verdict(metric, measured[metric]) for metric in self.config.metrics]

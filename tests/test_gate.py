@@ -659,3 +659,33 @@ def test_the_gate_measures_the_base_quantized_as_its_train_config_trained_it(reg
     with pytest.raises(RuntimeError, match="stop before"):
         gate._models()
     assert (built[0].quantization, built[0].double_quant) == ("nf4", False)
+
+
+def test_a_test_split_with_no_answer_within_max_seq_length_is_a_usage_error_not_a_fail(
+    registry, tokenizer, monkeypatch, tmp_path
+):
+    """Every prompt fills the train config's max_seq_length: nothing is scored, which is the
+    data's or config's fault (exit 2, nothing recorded), not a regression of the candidate."""
+    from eval.gate import QualityGate
+
+    _register_trained(registry, _trained_hash())
+    gate_file = tmp_path / "gate.yaml"
+    gate_file.write_text(
+        f"adapter: country-facts\ntrain_config: {TRAIN_CONFIG}\n"
+        "metrics:\n  perplexity: {ceiling: 4.0}\n"
+    )
+    config = load_gate_config(gate_file)
+    gate = QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    data = gate.train.data.model_copy(update={"max_seq_length": 16})
+    monkeypatch.setattr(gate, "train", gate.train.model_copy(update={"data": data}))
+
+    class Unscored:  # the models, never asked: no example keeps an answer token
+        def prompt_logprobs(self, prompts, models):
+            assert prompts == []
+            return []
+
+    unscored = Unscored()
+    unscored.tokenizer = tokenizer
+    monkeypatch.setattr(gate, "_models", lambda: (unscored, [None, "candidate"]))
+    with pytest.raises(ConfigError, match=r"perplexity: none of the \d+ test records keeps an"):
+        gate.measure()
