@@ -45,8 +45,9 @@ class QualityGate:
         self.train = load_config(config.train_config)
         self.registry = AdapterRegistry(tracking_uri)
         self.candidate = self._version(candidate, "--candidate")
-        self.baseline = self._baseline(baseline)
         self.notes: list[str] = []  # for the report's reader: what may bias the comparison
+        self.champion_elsewhere: AdapterVersion | None = None  # on a base this gate lacks
+        self.baseline = self._baseline(baseline)
         measured = self._measured_split()
         differences = self._split_differences(self.candidate, measured)
         if differences:
@@ -199,6 +200,8 @@ class QualityGate:
             champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
         except NotFoundError:
             return  # nothing to replace
+        if not self._on_candidates_base(champion):
+            return  # it cannot be compared on this base; the report's note says so
         compared = self.candidate if self.baseline is None else self.baseline
         if compared.version != champion.version:
             raise UsageError(
@@ -244,20 +247,44 @@ class QualityGate:
 
     def _baseline(self, baseline: str | None) -> AdapterVersion | None:
         if baseline is not None:
-            return self._version(baseline, "--baseline")
+            chosen = self._version(baseline, "--baseline")
+            if not self._on_candidates_base(chosen):
+                raise UsageError(
+                    f"--baseline {chosen.ref} was trained on another base model "
+                    f"({chosen.tags.get('base_fingerprint')}) than --candidate "
+                    f"{self.candidate.ref} ({self.candidate.tags.get('base_fingerprint')}): "
+                    "one engine cannot serve both"
+                )
+            return chosen
         try:
             champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
         except NotFoundError:
             return None  # no champion yet: judged against the floors and the base
-        # Against itself every gain is 0 and no regression could show: the base instead.
-        return None if champion.version == self.candidate.version else champion
+        if champion.version == self.candidate.version:
+            return None  # against itself no regression could show: the base instead
+        if not self._on_candidates_base(champion):
+            # The change of base a new train config makes: refusing would block it for good.
+            self.champion_elsewhere = champion
+            self.notes.append(
+                f"the champion {champion.ref} was trained on another base model "
+                f"({champion.tags.get('base_fingerprint')}), which this gate does not serve: "
+                "the candidate is judged against its own base instead"
+            )
+            return None
+        return champion
+
+    def _on_candidates_base(self, version: AdapterVersion) -> bool:
+        """Whether `version` was trained on the candidate's base (as far as both recorded)."""
+        theirs, ours = (v.tags.get("base_fingerprint") for v in (version, self.candidate))
+        return theirs is None or ours is None or theirs == ours
 
     def _baseline_label(self) -> str:
         if self.baseline is None:
-            is_champion = CHAMPION in self.candidate.aliases
-            return (
-                "base (the candidate is the champion)" if is_champion else "base (no champion yet)"
-            )
+            if CHAMPION in self.candidate.aliases:
+                return "base (the candidate is the champion)"
+            if self.champion_elsewhere is not None:
+                return f"base ({self.champion_elsewhere.ref}, the champion, is on another base)"
+            return "base (no champion yet)"
         v = self.baseline
         aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
         return f"{v.ref}{aliases}"

@@ -352,7 +352,7 @@ def test_a_gate_whose_adapter_is_not_its_train_configs_name_is_refused(tmp_path)
     assert "name: 'country-facts'" in str(error.value)
 
 
-def _register_trained(registry, data_hash: str, **split) -> int:
+def _register_trained(registry, data_hash: str, base="sha256:f", **split) -> int:
     """A version as `loraplex train` leaves it: the data hash in its lineage, the resolved
     config (here only the split) as its run's params. No weights: the gate is not run."""
     from mlflow.entities import Param
@@ -363,7 +363,7 @@ def _register_trained(registry, data_hash: str, **split) -> int:
     run_id = client.create_run(registry.experiment_id("tests")).info.run_id
     split = {"validation": 0.1, "test": 0.1, "seed": 0} | split
     client.log_batch(run_id, params=[Param(f"data.split.{k}", str(v)) for k, v in split.items()])
-    lineage = Lineage("country-facts", "b", "sha256:f", data_hash, 4, 8.0, ["q_proj"], "0")
+    lineage = Lineage("country-facts", "b", base, data_hash, 4, 8.0, ["q_proj"], "0")
     version = registry.register("country-facts", run_id, "file:///nowhere/adapter", lineage)
     return version.version
 
@@ -407,6 +407,26 @@ def test_a_champion_trained_on_other_data_is_a_note_in_the_report_not_a_refusal(
     [note] = gate.notes
     assert note.startswith("baseline country-facts/1 was trained on another split")
     assert "may have seen test records: data hash: sha256:older when trained" in note
+
+
+def test_a_champion_on_another_base_is_a_note_and_the_candidate_may_replace_it(registry):
+    """A train config moved to a new base: the champion cannot be served on it, so the
+    candidate is judged against its own base (and --promote may replace the champion) instead
+    of every gate failing until someone moves the alias by hand."""
+    from eval.gate import QualityGate
+
+    assert _register_trained(registry, _trained_hash(), base="sha256:old") == 1
+    registry.promote("country-facts", 1)
+    assert _register_trained(registry, _trained_hash()) == 2
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/2", tracking_uri=registry.tracking_uri)
+    assert gate.baseline is None
+    [note] = gate.notes
+    assert note.startswith("the champion country-facts/1 was trained on another base model")
+    assert gate._baseline_label() == "base (country-facts/1, the champion, is on another base)"
+    gate._check_promotable()  # not refused: the champion cannot be compared on this base
+    with pytest.raises(UsageError, match=r"--baseline country-facts/1 was trained on another"):
+        QualityGate(config, "country-facts/2", "country-facts/1", registry.tracking_uri)
 
 
 def test_report_notes_are_in_the_json_and_the_markdown(tmp_path):
