@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
-from registry.config_file import read_config, relative_to_file
+from registry.config_file import Number, read_config, relative_to_file
 from registry.errors import ConfigError
 from registry.refs import check_name
 
@@ -37,9 +37,9 @@ class _Strict(BaseModel):
 
 
 class MetricRule(_Strict):
-    floor: float | None = None  # the candidate fails below it (metrics where higher is better)
-    ceiling: float | None = None  # the candidate fails above it (perplexity)
-    tolerance: float = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
+    floor: Number | None = None  # the candidate fails below it (metrics where higher is better)
+    ceiling: Number | None = None  # the candidate fails above it (perplexity)
+    tolerance: Number = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
 
 
 class EvalSetConfig(_Strict):
@@ -57,7 +57,7 @@ class GenerationConfig(_Strict):
 
 class BootstrapConfig(_Strict):
     resamples: StrictInt = Field(2000, ge=100)
-    confidence: float = Field(0.95, gt=0.5, lt=1)
+    confidence: Number = Field(0.95, gt=0.5, lt=1)
     seed: StrictInt = Field(0, ge=0)
 
 

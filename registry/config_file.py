@@ -6,20 +6,43 @@ bad config the same way (exit code 2).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from registry.errors import ConfigError
 
 Config = TypeVar("Config", bound=BaseModel)
 
 
+def _not_a_bool(value):
+    if isinstance(value, bool):  # YAML's `yes`, `on`, `true`: pydantic would read 1.0
+        raise ValueError("a number, not a boolean")
+    return value
+
+
+# A config's float: lax about strings (YAML 1.1 reads `1e-4` as one), never a boolean.
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
-    last silently, dropping the first: a whole `engine:` section, say)."""
+    last silently, dropping the first: a whole `engine:` section, say), and an integer with a
+    leading zero, which YAML 1.1 reads as octal (`max_steps: 010` would be 8)."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?0[0-7_]+", text):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{text!r}: a leading 0 reads as octal; write it without",
+                node.start_mark,
+            )
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -32,6 +55,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 def _load_yaml(text: str):

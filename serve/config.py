@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL
+from registry.config_file import Number
 
 
 class EngineConfig(BaseModel):
@@ -33,10 +34,10 @@ class EngineConfig(BaseModel):
     # KV pool size in GiB (2**30 bytes); the block count and the longest context follow.
     # None: on CUDA, what gpu_memory_utilization leaves after the weights and the largest
     # step; 1 GiB on CPU
-    kv_cache_memory_gb: float | None = Field(None, gt=0)
+    kv_cache_memory_gb: Number | None = Field(None, gt=0)
     # share of the GPU's memory this engine may fill (KV sizing only): the rest is headroom
     # for CUDA graphs and fragmentation, or room for another process
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: Number = Field(0.9, gt=0, le=1)
     num_kv_blocks: StrictInt | None = Field(None, ge=1)  # overrides kv_cache_memory_gb (tests)
     max_num_seqs: StrictInt = Field(32, ge=1)  # running sequences per step
     max_num_batched_tokens: StrictInt = Field(512, ge=1)  # tokens a step (the prefill chunk)

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL
-from registry.config_file import format_errors, read_config, relative_to_file
+from registry.config_file import Number, format_errors, read_config, relative_to_file
 from registry.errors import ConfigError
 from registry.home import Home
 from registry.refs import is_ref
@@ -82,8 +82,8 @@ class ServeConfig(_Strict):
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> registry REF or folder
     default_max_tokens: StrictInt = Field(256, ge=1)  # for requests that do not say
     max_waiting: StrictInt = Field(256, ge=1)  # queued requests beyond which new ones get 503
-    request_timeout_s: float = Field(300, gt=0)  # a request still running then is aborted
-    alias_poll_interval_s: float = Field(10, gt=0)  # how soon a moved alias is followed
+    request_timeout_s: Number = Field(300, gt=0)  # a request still running then is aborted
+    alias_poll_interval_s: Number = Field(10, gt=0)  # how soon a moved alias is followed
     engine: EngineConfig = EngineConfig()
     api_keys: list[ApiKey] = Field(default_factory=list)  # empty: no keys asked
     audit: AuditConfig = AuditConfig()

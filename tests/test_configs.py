@@ -76,6 +76,13 @@ def _with(section: str, key: str, value) -> dict:
         (_with("training", "max_steps", True), "training.max_steps", "valid integer (got True)"),
         (_with("data", "packing", 1), "data.packing", "valid boolean (got 1)"),
         (_with("lora", "use_rslora", "yes"), "lora.use_rslora", "valid boolean (got 'yes')"),
+        (_with("lora", "alpha", True), "lora.alpha", "a number, not a boolean (got True)"),
+        (_with("training", "learning_rate", True), "training.learning_rate", "not a boolean"),
+        (
+            {**GOOD, "data": {**GOOD["data"], "split": {"test": True}}},
+            "data.split.test",
+            "a number, not a boolean",
+        ),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, config, key, message):
@@ -104,6 +111,16 @@ def test_missing_config_and_bad_yaml(tmp_path):
     path.write_bytes(b"name: caf\xe9\n")  # Latin-1
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 9\)"):
         load_config(path)
+
+
+def test_an_integer_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"training\.max_steps: '010' is not a valid value: "):
+        load_config(path, ["training.max_steps=010"])  # YAML 1.1: 8
+    path.write_text(path.read_text() + "\nextra: 010\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: '010': a leading 0 reads as octal"):
+        load_config(path)
+    assert load_config(_write(tmp_path, GOOD), ["training.max_steps=10"]).training.max_steps == 10
 
 
 def test_a_key_given_twice_is_refused_not_the_first_dropped(tmp_path):

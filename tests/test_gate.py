@@ -530,6 +530,7 @@ def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(
         ("metrics: {answer_relevancy: {}}", "  metrics: ['answer_relevancy'] are LLM"),
         # ints are strict, as in the train and serve configs: true is no 1, 8.0 no 8
         ("metrics: {rouge_l: {}}\neval_set: {top_k: true}", "  eval_set.top_k: Input should"),
+        ("metrics: {rouge_l: {tolerance: yes}}", "  metrics.rouge_l.tolerance: a number, not a b"),
         ("metrics: {rouge_l: {}}\neval_set: {max_samples: 8.0}", "  eval_set.max_samples: "),
         ("metrics: {rouge_l: {}}\nbootstrap: {seed: true}", "  bootstrap.seed: Input should"),
         ("metrics: {rouge_l: {}}\nbootstrap: {confidence: .nan}", "  bootstrap.confidence: "),

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL, LORA_MODULES
-from registry.config_file import read_config, relative_to_file
+from registry.config_file import Number, read_config, relative_to_file
 from registry.errors import ConfigError
 from registry.refs import check_name
 
@@ -29,12 +29,13 @@ def _fraction_or_count(value: float) -> float:
 
 
 # A share of the data set when below 1, else a number of examples.
-SplitSize = Annotated[float, Field(gt=0), AfterValidator(_fraction_or_count)]
+SplitSize = Annotated[Number, Field(gt=0), AfterValidator(_fraction_or_count)]
 
 
 class _Strict(BaseModel):
     # Ints and bools are StrictInt / StrictBool: `max_steps: 1.0` or `true` and `packing: 1` are
-    # refused, not read as 1 and True. Floats stay lax: YAML reads `1e-4` as a string. No float
+    # refused, not read as 1 and True. Floats (`Number`) stay lax about strings (YAML reads
+    # `1e-4` as one) but refuse booleans (`alpha: yes` is not 1.0). No float
     # may be `.inf` or `.nan` (or `1e400`): `lora.alpha: .inf` passes `gt=0` and trains NaNs.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -68,8 +69,8 @@ class QuantizationConfig(_Strict):
 
 class LoraSettings(_Strict):
     r: StrictInt = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    alpha: Number = Field(32, gt=0)
+    dropout: Number = Field(0.05, ge=0, lt=1)
     use_rslora: StrictBool = False
     target_modules: str | list[str] = "all-linear"
 
@@ -87,11 +88,11 @@ class TrainingSettings(_Strict):
     max_steps: StrictInt = Field(100, ge=1)
     batch_size: StrictInt = Field(8, ge=1)
     gradient_accumulation_steps: StrictInt = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: Number = Field(2e-4, gt=0, le=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: StrictInt = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+    max_grad_norm: Number = Field(1.0, gt=0)
     # adamw_8bit keeps Adam's two moments in 8 bits (bitsandbytes): 2 B instead of 8 B per
     # trainable parameter; paged_*: their pages move to host memory when the GPU runs short
     # (QLoRA's paged optimizers; on a CPU the same as unpaged).
