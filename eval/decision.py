@@ -100,8 +100,9 @@ def judge(
     base: Samples | None,
     boot: BootstrapConfig,
 ) -> Verdict:
-    """The verdict on one metric. A regression fails only when the whole interval of the gain
-    lies below -tolerance: worse than tolerated, and beyond what resampling noise explains.
+    """The verdict on one metric. A regression against the baseline or the base fails only
+    when the whole interval of the gain lies below -tolerance: worse than tolerated, and
+    beyond what resampling noise explains.
     A sample left unscored is skipped only for LLM-judged metrics; elsewhere it fails."""
     higher = METRICS[metric]
     verdict = Verdict(
@@ -127,12 +128,17 @@ def judge(
         verdict.reasons.append(f"{value:.4g} is below the floor {rule.floor:g}")
     if rule.ceiling is not None and value > rule.ceiling:
         verdict.reasons.append(f"{value:.4g} is above the ceiling {rule.ceiling:g}")
-    vs = verdict.vs_baseline
-    if vs is not None and vs.high < -rule.tolerance:
-        verdict.reasons.append(
-            f"regressed against the baseline by {-vs.gain:.4g} "
-            f"(interval of the gain [{vs.low:.4g}, {vs.high:.4g}], tolerance {rule.tolerance:g})"
-        )
+    # Against the base too (when it is not the baseline): else each champion could lose up to
+    # a tolerance to the one before, and the line of them drift below the base unnoticed.
+    against = [("the baseline", verdict.vs_baseline)]
+    if base is not baseline:
+        against.append(("the base model", verdict.vs_base))
+    for other, vs in against:
+        if vs is not None and vs.high < -rule.tolerance:
+            verdict.reasons.append(
+                f"regressed against {other} by {-vs.gain:.4g} (interval of the gain "
+                f"[{vs.low:.4g}, {vs.high:.4g}], tolerance {rule.tolerance:g})"
+            )
     verdict.passed = not verdict.reasons
     return verdict
 

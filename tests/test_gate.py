@@ -69,6 +69,20 @@ def test_verdict_applies_floor_and_tolerated_regression(candidate, rule, passed,
         assert reason in " ".join(verdict.reasons)
 
 
+def test_a_candidate_better_than_the_champion_but_below_the_base_fails():
+    """Each champion may lose up to a tolerance to the one before; against the base too, the
+    line of them cannot drift below it (and the champion gated again, against the base alone,
+    gets the verdict it got)."""
+    rule = MetricRule(tolerance=0.02)
+    verdict = judge("rouge_l", rule, _scores(0.15), _scores(0.1), _scores(0.2), BOOT)
+    assert verdict.vs_baseline.gain > 0 and not verdict.passed
+    [reason] = verdict.reasons
+    assert reason.startswith("regressed against the base model by 0.05")
+    base = _scores(0.2)
+    alone = judge("rouge_l", rule, _scores(0.15), base, base, BOOT)  # the base as baseline
+    assert [r.split(" by ")[0] for r in alone.reasons] == ["regressed against the baseline"]
+
+
 def test_a_regression_within_noise_does_not_fail():
     # Mean 0.1 lower but independent, very noisy samples: the interval reaches past zero.
     verdict = judge(
