@@ -166,7 +166,7 @@ def section_load(llm, cfg, args, names, results) -> None:
         print("load       every adapter is in a slot: nothing to measure")
         return
     before = timed_steps(engine, 5)
-    copies = []  # (uid, device seconds) of each copy into a slot
+    copies = []  # a callable per copy into a slot: its device seconds, once the step is done
     original = engine.pool.load_slot
     engine.pool.load_slot = _timed_copy(original, args.device, copies)
     loads, controls = [], []
@@ -188,7 +188,7 @@ def section_load(llm, cfg, args, names, results) -> None:
         stop(engine, ids)
         print("load       no step copied an adapter in: nothing to measure")
         return
-    copy_in_step = statistics.median(_seconds(t) for _, t in copies)
+    copy_in_step = statistics.median(seconds() for seconds in copies)
     uid = engine.adapters[outside[-1]].uid
     slot = engine.slots.slot_of[uid]
     copy = median_time(lambda: original(slot, uid), args.device, repeats=3)
@@ -232,23 +232,21 @@ def _timed_copy(load_slot, device, copies: list):
         if torch.device(device).type != "cuda":
             t0 = time.perf_counter()
             load_slot(slot, uid)
-            copies.append((uid, time.perf_counter() - t0))
+            elapsed = time.perf_counter() - t0
+            copies.append(lambda: elapsed)
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         load_slot(slot, uid)
         end.record()
-        copies.append((uid, (start, end)))
+
+        def seconds() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        copies.append(seconds)
 
     return timed
-
-
-def _seconds(timing) -> float:
-    if isinstance(timing, float):
-        return timing
-    start, end = timing
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def start_decoding_one(engine, prompt, adapter) -> list[str]:
