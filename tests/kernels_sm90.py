@@ -126,19 +126,22 @@ def launches(dtype: torch.dtype) -> list:
 
     for seqs, new in ((64, 1), (1, 512)):  # a decode batch; one prefill chunk
         tokens = seqs * new
-        ranks = torch.full((seqs,), 16, dtype=torch.int32)
         batch = LoraBatch.build(list(range(seqs)), [new] * seqs, "cpu", kernel=True)
-        A, B = torch.zeros(seqs, 16, hidden, dtype=bf16), torch.zeros(seqs, 16, qkv, dtype=bf16)
-        y, x = torch.zeros(tokens, qkv, dtype=bf16), torch.zeros(tokens, hidden, dtype=bf16)
-        lora_sgmv.lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, ranks)
-        # q/k/v: one shrink over their A stacked along the rank
-        stacked = torch.zeros(seqs, 3 * 16, hidden, dtype=bf16)
-        ys = list(y.split((4096, 1024, 1024), dim=1))
-        Bs = [torch.zeros(seqs, 16, w.shape[1], dtype=bf16) for w in ys]
-        table = torch.full((3, seqs), 16, dtype=torch.int32)
-        lora_sgmv.lora_sgmv_shared(
-            ys, x, stacked, Bs, batch.segment_table, batch.max_segment_len, table
-        )
+        x = torch.zeros(tokens, hidden, dtype=bf16)
+        for rank in (16, 64):  # the benchmark's rank; QLoRA's (a rank past the tiles)
+            ranks = torch.full((seqs,), rank, dtype=torch.int32)
+            A = torch.zeros(seqs, rank, hidden, dtype=bf16)
+            B = torch.zeros(seqs, rank, qkv, dtype=bf16)
+            y = torch.zeros(tokens, qkv, dtype=bf16)
+            lora_sgmv.lora_sgmv(y, x, A, B, batch.segment_table, batch.max_segment_len, ranks)
+            # q/k/v: one shrink over their A stacked along the rank
+            stacked = torch.zeros(seqs, 3 * rank, hidden, dtype=bf16)
+            ys = list(y.split((4096, 1024, 1024), dim=1))
+            Bs = [torch.zeros(seqs, rank, w.shape[1], dtype=bf16) for w in ys]
+            table = torch.full((3, seqs), rank, dtype=torch.int32)
+            lora_sgmv.lora_sgmv_shared(
+                ys, x, stacked, Bs, batch.segment_table, batch.max_segment_len, table
+            )
 
         tables = [list(range(i * 40, (i + 1) * 40)) for i in range(seqs)]
         meta = build_attention_metadata(

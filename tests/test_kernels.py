@@ -158,8 +158,26 @@ def _adapters(gen, ranks, max_rank, fan_in, fan_out, dtype):
         # the expand's tile as the tune section sweeps it: wider than the default, the last
         # one partly past the output, at 8 warps
         ([4, 9], 16, [0, 1, 0], [1, 1, 1], 40, 300, {"block_n": 256, "num_warps": 8}),
+        # ranks past one program's rows: tiled over programs in the shrink (with a split
+        # reduction), looped over in the expand; a slot of rank 7 leaves later tiles idle
+        (
+            [40, 7, 0, 23],
+            40,
+            [3, 0, -1, 1, 2],
+            [2, 1, 1, 5, 1],
+            70,
+            33,
+            {"block_r": 16, "split_k": 2},
+        ),
     ],
-    ids=["decode-mixed-ranks", "prefill-empty-segment", "split-k", "rank-32", "expand-tile"],
+    ids=[
+        "decode-mixed-ranks",
+        "prefill-empty-segment",
+        "split-k",
+        "rank-32",
+        "expand-tile",
+        "rank-tiles",
+    ],
 )
 def test_lora_sgmv_kernel_equals_the_per_token_reference(
     ranks, max_rank, seq_slots, seq_tokens, fan_in, fan_out, knobs
@@ -221,9 +239,11 @@ def test_lora_sgmv_kernel_reads_each_slot_only_up_to_its_rank():
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_shared_shrink_kernel_equals_each_module_against_the_reference():
+@pytest.mark.parametrize("knobs", [{}, {"block_r": 16}], ids=["one-tile", "tiles-cut-a-module"])
+def test_shared_shrink_kernel_equals_each_module_against_the_reference(knobs):
     """q/k/v in one shrink over their stacked A: each module up to its own rank per slot
-    (rows past it hold stale values), a module an adapter skips (rank 0) untouched."""
+    (rows past it hold stale values), a module an adapter skips (rank 0) untouched. With
+    16-row tiles the second program's rows start inside the second module's."""
     gen = torch.Generator().manual_seed(17)
     max_rank, fan_in, widths = 8, 40, (24, 8, 8)
     ranks = [[8, 3, 0], [2, 0, 5], [8, 1, 1]]  # module -> rank of slots 0..2
@@ -249,7 +269,9 @@ def test_shared_shrink_kernel_equals_each_module_against_the_reference():
     ]
     batch = LoraBatch.build(seq_slots, seq_tokens, DEVICE, kernel=True)
     table = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
-    lora_sgmv_shared(ys, x, stale, stale_Bs, batch.segment_table, batch.max_segment_len, table)
+    lora_sgmv_shared(
+        ys, x, stale, stale_Bs, batch.segment_table, batch.max_segment_len, table, **knobs
+    )
     for y, e in zip(ys, expected, strict=True):
         torch.testing.assert_close(y, e, rtol=1e-4, atol=1e-4)
 
@@ -408,10 +430,11 @@ def test_a_server_compiles_each_kernel_a_bounded_number_of_times_all_at_start():
 @pytest.mark.skipif(CUDA, reason="on CUDA the other tests compile the kernels for the device")
 def test_every_kernel_compiles_for_hopper_as_the_engine_launches_it():
     """The real toolchain (Triton to PTX to ptxas, no GPU needed) over each wrapper's
-    launches at Llama-3-8B shapes, in bf16 (served) and fp32 (whose tiles take twice the
-    registers; fp16 compiles as bf16 does): what the interpreter lets through may not
-    compile. Shared memory must fit an H100 block (227 KiB), no register may spill, and the
-    16-bit matmuls must use the tensor cores (fp32 ones multiply in full fp32, without)."""
+    launches at Llama-3-8B shapes, LoRA at ranks 16 and 64, in bf16 (served) and fp32
+    (whose tiles take twice the registers; fp16 compiles as bf16 does): what the
+    interpreter lets through may not compile. Shared memory must fit an H100 block
+    (227 KiB), no register may spill, and the 16-bit matmuls must use the tensor cores
+    (fp32 ones multiply in full fp32, without)."""
     import json
 
     output = _compiled_run(

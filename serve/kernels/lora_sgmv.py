@@ -48,24 +48,25 @@ def _shrink_kernel(
     GROUPS: tl.constexpr,  # modules sharing this input
     RANK: tl.constexpr,  # rows of A per module (the slots' padded rank)
     BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # GROUPS * RANK rounded up to a power of two
+    BLOCK_R: tl.constexpr,  # rows of the stacked A per program (axis 2 // SPLIT_K picks them)
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing one tile's reduction over `in`
     PRECISION: tl.constexpr,
 ):
     m0, end, slot = _tile(segment_ptr, BLOCK_M)
-    r = tl.arange(0, BLOCK_R)
+    split, r_tile = tl.program_id(2) % SPLIT_K, tl.program_id(2) // SPLIT_K
+    r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     group = r // RANK
     rank = tl.load(ranks_ptr + group * stride_rg + slot, mask=group < GROUPS, other=0)
-    if (m0 >= end) | (tl.max(rank, 0) == 0):
+    r_ok = r % RANK < rank  # each module's rows up to its own rank (none past the last)
+    if (m0 >= end) | (tl.max(r_ok.to(tl.int32), 0) == 0):
         return
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
-    r_ok = r % RANK < rank  # each module's rows up to its own rank
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     x_rows = x_ptr + t.to(tl.int64)[:, None] * stride_xt
     a_rows = a_ptr + slot * stride_as + r[None, :] * stride_ar
-    for k0 in range(tl.program_id(2) * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+    for k0 in range(split * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < in_features
         x = tl.load(x_rows + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
@@ -101,24 +102,26 @@ def _expand_kernel(
         return
     t = m0 + tl.arange(0, BLOCK_M)
     t_ok = t < end
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < out_features
-    shrunk = tl.load(
-        s_ptr + t.to(tl.int64)[:, None] * stride_st + r[None, :],
-        mask=t_ok[:, None] & r_ok[None, :],
-        other=0.0,
-    )
-    b = tl.load(
-        b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :],
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    )
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(0, rank, BLOCK_R):  # up to this slot's rank, BLOCK_R rows at a time
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < rank
+        shrunk = tl.load(
+            s_ptr + t.to(tl.int64)[:, None] * stride_st + r[None, :],
+            mask=t_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + slot * stride_bs + r[:, None] * stride_br + n[None, :],
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(shrunk.to(b.dtype), b, input_precision=PRECISION)
     y_tile = y_ptr + t.to(tl.int64)[:, None] * stride_yt + n[None, :]
     mask = t_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32)
-    y += tl.dot(shrunk.to(b.dtype), b, input_precision=PRECISION)
+    y = tl.load(y_tile, mask=mask, other=0.0).to(tl.float32) + acc
     tl.store(y_tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -163,6 +166,7 @@ def lora_sgmv_shared(
     split_k: int | None = None,
     block_n: int = 128,
     num_warps: int = 4,
+    block_r: int = 64,
 ) -> None:
     """In place, for each module g of those reading x:
     ys[g][i] += (x[i] @ A[s, gR : (g+1)R]ᵀ) @ Bs[g][s]  for s = slot of token i's segment.
@@ -171,7 +175,9 @@ def lora_sgmv_shared(
     out_g]; ranks: [G, slots] int32 (None: R everywhere); the rest as in `lora_sgmv`. One
     shrink launch for all G, then one expand per module. Knobs (`bench/gpu_kernels.py`'s
     tune section sweeps them): the shrink's split of `in` over programs (None: by the grid),
-    the expand's output columns per program and its warps.
+    the expand's output columns per program and its warps, and the most rows of A or B one
+    program holds at once (a larger rank is tiled over programs in the shrink and looped
+    over in the expand).
     """
     num_segments = segments.shape[0]
     if num_segments == 0 or max_segment_len == 0:
@@ -184,19 +190,26 @@ def lora_sgmv_shared(
     in_features = A.shape[2]
     if ranks is None:
         ranks = torch.full((groups, A.shape[0]), rank, dtype=torch.int32, device=A.device)
-    # fp32: 32 rows spill the expand's registers at sm_90 (tests/kernels_sm90.py)
-    block_m = 16 if max_segment_len <= 16 or x.dtype == torch.float32 else 32
+    # Register budgets at sm_90 (tests/kernels_sm90.py): fp32 tiles take twice the registers
+    # and their dots run on the CUDA cores, so 32 tokens spill; the expand holds its output
+    # tile too, so it takes B 32 rows at a time (16 in fp32).
+    fp32 = x.dtype == torch.float32
+    block_m = 16 if max_segment_len <= 16 or fp32 else 32
     tiles = triton.cdiv(max_segment_len, block_m)
+    shrink_r = min(max(16, triton.next_power_of_2(groups * rank)), block_r)
+    r_tiles = triton.cdiv(groups * rank, shrink_r)
+    expand_r = min(max(16, triton.next_power_of_2(rank)), 16 if fp32 else 32, block_r)
     if split_k is None:
         # One program per tile leaves SMs idle (a decode step of 64 adapters is 64 programs
         # for 132 SMs, each streaming its A alone): share the reduction out until there are
         # about four programs per SM, keeping each at least 256 of the fan-in.
-        split_k = power_of_2_at_most(min(8, in_features // 256, 512 // (num_segments * tiles)))
+        programs = num_segments * tiles * r_tiles
+        split_k = power_of_2_at_most(min(8, in_features // 256, 512 // programs))
     precision = dot_precision(x.dtype)
     shrunk = (torch.zeros if split_k > 1 else torch.empty)(
         x.shape[0], groups * rank, dtype=torch.float32, device=x.device
     )
-    _shrink_kernel[(num_segments, tiles, split_k)](
+    _shrink_kernel[(num_segments, tiles, split_k * r_tiles)](
         x,
         A,
         shrunk,
@@ -211,7 +224,7 @@ def lora_sgmv_shared(
         GROUPS=groups,
         RANK=rank,
         BLOCK_M=block_m,
-        BLOCK_R=max(16, triton.next_power_of_2(groups * rank)),
+        BLOCK_R=shrink_r,
         BLOCK_K=64,
         SPLIT_K=split_k,
         PRECISION=precision,
@@ -231,7 +244,7 @@ def lora_sgmv_shared(
             B.stride(1),
             y.stride(0),
             BLOCK_M=block_m,
-            BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            BLOCK_R=expand_r,
             BLOCK_N=block_n,
             PRECISION=precision,
             num_warps=num_warps,
