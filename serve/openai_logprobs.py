@@ -19,18 +19,29 @@ from serve.sampler import TokenLogprobs
 
 
 class LogprobsFormatter:
-    """Token strings are each token decoded alone (a byte-level token that is half of a
-    character decodes to U+FFFD, as in vLLM); `bytes` are the token's own bytes, so that
-    joining them rebuilds a character split across tokens (OpenAI's meaning)."""
+    """Token strings are each token's own bytes as text (a byte-level token that is half of
+    a character reads U+FFFD, as in vLLM; a SentencePiece token keeps its leading space,
+    which decoding it alone would strip); `bytes` are those bytes, so that joining them
+    rebuilds a character split across tokens (OpenAI's meaning)."""
 
     def __init__(self, tokenizer):
-        self._decode = lru_cache(maxsize=65536)(
-            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
-        )
+        self.tokenizer = tokenizer
         self.bytes_of = lru_cache(maxsize=65536)(token_bytes(tokenizer))
 
+    def text_offsets(self, text: str, token_ids: list[int]) -> list[int] | None:
+        """Where each of a text prompt's tokens starts in the text, from the tokenizer's own
+        offsets: a BOS it added starts at 0 with no width, and a SentencePiece token's
+        leading space that the text never had takes none. None where the tokenizer gives
+        no offsets (a slow one) or tokenizes the text otherwise now."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        if encoded["input_ids"] != token_ids:
+            return None
+        return [start for start, _ in encoded["offset_mapping"]]
+
     def token(self, token_id: int) -> str:
-        return self._decode(token_id)
+        return self.bytes_of(token_id).decode("utf-8", errors="replace")
 
     def chat(self, logprobs: list[TokenLogprobs]) -> dict:
         """The `logprobs` of a chat choice (or of a chunk's delta tokens)."""
@@ -118,10 +129,13 @@ class ChatLogprobs(_Cursor):
 
 
 class CompletionLogprobs(_Cursor):
-    def __init__(self, formatter: LogprobsFormatter, prompt: str, echo: bool):
+    def __init__(self, formatter: LogprobsFormatter, prompt: str, from_text: bool, echo: bool):
+        """prompt: the choice's prompt as text (echoed, and where offsets count from);
+        from_text: whether the request gave it so (not as token ids, decoded)."""
         super().__init__(formatter)
+        self.prompt, self.from_text = prompt, from_text
         self.echo_pending = echo  # the prompt's tokens go first, once
-        self.offset = 0 if echo else len(prompt)  # offsets count from the prompt's start
+        self.offset = len(prompt)  # offsets count from the prompt's start
         # Characters as the tokens' bytes decode, across chunks: a character split over
         # tokens counts once, where its last byte lands.
         self.chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -131,12 +145,17 @@ class CompletionLogprobs(_Cursor):
         if out.logprobs is None:
             return None
         token_ids, entries = self._new(out)
+        offsets, counted = [], token_ids
         if self.echo_pending:
             self.echo_pending = False
             prompt = out.prompt_token_ids
+            spans = self.formatter.text_offsets(self.prompt, prompt) if self.from_text else None
+            if spans is None:  # decoded ids: their bytes count from the start, as the output's
+                self.offset, counted = 0, prompt + token_ids
+            else:
+                offsets = spans
             token_ids, entries = prompt + token_ids, out.prompt_logprobs[: len(prompt)] + entries
-        offsets = []
-        for token_id in token_ids:
+        for token_id in counted:
             offsets.append(self.offset)
             self.offset += len(self.chars.decode(self.formatter.bytes_of(token_id)))
         return self.formatter.completion(token_ids, entries, offsets)

@@ -46,15 +46,19 @@ class RequestState:
     Each step decodes a window of the last few output tokens, not the whole output (which
     cost 0.2 ms a sequence a step at 512 tokens): the new text is decode(window) minus
     decode(window without the new tokens). Both decodes start at the same token, so a leading
-    space a tokenizer drops at the start of a decode cancels out, as in vLLM and TGI.
+    space a tokenizer drops at the start of a decode cancels out, as in vLLM and TGI. For
+    the same reason the first window starts in the prompt: SentencePiece's decoder (Llama 2,
+    Mistral) strips the first token's space, which would lose the output's leading space.
     """
+
+    PROMPT_CONTEXT = 5  # prompt tokens before the first output token in its window
 
     def __init__(self, seq: Sequence, tokenizer):
         self.seq = seq
         self.decode = text_decoder(tokenizer)
         self.prompt_token_ids = seq.prompt_token_ids  # one copy, shared by every output
         self.text = ""
-        self.prefix_offset = 0  # output token where the decode window starts
+        self.prefix_offset = self._first_window(seq)  # output token where the window starts
         self.read_offset = 0  # output tokens already in `text`
         self.emitted_tokens = 0
         self.emitted_text = 0
@@ -64,6 +68,15 @@ class RequestState:
         self.first_token_time: float | None = None
         self.stopped_by_string = False
         self.error: str | None = None
+
+    def _first_window(self, seq: Sequence) -> int:
+        """Where the first decode window starts: a few prompt tokens back (a negative output
+        index), unless they end inside a multi-byte character, which the output would then
+        complete into text that `known` does not prefix."""
+        n = seq.num_prompt_tokens
+        context = min(self.PROMPT_CONTEXT, n)
+        tail = seq.token_ids[n - context : n]
+        return 0 if self.decode(tail).endswith("\ufffd") else -context
 
     def update(
         self, new_logprobs: TokenLogprobs | None, prompt_logprobs: list[tuple[int, TokenLogprobs]]

@@ -193,11 +193,12 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         ]
         streams = await serving.unless_gone(request, serving.start(record, body, prompts))
         rid = new_id("cmpl")
-        # Per choice: its prompt's text (echoed, and where logprob offsets count from).
-        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in given]
-        texts = [text for text in texts for _ in range(body.n)]
-        scores = [CompletionLogprobs(logprobs, text, body.echo) for text in texts]
-        echo = texts if body.echo else [""] * len(texts)
+        # Per choice: its prompt as text (echoed, and where logprob offsets count from), and
+        # whether the request gave it so (not as token ids, decoded here).
+        texts = [(p, True) if isinstance(p, str) else (tokenizer.decode(p), False) for p in given]
+        per_choice = [text for text in texts for _ in range(body.n)]
+        scores = [CompletionLogprobs(logprobs, *text, body.echo) for text in per_choice]
+        echo = [text if body.echo else "" for text, _ in per_choice]
         if body.stream:
             chunks = completion_chunks(streams, rid, body, echo, scores)
             return sse(chunks, config.request_timeout_s)

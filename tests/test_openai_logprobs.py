@@ -1,0 +1,50 @@
+"""Completions' `text_offset` with `echo`: each token's offset is where its text starts in
+the echoed prompt plus completion, whatever special tokens the tokenizer adds."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.openai_logprobs import CompletionLogprobs, LogprobsFormatter
+from serve.outputs import RequestOutput
+from serve.prompts import text_prompt_ids
+from serve.sampler import TokenLogprobs
+
+
+@pytest.fixture
+def bos_tokenizer(smollm2):
+    """SmolLM2's tokenizer made to add a BOS to text, as Llama 3's and Mistral's do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    return tokenizer
+
+
+def _offsets(tokenizer, prompt: str, completion: str, echo: bool) -> tuple[list, list]:
+    prompt_ids = text_prompt_ids(tokenizer, prompt)
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    scored = [TokenLogprobs(t, -1.0, []) for t in prompt_ids + ids]
+    final = RequestOutput(
+        "r", prompt_ids, completion, ids, True, "length", None,
+        logprobs=scored[len(prompt_ids) :], prompt_logprobs=[None, *scored[1 : len(prompt_ids)]],
+    )  # fmt: skip
+    scores = CompletionLogprobs(LogprobsFormatter(tokenizer), prompt, True, echo).take(final)
+    return scores["tokens"], scores["text_offset"]
+
+
+def test_echoed_offsets_index_the_text_though_the_tokenizer_added_a_bos(bos_tokenizer):
+    prompt, completion = "Hello there", " friend, 日本"
+    tokens, offsets = _offsets(bos_tokenizer, prompt, completion, echo=True)
+    text = prompt + completion
+    assert tokens[:3] == ["<|endoftext|>", "Hello", " there"]
+    assert offsets[:3] == [0, 0, 5]  # the BOS is in no text: it starts at 0, with no width
+    for token, offset in zip(tokens[1:], offsets[1:], strict=True):
+        assert text[offset:].startswith(token) or "\ufffd" in token, (token, offset)
+    # The completion's offsets are the same with the prompt echoed or not.
+    plain = _offsets(bos_tokenizer, prompt, completion, echo=False)
+    assert plain == (tokens[3:], offsets[3:])
