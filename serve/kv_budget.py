@@ -40,12 +40,17 @@ def worst_case_plan(
 ) -> SchedulerOutput:
     """The step that needs the most activation memory: the whole token budget computed, as
     many sequences sampling as may run (all sampled with top-k/top-p and top logprobs), and the
-    longest chunk scoring its prompt (logits for all its rows). Every sequence is a fresh
-    prompt of token 0 on `lora_slot`, with its own blocks numbered from 0."""
+    longest chunk scoring its prompt (logits for all its rows). The budget goes to as few
+    chunks as the model's context allows (the scheduler admits prompts until it is spent), the
+    other sequences decode one token. Every sequence is a fresh prompt of token 0 on
+    `lora_slot`, with its own blocks numbered from 0."""
     num_seqs = min(max_num_seqs, max_num_batched_tokens)
-    first = min(max_num_batched_tokens - (num_seqs - 1), max_model_len)
+    lengths, rest = [], max_num_batched_tokens
+    for later in range(num_seqs - 1, -1, -1):  # sequences after this one, a token each
+        lengths.append(min(max_model_len, rest - later))
+        rest -= lengths[-1]
     seqs, next_block = [], 0
-    for i, length in enumerate([first] + [1] * (num_seqs - 1)):
+    for i, length in enumerate(lengths):
         params = SamplingParams(
             max_tokens=1,
             top_k=50,

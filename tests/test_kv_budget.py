@@ -19,7 +19,8 @@ GiB = 2**30
         (512, 32, 16, 8192, [481] + [1] * 31),  # a long chunk and 31 decodes
         (8, 32, 4, 8192, [1] * 8),  # fewer tokens than sequences: one each
         (100, 1, 16, 8192, [100]),  # a lone prefill
-        (4096, 4, 16, 1000, [1000, 1, 1, 1]),  # no chunk past the model's context
+        (4096, 4, 16, 1000, [1000] * 4),  # no chunk past the model's context
+        (64, 8, 4, 16, [16, 16, 16, 12, 1, 1, 1, 1]),  # the budget over chunks, then decodes
     ],
 )
 def test_worst_case_plan_spends_the_token_budget_over_the_most_sequences(
@@ -36,6 +37,32 @@ def test_worst_case_plan_spends_the_token_budget_over_the_most_sequences(
     # the longest chunk scores its prompt; every row samples through top-k/top-p on its own seed
     assert [s.params.prompt_logprobs for s in plan.seqs] == [20] + [None] * (len(lengths) - 1)
     assert all(s.params.seed is not None and not s.params.greedy for s in plan.seqs)
+
+
+@pytest.mark.parametrize(
+    ("budget", "max_seqs", "max_len", "prompt_len"),
+    [(64, 8, 16, 15), (4096, 256, 1024, 1000), (512, 32, 8192, 100), (40, 4, 12, 3)],
+)
+def test_no_step_the_scheduler_plans_is_larger_than_the_profiled_one(
+    budget, max_seqs, max_len, prompt_len
+):
+    """Waiting prompts, as many as may run: the scheduler admits them until the token
+    budget is spent, so its first step is the largest; the profile must cover it."""
+    from serve.block_allocator import BlockAllocator
+    from serve.lora_slots import LoraSlots
+    from serve.scheduler import Scheduler
+    from serve.sequence import Sequence
+
+    scheduler = Scheduler(BlockAllocator(100_000, 16), LoraSlots(1), max_seqs, budget)
+    for i in range(2 * max_seqs):
+        params = SamplingParams(max_tokens=1)
+        prompt = [i + 1] * prompt_len
+        scheduler.add(Sequence(f"r{i}", prompt, prompt_len, params, max_model_len=max_len))
+    step = scheduler.schedule()
+    profile = worst_case_plan(budget, max_seqs, 16, max_len, lora_slot=0)
+    assert step.num_batched_tokens <= profile.num_batched_tokens
+    assert len(step.seqs) <= len(profile.seqs)
+    assert max(step.num_new_tokens) <= max(profile.num_new_tokens)
 
 
 def test_kv_bytes_left_is_the_utilized_memory_less_what_is_in_use_and_the_step_peak():
