@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +53,13 @@ class Home:
         return cls(Path.home() / ".loraplex")
 
     def create(self) -> None:
-        """The folder itself, if missing; a clear error where it cannot be."""
+        """The folder itself, if missing; a clear error where it cannot be, or where it
+        exists but takes no files (read-only), before MLflow or a model conversion fails
+        deep inside with a traceback."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
         except OSError as e:
             raise ConfigError(
                 f"LORAPLEX_HOME: cannot use {self.root} as the data home: {e.strerror}"

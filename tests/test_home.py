@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,14 @@ def test_a_data_home_that_cannot_be_a_folder_is_a_config_error_naming_it(tmp_pat
     taken.write_text("")
     with pytest.raises(ConfigError, match=f"LORAPLEX_HOME: cannot use {taken} .*: File exists"):
         setup_environment(Home(taken))
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs"), reason="needs Linux's read-only /sys/fs")
+def test_a_data_home_that_takes_no_files_is_a_config_error_naming_it():
+    """A folder that exists but is read-only (for root too: sysfs) fails up front, not in
+    MLflow's SQLite after minutes of retries or in the base model's conversion."""
+    from registry.errors import ConfigError
+    from registry.home import Home, setup_environment
+
+    with pytest.raises(ConfigError, match=r"LORAPLEX_HOME: cannot use /sys/fs .*: Permission"):
+        setup_environment(Home(Path("/sys/fs")))
