@@ -130,8 +130,11 @@ def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
     update: dict = {}
     if "/" in config.base_model:
         update["base_model"] = str(relative_to_file(path, Path(config.base_model)))
+    # A folder (anything but a registry reference, or ./name) is relative to the file too.
     update["adapters"] = {
-        name: str(relative_to_file(path, Path(source))) if source.startswith(".") else source
+        name: str(relative_to_file(path, Path(source)))
+        if source.startswith(("./", "../")) or not is_ref(source)
+        else source
         for name, source in config.adapters.items()
     }
     if config.audit.path is not None:

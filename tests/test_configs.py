@@ -204,7 +204,7 @@ def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loa
     ("command", "message"),
     [
         (["serve", "--adapter", "faq=nobody@champion"], "no registered adapter named 'nobody'"),
-        (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder"),
+        (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder (/"),
         (["generate", "hi", "--adapter", "nobody/3"], "no registered adapter named 'nobody'"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1] (got 0.0)"),
     ],
@@ -265,11 +265,21 @@ def test_bad_serve_config_names_file_and_key(tmp_path, config, key, message):
 def test_serve_flags_override_the_yaml_and_paths_are_read_from_the_file(tmp_path):
     path = _write(
         tmp_path,
-        {"port": 9000, "adapters": {"faq": "./faq"}, "audit": {"path": "logs/audit.jsonl"}},
+        {
+            "port": 9000,
+            "adapters": {"faq": "./faq", "sub": "runs/sub", "v3": "faq/3", "up": "/srv/up"},
+            "audit": {"path": "logs/audit.jsonl"},
+        },
     )
     settings = serve_settings(path, ["facts=country-facts@champion"], port=9100, host=None)
     assert settings.port == 9100 and settings.host == "127.0.0.1"
-    assert settings.adapters == {"faq": str(tmp_path / "faq"), "facts": "country-facts@champion"}
+    assert settings.adapters == {
+        "faq": str(tmp_path / "faq"),
+        "sub": str(tmp_path / "runs/sub"),  # a folder without ./ (not a reference): the file's
+        "v3": "faq/3",  # a registry reference
+        "up": "/srv/up",
+        "facts": "country-facts@champion",  # from the command line
+    }
     assert settings.audit.path == tmp_path / "logs/audit.jsonl"
     shipped = serve_settings(SERVE_YAML, base_model="/models/other")
     assert shipped.engine_config().base_model == "/models/other"
