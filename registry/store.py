@@ -11,10 +11,10 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
@@ -117,15 +117,24 @@ class AdapterRegistry:
         except ValueError as e:
             raise UsageError(f"tracking URI {self.tracking_uri!r}: {e}") from None
         _check_database_driver(self.tracking_uri)
+        self._client = None
+        self._client_lock = threading.Lock()
 
-    @cached_property
+    @property
     def client(self):
-        from mlflow import MlflowClient
+        """MLflow's client, made on first use (after a server's /health answers). Not a
+        cached_property: on Python 3.11 that holds one lock for every instance, so each
+        server load's probe of a hung registry (10 s) would wait for all the others'."""
+        with self._client_lock:
+            if self._client is None:
+                from mlflow import MlflowClient
 
-        if self.is_embedded:
-            self.home.create()
-        _check_server_answers(self.tracking_uri)
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                if self.is_embedded:
+                    self.home.create()
+                _check_server_answers(self.tracking_uri)
+                uri = self.tracking_uri
+                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            return self._client
 
     @property
     def is_embedded(self) -> bool:

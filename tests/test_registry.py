@@ -370,3 +370,34 @@ def test_a_database_driver_that_is_installed_but_fails_to_import_says_why(
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     with pytest.raises(UsageError, match=r"driver failed to import: no pq wrapper available\.$"):
         AdapterRegistry("postgresql://u:secret@127.0.0.1:1/db", registry.home)
+
+
+def test_one_registry_waiting_for_its_server_holds_up_no_other(tmp_path, monkeypatch):
+    """Each registry makes its MLflow client under its own lock: the server makes one per
+    load, and one load waiting 10 s for a hung registry must not hold up the rest (as a
+    cached_property's lock, one per class on Python 3.11, did)."""
+    import threading
+
+    from registry import store
+    from registry.home import Home
+
+    hung, entered = threading.Event(), threading.Event()
+
+    def probe(uri: str) -> None:
+        if "hung" in uri:
+            entered.set()
+            hung.wait(30)
+
+    monkeypatch.setattr(store, "_check_server_answers", probe)
+    home = Home(tmp_path)
+    waiting = threading.Thread(target=lambda: AdapterRegistry("http://hung:5000", home).client)
+    waiting.start()
+    assert entered.wait(10)
+    made = threading.Event()
+    other = AdapterRegistry("http://other:5000", home)
+    threading.Thread(target=lambda: (other.client, made.set()), daemon=True).start()
+    try:
+        assert made.wait(10)  # while the other still waits for its server
+    finally:
+        hung.set()
+        waiting.join()
