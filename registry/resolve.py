@@ -40,10 +40,7 @@ def resolve_adapter(
     if looks_like_path:
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise UsageError(
-                f"adapter {source!r}: no such folder ({path.absolute()}), "
-                "and not a registry reference"
-            )
+            raise UsageError(f"adapter {source!r}: no such folder, and not a registry reference")
         lineage = check_adapter_folder(path, base_fingerprint)
         return ResolvedAdapter(source, path.resolve(), None, lineage)
     registry = AdapterRegistry(tracking_uri, home)

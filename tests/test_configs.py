@@ -204,7 +204,7 @@ def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loa
     ("command", "message"),
     [
         (["serve", "--adapter", "faq=nobody@champion"], "no registered adapter named 'nobody'"),
-        (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder (/"),
+        (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder"),
         (["generate", "hi", "--adapter", "nobody/3"], "no registered adapter named 'nobody'"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1] (got 0.0)"),
     ],
