@@ -93,6 +93,17 @@ class Home:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
 
+_OURS: set[str] = set()  # variables this process set itself, not its user
+
+
+def prefer_env(variable: str, value: str) -> None:
+    """Set an environment variable unless the user did: over our own earlier default (the
+    server's shorter MLflow timeouts over every command's) but never over theirs."""
+    if variable not in os.environ or variable in _OURS:
+        os.environ[variable] = value
+        _OURS.add(variable)
+
+
 def setup_environment(home: Home | None = None) -> Home:
     """Make the stack offline and quiet, with its caches inside the data home.
 
@@ -101,7 +112,9 @@ def setup_environment(home: Home | None = None) -> Home:
     home = home or Home.from_env()
     home.create()
     for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            _OURS.add(key)
     os.environ.setdefault("HF_HOME", str(home.root / "hf"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(home.root / "hf" / "datasets"))
     # What libraries keep per user (ragas writes an id there even when told not to track).

@@ -1,9 +1,10 @@
 """The server's adapters: loaded on first use, followed when their registry reference moves.
 
 A request for `name@alias` (or a bare `name`, the latest version) loads it once, however many
-requests ask at the same time. Every `interval` seconds the references of loaded adapters that
-can move are resolved again; one that now points at another version is read and installed
-under the same name. New requests get the new version; requests in flight keep the adapter
+requests ask at the same time. Every `interval` seconds the registry references of loaded
+adapters are resolved again; one that now points at other weights (its alias or the latest
+version moved, or its version's number was reused) is read and installed under the same
+name. New requests get the new version; requests in flight keep the adapter
 uid (name/version and its bytes) they started with, and so their slot and prefix-cache
 entries.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
+from registry.errors import UnknownAdapterError
+from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
 from serve.adapter_catalog import AdapterInfo
@@ -27,7 +29,7 @@ from serve.refusal import registry_unavailable
 
 log = logging.getLogger(__name__)
 
-# What a server's registry calls allow themselves (a variable already set wins).
+# What a server's registry calls allow themselves (a variable the user set wins).
 REGISTRY_HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -41,7 +43,7 @@ class AdapterWatch:
         self.engine = engine
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
         for variable, value in REGISTRY_HTTP_LIMITS.items():  # MLflow reads them at each call
-            os.environ.setdefault(variable, value)
+            prefer_env(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
         self._loading: dict[str, asyncio.Future] = {}
 
@@ -61,6 +63,11 @@ class AdapterWatch:
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", source, error)
             raise registry_unavailable() from None
+        except UnknownAdapterError as error:  # its URI and the names registered stay here
+            log.info("cannot load %s: %s", source, error)
+            raise UnknownAdapterError(
+                f"no registered adapter named {parse_ref(source).name!r}"
+            ) from None
         if info is not None:
             self.on_load(reason)
         return info
@@ -90,9 +97,7 @@ class AdapterWatch:
         for info in list(self.loaded.values()):
             if info.version is None:
                 continue  # a folder
-            ref = parse_ref(info.source)
-            if ref.version is not None:
-                continue  # a fixed version never moves
+            ref = parse_ref(info.source)  # a fixed version too: its number may be reused
             try:
                 current = await asyncio.to_thread(self.registry.get, ref)
             except Exception as error:  # registry down or the alias deleted: keep serving

@@ -49,3 +49,29 @@ def test_a_data_home_that_takes_no_files_is_a_config_error_naming_it():
 
     with pytest.raises(ConfigError, match=r"LORAPLEX_HOME: cannot use /sys/fs .*: Permission"):
         setup_environment(Home(Path("/sys/fs")))
+
+
+def test_a_servers_registry_limits_replace_the_commands_defaults_but_not_the_users(
+    tmp_path, monkeypatch
+):
+    """Every entry point sets MLflow's HTTP limits (30 s a call); a server's adapter watch,
+    made after its engine has done that, shortens them (10 s), and keeps them so through
+    later entry points (each registry opened sets the defaults again); a value the user
+    set stays."""
+    from types import SimpleNamespace
+
+    from registry import home as home_module
+    from registry.home import Home, setup_environment
+    from serve.adapter_watch import AdapterWatch
+
+    monkeypatch.setattr(home_module, "_OURS", set())
+    for variable in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's
+    home = setup_environment(Home(tmp_path))
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+    config = SimpleNamespace(tracking_uri=None)
+    AdapterWatch(SimpleNamespace(engine=SimpleNamespace(config=config, home=home)))
+    setup_environment(home)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"

@@ -160,20 +160,24 @@ def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_we
     watch = AdapterWatch(engine)
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
-    async def answer() -> list[int]:
-        async for out in engine.generate(PROMPT, greedy, "faq@champion"):
+    async def answer(ref: str) -> list[int]:
+        async for out in engine.generate(PROMPT, greedy, ref):
             last = out
         return last.token_ids
+
+    async def answers() -> list[list[int]]:
+        return [await answer("faq@champion"), await answer("faq/1")]
 
     async def main():
         register_folder(registry, folders[0], "faq")
         registry.promote("faq", 1)
         await watch.ensure("faq@champion")
-        first, unmoved = await answer(), await watch.follow_moves()
+        await watch.ensure("faq/1")  # a fixed version: its number is reused too
+        first, unmoved = await answers(), await watch.follow_moves()
         registry.client.delete_registered_model("faq")
         register_folder(registry, folders[1], "faq")
         registry.promote("faq", 1)
-        return first, unmoved, await watch.follow_moves(), await answer()
+        return first, unmoved, await watch.follow_moves(), await answers()
 
     try:
         first, unmoved, moved, second = asyncio.run(main())
@@ -184,5 +188,6 @@ def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_we
     for k, folder in enumerate(folders):
         alone.load_adapter(f"v{k}", str(folder))
         expected.append(alone.generate([PROMPT], greedy, adapters=[f"v{k}"])[0].token_ids)
-    assert (unmoved, moved) == ([], ["faq@champion"])
-    assert [first, second] == expected and first != second
+    assert (unmoved, moved) == ([], ["faq@champion", "faq/1"])
+    assert first == [expected[0]] * 2 and second == [expected[1]] * 2
+    assert expected[0] != expected[1]

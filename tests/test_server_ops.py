@@ -569,12 +569,18 @@ def test_the_base_name_is_refused_as_an_adapter_and_a_versioned_name_is_unloaded
         unloaded = http.delete("/adapters/faq/3")
         assert unloaded.status_code == 200 and unloaded.json()["name"] == "faq/3"
         assert "faq/3" not in engine.engine.adapters
+        # A name the registry does not hold: its URI (a password, maybe) and the names it
+        # holds stay in the server's log.
+        unknown = http.post("/adapters", json={"name": "x", "source": "nope@champion"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["message"] == "no registered adapter named 'nope'"
         lines = [x for x in _audit(tmp_path) if x["endpoint"].startswith("/v1/adapters")]
         admin = [(x["endpoint"], x["model"], x["status"]) for x in lines]
         assert admin == [  # admin lines name the adapter they load or unload
             ("/v1/adapters", "tiny", 400),
             ("/v1/adapters", "faq/3", 200),
             ("/v1/adapters/{name}", "faq/3", 200),
+            ("/v1/adapters", "x", 404),
         ]
         # Nor can a server start with an adapter under the base's name.
         from serve.serve_config import ServeConfig
