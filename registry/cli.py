@@ -90,7 +90,5 @@ def download(
 
     with user_errors(tracking_uri):
         registry = _registry(tracking_uri)
-        parsed = parse_ref(ref)
-        version = registry.get(parsed)
-        registry.download(parsed, dest)
+        version = registry.download(parse_ref(ref), dest)
     print(f"{version.name} version {version.version} → {dest}")

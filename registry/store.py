@@ -281,16 +281,17 @@ class AdapterRegistry:
         for file in files:  # these alone, not the rest of their folder (`--output .`)
             self.client.log_artifact(version.run_id, str(file), "gate")
 
-    def download(self, ref: AdapterRef, dest: Path) -> Path:
-        """Copy the adapter folder of `ref` to `dest` (created; must be empty if it exists)."""
+    def download(self, ref: AdapterRef, dest: Path) -> AdapterVersion:
+        """Copy the adapter folder of the version `ref` names to `dest` (created; must be
+        empty if it exists); that version (`ref` is resolved once: an alias may move)."""
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise UsageError(f"download destination {dest} exists and is not an empty folder")
-        source = self.fetch(ref)
+        version = self.get(ref)
         try:
-            shutil.copytree(source, dest, dirs_exist_ok=True)
+            shutil.copytree(self.fetch_version(version), dest, dirs_exist_ok=True)
         except OSError as e:
             raise UsageError(f"download destination {dest}: {e.strerror or e}") from None
-        return dest
+        return version
 
     def fetch(self, ref: AdapterRef) -> Path:
         """A local folder holding the adapter of the version `ref` names now."""

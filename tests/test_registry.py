@@ -59,7 +59,23 @@ def _exercise(registry: AdapterRegistry, adapters, tmp_path, tiny_base):
     again = registry.register("facts", latest.run_id, latest.source, Lineage.read(adapters[1]))
     assert again.version == 2 and registry.get(parse_ref("facts")).version == 2
 
-    dest = registry.download(parse_ref("facts@champion"), tmp_path / "champion")
+    # The version it copies is the one it returns (the CLI prints), though the alias moves
+    # just after the reference is resolved (another user's promote).
+    get, dest = registry.get, tmp_path / "champion"
+
+    def get_then_move(ref):
+        version = get(ref)
+        registry.get = get  # promote resolves too
+        registry.promote("facts", 1)
+        return version
+
+    registry.get = get_then_move
+    try:
+        copied = registry.download(parse_ref("facts@champion"), dest)
+    finally:
+        vars(registry).pop("get", None)
+        registry.promote("facts", 2)
+    assert copied.version == 2
     original = adapters[1]
     assert (dest / "adapter_model.safetensors").read_bytes() == (
         original / "adapter_model.safetensors"
