@@ -9,7 +9,9 @@ from registry.errors import UsageError
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _ALIAS = r"[A-Za-z][A-Za-z0-9_-]{0,99}"
-_REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>[1-9][0-9]*)|@(?P<alias>{_ALIAS}))?$")
+# A version fits MLflow's int64 (and Python's int() of its digits: a 5,000-digit one raises).
+_VERSION = r"[1-9][0-9]{0,17}"
+_REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?$")
 # MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
 _RESERVED_ALIAS = re.compile(r"(?i:latest)|[vV][0-9]+")
 

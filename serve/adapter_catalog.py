@@ -14,7 +14,7 @@ from pathlib import Path
 
 from registry.errors import NotFoundError, UsageError
 from registry.home import Home
-from registry.refs import is_ref
+from registry.refs import is_ref, parse_ref
 from registry.resolve import resolve_adapter
 from serve.adapter_pool import AdapterPool
 from serve.lora_slots import LoraSlots
@@ -59,6 +59,7 @@ class AdapterCatalog:
                 f"adapter name {name!r} must be NAME, NAME/VERSION or NAME@ALIAS "
                 "(letters, digits, '.', '_' and '-')"
             )
+        parse_ref(name)  # refused as a reference is (a reserved alias: faq@v2, faq@latest)
         resolved = resolve_adapter(
             source,
             base_fingerprint=self.base_fingerprint,

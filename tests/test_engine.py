@@ -233,6 +233,10 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
     (big / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterError, match="DoRA"):
         llm.load_adapter("big", str(big))
+    # A name that reads as a reference MLflow refuses (a server's key check would fail on it)
+    small = make_lora(tiny_base, tmp_path / "small", rank=4, targets=["q_proj"])
+    with pytest.raises(UsageError, match="alias 'v2' is reserved by MLflow"):
+        llm.load_adapter("faq@v2", str(small))
     assert llm.engine.adapters == {}  # nothing half-loaded
     [ok] = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, temperature=0))
     assert len(ok.token_ids) == 2

@@ -21,7 +21,19 @@ def test_refs_parse_and_print_back(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "name/0", "name/x", "name@", "name@1st", "na me", "/abs/path", "name/3@champion"]
+    "text",
+    [
+        "",
+        "name/0",
+        "name/x",
+        "name@",
+        "name@1st",
+        "na me",
+        "/abs/path",
+        "name/3@champion",
+        "name/" + "9" * 19,  # past MLflow's int64
+        "name/" + "9" * 5000,  # past what Python's int() reads
+    ],
 )
 def test_malformed_refs_are_refused_naming_the_forms(text):
     with pytest.raises(UsageError, match="is not NAME, NAME/VERSION or NAME@ALIAS"):
