@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from registry.errors import UsageError
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_ALIAS = r"[A-Za-z][A-Za-z0-9_-]{0,99}"
+_ALIAS = r"[\w-]{1,255}"  # MLflow's: word characters and '-' (`2024-q3` and `_rc` too)
 # A version fits MLflow's int64 (and Python's int() of its digits: a 5,000-digit one raises).
 _VERSION = r"[1-9][0-9]{0,17}"
 _REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?$")
@@ -52,7 +52,7 @@ def check_alias(alias: str) -> str:
     """Validate an alias to point at a version: MLflow's characters, none of its reserved names."""
     if re.fullmatch(_ALIAS, alias) is None:
         raise UsageError(
-            f"alias {alias!r} must be a letter, then letters, digits, '_' or '-' (at most 100)"
+            f"alias {alias!r} must be letters, digits, '_' or '-' (1 to 255 of them)"
         )
     if _RESERVED_ALIAS.fullmatch(alias):
         raise UsageError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from registry.errors import UsageError
+from registry.refs import AdapterRef, parse_ref
 from serve.adapter_watch import AdapterWatch
 
 
@@ -20,9 +22,12 @@ class ModelList:
         for name, info in sorted(self.adapters.loaded.items()):
             entries[name] = self.adapter_entry(info)
         for adapter in await self._registered():
-            refs = [adapter.name, *(f"{adapter.name}@{a}" for a in adapter.aliases)]
-            for ref in refs:
-                entries.setdefault(ref, {**self.entry(ref), "loaded": False})
+            if adapter.latest_version is None:
+                continue  # no version to load yet
+            aliases = (AdapterRef(adapter.name, alias=a) for a in adapter.aliases)
+            for ref in (AdapterRef(adapter.name), *aliases):
+                if _reads_back(ref):
+                    entries.setdefault(str(ref), {**self.entry(str(ref)), "loaded": False})
         return {k: entry for k, entry in entries.items() if may_use(k)}
 
     def entry(self, name: str) -> dict:
@@ -54,3 +59,12 @@ class ModelList:
         if self._listing is None or self._listing.done():
             self._listing = asyncio.ensure_future(self.adapters.registered())
         return await asyncio.shield(self._listing)
+
+
+def _reads_back(ref: AdapterRef) -> bool:
+    """Whether a request naming `ref` loads it: MLflow takes names that are no reference
+    (`my faq`) or read as another (a model named `faq@x` reads as alias x of `faq`)."""
+    try:
+        return parse_ref(str(ref)) == ref
+    except UsageError:
+        return False

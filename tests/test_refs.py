@@ -13,6 +13,8 @@ from registry.refs import AdapterRef, parse_ref
         ("construction-faq/3", AdapterRef("construction-faq", version=3)),
         ("construction-faq@champion", AdapterRef("construction-faq", alias="champion")),
         ("a.b_c-1/12", AdapterRef("a.b_c-1", version=12)),
+        ("faq@2024-q3", AdapterRef("faq", alias="2024-q3")),  # any alias MLflow takes
+        ("faq@_rc", AdapterRef("faq", alias="_rc")),
     ],
 )
 def test_refs_parse_and_print_back(text, expected):
@@ -27,7 +29,8 @@ def test_refs_parse_and_print_back(text, expected):
         "name/0",
         "name/x",
         "name@",
-        "name@1st",
+        "name@bad!",
+        "name@" + "a" * 256,
         "na me",
         "/abs/path",
         "name/3@champion",

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from registry.refs import parse_ref
 from serve import LLM
 from tests.helpers import (
     make_adapter,
@@ -41,6 +42,15 @@ def test_a_promoted_alias_reaches_new_requests_and_one_in_flight_keeps_its_versi
         )
         register_folder(registry, folder, "faq")
     registry.promote("faq", 1)
+    # What MLflow takes but a request could not load as listed: a model with no version, names
+    # that are no reference or read as another (alias x of faq); and an alias it takes that
+    # loraplex reads too.
+    client = registry.client
+    client.create_registered_model("empty")
+    for odd in ("my faq", "faq@x"):
+        client.create_registered_model(odd)
+        client.create_model_version(odd, registry.get(parse_ref("faq/1")).source)
+    client.set_registered_model_alias("faq", "2024-q3", "1")
     llm = LLM(
         base_model=str(smollm2.path),
         quantization=None,
@@ -61,10 +71,11 @@ def test_a_promoted_alias_reaches_new_requests_and_one_in_flight_keeps_its_versi
             return {m["id"]: m for m in httpx.get(f"{url}/models").json()["data"]}
 
         models = listed()
+        assert sorted(models) == ["faq", "faq@2024-q3", "faq@champion", "smollm2"]
         assert models["faq"]["loaded"] is False and models["faq@champion"]["loaded"] is False
         v1, v2 = answer("faq/1"), answer("faq/2")
         assert v1 != v2  # the two versions answer differently
-        assert answer("faq@champion") == v1
+        assert answer("faq@champion") == v1 == answer("faq@2024-q3")
         assert listed()["faq@champion"]["version"] == 1
 
         stream = client.chat.completions.create(
@@ -107,6 +118,15 @@ def test_an_unload_or_replacement_while_a_moved_alias_is_read_is_not_undone(
         folder = make_lora(tiny_base, tmp_path / f"v{seed}", rank=4, targets=["q_proj"], seed=seed)
         register_folder(registry, folder, "faq")
     registry.promote("faq", 1)
+    # What MLflow takes but a request could not load as listed: a model with no version, names
+    # that are no reference or read as another (alias x of faq); and an alias it takes that
+    # loraplex reads too.
+    client = registry.client
+    client.create_registered_model("empty")
+    for odd in ("my faq", "faq@x"):
+        client.create_registered_model(odd)
+        client.create_model_version(odd, registry.get(parse_ref("faq/1")).source)
+    client.set_registered_model_alias("faq", "2024-q3", "1")
     llm = LLM(**tiny_engine_args(tiny_base, registry.tracking_uri))
     engine = AsyncLLM(llm.engine)
     watch = AdapterWatch(engine)
