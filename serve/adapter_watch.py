@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from registry.errors import UnknownAdapterError
+from registry.errors import NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry, RegisteredAdapter
@@ -62,6 +62,11 @@ class AdapterWatch:
             info = await self.engine.load_adapter(name, source, replacing)
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", source, error)
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # for good: no retry helps
+                raise NotFoundError(
+                    f"registered adapter {source!r} has no files in the registry's "
+                    "artifact store (deleted there?)"
+                ) from None
             raise registry_unavailable() from None
         except UnknownAdapterError as error:  # its URI and the names registered stay here
             log.info("cannot load %s: %s", source, error)

@@ -211,3 +211,25 @@ def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_we
     assert (unmoved, moved) == ([], ["faq@champion", "faq/1"])
     assert first == [expected[0]] * 2 and second == [expected[1]] * 2
     assert expected[0] != expected[1]
+
+
+def test_a_version_whose_files_were_deleted_is_not_found_not_a_registry_outage(
+    tiny_base, registry, tmp_path
+):
+    """Its files gone from the artifact store: a 404 for good, not a 503 telling clients to
+    retry in 10 s."""
+    import shutil
+    from pathlib import Path
+
+    from registry.errors import NotFoundError
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    register_folder(registry, make_adapter(tiny_base, tmp_path / "a", name="faq"), "faq")
+    shutil.rmtree(Path(registry.get(parse_ref("faq/1")).source.removeprefix("file://")))
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    try:
+        with pytest.raises(NotFoundError, match="'faq/1' has no files in the registry's"):
+            asyncio.run(AdapterWatch(engine).ensure("faq/1"))
+    finally:
+        engine.shutdown()
