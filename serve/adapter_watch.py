@@ -130,10 +130,10 @@ class AdapterWatch:
             await asyncio.sleep(interval)
             await self.follow_moves()
 
-    async def registered(self) -> list[RegisteredAdapter]:
-        """The registry's adapters; none (with a warning) when it cannot be read."""
+    async def registered(self) -> list[RegisteredAdapter] | None:
+        """The registry's adapters; None (with a warning) when it cannot be read."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(self.registry.list), _LIST_TIMEOUT_S)
         except Exception as error:
             log.warning("cannot list the registry %s: %s", self.registry.tracking_uri, error)
-            return []
+            return None

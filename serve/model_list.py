@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from registry.errors import UsageError
-from registry.refs import AdapterRef, parse_ref
+from registry.errors import NotFoundError, UsageError
+from registry.refs import AdapterRef, is_ref, parse_ref
 from serve.adapter_watch import AdapterWatch
+from serve.refusal import registry_unavailable
 
 
 class ModelList:
@@ -18,10 +19,24 @@ class ModelList:
 
     async def entries(self, may_use) -> dict[str, dict]:
         """The entries, by id, whose id `may_use` allows."""
+        return self._entries(await self._registered(), may_use)
+
+    async def get(self, model: str, may_use) -> dict:
+        """`model`'s entry. While the registry cannot be read, a reference to it that is not
+        loaded may yet be registered: a 503, not a 404."""
+        registered = await self._registered()
+        entry = self._entries(registered, may_use).get(model)
+        if entry is not None:
+            return entry
+        if registered is None and is_ref(model):
+            raise registry_unavailable()
+        raise NotFoundError(f"model {model!r} does not exist")
+
+    def _entries(self, registered, may_use) -> dict[str, dict]:
         entries = {self.base_name: self.entry(self.base_name)}
         for name, info in sorted(self.adapters.loaded.items()):
             entries[name] = self.adapter_entry(info)
-        for adapter in await self._registered():
+        for adapter in registered or []:
             if adapter.latest_version is None:
                 continue  # no version to load yet
             aliases = (AdapterRef(adapter.name, alias=a) for a in adapter.aliases)

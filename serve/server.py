@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from registry.errors import ConfigError, NotFoundError
+from registry.errors import ConfigError
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM
@@ -144,10 +144,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.get("/v1/models/{model:path}")  # :path, as references hold '/' (name/3)
     async def model(record: Authenticated, model: str):
-        entry = (await model_list.entries(record.caller.may_use)).get(model)
-        if entry is None:
-            raise NotFoundError(f"model {model!r} does not exist")
-        return entry
+        return await model_list.get(model, record.caller.may_use)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, record: Authenticated, body: ChatCompletionRequest):

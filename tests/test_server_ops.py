@@ -535,6 +535,10 @@ def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
             t0 = time.monotonic()
             listed = httpx.get(f"{url}/models", timeout=30)
             assert [m["id"] for m in listed.json()["data"]] == ["tiny", "faq"]
+            # One not loaded may yet be registered: the registry's answer is missing, not "no"
+            assert httpx.get(f"{url}/models/other", timeout=30).status_code == 503
+            assert httpx.get(f"{url}/models/faq", timeout=30).status_code == 200
+            assert httpx.get(f"{url}/models/no such", timeout=30).status_code == 404
             client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
             with pytest.raises(openai.InternalServerError, match="registry") as refused:
                 client.chat.completions.create(model="faq@champion", messages=QUESTION)
