@@ -21,7 +21,7 @@ def generate(
     quantization: Annotated[str, typer.Option(help="nf4, fp4 or none.")] = "nf4",
     max_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(help="In (0, 1].")] = 1.0,
     seed: Annotated[int | None, typer.Option()] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, no template.")] = False,
     tracking_uri: TrackingUri = None,
@@ -56,7 +56,9 @@ def serve(
     ] = None,
     base_model: Annotated[str | None, typer.Option(help="Embedded name or HF folder.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port to listen on (default 8000).")
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="NAME=REF to load at start (REF: registry reference or folder)."),
@@ -121,9 +123,7 @@ def _check_port_free(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as error:
-        raise UsageError(
-            f"--port {port}: cannot listen on {host}:{port} ({error.strerror})"
-        ) from None
+        raise UsageError(f"port {port}: cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 def _check_adapters(sources, tracking_uri: str | None) -> None:

@@ -178,7 +178,7 @@ def test_serve_on_a_busy_port_is_refused_before_the_model_loads(tmp_path):
         port = busy.getsockname()[1]
         result = run_cli("serve", "--port", str(port), env={"LORAPLEX_HOME": str(tmp_path)})
     assert result.returncode == 2, result.stderr
-    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"port {port}: cannot listen on 127.0.0.1:{port}: Address" in result.stderr
     assert "serving" not in result.stdout and not (tmp_path / "models").exists()
 
 
