@@ -203,6 +203,8 @@ class QualityGate:
         if not self._on_candidates_base(champion):
             return  # it cannot be compared on this base; the report's note says so
         compared = self.candidate if self.baseline is None else self.baseline
+        if self.candidate.version == champion.version:
+            return  # promoting the champion again replaces nothing
         if compared.version != champion.version:
             raise UsageError(
                 f"--promote would replace {champion.ref} (@{CHAMPION}) without comparing "

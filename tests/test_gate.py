@@ -601,6 +601,10 @@ def test_promoting_against_a_baseline_other_than_the_champion_is_refused_unmeasu
         gate.run(tmp_path, promote=True)
     assert e.value.exit_code == 2
     assert registry.get(parse_ref("country-facts@champion")).version == 2
+    # The champion itself, gated against v1 with --promote, replaces nothing: it is measured.
+    gate = QualityGate(config, "country-facts/2", "country-facts/1", registry.tracking_uri)
+    with pytest.raises(pytest.fail.Exception, match="measured"):
+        gate.run(tmp_path, promote=True)
 
 
 def test_an_output_folder_that_cannot_be_made_is_refused_before_measuring(
