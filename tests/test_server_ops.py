@@ -565,6 +565,10 @@ def test_the_base_name_is_refused_as_an_adapter_and_a_versioned_name_is_unloaded
         http = httpx.Client(base_url=url, timeout=60)
         shadowing = http.post("/adapters", json={"name": "tiny", "source": str(faq_folder)})
         assert shadowing.status_code == 400 and shadowing.json()["error"]["param"] == "name"
+        for name, says in (("bad name", "must be letters"), ("faq@v2", "reserved by MLflow")):
+            refused = http.post("/adapters", json={"name": name, "source": str(faq_folder)})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "name"
+            assert says in refused.json()["error"]["message"]
         assert [m["parent"] for m in http.get("/models").json()["data"] if m["id"] == "tiny"] == [
             None
         ]
@@ -582,6 +586,8 @@ def test_the_base_name_is_refused_as_an_adapter_and_a_versioned_name_is_unloaded
         admin = [(x["endpoint"], x["model"], x["status"]) for x in lines]
         assert admin == [  # admin lines name the adapter they load or unload
             ("/v1/adapters", "tiny", 400),
+            ("/v1/adapters", None, 400),  # a body refused before its name is read
+            ("/v1/adapters", None, 400),
             ("/v1/adapters", "faq/3", 200),
             ("/v1/adapters/{name}", "faq/3", 200),
             ("/v1/adapters", "x", 404),
