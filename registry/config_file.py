@@ -68,11 +68,13 @@ def read_config(path: Path, model: type[Config], overrides: list[str] = ()) -> C
     """The YAML file at `path` with `overrides` applied, validated as `model`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        what = "a folder, not a config file" if path.is_dir() else "config file not found"
+        raise ConfigError(f"{path}: {what}")
     try:
         raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        where = str(e).replace('in "<unicode string>", ', "")  # the path is named already
+        raise ConfigError(f"{path}: not valid YAML: {where}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(raw, dict):

@@ -104,10 +104,13 @@ def test_missing_data_file_is_named(tmp_path):
 def test_missing_config_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
     path = tmp_path / "broken.yaml"
     path.write_text("name: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
         load_config(path)
+    assert "line 2" in str(error.value) and "unicode string" not in str(error.value)
     path.write_bytes(b"name: caf\xe9\n")  # Latin-1
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 9\)"):
         load_config(path)
