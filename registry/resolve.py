@@ -23,6 +23,12 @@ class ResolvedAdapter:
     lineage: Lineage | None  # None for an adapter trained outside loraplex
 
 
+def names_registry(source: str) -> bool:
+    """Whether `source` is read from the registry: a reference that does not look like a
+    path (`/`, `./`, `../`, `~`); anything else is a folder."""
+    return is_ref(source) and not source.startswith(("/", "./", "../", "~"))
+
+
 def resolve_adapter(
     source: str,
     *,
@@ -36,8 +42,7 @@ def resolve_adapter(
     reference; anything else is looked up in the registry. With `base_fingerprint`, an adapter
     trained on another base is refused.
     """
-    looks_like_path = source.startswith(("/", "./", "../", "~")) or not is_ref(source)
-    if looks_like_path:
+    if not names_registry(source):
         path = Path(source).expanduser()
         if not path.is_dir():
             raise UsageError(f"adapter {source!r}: no such folder, and not a registry reference")

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from registry.errors import NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
+from registry.resolve import names_registry
 from registry.store import AdapterRegistry, RegisteredAdapter
 from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
@@ -36,6 +38,7 @@ REGISTRY_HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 _LIST_TIMEOUT_S = 15  # the model list waits no longer for the registry, whatever MLflow does
+REGISTRY_THREADS = 4  # registry calls at once; more wait their turn
 
 
 class AdapterWatch:
@@ -46,6 +49,14 @@ class AdapterWatch:
             prefer_env(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
         self._loading: dict[str, asyncio.Future] = {}
+        # The registry's calls on threads of their own: a hung registry holds these (each
+        # call up to its timeout), not asyncio's default pool that folder loads use.
+        self._registry_calls = ThreadPoolExecutor(REGISTRY_THREADS, "registry")
+
+    async def _in_registry_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._registry_calls, function, *args
+        )
 
     @property
     def loaded(self) -> dict[str, AdapterInfo]:
@@ -59,7 +70,8 @@ class AdapterWatch:
         from mlflow.exceptions import MlflowException
 
         try:
-            info = await self.engine.load_adapter(name, source, replacing)
+            executor = self._registry_calls if names_registry(source) else None
+            info = await self.engine.load_adapter(name, source, replacing, executor)
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", source, error)
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # for good: no retry helps
@@ -104,7 +116,7 @@ class AdapterWatch:
                 continue  # a folder
             ref = parse_ref(info.source)  # a fixed version too: its number may be reused
             try:
-                current = await asyncio.to_thread(self.registry.get, ref)
+                current = await self._in_registry_thread(self.registry.get, ref)
             except Exception as error:  # registry down or the alias deleted: keep serving
                 log.warning("cannot resolve %s to follow it: %s", info.source, error)
                 continue
@@ -133,7 +145,8 @@ class AdapterWatch:
     async def registered(self) -> list[RegisteredAdapter] | None:
         """The registry's adapters; None (with a warning) when it cannot be read."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self.registry.list), _LIST_TIMEOUT_S)
+            listing = self._in_registry_thread(self.registry.list)
+            return await asyncio.wait_for(listing, _LIST_TIMEOUT_S)
         except Exception as error:
             log.warning("cannot list the registry %s: %s", self.registry.tracking_uri, error)
             return None

@@ -94,14 +94,20 @@ class AsyncLLM:
         return await asyncio.wrap_future(self._submit(lambda: self._abort(request_id)))
 
     async def load_adapter(
-        self, name: str, source: str, replacing: AdapterInfo | None = None
+        self,
+        name: str,
+        source: str,
+        replacing: AdapterInfo | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> AdapterInfo | None:
-        """Read the adapter off the engine thread, then install it between two steps.
+        """Read the adapter off the engine thread (in `executor`, else asyncio's default),
+        then install it between two steps.
 
         With `replacing`, only if that very AdapterInfo is still the one loaded under `name`
         when the install runs (a compare-and-swap on the engine thread); else nothing is
         installed and the answer is None: the adapter was unloaded or replaced meanwhile."""
-        loaded = await asyncio.to_thread(self.engine.read_adapter, name, source)
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(executor, self.engine.read_adapter, name, source)
 
         def install() -> AdapterInfo | None:
             if replacing is not None and self.engine.adapters.get(name) is not replacing:

@@ -233,3 +233,47 @@ def test_a_version_whose_files_were_deleted_is_not_found_not_a_registry_outage(
             asyncio.run(AdapterWatch(engine).ensure("faq/1"))
     finally:
         engine.shutdown()
+
+
+def test_loads_waiting_on_a_hung_registry_hold_up_no_folder_load(tiny_base, tmp_path, monkeypatch):
+    """Registry calls run on threads of their own: however many first-use loads wait on a
+    registry that does not answer (each up to its timeout), a folder loads meanwhile."""
+    import os
+    import threading
+
+    from mlflow.exceptions import MlflowException
+
+    from registry import store
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    answer, waiting = threading.Event(), threading.Semaphore(0)
+
+    def hung_probe(uri: str) -> None:
+        waiting.release()
+        answer.wait(60)
+        raise MlflowException("no answer", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(store, "_check_server_answers", hung_probe)
+    folder = make_adapter(tiny_base, tmp_path / "folder", name="faq")
+    llm = LLM(**tiny_engine_args(tiny_base, "http://registry.invalid:5000"))
+    engine = AsyncLLM(llm.engine)
+    watch = AdapterWatch(engine)
+    refs = [f"n{i}/1" for i in range((os.cpu_count() or 1) + 5)]  # past asyncio's default pool
+
+    async def main():
+        hung = [asyncio.ensure_future(watch.ensure(ref)) for ref in refs]
+        await asyncio.to_thread(waiting.acquire)  # one is in its probe
+        try:
+            loaded = await asyncio.wait_for(watch.load("local", str(folder)), 30)
+        finally:
+            answer.set()
+            refused = await asyncio.gather(*hung, return_exceptions=True)
+        return loaded, refused
+
+    try:
+        loaded, refused = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert loaded.name == "local"
+    assert all(getattr(e, "code", None) == "registry_unavailable" for e in refused), refused
