@@ -51,9 +51,7 @@ def parse_ref(text: str) -> AdapterRef:
 def check_alias(alias: str) -> str:
     """Validate an alias to point at a version: MLflow's characters, none of its reserved names."""
     if re.fullmatch(_ALIAS, alias) is None:
-        raise UsageError(
-            f"alias {alias!r} must be letters, digits, '_' or '-' (1 to 255 of them)"
-        )
+        raise UsageError(f"alias {alias!r} must be letters, digits, '_' or '-' (1 to 255 of them)")
     if _RESERVED_ALIAS.fullmatch(alias):
         raise UsageError(
             f"alias {alias!r} is reserved by MLflow ('latest' and v<N>); use NAME for the latest "
@@ -66,4 +64,16 @@ def check_name(name: str) -> str:
     """Validate an adapter name (used for configs before anything is trained)."""
     if re.fullmatch(_NAME, name) is None:
         raise UsageError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+    return name
+
+
+def check_adapter_name(name: str) -> str:
+    """Validate the name an adapter is served under: a plain name, or the registry
+    reference it stands for (faq/3), read as a request's `model` will read it."""
+    if not is_ref(name):
+        raise UsageError(
+            f"adapter name {name!r} must be letters, digits, '.', '_' or '-', or a registry "
+            "reference it stands for (NAME/VERSION, NAME@ALIAS)"
+        )
+    parse_ref(name)  # a reserved alias (faq@v2, faq@latest) is refused as in a reference
     return name

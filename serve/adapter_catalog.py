@@ -12,9 +12,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import NotFoundError, UsageError
+from registry.errors import NotFoundError
 from registry.home import Home
-from registry.refs import is_ref, parse_ref
+from registry.refs import check_adapter_name
 from registry.resolve import resolve_adapter
 from serve.adapter_pool import AdapterPool
 from serve.lora_slots import LoraSlots
@@ -54,12 +54,7 @@ class AdapterCatalog:
 
     def read(self, name: str, source: str) -> tuple[AdapterInfo, LoraWeights]:
         """Adapter `name` from a registry REF or a PEFT folder, checked and in host memory."""
-        if not is_ref(name):  # a plain name, or the registry reference it was loaded by
-            raise UsageError(
-                f"adapter name {name!r} must be NAME, NAME/VERSION or NAME@ALIAS "
-                "(letters, digits, '.', '_' and '-')"
-            )
-        parse_ref(name)  # refused as a reference is (a reserved alias: faq@v2, faq@latest)
+        check_adapter_name(name)
         resolved = resolve_adapter(
             source,
             base_fingerprint=self.base_fingerprint,

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from registry.errors import UsageError
-from registry.refs import is_ref, parse_ref
+from registry.refs import check_adapter_name
 from serve.response_format import ResponseFormat
 from serve.sampling_params import (
     MAX_LOGPROBS,
@@ -273,17 +273,10 @@ class AdapterLoad(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        """A name, or the registry reference it stands for (faq/3), as `model` will read it."""
-        if not is_ref(name):
-            raise ValueError(
-                "must be letters, digits, '.', '_' or '-', or a registry reference it stands "
-                "for (NAME/VERSION, NAME@ALIAS)"
-            )
         try:
-            parse_ref(name)
-        except UsageError as error:  # a reserved alias
+            return check_adapter_name(name)
+        except UsageError as error:
             raise ValueError(str(error)) from None
-        return name
 
 
 class Usage(BaseModel):

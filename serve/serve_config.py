@@ -19,9 +19,10 @@ from pydantic import (
 
 from registry.base_model import DEFAULT_BASE_MODEL
 from registry.config_file import Number, format_errors, read_config, relative_to_file
-from registry.errors import ConfigError
+from registry.errors import ConfigError, UsageError
 from registry.home import Home
-from registry.refs import is_ref
+from registry.refs import check_adapter_name
+from registry.resolve import names_registry
 from serve.config import EngineConfig
 
 # Set at the top level of the serve config, so they are refused inside `engine:`.
@@ -95,8 +96,10 @@ class ServeConfig(_Strict):
     @classmethod
     def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
         for name in adapters:
-            if not is_ref(name):
-                raise ValueError(f"{name!r}: names are letters, digits, '.', '_' and '-'")
+            try:
+                check_adapter_name(name)
+            except UsageError as error:
+                raise ValueError(str(error)) from None
         return adapters
 
     @field_validator("engine")
@@ -130,11 +133,8 @@ def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
     update: dict = {}
     if "/" in config.base_model:
         update["base_model"] = str(relative_to_file(path, Path(config.base_model)))
-    # A folder (anything but a registry reference, or ./name) is relative to the file too.
-    update["adapters"] = {
-        name: str(relative_to_file(path, Path(source)))
-        if source.startswith(("./", "../")) or not is_ref(source)
-        else source
+    update["adapters"] = {  # a folder is relative to the file too
+        name: source if names_registry(source) else str(relative_to_file(path, Path(source)))
         for name, source in config.adapters.items()
     }
     if config.audit.path is not None:
