@@ -100,7 +100,10 @@ def section_decode(llm, cfg, args, names, results) -> None:
     modes = {"eager": (None, True)}  # label: (graphs, overlap_outputs)
     if graphs is not None:
         modes |= {"graphs": (graphs, True), "graphs_outputs_after": (graphs, False)}
-    ids = start_decoding(engine, prompts, adapters, max_tokens=2 * len(modes) * steps + 8)
+    # Tokens for every timed step, after those the first sequences made while the prompts
+    # were still prefilling (a token a step, and a step's lag with overlapped outputs)
+    prefill_steps = -(-batch * context // args.max_batched_tokens) + 2
+    ids = start_decoding(engine, prompts, adapters, 2 * len(modes) * steps + prefill_steps + 8)
     seqs = list(engine.scheduler.running)
     context_before = sum(seq.num_tokens for seq in seqs)
     times = {label: [] for label in modes}
@@ -109,6 +112,8 @@ def section_decode(llm, cfg, args, names, results) -> None:
             engine.runner.graphs, engine.overlap_outputs = mode
             times[label] += timed_steps(engine, 2)[1:]
     engine.runner.graphs, engine.overlap_outputs = graphs, overlap
+    if len(engine.scheduler.running) < batch:  # a timed step ran a smaller batch
+        raise RuntimeError(f"decode: {len(engine.scheduler.running)} of {batch} still running")
     medians = {label: statistics.median(t[1:]) for label, t in times.items()}
     step = min(medians.values())
     # The KV read grows a token a sequence a step: at the timed steps' middle, their median.
@@ -141,9 +146,6 @@ def section_decode(llm, cfg, args, names, results) -> None:
     }
 
 
-LOAD_PAIRS = 5  # load steps and control steps, alternating: a single eager step jitters
-
-
 def section_load(llm, cfg, args, names, results) -> None:
     """While half the slots' sequences decode, requests for adapters that are in host memory
     but in no slot arrive one at a time: each step that copies one in and prefills its
@@ -153,10 +155,10 @@ def section_load(llm, cfg, args, names, results) -> None:
     load step's wall time can hide them behind the host's launches. Then the copy alone,
     repeated into one slot. Both steps run eagerly (a step with a prefill is no decode graph)."""
     engine = llm.engine
-    running = max(1, cfg["max_seqs"] // 2)
+    running, pairs = max(1, cfg["max_seqs"] // 2), cfg["load_pairs"]
     rng = random.Random(2)
     prompts = [
-        [rng.randrange(3, cfg["vocab"]) for _ in range(32)] for _ in range(running + 2 * LOAD_PAIRS)
+        [rng.randrange(3, cfg["vocab"]) for _ in range(32)] for _ in range(running + 2 * pairs)
     ]
     ids = start_decoding(engine, prompts[:running], names[:running], max_tokens=64)
     in_slots = set(engine.slots.contents)
@@ -165,14 +167,14 @@ def section_load(llm, cfg, args, names, results) -> None:
         stop(engine, ids)
         print("load       every adapter is in a slot: nothing to measure")
         return
-    before = timed_steps(engine, 5)
+    before = timed_steps(engine, pairs)
     copies = []  # a callable per copy into a slot: its device seconds, once the step is done
     original = engine.pool.load_slot
     engine.pool.load_slot = _timed_copy(original, args.device, copies)
     loads, controls = [], []
     extra = iter(prompts[running:])
     try:
-        for adapter in outside[-LOAD_PAIRS:]:
+        for adapter in outside[-pairs:]:
             ids += start_decoding_one(engine, next(extra), adapter)
             count = engine.slots.loads
             for _ in range(5):  # the step that copies it in: the first, unless held back

@@ -48,7 +48,8 @@ from serve.lora_slots import LoraSlots  # noqa: E402
 
 SECTIONS = ("kernels", "matmul", "tune", "serve", "peft", "decode", "load")
 # Per mode: requests, adapters, rank, prompt and output (median, max) tokens, max running
-# sequences, peft requests, decode (batch, context), KV pool GiB, matmul batch sizes.
+# sequences, peft requests, decode (batch, context), load-step pairs, KV pool GiB, matmul
+# batch sizes.
 MODES = {
     "gpu": dict(
         shape="llama3-8b",
@@ -60,12 +61,13 @@ MODES = {
         max_seqs=64,
         peft_requests=32,
         decode=(64, 512),
+        load_pairs=5,  # a single eager step jitters
         kv_gb=20.0,
         matmul_batches=(1, 16, 64, 256, 1024),
     ),
     "tiny": dict(  # every section through Triton's interpreter: seconds a decode step
         shape="tiny",
-        requests=8,
+        requests=6,
         adapters=12,
         rank=4,
         prompt=(12, 40),
@@ -73,6 +75,7 @@ MODES = {
         max_seqs=8,
         peft_requests=4,
         decode=(4, 24),
+        load_pairs=2,
         kv_gb=0.05,
         matmul_batches=(1, 8, 300),
     ),
@@ -256,7 +259,7 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.workdir = args.workdir.with_name(args.workdir.name + "-tiny")
         args.max_batched_tokens = 64
-        args.decode_steps = 4
+        args.decode_steps = 2
         args.copy_bytes = 2**26
         if args.kernels == "triton" or args.cuda_graphs:
             import serve.engine

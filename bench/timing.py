@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 
-def median_time(fn, device="cpu", repeats: int = 10) -> float:
-    """Median seconds of `fn()` over `repeats` calls, after one call to warm up."""
+def median_time(fn, device="cpu", repeats: int | None = None) -> float:
+    """Median seconds of `fn()` over `repeats` calls, after one call to warm up. By default
+    10, or 1 through Triton's interpreter: a smoke test, whose timings mean nothing and whose
+    interpreted kernels take a fraction of a second a call."""
+    if repeats is None:
+        repeats = 1 if os.environ.get("TRITON_INTERPRET") == "1" else 10
     fn()
     times = []
     for _ in range(repeats):
