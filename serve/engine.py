@@ -138,8 +138,9 @@ class LLMEngine:
             size = CPU_KV_CACHE_BYTES
         return max(1, size // block_bytes)
 
-    def _profile(self) -> None:
-        """Run the largest step the scheduler can plan, over a scratch pool it then frees."""
+    def _profile(self) -> int:
+        """Run the largest step the scheduler can plan, over a scratch pool it then frees;
+        returns the pool's bytes."""
         config = self.config
         plan = worst_case_plan(
             config.max_num_batched_tokens,
@@ -152,7 +153,9 @@ class LLMEngine:
         self.runner.execute(plan)
         for seq in plan.seqs:
             self.sampler.forget(seq.request_id)
+        scratch = self.runner.kv_cache.nbytes
         self.runner.free_kv_cache()
+        return scratch
 
     def _warm_up(self) -> float:
         """Compile the kernels over scratch steps before any request; returns the seconds."""

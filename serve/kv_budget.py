@@ -92,17 +92,18 @@ def kv_bytes_left(total: int, used: int, step_peak: int, utilization: float) -> 
     return left
 
 
-def measure_kv_bytes(device: torch.device, utilization: float, run_step: Callable[[], None]):
+def measure_kv_bytes(device: torch.device, utilization: float, run_step: Callable[[], int]):
     """What the GPU has left for the KV cache once `run_step` (the largest step, over a
-    scratch cache it frees) has shown its peak."""
+    scratch KV pool it frees) has shown its peak. `run_step` returns the scratch pool's bytes:
+    they are KV, which the real pool holds, not the step's own memory."""
     gc.collect()  # an engine dropped before this one still holds its pool until collected
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    run_step()
+    scratch_kv = run_step()
     torch.cuda.synchronize(device)
-    step_peak = torch.cuda.max_memory_allocated(device) - before
+    step_peak = torch.cuda.max_memory_allocated(device) - before - scratch_kv
     torch.cuda.empty_cache()  # the step's freed blocks would count as used below
     free, total = torch.cuda.mem_get_info(device)
     return kv_bytes_left(total, total - free, step_peak, utilization)

@@ -70,6 +70,39 @@ def test_kv_bytes_left_is_the_utilized_memory_less_what_is_in_use_and_the_step_p
     assert kv_bytes_left(80 * GiB, 0, 0, 1.0) == 80 * GiB
 
 
+def test_the_profiles_scratch_pool_is_kv_not_step_memory(monkeypatch):
+    """The profile step writes K/V into a scratch pool: those bytes are what the real pool
+    holds, so only the step's own peak (activations) is kept back from the KV budget."""
+    import torch
+
+    from serve.kv_budget import measure_kv_bytes
+
+    gpu = {"allocated": 6 * GiB, "peak": 0}  # the weights
+
+    def allocate(nbytes: int) -> None:
+        gpu["allocated"] += nbytes
+        gpu["peak"] = max(gpu["peak"], gpu["allocated"])
+
+    def run_step() -> int:
+        allocate(3 * GiB)  # the scratch pool
+        allocate(GiB)  # the step's activations
+        allocate(-4 * GiB)  # both freed
+        return 3 * GiB
+
+    fake = {
+        "synchronize": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda device=None: gpu.update(peak=gpu["allocated"]),
+        "memory_allocated": lambda device=None: gpu["allocated"],
+        "max_memory_allocated": lambda device=None: gpu["peak"],
+        "mem_get_info": lambda device=None: (80 * GiB - gpu["allocated"], 80 * GiB),
+    }
+    for name, function in fake.items():
+        monkeypatch.setattr(torch.cuda, name, function)
+    left = measure_kv_bytes(torch.device("cuda"), 0.9, run_step)
+    assert left == int(0.9 * 80 * GiB) - 6 * GiB - GiB
+
+
 def test_a_gpu_with_no_room_left_is_refused_naming_the_knobs():
     with pytest.raises(UsageError, match=r"gpu_memory_utilization 0\.5") as e:
         kv_bytes_left(80 * GiB, 38 * GiB, 2 * GiB, 0.5)
@@ -97,7 +130,10 @@ def test_the_profile_step_leaves_the_engine_as_it_was(tiny_base):
 
     llm = LLM(**args)
     engine = llm.engine
-    engine._profile()
+    scratch = engine._profile()
     assert engine.runner.kv_cache is None and not engine.sampler._seeded
+    plan = worst_case_plan(64, 8, engine.config.block_size, engine.max_model_len, lora_slot=0)
+    engine.runner.allocate_kv_cache(blocks_of(plan))
+    assert scratch == engine.runner.kv_cache.nbytes  # its pool's bytes, for measure_kv_bytes
     engine.runner.allocate_kv_cache(engine.num_blocks)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
