@@ -58,16 +58,17 @@ def build_attention_metadata(
     laid out one sequence after another in the flat batch. Without `padded_groups` (the
     kernel's case) the dense masks of the reference op are not built.
     """
-    starts, total = [], 0
+    offsets, total = [], 0
     for n in num_new:
-        starts.append(total)
+        offsets.append(total)
         total += n
+    starts = torch.tensor(offsets, dtype=torch.long)  # long when empty too: an index
     tables = torch.from_numpy(padded_tables(block_tables))
     computed = torch.tensor(num_computed, dtype=torch.long)
     new = torch.tensor(num_new, dtype=torch.long)
 
     seq_of_token = torch.repeat_interleave(torch.arange(len(num_new)), new)
-    position = computed[seq_of_token] + torch.arange(total) - torch.tensor(starts)[seq_of_token]
+    position = computed[seq_of_token] + torch.arange(total) - starts[seq_of_token]
     slot_mapping = _slots(tables[seq_of_token], position[:, None], block_size)[:, 0]
 
     groups = None
@@ -75,9 +76,7 @@ def build_attention_metadata(
         decodes = [i for i, n in enumerate(num_new) if n == 1]
         chunks = [i for i, n in enumerate(num_new) if n > 1]
         groups = [
-            _group(
-                tables[idx], computed[idx], new[idx], torch.tensor(starts)[idx], block_size, device
-            )
+            _group(tables[idx], computed[idx], new[idx], starts[idx], block_size, device)
             for idx in (torch.tensor(m) for m in (decodes, chunks) if m)
         ]
     context = computed + new  # keys each sequence sees after this step
@@ -87,7 +86,7 @@ def build_attention_metadata(
         groups,
         block_size,
         block_tables=tables.to(device=device, dtype=torch.int32),
-        query_start=torch.tensor([*starts, total], dtype=torch.int32, device=device),
+        query_start=torch.tensor([*offsets, total], dtype=torch.int32, device=device),
         context_lens=context.to(device=device, dtype=torch.int32),
         max_query_len=max(num_new, default=0),
         max_context_len=int(context.max()) if num_new else 0,

@@ -17,6 +17,15 @@ def test_slot_mapping_follows_block_tables():
     assert len(meta.groups) == 1  # both are chunks of more than one token
 
 
+def test_an_empty_step_writes_and_attends_nothing():
+    """Its slot mapping is an index (long) even with no token, as the K/V write needs."""
+    meta = build_attention_metadata([], num_computed=[], num_new=[], block_size=4, device="cpu")
+    assert meta.slot_mapping.dtype == torch.long and meta.slot_mapping.numel() == 0
+    cache = torch.zeros(2, 3 * 4, 2, 8)  # K and V: slots of 3 blocks of 4, 2 heads of 8
+    q, kv = torch.zeros(0, 4, 8), torch.zeros(0, 2, 8)
+    assert paged_attention(q, kv, kv, cache[0], cache[1], meta, 8**-0.5).shape == (0, 4, 8)
+
+
 def test_decodes_and_prefills_form_separate_groups():
     meta = build_attention_metadata(
         [[0], [1, 2], [3]], num_computed=[2, 5, 0], num_new=[1, 1, 3], block_size=4, device="cpu"

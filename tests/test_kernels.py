@@ -326,6 +326,12 @@ def test_nf4_matmul_kernel_equals_dequantize_then_matmul(
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_nf4_matmul_kernel_of_no_rows_is_an_empty_output():
+    weight = torch.randn(40, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    linear = PackedLinear4bit([weight], [None], "nf4", True, torch.float32)
+    assert linear(torch.zeros(0, 128, device=DEVICE)).shape == (0, 40)
+
+
 def test_nf4_matmul_kernel_in_half_precision_stays_close_to_fp32():
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(48, 256, generator=gen).to(DEVICE)

@@ -116,6 +116,8 @@ def nf4_matmul(
             f"nf4_matmul: {packed.numel()} packed bytes do not hold a "
             f"[{out_features}, {in_features}] weight"
         )
+    if rows == 0:  # no tile to launch (and none to share the reduction among)
+        return x.new_empty(0, out_features)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if block_m is None:
         # fp32 tiles take twice the registers: 16 rows is the most that spills none at sm_90
