@@ -16,11 +16,11 @@ from eval.gate_config import MetricRule
 class GateReport:
     adapter: str
     candidate: str  # name/version
-    baseline: str  # name@alias (vN), or "base" when there is no champion yet
+    baseline: str  # "name/N (@champion)", or "base (why)": no champion, or none to compare
     base_model: str
     measured_on: str  # the server's URL, or the engine in the gate's process
-    samples: int  # eval set size (perplexity: test split examples with answer tokens)
-    perplexity_examples: int
+    samples: int  # questions the RAGAS-style metrics were measured on
+    perplexity_examples: int  # test split examples with answer tokens
     rules: dict[str, MetricRule]
     verdicts: list[Verdict]
     notes: list[str] = field(default_factory=list)  # what may bias the comparison

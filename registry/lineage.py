@@ -56,15 +56,24 @@ class Lineage:
             raise AdapterError(f"{file} is not a loraplex lineage file ({error})") from None
 
 
+def adapter_config(config_file: Path, raw: bytes | None = None) -> dict:
+    """A PEFT folder's adapter_config.json (`raw`: its bytes, if read already), or an
+    AdapterError naming the file if it is not a JSON object."""
+    try:
+        config = json.loads(config_file.read_bytes() if raw is None else raw)
+    except ValueError as error:
+        raise AdapterError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} is not a JSON object")
+    return config
+
+
 def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None) -> Lineage | None:
     """Refuse a folder that is not a PEFT LoRA adapter, or was trained on another base."""
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (json.JSONDecodeError, AttributeError):
-        raise AdapterError(f"{config_file} is not a JSON object") from None
+    peft_type = adapter_config(config_file).get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(f"{adapter_dir} is a {peft_type} adapter; only LoRA adapters are served")
     lineage = Lineage.read(adapter_dir)

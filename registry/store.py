@@ -338,7 +338,7 @@ class AdapterRegistry:
         try:
             return self.client.get_registered_model(name)
         except MlflowException as e:
-            if not _is_missing(e):
+            if not is_missing(e):
                 raise
         return None
 
@@ -363,7 +363,7 @@ class AdapterRegistry:
         return sorted(versions, key=lambda v: v.version)
 
 
-def _is_missing(error) -> bool:
+def is_missing(error) -> bool:
     """MLflow's "not found", as opposed to a store that failed to answer (a timeout, a 5xx):
     that must not read as a missing adapter."""
     return error.error_code == "RESOURCE_DOES_NOT_EXIST"

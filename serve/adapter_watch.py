@@ -24,7 +24,7 @@ from registry.errors import NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.resolve import names_registry
-from registry.store import AdapterRegistry, RegisteredAdapter
+from registry.store import AdapterRegistry, RegisteredAdapter, is_missing
 from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
 from serve.refusal import registry_unavailable
@@ -74,7 +74,7 @@ class AdapterWatch:
             info = await self.engine.load_adapter(name, source, replacing, executor)
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", source, error)
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # for good: no retry helps
+            if is_missing(error):  # for good: no retry helps
                 raise NotFoundError(
                     f"registered adapter {source!r} has no files in the registry's "
                     "artifact store (deleted there?)"

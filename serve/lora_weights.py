@@ -7,7 +7,6 @@ A [r, in] and B [out, r], scaled and transposed once here, zero-padded past each
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from registry.errors import AdapterError
+from registry.lineage import adapter_config
 from serve.llama import LORA_MODULES, PARENT_OF, ModelShape
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -71,11 +71,9 @@ def read_peft_lora(
     config_file = path / "adapter_config.json"
     config_bytes = config_file.read_bytes()  # an OSError is the caller's (a read-back's)
     try:
-        config = json.loads(config_bytes)
-    except ValueError as error:
-        raise AdapterError(f"{name}: {config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{name}: {config_file} is not a JSON object")
+        config = adapter_config(config_file, config_bytes)
+    except AdapterError as error:
+        raise AdapterError(f"{name}: {error}") from None
     patterns = config.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
         raise AdapterError(
