@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, ValidationInfo, field_validator
 
-from registry.config_file import Number, read_config, relative_to_file
+from registry.config_file import Name, Number, StrictConfig, read_config, relative_to_file
 from registry.errors import ConfigError
-from registry.refs import check_name
 
 # name -> True when higher is better. Perplexity comes from the engine's prompt logprobs on the
 # held-out test split; the others are RAGAS metrics of generated answers on the eval set.
@@ -31,18 +30,13 @@ METRICS: dict[str, bool] = {
 JUDGED = {"faithfulness", "answer_relevancy"}
 
 
-class _Strict(BaseModel):
-    # A NaN bound compares false with everything, so it would silently never fail.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class MetricRule(_Strict):
+class MetricRule(StrictConfig):
     floor: Number | None = None  # the candidate fails below it (metrics where higher is better)
     ceiling: Number | None = None  # the candidate fails above it (perplexity)
     tolerance: Number = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
 
 
-class EvalSetConfig(_Strict):
+class EvalSetConfig(StrictConfig):
     max_samples: StrictInt = Field(32, ge=2)  # test examples used; time grows linearly with it
     context_field: str | None = None  # column with each record's passage; None: its answer
     top_k: StrictInt = Field(
@@ -50,36 +44,31 @@ class EvalSetConfig(_Strict):
     )  # passages retrieved per question for the context metrics
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictConfig):
     max_tokens: StrictInt = Field(64, ge=1)
     max_loras: StrictInt = Field(4, ge=1)
 
 
-class BootstrapConfig(_Strict):
+class BootstrapConfig(StrictConfig):
     resamples: StrictInt = Field(2000, ge=100)
     confidence: Number = Field(0.95, gt=0.5, lt=1)
     seed: StrictInt = Field(0, ge=0)
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(StrictConfig):
     base_url: str  # any OpenAI-compatible server, `loraplex serve` included
     model: str
     api_key_env: str | None = None  # environment variable holding its key
 
 
-class GateConfig(_Strict):
-    adapter: str  # the registered model whose versions are gated
+class GateConfig(StrictConfig):
+    adapter: Name  # the registered model whose versions are gated
     train_config: Path  # its data and split: the test split is the held-out eval data
     eval_set: EvalSetConfig = EvalSetConfig()
     generation: GenerationConfig = GenerationConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     judge: JudgeConfig | None = None
     metrics: dict[str, MetricRule] = Field(min_length=1)
-
-    @field_validator("adapter")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        return check_name(name)
 
     @field_validator("metrics")
     @classmethod

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from registry.errors import ConfigError
+from registry.refs import check_adapter_name, check_name
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -26,6 +27,20 @@ def _not_a_bool(value):
 
 # A config's float: lax about strings (YAML 1.1 reads `1e-4` as one), never a boolean.
 Number = Annotated[float, BeforeValidator(_not_a_bool)]
+
+# An adapter's registered name (a train or gate config's), and the name one is served under.
+Name = Annotated[str, AfterValidator(check_name)]
+AdapterName = Annotated[str, AfterValidator(check_adapter_name)]
+
+
+class StrictConfig(BaseModel):
+    """A config section: an unknown key is an error (a typo, not a silent default), and no
+    float is `.inf` or `.nan` (or `1e400`): `.inf` passes `gt=0` (`lora.alpha: .inf` trains
+    NaNs, `kv_cache_memory_gb: .inf` overflows), and a NaN bound compares false with every
+    value, so it would never fail. Ints and bools are declared StrictInt / StrictBool, so
+    `max_steps: 1.0` or `true` is refused, not read as 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

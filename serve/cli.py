@@ -54,6 +54,10 @@ def serve(
     config: Annotated[
         Path | None, typer.Argument(help="Serve YAML, e.g. configs/serve/X.yaml (optional).")
     ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="KEY=VALUE overrides of the YAML, e.g. engine.max_num_seqs=64."),
+    ] = None,
     base_model: Annotated[str | None, typer.Option(help="Embedded name or HF folder.")] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[
@@ -67,7 +71,8 @@ def serve(
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible REST API.
 
-    Settings come from the YAML (see configs/serve/); the options override it.
+    Settings come from the YAML (see configs/serve/); KEY=VALUE items and the options
+    override it.
     """
     from registry.home import setup_environment
 
@@ -77,6 +82,7 @@ def serve(
 
         settings = serve_settings(
             config,
+            overrides or [],
             adapter or [],
             base_model=base_model,
             host=host,
@@ -111,7 +117,13 @@ def _serve(settings) -> None:
         f"http://{settings.host}:{settings.port}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -15,12 +13,10 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL
-from registry.config_file import Number
+from registry.config_file import Number, StrictConfig
 
 
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class EngineConfig(StrictConfig):
     base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
     # as the adapters were trained; "none" is None, as a train config and the CLI spell it
     quantization: Literal["nf4", "fp4"] | None = "nf4"

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from registry.config_file import AdapterName
 from registry.errors import UsageError
-from registry.refs import check_adapter_name
 from serve.response_format import ResponseFormat
 from serve.sampling_params import (
     MAX_LOGPROBS,
@@ -267,16 +267,8 @@ class CompletionRequest(_Request):
 class AdapterLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str  # what requests will call it in `model`
+    name: AdapterName  # what requests will call it in `model`
     source: str  # registry reference or PEFT folder
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        try:
-            return check_adapter_name(name)
-        except UsageError as error:
-            raise ValueError(str(error)) from None
 
 
 class Usage(BaseModel):

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -18,10 +16,16 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL
-from registry.config_file import Number, format_errors, read_config, relative_to_file
-from registry.errors import ConfigError, UsageError
+from registry.config_file import (
+    AdapterName,
+    Number,
+    StrictConfig,
+    format_errors,
+    read_config,
+    relative_to_file,
+)
+from registry.errors import ConfigError
 from registry.home import Home
-from registry.refs import check_adapter_name
 from registry.resolve import names_registry
 from serve.config import EngineConfig
 
@@ -29,11 +33,7 @@ from serve.config import EngineConfig
 _TOP_LEVEL = ("base_model", "quantization", "tracking_uri")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ApiKey(_Strict):
+class ApiKey(StrictConfig):
     """One client key. The key itself is never stored: its SHA-256, or the variable holding it."""
 
     id: str = Field(min_length=1, max_length=100)  # what the audit log and metrics call it
@@ -69,21 +69,24 @@ class ApiKey(_Strict):
         return self
 
 
-class AuditConfig(_Strict):
+class AuditConfig(StrictConfig):
     path: Path | None = None  # JSON lines, one per request; None: LORAPLEX_HOME/audit.jsonl
     include_prompts: StrictBool = False  # prompt text in the log (it may hold personal data)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictConfig):
     base_model: str = DEFAULT_BASE_MODEL  # embedded name or a Hugging Face folder
     quantization: Literal["nf4", "fp4", "none"] = "nf4"  # as the adapters were trained
     tracking_uri: str | None = None  # registry of adapter references (default: embedded)
     host: str = "127.0.0.1"
     port: StrictInt = Field(8000, ge=1, le=65535)
-    adapters: dict[str, str] = Field(default_factory=dict)  # name -> registry REF or folder
+    adapters: dict[AdapterName, str] = Field(default_factory=dict)  # name -> REF or folder
     default_max_tokens: StrictInt = Field(256, ge=1)  # for requests that do not say
     max_waiting: StrictInt = Field(256, ge=1)  # queued requests beyond which new ones get 503
     request_timeout_s: Number = Field(300, gt=0)  # a request still running then is aborted
+    # On SIGTERM or Ctrl-C, what requests in flight get to finish before they are cut (below
+    # the 30 s a container runtime usually waits before it kills the process)
+    shutdown_timeout_s: Number = Field(20, gt=0)
     alias_poll_interval_s: Number = Field(10, gt=0)  # how soon a moved alias is followed
     engine: EngineConfig = EngineConfig()
     api_keys: list[ApiKey] = Field(default_factory=list)  # empty: no keys asked
@@ -91,16 +94,6 @@ class ServeConfig(_Strict):
 
     def audit_path(self, home: Home) -> Path:
         return self.audit.path or home.root / "audit.jsonl"
-
-    @field_validator("adapters")
-    @classmethod
-    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
-        for name in adapters:
-            try:
-                check_adapter_name(name)
-            except UsageError as error:
-                raise ValueError(str(error)) from None
-        return adapters
 
     @field_validator("engine")
     @classmethod
@@ -143,10 +136,14 @@ def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
     return config.model_copy(update=update)
 
 
-def serve_settings(path: Path | None, adapters: list[str] = (), **flags) -> ServeConfig:
-    """The YAML at `path` (defaults without one) under command-line flags (None: not given);
-    `adapters` are NAME=REF items added to the YAML's."""
-    config = load_serve_config(path) if path else ServeConfig()
+def serve_settings(
+    path: Path | None, overrides: list[str] = (), adapters: list[str] = (), **flags
+) -> ServeConfig:
+    """The YAML at `path` (defaults without one) under KEY=VALUE `overrides` and command-line
+    flags (None: not given); `adapters` are NAME=REF items added to the YAML's."""
+    if path is not None and "=" in path.name and not path.exists():
+        raise ConfigError(f"{path}: KEY=VALUE overrides come after a serve YAML")
+    config = load_serve_config(path, overrides) if path else ServeConfig()
     preload = dict(config.adapters)
     for item in adapters:
         name, sep, ref = item.partition("=")

@@ -246,7 +246,7 @@ SERVE_YAML = PROJECT / "configs/serve/smollm2-135m_nf4_cpu.yaml"
             "must be at least max_loras (8)",
         ),
         ({"engine": {"base_model": "x"}}, "engine", "at the top level"),
-        ({"adapters": {"has space": "faq"}}, "adapters", "letters, digits"),
+        ({"adapters": {"has space": "faq"}}, "adapters.has space", "letters, digits"),
         ({"api_keys": [{"id": "a", "sha256": "abc"}]}, "api_keys.0.sha256", "64 hex digits"),
         ({"api_keys": [{"id": "a"}]}, "api_keys.0", "exactly one of sha256 or env"),
         ({"api_keys": [{"id": "a", "env": "A"}, {"id": "a", "env": "B"}]}, "api_keys", "unique"),
@@ -255,6 +255,9 @@ SERVE_YAML = PROJECT / "configs/serve/smollm2-135m_nf4_cpu.yaml"
         ({"port": True}, "port", "valid integer"),
         ({"engine": {"block_size": True}}, "engine.block_size", "valid integer"),
         ({"engine": {"enable_prefix_caching": 0}}, "engine.enable_prefix_caching", "valid boolean"),
+        # `.inf` passes gt=0: an endless timeout, a KV pool whose byte count overflows
+        ({"request_timeout_s": float("inf")}, "request_timeout_s", "finite number"),
+        ({"engine": {"kv_cache_memory_gb": float("inf")}}, "engine.kv_cache_memory_gb", "finite"),
     ],
 )
 def test_bad_serve_config_names_file_and_key(tmp_path, config, key, message):
@@ -274,7 +277,7 @@ def test_serve_flags_override_the_yaml_and_paths_are_read_from_the_file(tmp_path
             "audit": {"path": "logs/audit.jsonl"},
         },
     )
-    settings = serve_settings(path, ["facts=country-facts@champion"], port=9100, host=None)
+    settings = serve_settings(path, adapters=["facts=country-facts@champion"], port=9100, host=None)
     assert settings.port == 9100 and settings.host == "127.0.0.1"
     assert settings.adapters == {
         "faq": str(tmp_path / "faq"),
@@ -288,13 +291,29 @@ def test_serve_flags_override_the_yaml_and_paths_are_read_from_the_file(tmp_path
     assert shipped.engine_config().base_model == "/models/other"
     assert shipped.engine_config().max_num_seqs == load_serve_config(SERVE_YAML).engine.max_num_seqs
     with pytest.raises(ConfigError, match="expected NAME=REF"):
-        serve_settings(None, ["faq"])
+        serve_settings(None, adapters=["faq"])
+
+
+def test_serve_overrides_apply_over_the_yaml_and_under_the_flags(tmp_path):
+    path = _write(tmp_path, {"port": 9000, "engine": {"max_num_seqs": 4}})
+    overrides = ["engine.max_num_seqs=7", "port=9200", "audit.path=./audit.jsonl"]
+    settings = serve_settings(path, overrides, host="0.0.0.0")
+    assert (settings.engine.max_num_seqs, settings.port, settings.host) == (7, 9200, "0.0.0.0")
+    assert settings.audit.path == Path.cwd() / "audit.jsonl"  # typed in the shell: from here
+    assert serve_settings(path, ["port=9200"], port=9300).port == 9300
+    with pytest.raises(ConfigError, match=r"engine\.max_num_seqs: Input should be greater"):
+        serve_settings(path, ["engine.max_num_seqs=0"])
+    with pytest.raises(ConfigError, match="overrides come after a serve YAML"):
+        serve_settings(Path("engine.max_num_seqs=7"))
 
 
 def test_serve_cli_refuses_a_bad_config_with_exit_2(tmp_path):
     result = run_cli("serve", str(_write(tmp_path, {"request_timeout_s": 0})))
     assert result.returncode == 2
     assert "request_timeout_s: Input should be greater than 0" in result.stderr
+    result = run_cli("serve", str(_write(tmp_path, {})), "shutdown_timeout_s=.inf")  # an override
+    assert result.returncode == 2
+    assert "shutdown_timeout_s: Input should be a finite number" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 

@@ -7,8 +7,6 @@ from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -17,9 +15,8 @@ from pydantic import (
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL, LORA_MODULES
-from registry.config_file import Number, read_config, relative_to_file
+from registry.config_file import Name, Number, StrictConfig, read_config, relative_to_file
 from registry.errors import ConfigError
-from registry.refs import check_name
 
 
 def _fraction_or_count(value: float) -> float:
@@ -32,21 +29,13 @@ def _fraction_or_count(value: float) -> float:
 SplitSize = Annotated[Number, Field(gt=0), AfterValidator(_fraction_or_count)]
 
 
-class _Strict(BaseModel):
-    # Ints and bools are StrictInt / StrictBool: `max_steps: 1.0` or `true` and `packing: 1` are
-    # refused, not read as 1 and True. Floats (`Number`) stay lax about strings (YAML reads
-    # `1e-4` as one) but refuse booleans (`alpha: yes` is not 1.0). No float
-    # may be `.inf` or `.nan` (or `1e400`): `lora.alpha: .inf` passes `gt=0` and trains NaNs.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class SplitConfig(_Strict):
+class SplitConfig(StrictConfig):
     validation: SplitSize = 0.1
     test: SplitSize = 0.1
     seed: StrictInt = Field(0, ge=0)  # numpy's generators take no negative seed
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     path: Path  # jsonl, json, csv or parquet; relative to the config file
     format: Literal["auto", "alpaca", "chat", "text"] = "auto"
     max_seq_length: StrictInt = Field(256, ge=16, le=131072)
@@ -61,13 +50,13 @@ class DataConfig(_Strict):
         return path
 
 
-class QuantizationConfig(_Strict):
+class QuantizationConfig(StrictConfig):
     method: Literal["nf4", "fp4", "none"] = "nf4"
     double_quant: StrictBool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictConfig):
     r: StrictInt = Field(16, ge=1, le=1024)
     alpha: Number = Field(32, gt=0)
     dropout: Number = Field(0.05, ge=0, lt=1)
@@ -84,7 +73,7 @@ class LoraSettings(_Strict):
         return modules if modules == "all-linear" else names
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(StrictConfig):
     max_steps: StrictInt = Field(100, ge=1)
     batch_size: StrictInt = Field(8, ge=1)
     gradient_accumulation_steps: StrictInt = Field(1, ge=1)
@@ -117,19 +106,14 @@ class TrainingSettings(_Strict):
         return steps
 
 
-class TrainConfig(_Strict):
-    name: str  # the registered model the adapter becomes a version of
+class TrainConfig(StrictConfig):
+    name: Name  # the registered model the adapter becomes a version of
     base_model: str = DEFAULT_BASE_MODEL
     experiment: str = Field("loraplex", min_length=1)  # MLflow refuses an empty name
     data: DataConfig
     quantization: QuantizationConfig = QuantizationConfig()
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        return check_name(name)
 
 
 def load_config(path: Path, overrides: list[str] = ()) -> TrainConfig:
