@@ -87,7 +87,8 @@ class RecordRequests:
             record.status = record.status or 500
             raise
         finally:
-            if record.status and not ended and not failed:  # the client went away mid-stream
+            # The client went away mid-stream (unless the server cut a stream it stopped reading)
+            if record.status and not ended and not failed and record.finish_reason != "timeout":
                 record.status = 499
                 record.finish_reason = "abort"
             record.latency_s = time.monotonic() - record.started

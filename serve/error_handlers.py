@@ -6,13 +6,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from registry.config_file import is_union_member
 from registry.errors import NotFoundError, UsageError
 from serve.async_engine import EngineStepError, QueueFull
 from serve.audit import SCOPE_KEY
 from serve.protocol import error_body
-from serve.refusal import Refusal
+from serve.refusal import Refusal, client_gone
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -44,6 +45,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, error: HTTPException):
+        if isinstance(error.__cause__, ClientDisconnect):  # FastAPI's 400 for a cut body
+            return await _refused(request, client_gone(request.scope.get(SCOPE_KEY)))
         message = error.detail  # Starlette's own: unknown routes (404), methods (405), 413
         if error.status_code in (404, 405):
             message = f"{error.detail}: {request.method} {request.url.path}"

@@ -22,7 +22,7 @@ from serve.metrics import ServerMetrics
 from serve.outputs import RequestOutput
 from serve.prompt_reader import PromptReader
 from serve.protocol import ChatCompletionRequest, InvalidField
-from serve.refusal import Refusal, timed_out
+from serve.refusal import client_gone, timed_out
 from serve.streaming import all_started, last_outputs, observed, prompt_only, until
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,7 @@ class OpenAIServing:
         try:
             while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected() and not task.done():
-                    request.scope[SCOPE_KEY].finish_reason = "abort"
-                    raise Refusal(499, "client closed the request", "client_closed_request")
+                    raise client_gone(request.scope[SCOPE_KEY])
             return task.result()
         finally:
             task.cancel()

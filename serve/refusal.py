@@ -32,6 +32,13 @@ def timed_out(seconds: float) -> Refusal:
     )
 
 
+def client_gone(record) -> Refusal:
+    """499 (nginx's status) for a client that hung up; its request record, if any, says so."""
+    if record is not None:
+        record.finish_reason = "abort"
+    return Refusal(499, "client closed the request", "client_closed_request")
+
+
 def registry_unavailable() -> Refusal:
     """503 for an adapter the registry cannot be read for now (its URI stays in the log)."""
     return Refusal(

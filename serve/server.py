@@ -101,7 +101,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         audit.write(record)
 
     max_bytes = max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * reader.max_chars)
-    app.add_middleware(LimitBody, max_bytes=max_bytes)
+    app.add_middleware(LimitBody, max_bytes=max_bytes, timeout_s=config.request_timeout_s)
     app.add_middleware(RecordRequests, on_finish=finished)  # outside: it records the 413s too
 
     install_error_handlers(app)
@@ -157,7 +157,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         rid = new_id("chatcmpl")
         scores = [ChatLogprobs(logprobs) for _ in streams]
         if body.stream:
-            return sse(chat_chunks(streams, rid, body, scores), config.request_timeout_s)
+            return sse(chat_chunks(streams, rid, body, scores), record, config.request_timeout_s)
         finals = await serving.last(request, streams)
         choices = [
             {
@@ -198,7 +198,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         echo = [text if body.echo else "" for text, _ in per_choice]
         if body.stream:
             chunks = completion_chunks(streams, rid, body, echo, scores)
-            return sse(chunks, config.request_timeout_s)
+            return sse(chunks, record, config.request_timeout_s)
         finals = await serving.last(request, streams)
         choices = [
             {

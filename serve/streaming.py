@@ -4,8 +4,10 @@ metrics, cut at the request's deadline, and shaped as OpenAI's server-sent event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +19,8 @@ from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs
 from serve.outputs import RequestOutput
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, now
 from serve.refusal import timed_out
+
+log = logging.getLogger(__name__)
 
 
 async def observed(
@@ -152,22 +156,56 @@ def usage(outputs: list[RequestOutput], n: int) -> Usage:
     )
 
 
-def sse(events: AsyncIterator[dict], timeout_s: float) -> StreamingResponse:
+# A stream's error event after its deadline gets this long to reach a client that reads.
+SEND_GRACE_S = 5.0
+
+
+def sse(events: AsyncIterator[dict], record: RequestRecord, timeout_s: float) -> StreamingResponse:
     """Server-sent events; a stream cut by its deadline or a failed step ends with an error
     event (OpenAI's shape, which its client raises) before `[DONE]`."""
 
     async def body():
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except TimeoutError:
-            error = timed_out(timeout_s)
-            yield f"data: {json.dumps(error_body(str(error), error.kind, None, error.code))}\n\n"
-        except EngineStepError as error:
-            yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
+        async with contextlib.aclosing(events):  # closed early: its requests are aborted
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except TimeoutError:
+                error = timed_out(timeout_s)
+                body = error_body(str(error), error.kind, None, error.code)
+                yield f"data: {json.dumps(body)}\n\n"
+            except EngineStepError as error:
+                yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s - (time.monotonic() - record.started)
+    return _EventStream(body(), record, deadline + SEND_GRACE_S)
+
+
+class _EventStream(StreamingResponse):
+    """Each send waits at most until `send_by` (loop time). The deadline of a request is
+    checked as its outputs are read, and they are read only as the client takes them: a
+    client that stops reading would otherwise hold its requests running and its outputs
+    queued for as long as it likes, and hold up the server's shutdown."""
+
+    def __init__(self, body: AsyncIterator[str], record: RequestRecord, send_by: float):
+        super().__init__(body, media_type="text/event-stream")
+        self.record = record
+        self.send_by = send_by
+
+    async def stream_response(self, send) -> None:
+        async def send_in_time(message) -> None:
+            async with asyncio.timeout_at(self.send_by):
+                await send(message)
+
+        try:
+            await super().stream_response(send_in_time)
+        except TimeoutError:
+            # The connection is left unfinished, which uvicorn closes (logging that the
+            # response was not completed); closing the body aborts the requests.
+            await self.body_iterator.aclose()
+            self.record.finish_reason = "timeout"
+            log.warning("%s: the client stopped reading; stream cut", self.record.request_id)
 
 
 async def _chunks(streams, base: dict, body, choice) -> AsyncIterator[dict]:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -285,6 +286,136 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it(
     [line] = _audit(tmp_path)
     assert (line["status"], line["finish_reason"]) == (499, "abort")
     assert n <= line["completion_tokens"] < 400 * n
+
+
+def _post_raw(url: str, path: str, body: bytes, sent: int | None = None, rcvbuf: int = 0):
+    """POST /v1/`path` on a raw socket, the body cut after `sent` bytes; the socket, unread."""
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    client = socket.socket()
+    if rcvbuf:  # a client that reads nothing fills this, then the server's send buffers
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.connect((host, int(port)))
+    head = (
+        f"POST /v1/{path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    client.sendall(head.encode() + body[:sent])
+    return client
+
+
+def _audited(tmp_path, count: int, within: float) -> list[dict]:
+    deadline = time.monotonic() + within
+    while len(lines := _audit(tmp_path) if (tmp_path / "audit.jsonl").exists() else []) < count:
+        assert time.monotonic() < deadline, f"{len(lines)} of {count} requests audited"
+        time.sleep(0.05)
+    return lines
+
+
+def test_a_body_that_stalls_gets_408_and_one_its_client_cuts_is_a_hang_up(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    """The engine's deadline starts once the body is read: the body has the same deadline."""
+    body = json.dumps({"model": "faq", "prompt": "hi", "max_tokens": 3}).encode()
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, request_timeout_s=1) as (url, _):
+        with _post_raw(url, "completions", body, sent=5) as stalled:
+            with _post_raw(url, "completions", body, sent=5):
+                pass  # hung up mid-body
+            stalled.settimeout(10)
+            reply = stalled.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408 ")
+        assert b"the request body did not arrive within 1 s" in reply
+        lines = _audited(tmp_path, 2, within=10)
+    outcomes = sorted((line["status"], line["finish_reason"]) for line in lines)
+    assert outcomes == [(408, None), (499, "abort")]  # not FastAPI's 400 for a cut body
+
+
+def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_base, tmp_path):
+    """SIGTERM with a request still in flight (its body stalled, 60 s from its deadline):
+    `loraplex serve` waits `shutdown_timeout_s`, not for the request."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from serve.server_process import answers
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {
+        "base_model": str(tiny_base.path),
+        "quantization": "none",
+        "port": port,
+        "request_timeout_s": 60,
+        "shutdown_timeout_s": 1,
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+        "engine": {"num_kv_blocks": 64, "block_size": 4},
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    loraplex = str(Path(sys.executable).parent / "loraplex")
+    server = subprocess.Popen(
+        [loraplex, "serve", str(tmp_path / "serve.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        assert answers(f"http://127.0.0.1:{port}/ready", server, 120), server.stdout.read()
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
+        with _post_raw(url, "completions", body, sent=5):
+            time.sleep(0.5)  # the request is in flight
+            server.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            server.wait(timeout=30)
+            seconds = time.monotonic() - started
+    finally:
+        server.kill()
+    assert seconds < 10, server.stdout.read()
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monkeypatch):
+    """The deadline is checked as outputs are read, and a stream's are read as the client
+    takes them: one that takes none would hold its requests running and its connection for
+    as long as it liked. Its sends wait until the deadline and a grace, then the outputs
+    (the requests) are closed."""
+    import serve.streaming as streaming
+    from serve.audit import RequestRecord
+
+    monkeypatch.setattr(streaming, "SEND_GRACE_S", 0.2)
+    closed = []
+
+    async def outputs():
+        try:
+            while True:
+                yield {"choices": []}
+                await asyncio.sleep(0.01)
+        finally:
+            closed.append(True)  # what aborts the requests
+
+    async def cut_stream():
+        record = RequestRecord("req-1", "/v1/chat/completions")
+        response = streaming.sse(outputs(), record, timeout_s=0.3)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            if len(sent) == 3:  # the headers and two chunks, then nothing is taken
+                await asyncio.Event().wait()
+
+        async def receive():  # the client never hangs up
+            await asyncio.Event().wait()
+
+        started = time.monotonic()
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(response(scope, receive, send), 10)
+        return record, sent, time.monotonic() - started
+
+    record, sent, seconds = asyncio.run(cut_stream())
+    assert closed and record.finish_reason == "timeout"
+    assert 0.5 - 0.1 < seconds < 3  # at the deadline and the grace
+    assert sent[-1]["more_body"]  # the response was left unfinished: uvicorn drops it
 
 
 def test_a_failed_step_is_audited_with_finish_reason_error_and_the_server_goes_on(
