@@ -104,6 +104,13 @@ class LLMEngine:
         self.runner.allocate_kv_cache(self.num_blocks)
         # A lone sequence must always fit in the pool, or preemption could never help it.
         self.max_model_len = min(self.model.max_model_len, self.num_blocks * config.block_size)
+        self._context_set_by = (  # named where a prompt is too long for it
+            "max_model_len"
+            if self.max_model_len == config.max_model_len
+            else f"the model's {shape.context_limit}"
+            if self.max_model_len == shape.max_context
+            else "the KV pool's size"
+        )
         self.warmup_seconds = self._warm_up() if config.warmup and triton else 0.0
 
         self.allocator = BlockAllocator(
@@ -237,7 +244,8 @@ class LLMEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise UsageError(
                 f"prompt has {len(prompt_ids)} tokens; the context length is "
-                f"{self.max_model_len}, with room for at least one output token",
+                f"{self.max_model_len} (set by {self._context_set_by}), with room for at least "
+                "one output token",
                 param="prompt",
             )
         vocab = self.model.shape.vocab_size

@@ -42,10 +42,10 @@ class ModelShape:
     vocab_size: int
     rms_norm_eps: float
     tie_word_embeddings: bool
-    max_position_embeddings: int
+    # The longest context served exactly, and the config's field that sets it
+    max_context: int
+    context_limit: str = "max_position_embeddings"
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
-    # keys a query sees, itself included, when the model attends through a window; None: all
-    sliding_window: int | None = None
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -54,10 +54,11 @@ class ModelShape:
                 f"base_model: model_type {config.model_type!r} is not served; "
                 f"supported: {', '.join(sorted(SUPPORTED_TYPES))}"
             )
+        activation = getattr(config, "hidden_act", "silu")
+        if activation not in ("silu", "swish"):  # the MLP is SwiGLU
+            raise UsageError(f"base_model: hidden_act {activation!r} is not served; only silu")
         heads = config.num_attention_heads
-        window = getattr(config, "sliding_window", None)
-        if config.model_type.startswith("qwen") and not getattr(config, "use_sliding_window", 0):
-            window = None  # Qwen configs name a window they do not use
+        longest, limit = _longest_context(config)
         return cls(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -68,9 +69,9 @@ class ModelShape:
             vocab_size=config.vocab_size,
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            max_position_embeddings=config.max_position_embeddings,
+            max_context=longest,
+            context_limit=limit,
             qk_norm=config.model_type == "qwen3",
-            sliding_window=window,
         )
 
     def lora_dims(self, module: str) -> tuple[int, int]:
@@ -86,6 +87,32 @@ class ModelShape:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }[module]
+
+
+def _longest_context(config) -> tuple[int, str]:
+    """The longest context one attention and one RoPE table serve as transformers does, and
+    the config field that sets it."""
+    longest, limit = config.max_position_embeddings, "max_position_embeddings"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":
+        # Past its original length longrope moves every position to its long factors (once a
+        # sequence is longer, transformers recomputes them): one table holds the short ones.
+        field = "original_max_position_embeddings"
+        original = rope.get(field) or getattr(config, field, None) or longest
+        if original < longest:
+            longest, limit = original, f"rope_parameters.{field}"
+    window = getattr(config, "sliding_window", None)
+    if config.model_type.startswith("qwen"):
+        layer_types = getattr(config, "layer_types", None) or []
+        if not getattr(config, "use_sliding_window", 0) or (
+            layer_types and "sliding_attention" not in layer_types
+        ):
+            window = None  # Qwen configs name a window no layer uses (max_window_layers)
+    if window is not None and window < longest:
+        # Within its window a sliding-window model attends to every earlier token: sequences
+        # stop there, and the plain causal attention is exact.
+        longest, limit = window, "sliding_window"
+    return longest, limit
 
 
 def rope_tables(config, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +195,7 @@ class LlamaModel:
         self.config = AutoConfig.from_pretrained(path)
         self.shape = ModelShape.from_config(self.config)
         self.dtype, self.device = dtype, torch.device(device)
-        # Within its window a sliding-window model attends to every earlier token: sequences
-        # stop there, and the plain causal attention is exact.
-        longest = min(self.shape.max_position_embeddings, self.shape.sliding_window or 2**62)
+        longest = self.shape.max_context
         self.max_model_len = min(max_model_len or longest, longest)
         tensors = {}
         files = sorted(Path(path).glob("*.safetensors"))

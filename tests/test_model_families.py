@@ -118,16 +118,23 @@ def test_qwen3_with_adapters_matches_peft_greedy(smollm2, home, tmp_path):
 
 def test_sliding_window_models_stop_at_their_window(smollm2, tmp_path):
     """Within its window a sliding-window model attends to every earlier token, so sequences
-    end there; Qwen configs name a window they do not use."""
+    end there; Qwen configs name a window no layer uses (off, or past max_window_layers)."""
     from transformers import MistralConfig, Qwen2Config
 
+    from registry.errors import UsageError
     from serve.llama import ModelShape
 
-    assert (
-        ModelShape.from_config(MistralConfig(**TINY_SHAPE, sliding_window=32)).sliding_window == 32
-    )
-    unused = Qwen2Config(**TINY_SHAPE, sliding_window=32, use_sliding_window=False)
-    assert ModelShape.from_config(unused).sliding_window is None
+    def context(config) -> tuple[int, str]:
+        shape = ModelShape.from_config(config)
+        return shape.max_context, shape.context_limit
+
+    assert context(MistralConfig(**TINY_SHAPE, sliding_window=32)) == (32, "sliding_window")
+    full = (TINY_SHAPE["max_position_embeddings"], "max_position_embeddings")
+    assert context(Qwen2Config(**TINY_SHAPE, sliding_window=32, use_sliding_window=False)) == full
+    layers = TINY_SHAPE["num_hidden_layers"]
+    windowed = {"sliding_window": 32, "use_sliding_window": True}
+    assert context(Qwen2Config(**TINY_SHAPE, **windowed, max_window_layers=layers)) == full
+    assert context(Qwen2Config(**TINY_SHAPE, **windowed, max_window_layers=1))[0] == 32
     assert ModelShape.from_config(_qwen3()).qk_norm
 
     _random_model(lambda: MistralConfig(**TINY_SHAPE, sliding_window=32), tmp_path, smollm2.path)
@@ -135,3 +142,31 @@ def test_sliding_window_models_stop_at_their_window(smollm2, tmp_path):
     assert llm.engine.max_model_len == 32
     [out] = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=100, ignore_eos=True))
     assert len(out.token_ids) == 32 - len(PROMPTS[0]) and out.finish_reason == "length"
+    with pytest.raises(UsageError, match=r"is 32 \(set by the model's sliding_window\)"):
+        llm.generate([list(range(3, 40))], SamplingParams(max_tokens=1))
+
+
+def test_a_longrope_model_serves_its_original_length_and_another_activation_is_refused():
+    """Past its original length longrope moves every position to its long factors, which one
+    RoPE table cannot hold; the MLP is SwiGLU, so any other activation would be silently
+    wrong."""
+    from transformers import LlamaConfig
+
+    from registry.errors import UsageError
+    from serve.llama import ModelShape
+
+    half = TINY_SHAPE["hidden_size"] // TINY_SHAPE["num_attention_heads"] // 2
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * half,
+        "long_factor": [4.0] * half,
+        "original_max_position_embeddings": 64,
+    }
+    shape = ModelShape.from_config(LlamaConfig(**TINY_SHAPE, rope_parameters=rope))
+    assert (shape.max_context, shape.context_limit) == (
+        64,
+        "rope_parameters.original_max_position_embeddings",
+    )
+    with pytest.raises(UsageError, match="hidden_act 'gelu' is not served"):
+        ModelShape.from_config(LlamaConfig(**TINY_SHAPE, hidden_act="gelu"))
