@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from registry.console import TrackingUri, user_errors
+from registry.refs import CHAMPION
 
 log = logging.getLogger(__name__)
 
@@ -68,5 +69,5 @@ def gate(
     print(report.to_markdown())
     print(f"report: {folder / 'report.md'}")
     if promote and report.passed:
-        print(f"{report.candidate} is now {cfg.adapter}@champion")
+        print(f"{report.candidate} is now {cfg.adapter}@{CHAMPION}")
     raise typer.Exit(0 if report.passed else 1)

@@ -20,11 +20,10 @@ from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
 from registry.errors import ConfigError, NotFoundError, UsageError
-from registry.refs import AdapterRef, parse_ref
+from registry.refs import CHAMPION, AdapterRef, parse_ref
 from registry.store import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
-CHAMPION = "champion"
 CANDIDATE, BASELINE = "candidate", "baseline"  # their names inside the engine
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from registry.console import TrackingUri, user_errors
+from registry.refs import CHAMPION
 
 app = typer.Typer(no_args_is_help=True, help="Registered adapters and their versions (MLflow).")
 
@@ -69,7 +70,7 @@ def show(ref: Ref, tracking_uri: TrackingUri = None) -> None:
 def promote(
     name: Annotated[str, typer.Argument(help="Registered adapter name.")],
     version: Annotated[int, typer.Argument(help="Version to point the alias at.", min=1)],
-    alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = CHAMPION,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Point an alias (default `champion`) at a version."""

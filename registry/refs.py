@@ -13,6 +13,8 @@ _ALIAS = r"[\w-]{1,255}"  # MLflow's: word characters and '-' (`2024-q3` and `_r
 _VERSION = r"[1-9][0-9]{0,17}"
 _REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?$")
 # MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
+CHAMPION = "champion"  # the alias a passed gate moves: what a team serves
+
 _RESERVED_ALIAS = re.compile(r"(?i:latest)|[vV][0-9]+")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import Home, setup_environment
 from registry.lineage import Lineage
-from registry.refs import AdapterRef, check_alias
+from registry.refs import CHAMPION, AdapterRef, check_alias
 
 TRACKING_URI_ENV = "LORAPLEX_TRACKING_URI"
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
@@ -239,7 +239,7 @@ class AdapterRegistry:
             f"(versions: {', '.join(str(v.version) for v in versions)})"
         )
 
-    def promote(self, name: str, version: int, alias: str = "champion") -> int | None:
+    def promote(self, name: str, version: int, alias: str = CHAMPION) -> int | None:
         """Point `alias` at `version`; returns the version that held it before, if any."""
         check_alias(alias)
         target = self.get(AdapterRef(name, version))
@@ -292,10 +292,6 @@ class AdapterRegistry:
         except OSError as e:
             raise UsageError(f"download destination {dest}: {e.strerror or e}") from None
         return version
-
-    def fetch(self, ref: AdapterRef) -> Path:
-        """A local folder holding the adapter of the version `ref` names now."""
-        return self.fetch_version(self.get(ref))
 
     def fetch_version(self, version: AdapterVersion) -> Path:
         """A local folder holding the version's adapter, downloaded once into the data home.

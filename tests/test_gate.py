@@ -236,7 +236,8 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
 
     # B scaled by -5: the learned update reversed and amplified (a larger positive factor can
     # even help an adapter trained only 8 steps).
-    bad = _degrade(registry.fetch(parse_ref("country-facts/1")), tmp_path / "bad", -5.0)
+    good = registry.fetch_version(registry.get(parse_ref("country-facts/1")))
+    bad = _degrade(good, tmp_path / "bad", -5.0)
     assert register_folder(registry, bad, "country-facts") == 2
     result = _gate(gate, "--candidate", "country-facts/2", "--promote",
                    "--output", str(tmp_path / "v2"), "--tracking-uri", tracking_uri)  # fmt: skip

@@ -239,13 +239,14 @@ def test_a_version_registered_again_after_its_model_was_deleted_is_not_served_fr
     registry, adapters
 ):
     assert register_folder(registry, adapters[0], "facts") == 1
-    first = registry.fetch(parse_ref("facts/1"))
+    first = registry.fetch_version(registry.get(parse_ref("facts/1")))
     assert json.loads((first / "adapter_config.json").read_text())["r"] == 4
     registry.client.delete_registered_model("facts")
     assert register_folder(registry, adapters[1], "facts") == 1  # version 1 again, rank 8
-    again = registry.fetch(parse_ref("facts/1"))
+    again = registry.fetch_version(registry.get(parse_ref("facts/1")))
     assert json.loads((again / "adapter_config.json").read_text())["r"] == 8
-    assert registry.fetch(parse_ref("facts/1")) == again  # and cached from then on
+    # and cached from then on
+    assert registry.fetch_version(registry.get(parse_ref("facts/1"))) == again
 
 
 def test_an_alias_moved_while_resolving_gives_one_versions_number_and_folder(
@@ -285,7 +286,8 @@ def test_two_downloads_of_one_version_at_once_both_get_it(registry, adapters, mo
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", together)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # e.g. `facts/1`, `facts@champion`
-        calls = [pool.submit(registry.fetch, parse_ref("facts/1")) for _ in range(2)]
+        version = registry.get(parse_ref("facts/1"))
+        calls = [pool.submit(registry.fetch_version, version) for _ in range(2)]
         paths = [call.result() for call in calls]  # one undid the other's folder: OSError
     assert paths[0] == paths[1]
     assert json.loads((paths[0] / "adapter_config.json").read_text())["r"] == 8
@@ -299,14 +301,14 @@ def test_a_download_abandoned_by_a_killed_process_is_removed_by_a_later_fetch(re
 
     assert register_folder(registry, adapters[1], "facts") == 1
     assert register_folder(registry, adapters[1], "facts") == 2
-    folder = registry.fetch(parse_ref("facts/1")).parent
+    folder = registry.fetch_version(registry.get(parse_ref("facts/1"))).parent
     abandoned, live = folder / "2-x.partial-killed", folder / "2-x.partial-downloading"
     for partial in (abandoned, live):
         partial.mkdir()
         (partial / "adapter_model.safetensors").write_bytes(b"half")
     old = time.time() - ABANDONED_DOWNLOAD_SECONDS - 60
     os.utime(abandoned, (old, old))
-    registry.fetch(parse_ref("facts/2"))
+    registry.fetch_version(registry.get(parse_ref("facts/2")))
     assert not abandoned.exists()
     assert live.exists()  # perhaps another process's download in flight
 

@@ -17,6 +17,7 @@ from pydantic import (
 from registry.base_model import DEFAULT_BASE_MODEL, LORA_MODULES
 from registry.config_file import Name, Number, StrictConfig, read_config, relative_to_file
 from registry.errors import ConfigError
+from train.data import DATA_LOADERS
 
 
 def _fraction_or_count(value: float) -> float:
@@ -45,7 +46,7 @@ class DataConfig(StrictConfig):
     @field_validator("path")
     @classmethod
     def _known_suffix(cls, path: Path) -> Path:
-        if path.suffix not in {".jsonl", ".json", ".csv", ".parquet"}:
+        if path.suffix not in DATA_LOADERS:
             raise ValueError(f"must be a .jsonl, .json, .csv or .parquet file (got {path.name})")
         return path
 

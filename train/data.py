@@ -17,7 +17,8 @@ import numpy as np
 from registry.errors import ConfigError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
-_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# A data file's suffix -> the `datasets` loader that reads it.
+DATA_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -31,7 +32,7 @@ def load_records(path: Path):
     """All records of a local data file as a `datasets.Dataset` (no hub, no network)."""
     from datasets import load_dataset
 
-    return load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+    return load_dataset(DATA_LOADERS[path.suffix], data_files=str(path), split="train")
 
 
 def data_hash(path: Path) -> str:
