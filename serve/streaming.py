@@ -162,7 +162,8 @@ SEND_GRACE_S = 5.0
 
 def sse(events: AsyncIterator[dict], record: RequestRecord, timeout_s: float) -> StreamingResponse:
     """Server-sent events; a stream cut by its deadline or a failed step ends with an error
-    event (OpenAI's shape, which its client raises) before `[DONE]`."""
+    event (OpenAI's shape, which its client raises) before `[DONE]`. A client that stops
+    reading is cut SEND_GRACE_S past the deadline (`_EventStream`)."""
 
     async def body():
         async with contextlib.aclosing(events):  # closed early: its requests are aborted
