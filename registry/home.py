@@ -31,10 +31,10 @@ _OFFLINE_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 # On a CPU with AVX512-BF16, bitsandbytes tries to fetch a kernel from the Hugging Face hub at
-# import and warns when it can't (offline: always); it then uses its own C kernel. urllib3
-# logs each retry of an unreachable tracking server as a warning block; the error that ends
-# the retries says it in one line.
-_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "urllib3.connectionpool")
+# import and warns when it can't (offline: always; `kernels`, which fetches it, warns too); it
+# then uses its own C kernel. urllib3 logs each retry of an unreachable tracking server as a
+# warning block; the error that ends the retries says it in one line.
+_QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels", "urllib3.connectionpool")
 
 
 @dataclass(frozen=True)
