@@ -46,6 +46,8 @@ class QualityGate:
         self.candidate = self._version(candidate, "--candidate")
         self.notes: list[str] = []  # for the report's reader: what may bias the comparison
         self.champion_elsewhere: AdapterVersion | None = None  # on a base this gate lacks
+        # Read once: the baseline, the promotion check and the promotion all concern this one.
+        self.champion = self._champion()
         self.baseline = self._baseline(baseline)
         measured = self._measured_split()
         differences = self._split_differences(self.candidate, measured)
@@ -73,10 +75,24 @@ class QualityGate:
         report = self.measure()
         files = report.write(output)
         self.registry.record_gate(self.candidate, *self._record(report), files)
-        if promote and report.passed:
-            self.registry.promote(self.candidate.name, self.candidate.version, CHAMPION)
         log.info("gate report: %s", files[1])
+        if promote and report.passed:
+            self._promote()
         return report
+
+    def _promote(self) -> None:
+        """Move the champion alias to the candidate, unless it moved while this gate measured:
+        the candidate was never compared with its new holder. (MLflow has no compare-and-set
+        of an alias; reading it again just before narrows that window to milliseconds.)"""
+        now = self._champion()
+        seen, held = (v.ref if v else "none" for v in (self.champion, now))
+        if held != seen:
+            raise UsageError(
+                f"--promote: {self.config.adapter}@{CHAMPION} moved from {seen} to {held} "
+                f"while this gate measured, so {self.candidate.ref} is not promoted (it was "
+                "judged against the former one; its report stands): gate it again"
+            )
+        self.registry.promote(self.candidate.name, self.candidate.version, CHAMPION)
 
     def measure(self) -> GateReport:
         from train.data import load_splits
@@ -195,9 +211,8 @@ class QualityGate:
     def _check_promotable(self) -> None:
         """Refuse `--promote` against a `--baseline` other than the champion: the champion
         would be replaced by a candidate that was never compared with it."""
-        try:
-            champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
-        except NotFoundError:
+        champion = self.champion
+        if champion is None:
             return  # nothing to replace
         if not self._on_candidates_base(champion):
             return  # it cannot be compared on this base; the report's note says so
@@ -257,9 +272,8 @@ class QualityGate:
                     "one engine cannot serve both"
                 )
             return chosen
-        try:
-            champion = self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
-        except NotFoundError:
+        champion = self.champion
+        if champion is None:
             return None  # no champion yet: judged against the floors and the base
         if champion.version == self.candidate.version:
             return None  # against itself no regression could show: the base instead
@@ -273,6 +287,12 @@ class QualityGate:
             )
             return None
         return champion
+
+    def _champion(self) -> AdapterVersion | None:
+        try:
+            return self.registry.get(AdapterRef(self.config.adapter, alias=CHAMPION))
+        except NotFoundError:
+            return None
 
     def _on_candidates_base(self, version: AdapterVersion) -> bool:
         """Whether `version` was trained on the candidate's base (as far as both recorded)."""

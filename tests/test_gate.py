@@ -608,6 +608,37 @@ def test_promoting_against_a_baseline_other_than_the_champion_is_refused_unmeasu
         gate.run(tmp_path, promote=True)
 
 
+@pytest.mark.parametrize("at_start", [1, None])
+def test_a_champion_that_moves_while_the_gate_measures_is_not_replaced(
+    registry, monkeypatch, tmp_path, at_start
+):
+    """Another gate promoted v3 meanwhile: v2 passed against the champion of the start (or
+    the base), never against v3, so v3 stays; the report is still written and recorded."""
+    from eval.gate import QualityGate
+    from eval.report import GateReport
+
+    for _ in range(3):
+        _register_trained(registry, _trained_hash())
+    if at_start:
+        registry.promote("country-facts", at_start)
+    report = GateReport("country-facts", "country-facts/2", "b", "b", "here", 0, 0, {}, [])
+
+    def measure_while_v3_is_promoted(self):
+        registry.promote("country-facts", 3)
+        return report
+
+    monkeypatch.setattr(QualityGate, "measure", measure_while_v3_is_promoted)
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/2", tracking_uri=registry.tracking_uri)
+    was = "country-facts/1" if at_start else "none"
+    with pytest.raises(UsageError, match=f"moved from {was} to country-facts/3 while") as e:
+        gate.run(tmp_path, promote=True)
+    assert e.value.exit_code == 2
+    assert registry.get(parse_ref("country-facts@champion")).version == 3
+    assert registry.get(parse_ref("country-facts/2")).tags["gate_result"] == "pass"
+    assert (tmp_path / "report.md").is_file()
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_before_measuring(
     registry, monkeypatch, tmp_path
 ):
