@@ -335,6 +335,7 @@ def test_a_csv_column_of_numbers_is_read_as_text(tmp_path, tokenizer):
         ('{"instruction": "q", "output": null}', "record 3 'output' is missing"),
         ('{"messages": [{"role": "bot", "content": "x"}]}', "record 3 role 'bot' is none of"),
         ('{"messages": []}', "record 3 has no messages"),
+        ('{"messages": null}', "record 3 has no messages"),
         ('{"conversations": [{"from": "robot", "value": "x"}]}', "record 3 from 'robot' is none"),
         ('{"messages": [{"role": "user", "content": ["a"]}]}', "record 3 'content' is not text"),
     ],

@@ -166,6 +166,44 @@ def test_eval_set_holds_only_test_split_questions(name, smollm2):
     assert all(len(s.retrieved_contexts) == 2 for s in samples)
 
 
+@pytest.mark.parametrize("context_field", ["context", None])
+def test_records_with_no_answer_or_no_passage_are_left_out_of_the_eval_set(context_field):
+    """Training skips a chat with no answer to a question; so does the eval set (it raised
+    max() of an empty sequence), and a record with a null passage (the embedder raised)."""
+    from datasets import Dataset
+
+    from eval.eval_set import build_eval_set
+    from train.data import SplitData
+
+    def chat(context: str | None, **turns: str) -> dict:
+        messages = [{"role": role, "content": text} for role, text in turns.items()]
+        return {"messages": messages, "context": context}
+
+    records = Dataset.from_list([
+        chat("Oslo is Norway's capital.", system="Be brief.", user="Capital of Norway?",
+             assistant="Oslo."),
+        chat("Lima is Peru's capital.", system="Be brief.", user="Capital of Peru?"),
+        chat(None, user="Capital of Chile?", assistant="Santiago."),
+        chat("Madrid is Spain's capital.", assistant="Hello!"),
+    ])  # fmt: skip
+    splits = SplitData("chat", records.select([]), records.select([]), records)
+    embed = lambda texts: np.stack([_bag(t, 8) for t in texts])  # noqa: E731
+    samples = build_eval_set(splits, records, context_field, 5, embed)
+
+    if context_field:
+        assert [s.question for s in samples] == ["Capital of Norway?"]
+        assert sorted(samples[0].retrieved_contexts) == sorted(
+            ["Oslo is Norway's capital.", "Lima is Peru's capital.", "Madrid is Spain's capital."]
+        )
+    else:  # the answers are the passages
+        assert [s.question for s in samples] == ["Capital of Norway?", "Capital of Chile?"]
+        assert [s.reference_contexts for s in samples] == [["Oslo."], ["Santiago."]]
+        assert sorted(samples[1].retrieved_contexts) == ["Oslo.", "Santiago."]
+    assert samples[0].messages[-1] == {"role": "user", "content": "Capital of Norway?"}
+    with pytest.raises(ConfigError, match="none of the 2 test records has a user question"):
+        build_eval_set(splits, records.select([1, 3]), context_field, 5, embed)
+
+
 def _bag(text: str, dims: int) -> np.ndarray:
     vector = np.ones(dims)
     for word in text.lower().split():

@@ -86,7 +86,7 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
         turns, role_key, content_key, roles = record["messages"], "role", "content", None
     else:
         turns, role_key, content_key, roles = (
-            record["conversations"],
+            record.get("conversations"),
             "from",
             "value",
             _SHAREGPT_ROLES,
