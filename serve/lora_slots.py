@@ -54,6 +54,10 @@ class LoraSlots:
         self.loads += 1
         return True
 
+    def holds(self, uid: str) -> bool:
+        """Whether `uid`'s slot holds its weights (or a plan's claim to copy them)."""
+        return self.contents[self.slot_of[uid]] == uid
+
     def unfill(self, slots) -> None:
         """The copies into `slots` that `fill` asked for did not happen (the step failed)."""
         for slot in slots:
