@@ -284,7 +284,13 @@ class LLMEngine:
         `OutputProcessor.cut_by_failed_step`) and return their ids."""
         cut = self.outputs.cut_by_failed_step()
         for request_id in cut:
-            self._end(request_id)
+            seq = self.requests[request_id].seq
+            try:
+                self._end(request_id)
+            except Exception:  # its own output fails again (a bug): release it all the same
+                log.exception("request %s: its last output failed; released without it", request_id)
+                self.outputs.forget(request_id)
+                self.scheduler.finish(seq, Status.FINISHED_ABORTED)
         return cut
 
     def _end(self, request_id: str) -> RequestOutput:

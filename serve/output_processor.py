@@ -32,14 +32,16 @@ class OutputProcessor:
         """Forget a request, to end it without a step's output; its state (None if not held),
         caught up with the pending step's result for it (the text and logprob of the token
         that step sampled), so that the state's output holds all it generated."""
-        state = self.requests.pop(request_id, None)
-        if state is None:
-            return None
-        if (row := self._due_row(state.seq)) is not None:
+        state = self.forget(request_id)
+        if state is not None and (row := self._due_row(state.seq)) is not None:
             result = self.pending[1]
             state.update(result.logprobs[row], result.prompt_logprobs[row])
-        self.sampler.forget(request_id)
         return state
+
+    def forget(self, request_id: str) -> RequestState | None:
+        """Drop a request's state and its sampler state; the state (None if not held)."""
+        self.sampler.forget(request_id)
+        return self.requests.pop(request_id, None)
 
     def output_due(self, seq: Sequence) -> bool:
         """Whether the pending step has a result of `seq` still to output."""
@@ -52,8 +54,7 @@ class OutputProcessor:
 
     def fail(self, seq: Sequence, error: str) -> None:
         """Output a request the engine ended with `error` (finish reason "error")."""
-        state = self.requests.pop(seq.request_id)
-        self.sampler.forget(seq.request_id)
+        state = self.forget(seq.request_id)
         state.error = error
         self._outbox.append(state.output(seq.adapter))
 
@@ -93,8 +94,7 @@ class OutputProcessor:
             if result.sampled[i] is not None or seq.is_finished:
                 self._outbox.append(state.output(seq.adapter))
             if seq.is_finished:
-                del self.requests[seq.request_id]
-                self.sampler.forget(seq.request_id)
+                self.forget(seq.request_id)
 
     def _held(self, plan: SchedulerOutput):
         """(row, request state) of the plan's sequences whose requests are still held."""

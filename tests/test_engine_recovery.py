@@ -3,6 +3,7 @@ id comes back: it goes on serving, and never serves one adapter's weights as ano
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -545,3 +546,68 @@ def test_a_request_finished_by_a_step_that_then_raised_is_released_by_generates_
     monkeypatch.undo()
     assert not engine.requests and not engine.has_unfinished
     assert engine.allocator.num_used_blocks == 0
+
+
+def test_a_request_admitted_by_a_step_that_failed_before_its_slot_copy_runs_its_own_adapter(
+    two, monkeypatch
+):
+    """The failed step took its claim on the slot back; the request it admitted (another
+    caller's, still running) decoded with what the slot held before: b's weights as a's."""
+    llm, _, b = two
+    of_a = _tokens(llm, "a")
+    llm.load_adapter("b", str(b))
+    assert _tokens(llm, "b") != of_a  # the one slot now holds b
+    engine = llm.engine
+    other = engine.add_request(PROMPT, GREEDY, "a")
+    inputs = engine.runner._eager_inputs
+
+    def out_of_memory_once(*args, **kwargs):  # before the step's copy into the slot
+        monkeypatch.setattr(engine.runner, "_eager_inputs", inputs)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.runner, "_eager_inputs", out_of_memory_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        llm.generate([[1, 9, 10]], GREEDY)
+    finished = []
+    while engine.has_unfinished:
+        finished += [o for o in engine.step() if o.request_id == other and o.finished]
+    assert finished[0].token_ids == of_a
+
+
+def test_a_request_whose_output_always_fails_fails_alone_and_the_engine_serves_on(
+    tiny_base, monkeypatch
+):
+    """The recovery from a failed step makes the cut requests' last outputs: for one whose
+    output fails every time, that raised again, out of the engine thread, which died."""
+    import asyncio
+
+    from serve import outputs
+    from serve.async_engine import AsyncLLM, EngineStepError
+
+    llm = LLM(**tiny_engine_args(tiny_base))
+    made = outputs.RequestState.output
+
+    def fails_for_bad(self, adapter):  # a bug in one request's last output
+        if self.seq.request_id == "bad" and self.seq.is_finished:
+            raise RuntimeError("no output for bad")
+        return made(self, adapter)
+
+    monkeypatch.setattr(outputs.RequestState, "output", fails_for_bad)
+    engine = AsyncLLM(llm.engine)
+    longer = dataclasses.replace(GREEDY, max_tokens=40)
+
+    async def run():
+        bad = _drain(engine.generate(PROMPT, GREEDY, request_id="bad"))
+        good = _drain(engine.generate(PROMPT, longer, request_id="good"))
+        results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), 60)
+        return results, await asyncio.wait_for(_drain(engine.generate(PROMPT, GREEDY)), 60)
+
+    try:
+        (bad, good), later = asyncio.run(run())
+        assert engine.alive
+    finally:
+        engine.shutdown()
+    assert isinstance(bad, EngineStepError) and "no output for bad" in str(bad)
+    assert isinstance(good, EngineStepError)  # it was running in the failed step
+    assert later[-1].token_ids == _tokens(llm, None)
+    assert not llm.engine.requests and llm.engine.allocator.num_used_blocks == 0
