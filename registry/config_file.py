@@ -45,23 +45,23 @@ class StrictConfig(BaseModel):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
-    last silently, dropping the first: a whole `engine:` section, say), and an integer with a
-    leading zero, which YAML 1.1 reads as octal (`max_steps: 010` would be 8)."""
+    last silently, dropping the first: a whole `engine:` section, say), and the numbers YAML
+    1.1 reads in another base: a leading zero is octal (`max_steps: 010` would be 8), and
+    colons are base 60 (`max_steps: 1:30` would be 90)."""
 
     def construct_yaml_int(self, node):
-        text = self.construct_scalar(node)
-        if re.fullmatch(r"[-+]?0[0-7_]+", text):
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"{text!r}: a leading 0 reads as octal; write it without",
-                node.start_mark,
-            )
+        _refuse_other_bases(self.construct_scalar(node), node)
         return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        _refuse_other_bases(self.construct_scalar(node), node)
+        return super().construct_yaml_float(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys after it may override what it brings
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 line = key_node.start_mark.line + 1
@@ -72,7 +72,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _refuse_other_bases(text: str, node) -> None:
+    if re.fullmatch(r"[-+]?0[0-7_]+", text):
+        problem = "a leading 0 reads as octal; write it without"
+    elif ":" in text:
+        problem = "YAML reads a number with colons in base 60; quote it or write it plainly"
+    else:
+        return
+    raise yaml.constructor.ConstructorError(None, None, f"{text!r}: {problem}", node.start_mark)
+
+
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
 def _load_yaml(text: str):

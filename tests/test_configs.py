@@ -72,6 +72,7 @@ def _with(section: str, key: str, value) -> dict:
             "greater than or equal to 0",
         ),
         (_with("training", "seed", -1), "training.seed", "greater than or equal to 0"),
+        (_with("training", "seed", 2**32), "training.seed", "less than or equal to 4294967295"),
         (_with("training", "max_steps", 1.0), "training.max_steps", "valid integer (got 1.0)"),
         (_with("training", "max_steps", True), "training.max_steps", "valid integer (got True)"),
         (_with("data", "packing", 1), "data.packing", "valid boolean (got 1)"),
@@ -126,11 +127,36 @@ def test_an_integer_with_a_leading_zero_is_refused_not_read_as_octal(tmp_path):
     assert load_config(_write(tmp_path, GOOD), ["training.max_steps=10"]).training.max_steps == 10
 
 
+def test_a_number_with_colons_is_refused_not_read_in_base_60(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"training\.max_steps: '1:30' is not a valid value"):
+        load_config(path, ["training.max_steps=1:30"])  # YAML 1.1: 90
+    for line in ("training: {max_steps: 1:30}", "lora: {dropout: 1:30.5}"):
+        path.write_text(path.read_text().split("training")[0] + line + "\n")
+        with pytest.raises(ConfigError, match=r"not valid YAML: '1:30(\.5)?': YAML reads a n"):
+            load_config(path)
+
+
 def test_a_key_given_twice_is_refused_not_the_first_dropped(tmp_path):
     path = _write(tmp_path, GOOD)
     path.write_text(path.read_text() + "name: other\n")  # plain YAML keeps this one alone
     with pytest.raises(ConfigError, match="key 'name' appears twice"):
         load_config(path)
+
+
+def test_yaml_merge_keys_load_and_keys_after_them_override_what_they_bring(tmp_path):
+    """`<<: *team` shares settings between api_keys; a key given twice is still refused."""
+    path = tmp_path / "serve.yaml"
+    team = "api_keys:\n  - &team {id: a, env: KEY_A, adapters: [x], admin: true}\n"
+    path.write_text(team + "  - {<<: *team, id: b, env: KEY_B}\n")
+    keys = load_serve_config(path).api_keys
+    assert [(k.id, k.env, k.adapters, k.admin) for k in keys] == [
+        ("a", "KEY_A", ["x"], True),
+        ("b", "KEY_B", ["x"], True),
+    ]
+    path.write_text(team + "  - {<<: *team, id: b, env: KEY_B, id: c}\n")
+    with pytest.raises(ConfigError, match="key 'id' appears twice"):
+        load_serve_config(path)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

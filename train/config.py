@@ -94,7 +94,7 @@ class TrainingSettings(StrictConfig):
     eval_steps: StrictInt = Field(50, ge=1)
     eval_batch_size: StrictInt = Field(16, ge=1)
     save_steps: StrictInt = Field(50, ge=1)
-    seed: StrictInt = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # numpy's legacy seed, which Trainer sets
 
     @field_validator("warmup_steps")
     @classmethod
