@@ -63,15 +63,19 @@ CPU_CONFIGS = {
     "configs/train/country-facts_smollm2-135m_qlora_cpu.yaml",
 }
 # Stands in for `loraplex` on a runner: logs its arguments; `train` registers version 7 of the
-# config's `name` (and fails on a GPU config, as a runner without the base model would).
+# config's `name` (and fails on a GPU config, as a runner without the base model would, or on
+# one matching $TRAIN_FAILS); `gate` exits $GATE_EXIT.
 STUB_LORAPLEX = r"""#!/bin/bash
 echo "$*" >> calls.log
 if [ "$1" = train ]; then
-  case "$2" in *_gpu.yaml) echo "error: base_model: not found" >&2; exit 2 ;; esac
+  case "$2" in
+    *_gpu.yaml|*"${TRAIN_FAILS:-(none)}"*) echo "error: base_model: not found" >&2; exit 2 ;;
+  esac
   echo "training $2"
   name=$(grep -oP '^name: *\K[^ #]+' "$2")
   echo "registered: $name/7"
 fi
+if [ "$1" = gate ]; then exit "${GATE_EXIT:-0}"; fi
 """
 
 
@@ -164,3 +168,16 @@ def test_gate_workflow_gates_the_exact_version_its_train_step_registered(checkou
         "--output reports/country-facts",
     ]
     assert "training configs/train/country-facts" in result.stderr  # its log still shows
+
+
+@pytest.mark.parametrize("gate_exit", [0, 1])
+def test_gate_workflow_gates_every_adapter_after_a_failed_training_and_exits_2(checkout, gate_exit):
+    """A failed training ended the step (bash -e) before the other adapters were gated, and
+    a later regression's 1 replaced an earlier failure's 2."""
+    configs = " ".join(sorted(CPU_CONFIGS))
+    env = {"CONFIGS": configs, "PROMOTE": "", "TRAIN_FAILS": "construction-faq"}
+    result = _run_step("Train and gate", checkout, {**env, "GATE_EXIT": str(gate_exit)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "loraplex train configs/train/construction-faq" in result.stdout
+    gates = [c for c in (checkout / "calls.log").read_text().splitlines() if c.startswith("gate ")]
+    assert [g.split()[1] for g in gates] == ["configs/gates/country-facts.yaml"]
