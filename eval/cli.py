@@ -46,7 +46,8 @@ def gate(
     ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Judge a candidate adapter against its champion and the base; exit 1 if it fails."""
+    """Judge a candidate adapter against its champion and the base: exit 0 if it passes, 1 if
+    it fails, 2 if it could not run."""
     from registry.home import setup_environment
 
     try:

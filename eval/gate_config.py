@@ -50,7 +50,7 @@ class GenerationConfig(StrictConfig):
 
 
 class BootstrapConfig(StrictConfig):
-    resamples: StrictInt = Field(2000, ge=100)
+    resamples: StrictInt = Field(2000, ge=100, le=100_000)  # each is an array of the samples
     confidence: Number = Field(0.95, gt=0.5, lt=1)
     seed: StrictInt = Field(0, ge=0)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from eval.eval_set import EvalSample
 from eval.gate_config import JUDGED, JudgeConfig
+from registry.errors import ConfigError
 
 
 class Scorer:
@@ -20,6 +21,15 @@ class Scorer:
 
     def __init__(self, judge: JudgeConfig | None = None):
         self.judge = judge
+        self.judge_key = ""  # a local judge (our own server) may need none
+        if judge is not None and judge.api_key_env:
+            # Checked now, not when the first judged score is asked for, minutes in.
+            self.judge_key = os.environ.get(judge.api_key_env, "")
+            if not self.judge_key:
+                raise ConfigError(
+                    f"judge.api_key_env: the environment variable {judge.api_key_env} is "
+                    "not set (or empty)"
+                )
 
     @cached_property
     def embeddings(self):
@@ -94,8 +104,7 @@ class Scorer:
         from openai import AsyncOpenAI
         from ragas.llms.base import InstructorLLM
 
-        key = os.environ.get(self.judge.api_key_env, "") if self.judge.api_key_env else ""
-        client = AsyncOpenAI(base_url=self.judge.base_url, api_key=key or "unused")
+        client = AsyncOpenAI(base_url=self.judge.base_url, api_key=self.judge_key or "unused")
         patched = instructor.from_openai(client, mode=instructor.Mode.JSON_SCHEMA)
         return InstructorLLM(client=patched, model=self.judge.model, provider="openai")
 

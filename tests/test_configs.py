@@ -60,7 +60,7 @@ def _with(section: str, key: str, value) -> dict:
         (_with("training", "optimizer", "sgd"), "training.optimizer", "'paged_adamw_8bit'"),
         ({"data": GOOD["data"]}, "name", "Field required"),
         ({**GOOD, "name": "has space"}, "name", "letters, digits"),
-        ({**GOOD, "data": {"path": "x.txt"}}, "data.path", "must be a .jsonl"),
+        ({**GOOD, "data": {"path": "x.txt"}}, "data.path", ".parquet file (got 'x.txt')"),
         (
             {**GOOD, "data": {**GOOD["data"], "split": {"test": 2.5}}},
             "data.split.test",

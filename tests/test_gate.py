@@ -568,6 +568,18 @@ def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(
     assert all(row["retrieved_contexts"] == [passage] for row in asked)
 
 
+def test_a_judge_key_variable_that_is_not_set_is_refused_before_anything_runs(monkeypatch):
+    from eval.gate_config import JudgeConfig
+    from eval.scores import Scorer
+
+    judge = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="judge", api_key_env="JUDGE_KEY")
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"judge\.api_key_env: the environment variable JUDGE_K"):
+        Scorer(judge)  # it sent "unused" to the judge, after minutes of answering
+    monkeypatch.setenv("JUDGE_KEY", "sk-1")
+    assert Scorer(judge).judge_key == "sk-1"
+
+
 @pytest.mark.parametrize(
     ("body", "line"),
     [
@@ -587,6 +599,7 @@ def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(
         ("metrics: {rouge_l: {}}\neval_set: {max_samples: 8.0}", "  eval_set.max_samples: "),
         ("metrics: {rouge_l: {}}\nbootstrap: {seed: true}", "  bootstrap.seed: Input should"),
         ("metrics: {rouge_l: {}}\nbootstrap: {confidence: .nan}", "  bootstrap.confidence: "),
+        ("metrics: {rouge_l: {}}\nbootstrap: {resamples: 1000000000}", "  bootstrap.resamples: "),
     ],
 )
 def test_gate_config_errors_name_their_key_and_refuse_bounds_that_cannot_work(tmp_path, body, line):

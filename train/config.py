@@ -47,7 +47,7 @@ class DataConfig(StrictConfig):
     @classmethod
     def _known_suffix(cls, path: Path) -> Path:
         if path.suffix not in DATA_LOADERS:
-            raise ValueError(f"must be a .jsonl, .json, .csv or .parquet file (got {path.name})")
+            raise ValueError("must be a .jsonl, .json, .csv or .parquet file")
         return path
 
 
