@@ -226,18 +226,33 @@ class AdapterRegistry:
                     f"(aliases: {_names(sorted(aliases))})"
                 )
             number = int(aliases[ref.alias])
-        versions = self._versions(model)
+        # One version read, not all of them: a server's alias watch asks every few seconds.
+        found = self._version_entity(model.name, number)
+        if found is not None:
+            return self._with_aliases(model, [found])[0]
+        versions = self._versions(model)  # for the error, which lists them
         if not versions:
             raise NotFoundError(f"adapter {ref.name!r} has no versions yet")
-        if number is None:
-            return versions[-1]
-        for version in versions:
-            if version.version == number:
-                return version
         raise NotFoundError(
             f"adapter {ref.name!r} has no version {number} "
             f"(versions: {', '.join(str(v.version) for v in versions)})"
         )
+
+    def _version_entity(self, name: str, number: int | None):
+        """MLflow's version `number` of `name` (None: the latest), or None if there is none."""
+        from mlflow.exceptions import MlflowException
+
+        if number is None:
+            latest = self.client.search_model_versions(
+                f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+            )
+            return latest[0] if latest else None
+        try:
+            return self.client.get_model_version(name, str(number))
+        except MlflowException as e:
+            if not is_missing(e):
+                raise
+        return None
 
     def promote(self, name: str, version: int, alias: str = CHAMPION) -> int | None:
         """Point `alias` at `version`; returns the version that held it before, if any."""
@@ -350,13 +365,17 @@ class AdapterRegistry:
         )
 
     def _versions(self, model) -> list[AdapterVersion]:
-        """Its versions, oldest first, with their aliases: MLflow's search leaves them out."""
+        """Its versions, oldest first."""
+        found = self.client.search_model_versions(f"name = '{model.name}'")
+        return sorted(self._with_aliases(model, found), key=lambda v: v.version)
+
+    @staticmethod
+    def _with_aliases(model, found) -> list[AdapterVersion]:
+        """MLflow's versions `found` of `model` with their aliases, which its search leaves out."""
         held: dict[int, list[str]] = {}
         for alias, number in (model.aliases or {}).items():
             held.setdefault(int(number), []).append(alias)
-        found = self.client.search_model_versions(f"name = '{model.name}'")
-        versions = (_version(v, held.get(int(v.version), [])) for v in found)
-        return sorted(versions, key=lambda v: v.version)
+        return [_version(v, held.get(int(v.version), [])) for v in found]
 
 
 def is_missing(error) -> bool:

@@ -351,14 +351,20 @@ def test_a_store_that_fails_to_answer_is_its_error_not_an_unknown_adapter(
     registry.promote("facts", 1)
     unavailable = MlflowException("503 from the tracking server", "TEMPORARILY_UNAVAILABLE")
 
-    def fails(*args):
+    def fails(*args, **kwargs):
         raise unavailable
 
-    for method in ("get_registered_model", "search_model_versions"):
+    calls = [
+        ("get_registered_model", "facts@champion"),
+        ("get_model_version", "facts@champion"),
+        ("get_model_version", "facts/1"),
+        ("search_model_versions", "facts"),  # the latest
+    ]
+    for method, ref in calls:
         with monkeypatch.context() as patch:
             patch.setattr(registry.client, method, fails)
             with pytest.raises(MlflowException, match="503 from the tracking server"):
-                registry.get(parse_ref("facts@champion"))
+                registry.get(parse_ref(ref))
     with pytest.raises(UnknownAdapterError, match="no registered adapter named 'other'"):
         registry.get(parse_ref("other"))
     with pytest.raises(NotFoundError, match="has no alias 'staging'"):
