@@ -52,7 +52,7 @@ class Lineage:
             fields = json.loads(file.read_text())
             known = {f.name for f in dataclasses.fields(cls)}  # a newer loraplex may add keys
             return cls(**{k: v for k, v in fields.items() if k in known})
-        except (json.JSONDecodeError, TypeError, AttributeError) as error:
+        except (ValueError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
             raise AdapterError(f"{file} is not a loraplex lineage file ({error})") from None
 
 

@@ -87,10 +87,10 @@ def read_peft_lora(
                 f"{name}: {config_file}: alpha_pattern key {pattern!r} is not a regex: {error}"
             ) from None
     alphas = [config.get("lora_alpha"), *patterns.values()]
-    if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alphas):
+    if not all(_finite_number(a) for a in alphas):  # JSON as Python reads it: NaN, 1e999
         raise AdapterError(
-            f"{name}: {config_file}: lora_alpha (and alpha_pattern's values) must be numbers "
-            f"(got {config.get('lora_alpha')!r})"
+            f"{name}: {config_file}: lora_alpha (and alpha_pattern's values) must be finite "
+            f"numbers (got {config.get('lora_alpha')!r}, {list(patterns.values())!r})"
         )
     if config.get("use_dora"):
         raise AdapterError(f"{name}: DoRA adapters are not supported")
@@ -177,7 +177,21 @@ def slot_layout(
         r = a.shape[0]
         A[m][layer, :r] = a
         B[m][layer, :r] = b.T * scale
+        if not B[m][layer, :r].isfinite().all():  # finite in fp32, not once scaled and rounded
+            raise AdapterError(
+                f"adapter {uid!r}: layer {layer} {m}: lora_B times its scale ({scale:g}) "
+                f"overflows {str(dtype).removeprefix('torch.')}"
+            )
     return LoraWeights(uid, path, A, B, ranks)
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _pattern(patterns: dict, key: str, default):

@@ -8,6 +8,7 @@ import torch
 from serve.adapter_pool import AdapterPool
 from serve.llama import LORA_MODULES, ModelShape
 from serve.lora_weights import read_peft_lora
+from tests.helpers import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,11 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
-        ("no lora_alpha", "lora_alpha .* must be numbers"),
-        ("lora_alpha a string", "lora_alpha .* must be numbers"),
+        ("no lora_alpha", "lora_alpha .* must be finite numbers"),
+        ("lora_alpha a string", "lora_alpha .* must be finite numbers"),
+        ("lora_alpha NaN", r"must be finite numbers \(got nan"),  # Python's JSON reads NaN
+        ("lora_alpha past float", "must be finite numbers"),  # it raised OverflowError
+        ("alpha_pattern value infinite", r"must be finite numbers \(got 8, \[inf\]\)"),
         ("config not JSON", "adapter_config.json is not valid JSON"),
         ("lora_B missing", "layer 0 q_proj has no lora_B weight"),
         ("alpha_pattern a list", "alpha_pattern must be an object"),
@@ -149,6 +153,12 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         del config["lora_alpha"]
     elif breakage == "lora_alpha a string":
         config["lora_alpha"] = "32"
+    elif breakage == "lora_alpha NaN":
+        config["lora_alpha"] = float("nan")
+    elif breakage == "lora_alpha past float":
+        config["lora_alpha"] = 10**400
+    elif breakage == "alpha_pattern value infinite":
+        config["alpha_pattern"] = {"q_proj": float("inf")}
     elif breakage == "alpha_pattern a list":
         config["alpha_pattern"] = ["q_proj"]
     elif breakage == "alpha_pattern not a regex":
@@ -172,3 +182,18 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         save_file(state, str(folder / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=message):
         read_peft_lora(folder, "broken", _shape(tiny_base), max_rank=8)
+
+
+def test_weights_that_overflow_the_slot_dtype_once_scaled_are_refused(tiny_base, tmp_path):
+    """Finite in fp32, infinite as a float16 slot holds them: every token's logits NaN."""
+    import json
+
+    from registry.errors import AdapterError
+
+    folder = make_adapter(tiny_base, tmp_path / "big", seed=0, rank=4, targets=("q_proj",))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4e9}))
+    shape = _shape(tiny_base)
+    assert read_peft_lora(folder, "big", shape, max_rank=8).B["q_proj"].isfinite().all()
+    with pytest.raises(AdapterError, match=r"layer 0 q_proj: lora_B times its scale \(1e\+09\)"):
+        read_peft_lora(folder, "big", shape, max_rank=8, dtype=torch.float16)
