@@ -63,15 +63,21 @@ class AdapterWatch:
         return self.engine.engine.adapters
 
     async def load(
-        self, name: str, source: str, reason: str = "api", replacing: AdapterInfo | None = None
+        self,
+        name: str,
+        source: str,
+        reason: str = "api",
+        replacing: AdapterInfo | None = None,
+        if_absent: bool = False,
     ) -> AdapterInfo | None:
-        """Read and install; with `replacing`, only over that adapter (None if it is gone). A
-        registry that cannot be read is a 503; its error, with its URI, goes to the log."""
+        """Read and install; with `replacing`, only over that adapter (None if it is gone),
+        with `if_absent` only under a name still free (None if not). A registry that cannot
+        be read is a 503; its error, with its URI, goes to the log."""
         from mlflow.exceptions import MlflowException
 
         try:
             executor = self._registry_calls if names_registry(source) else None
-            info = await self.engine.load_adapter(name, source, replacing, executor)
+            info = await self.engine.load_adapter(name, source, replacing, executor, if_absent)
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
             log.warning("cannot load %s from the registry: %s", source, error)
             if is_missing(error):  # for good: no retry helps
@@ -95,11 +101,20 @@ class AdapterWatch:
             return self.loaded[ref]
         pending = self._loading.get(ref)
         if pending is None:
-            pending = asyncio.ensure_future(self.load(ref, ref, "first_use"))
+            pending = asyncio.ensure_future(self._first_use(ref))
             self._loading[ref] = pending
             pending.add_done_callback(lambda done: self._loaded(ref, done))
         # Shielded: a caller that times out must not cancel the load others wait for.
         return await asyncio.shield(pending)
+
+    async def _first_use(self, ref: str) -> AdapterInfo:
+        # An admin's load under this name while the registry was read wins over it.
+        info = await self.load(ref, ref, "first_use", if_absent=True)
+        if info is None:
+            info = self.loaded.get(ref)
+        if info is None:  # loaded by the API, then unloaded, all while this read it
+            raise NotFoundError(f"adapter {ref!r} was unloaded while it loaded; ask again")
+        return info
 
     def _loaded(self, ref: str, done: asyncio.Future) -> None:
         self._loading.pop(ref, None)

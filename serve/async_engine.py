@@ -99,18 +99,21 @@ class AsyncLLM:
         source: str,
         replacing: AdapterInfo | None = None,
         executor: concurrent.futures.Executor | None = None,
+        if_absent: bool = False,
     ) -> AdapterInfo | None:
         """Read the adapter off the engine thread (in `executor`, else asyncio's default),
         then install it between two steps.
 
         With `replacing`, only if that very AdapterInfo is still the one loaded under `name`
         when the install runs (a compare-and-swap on the engine thread); else nothing is
-        installed and the answer is None: the adapter was unloaded or replaced meanwhile."""
+        installed and the answer is None: the adapter was unloaded or replaced meanwhile.
+        With `if_absent`, only if nothing is loaded under `name` then (else None)."""
         loop = asyncio.get_running_loop()
         loaded = await loop.run_in_executor(executor, self.engine.read_adapter, name, source)
 
         def install() -> AdapterInfo | None:
-            if replacing is not None and self.engine.adapters.get(name) is not replacing:
+            held = self.engine.adapters.get(name)
+            if (replacing is not None and held is not replacing) or (if_absent and held):
                 return None
             return self.engine.install_adapter(loaded)
 

@@ -152,6 +152,46 @@ def test_an_unload_or_replacement_while_a_moved_alias_is_read_is_not_undone(
         engine.shutdown()
 
 
+def test_an_admins_load_while_a_first_use_reads_the_registry_is_not_undone(
+    tiny_base, registry, tmp_path
+):
+    """POST /v1/adapters of `faq@champion` answered 200 while a request's first-use load of
+    that name read the registry; the first use then installed over it."""
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    folder = make_lora(tiny_base, tmp_path / "v1", rank=4, targets=["q_proj"], seed=1)
+    register_folder(registry, folder, "faq")
+    registry.promote("faq", 1)
+    hotfix = make_lora(tiny_base, tmp_path / "hotfix", rank=4, targets=["q_proj"], seed=2)
+    llm = LLM(**tiny_engine_args(tiny_base, registry.tracking_uri))
+    engine = AsyncLLM(llm.engine)
+    watch = AdapterWatch(engine)
+    read, reading, allowed = llm.engine.read_adapter, threading.Event(), threading.Event()
+
+    def slow_read(name, source):  # the registry's download is slow; the folder's is not
+        if source == "faq@champion":
+            reading.set()
+            assert allowed.wait(30)
+        return read(name, source)
+
+    llm.engine.read_adapter = slow_read
+
+    async def main():
+        first_use = asyncio.ensure_future(watch.ensure("faq@champion"))
+        assert await asyncio.to_thread(reading.wait, 30)
+        admins = await watch.load("faq@champion", str(hotfix))
+        allowed.set()
+        return admins, await first_use
+
+    try:
+        admins, served = asyncio.run(main())
+        assert served is admins and watch.loaded["faq@champion"] is admins
+        assert admins.source == str(hotfix)
+    finally:
+        engine.shutdown()
+
+
 def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_weights(
     tiny_base, registry, tmp_path
 ):
