@@ -46,8 +46,10 @@ def gate(
     ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Judge a candidate adapter against its champion and the base: exit 0 if it passes, 1 if
-    it fails, 2 if it could not run."""
+    """Judge a candidate adapter against its champion and the base.
+
+    Exit 0 if it passes, 1 if it fails (a regression), 2 if it could not run.
+    """
     from registry.home import setup_environment
 
     try:

@@ -11,6 +11,8 @@ _EXPORTS = {
     "LLM": "serve.llm",
     "AsyncLLM": "serve.async_engine",
     "EngineConfig": "serve.config",
+    "EngineStepError": "serve.async_engine",
+    "EngineStopped": "serve.async_engine",
     "LLMEngine": "serve.engine",
     "RequestOutput": "serve.outputs",
     "SamplingParams": "serve.sampling_params",

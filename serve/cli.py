@@ -71,8 +71,7 @@ def serve(
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible REST API.
 
-    Settings come from the YAML (see configs/serve/); KEY=VALUE items and the options
-    override it.
+    Settings come from the YAML (see configs/serve/); KEY=VALUE items and the options override it.
     """
     from registry.home import setup_environment
 
