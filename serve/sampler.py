@@ -212,7 +212,7 @@ class Sampler:
         self.device = device
         self.guided = guided  # grammar state of requests with a response_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._seeded: dict[str, torch.Generator] = {}  # request id -> its own generator
+        self._seeded: dict[str, np.random.Generator] = {}  # request id -> its own generator
         self.history = TokenHistory()  # tokens of requests with penalties
 
     def forget(self, request_id: str) -> None:
@@ -278,14 +278,16 @@ class Sampler:
             uniforms[shared] = torch.rand(len(shared), generator=self.generator, device=self.device)
         seeded = [row for row, seq in enumerate(seqs) if seq.params.seed is not None]
         if seeded:
-            draws = [torch.rand(1, generator=self._seeded_generator(seqs[row])) for row in seeded]
-            uniforms[seeded] = torch.cat(draws).to(self.device)
+            draws = [self._seeded_generator(seqs[row]).random(dtype=np.float32) for row in seeded]
+            uniforms[seeded] = torch.tensor(draws).to(self.device)
         return uniforms
 
-    def _seeded_generator(self, seq: Sequence) -> torch.Generator:
+    def _seeded_generator(self, seq: Sequence) -> np.random.Generator:
+        # numpy's PCG64 takes the whole 64-bit seed; torch's CPU generator keeps 32 bits of
+        # it, so seeds 7 and 7 + 2**32 drew the same tokens.
         generator = self._seeded.get(seq.request_id)
         if generator is None:
-            generator = torch.Generator().manual_seed(seq.params.seed)
+            generator = np.random.Generator(np.random.PCG64(seq.params.seed % 2**64))
             self._seeded[seq.request_id] = generator
         return generator
 

@@ -12,7 +12,7 @@ GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 # Bounds (inclusive) the engine takes; the server's request models take the same
 PENALTY_RANGE = (-2, 2)  # frequency and presence penalties, OpenAI's range
 REPETITION_RANGE = (0.01, 100)  # beyond, logits overflow
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64 - 1)  # a signed or unsigned 64-bit integer, as vLLM takes
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit
 
 
@@ -77,7 +77,7 @@ class SamplingParams:
             _in_range(getattr(self, name), PENALTY_RANGE, name)
         _in_range(self.repetition_penalty, REPETITION_RANGE, "repetition_penalty")
         if self.seed is not None:
-            shown = "[-2**63, 2**64) (what torch.manual_seed takes)"
+            shown = "[-2**63, 2**64) (a 64-bit integer)"
             _in_range(self.seed, SEED_RANGE, "seed", shown)
         _check("" not in self.stop, "stop", "must not hold an empty string", self.stop)
         for name in ("logprobs", "prompt_logprobs"):

@@ -75,6 +75,19 @@ def test_a_seeds_draws_do_not_depend_on_the_rest_of_the_batch(llm, options):
     assert llm.generate([PROMPTS[0]], other)[0].token_ids != alone.token_ids
 
 
+def test_seeds_that_differ_only_in_their_high_bits_draw_differently(llm):
+    """torch's CPU generator keeps a seed's low 32 bits: 7 + 2**32 drew as 7 did."""
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    seeds = [7, 7 + 2**32, 7 + 2**40, 7 - 2**32, 2**64 - 1]
+    outs = llm.generate(
+        [PROMPTS[0]] * len(seeds), [dataclasses.replace(params, seed=s) for s in seeds]
+    )
+    tokens = {tuple(out.token_ids) for out in outs}
+    assert len(tokens) == len(seeds)
+    again = llm.generate([PROMPTS[0]], dataclasses.replace(params, seed=7 + 2**40))
+    assert again[0].token_ids == outs[2].token_ids
+
+
 def test_stop_strings_and_stop_tokens_end_the_output(llm):
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     [full] = llm.generate([PROMPTS[1]], greedy)
