@@ -65,11 +65,14 @@ class LogprobsFormatter:
         return {
             "tokens": tokens,
             "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
-            "top_logprobs": [
-                None if lp is None else {self.token(t): v for t, v in lp.top} for lp in logprobs
-            ],
+            "top_logprobs": [None if lp is None else self._top(lp) for lp in logprobs],
             "text_offset": offsets,
         }
+
+    def _top(self, lp: TokenLogprobs) -> dict[str, float]:
+        """The token itself first, then its alternatives: OpenAI always returns the sampled
+        token's logprob in `top_logprobs`, so there may be `logprobs` + 1 entries."""
+        return {self.token(lp.token_id): lp.logprob} | {self.token(t): v for t, v in lp.top}
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         return {

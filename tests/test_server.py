@@ -249,9 +249,14 @@ def test_completion_echo_scores_the_prompt_as_the_engine_does(server):
     assert scores.token_logprobs[0] is None and scores.top_logprobs[0] is None
     entries = expected.prompt_logprobs[1:] + expected.logprobs
     assert scores.token_logprobs[1:] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    # the token itself always among them, first (OpenAI's "up to logprobs+1 elements")
     assert [list(t) for t in scores.top_logprobs[1:]] == [
-        [tokenizer.decode([t]) for t, _ in e.top] for e in entries
+        list(dict.fromkeys(tokenizer.decode([t]) for t in [e.token_id] + [t for t, _ in e.top]))
+        for e in entries
     ]
+    chosen = [tokenizer.decode([e.token_id]) for e in entries]
+    got = [top[token] for top, token in zip(scores.top_logprobs[1:], chosen, strict=True)]
+    assert got == pytest.approx([e.logprob for e in entries], abs=1e-5)
     assert scores.text_offset == [len("".join(scores.tokens[:i])) for i in range(len(ids))]
     streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
     for field in ("tokens", "text_offset", "token_logprobs"):
