@@ -111,6 +111,8 @@ class RequestState:
         seq = self.seq
         start = seq.num_prompt_tokens + self.prefix_offset
         window = seq.token_ids[start:]
+        if seq.ended_on_stop_token and not seq.params.include_stop_str_in_output:
+            window = window[:-1]
         known = self.decode(window[: self.read_offset - self.prefix_offset])
         text = self.decode(window)
         if len(text) <= len(known) or (text.endswith("\ufffd") and not seq.is_finished):

@@ -70,6 +70,17 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.finished
 
+    @property
+    def ended_on_stop_token(self) -> bool:
+        """Whether its last token is the EOS or stop token that ended it (whose text is left
+        out of the output unless `include_stop_str_in_output`, as in vLLM)."""
+        if self.status is not Status.FINISHED_STOPPED or not self.num_output_tokens:
+            return False
+        last, params = self.token_ids[-1], self.params
+        return last in params.stop_token_ids or (
+            not params.ignore_eos and last in self.eos_token_ids
+        )
+
     def append_token(self, token_id: int) -> None:
         """Add a sampled token and finish the sequence if it ends here."""
         self.token_ids.append(token_id)

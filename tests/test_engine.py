@@ -117,6 +117,20 @@ def test_stop_strings_and_stop_tokens_end_the_output(llm):
     )
     assert by_token.token_ids == full.token_ids[: first + 1]
     assert by_token.finish_reason == "stop"
+    # the stop token's text is left out unless asked for, as a stop string's (vLLM's too)
+    decode = llm.engine.tokenizer.decode
+    assert by_token.text == decode(full.token_ids[:first], skip_special_tokens=True)
+    [with_it] = llm.generate(
+        [PROMPTS[1]],
+        SamplingParams(
+            max_tokens=20,
+            temperature=0,
+            ignore_eos=True,
+            stop_token_ids=[token],
+            include_stop_str_in_output=True,
+        ),
+    )
+    assert with_it.text == decode(full.token_ids[: first + 1], skip_special_tokens=True)
 
 
 def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(tiny_base):
