@@ -411,3 +411,77 @@ def test_warmup_with_the_constant_schedule_is_refused_not_ignored():
     config = load_config(CONFIG, ["training.lr_scheduler=constant", "training.warmup_steps=0"])
     assert config.training.lr_scheduler == "constant"
     assert load_config(CONFIG, ["training.lr_scheduler=constant_with_warmup"]).training
+
+
+def test_resuming_a_run_that_failed_after_its_last_step_trains_no_step_more(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """Its checkpoint at max_steps holds every step: the Trainer, resumed from it, ran a
+    step past max_steps and that adapter was registered."""
+    from safetensors.torch import load_file
+
+    overrides = ("name=reupload", "training.max_steps=4", "training.save_steps=2")
+    job = _tiny_job(tiny_base, home, tracking_uri, *overrides, "training.logging_steps=1")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("tracking server unreachable")
+
+    monkeypatch.setattr(job.registry.client, "log_artifacts", unreachable)
+    with pytest.raises(OSError, match="unreachable"):
+        job.run()
+    monkeypatch.undo()
+    trained = load_file(job.run_dir / "checkpoints/checkpoint-4/adapter_model.safetensors")
+
+    resumed = _tiny_job(
+        tiny_base, home, tracking_uri, *overrides, "training.logging_steps=1", resume=True
+    )
+    result = resumed.run()
+    assert result.status == "finished" and resumed.trainer.state.global_step == 4
+    registered = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert registered.keys() == trained.keys()
+    assert all(registered[k].equal(trained[k]) for k in trained)
+    client = resumed.registry.client
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(result.run_id, "base_loss")] == [0]
+
+
+def test_the_eval_loss_is_a_mean_per_answer_token_whatever_the_batch_size(
+    tiny_base, home, tracking_uri
+):
+    """The Trainer's own is a mean of batch means: 4 examples in batches of 3 weighed the
+    last one as much as the other three."""
+    import torch
+
+    losses = []
+    for size in (1, 3):
+        job = _tiny_job(tiny_base, home, tracking_uri, f"training.eval_batch_size={size}")
+        job.setup()
+        losses.append(job.trainer.evaluate()["eval_loss"])
+    total = count = 0
+    with torch.no_grad():
+        for row in job.eval_data:
+            labels = torch.tensor([row["labels"]])
+            tokens = int((labels[:, 1:] != -100).sum())
+            ids = torch.tensor([row["input_ids"]])
+            total += float(job.model(input_ids=ids, labels=labels).loss) * tokens
+            count += tokens
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert losses[1] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_how_often_a_run_evaluates_does_not_change_the_adapter_it_trains(
+    tiny_base, home, tracking_uri
+):
+    """Iterating the eval set drew from torch's global generator, which moved the dropout
+    masks of every later step."""
+    weights = []
+    for every in (1, 1000):
+        job = _tiny_job(
+            tiny_base, home, tracking_uri, "training.max_steps=3", f"training.eval_steps={every}"
+        )
+        job.run()
+        weights.append(
+            {n: p.detach().clone() for n, p in job.model.named_parameters() if "lora" in n}
+        )
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])

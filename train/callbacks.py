@@ -20,11 +20,16 @@ def with_perplexity(logs: dict) -> dict:
 
 
 class MlflowMetrics(TrainerCallback):
-    """Logs every Trainer log (loss curve, evaluations) as MLflow metrics of one run."""
+    """Logs every Trainer log (loss curve, evaluations) as MLflow metrics of one run.
 
-    def __init__(self, client, run_id: str):
+    A resumed run replays the steps after its checkpoint that a failed attempt logged
+    already: each metric skips the steps its history holds."""
+
+    def __init__(self, client, run_id: str, resumed: bool = False):
         self.client = client
         self.run_id = run_id
+        self.resumed = resumed
+        self._logged_through: dict[str, int] = {}  # metric -> last step logged, once resumed
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         from mlflow.entities import Metric
@@ -33,10 +38,20 @@ class MlflowMetrics(TrainerCallback):
         metrics = [
             Metric(key, float(value), now, state.global_step)
             for key, value in with_perplexity(logs or {}).items()
-            if isinstance(value, (int, float)) and math.isfinite(value)
+            if isinstance(value, (int, float))
+            and math.isfinite(value)
+            and not self._logged_before(key, state.global_step)
         ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
+
+    def _logged_before(self, key: str, step: int) -> bool:
+        if not self.resumed:
+            return False
+        if key not in self._logged_through:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_through[key] = max((m.step for m in history), default=-1)
+        return step <= self._logged_through[key]
 
 
 class ConsoleProgress(ProgressCallback):

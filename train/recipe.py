@@ -20,6 +20,7 @@ from train.data import data_hash, load_splits, tokenize_split
 from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
 
 log = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint, by transformers' Trainer
 
 
 @dataclass
@@ -183,10 +184,11 @@ class TrainingJob:
 
     def _trainer(self):
         import torch
-        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+        from transformers import DataCollatorForSeq2Seq, TrainingArguments
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from train.callbacks import ConsoleProgress, GracefulInterrupt, MlflowMetrics
+        from train.trainer import AdapterTrainer
 
         t = self.config.training
         args = TrainingArguments(
@@ -218,14 +220,17 @@ class TrainingJob:
             disable_tqdm=False,  # else it follows TRANSFORMERS_VERBOSITY, which we quiet
         )
         self.interrupt = GracefulInterrupt()
-        trainer = Trainer(
+        trainer = AdapterTrainer(
             model=self.model,
             args=args,
             train_dataset=self.train_data,
             eval_dataset=self.eval_data,
             data_collator=DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100),
             processing_class=self.tokenizer,
-            callbacks=[MlflowMetrics(self.registry.client, self.run_id), self.interrupt],
+            callbacks=[
+                MlflowMetrics(self.registry.client, self.run_id, resumed=self.resume),
+                self.interrupt,
+            ],
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
@@ -236,14 +241,19 @@ class TrainingJob:
 
     def train(self) -> bool:
         """Train to max_steps; False when Ctrl-C stopped it (a checkpoint holds the progress)."""
+        max_steps = self.config.training.max_steps
         if self.checkpoint is None:
             # LoRA's B starts at zero, but measure the base itself with the adapter switched off.
             with self.model.disable_adapter():
                 self.trainer.evaluate(metric_key_prefix="base")
         else:
             log.warning("resuming %s from %s", self.config.name, self.checkpoint)
-        self.trainer.train(resume_from_checkpoint=self.checkpoint)
-        if self.interrupt.requested:
+        if self.checkpoint is not None and _steps_done(self.checkpoint) >= max_steps:
+            # It failed after its last step: the Trainer would run one more step past it.
+            self._load_finished_checkpoint(Path(self.checkpoint))
+        else:
+            self.trainer.train(resume_from_checkpoint=self.checkpoint)
+        if self.interrupt.requested and self.trainer.state.global_step < max_steps:
             self.registry.client.set_terminated(self.run_id, status="KILLED")
             self._write_run_file(self.run_id, "interrupted")
             return False
@@ -252,6 +262,15 @@ class TrainingJob:
         if last_eval != state.global_step:
             self.trainer.evaluate()
         return True
+
+    def _load_finished_checkpoint(self, checkpoint: Path) -> None:
+        """The adapter and Trainer state of a checkpoint that holds every step."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers.trainer_callback import TrainerState
+
+        set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+        self.trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
 
     def metrics(self) -> dict[str, float]:
         """Latest value of each metric over the run, base evaluation included."""
@@ -361,3 +380,9 @@ def _keep_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def _steps_done(checkpoint: str) -> int:
+    import json
+
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"]
