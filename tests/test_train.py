@@ -485,3 +485,30 @@ def test_how_often_a_run_evaluates_does_not_change_the_adapter_it_trains(
         )
     assert weights[0].keys() == weights[1].keys()
     assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])
+
+
+def test_a_run_resumed_after_a_crash_logs_each_step_once(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """It replays the steps after its checkpoint, which the crashed attempt had logged."""
+    from train.callbacks import MlflowMetrics
+
+    overrides = ("name=crashed", "training.max_steps=4", "training.save_steps=2")
+    job = _tiny_job(tiny_base, home, tracking_uri, *overrides, "training.logging_steps=1")
+    log = MlflowMetrics.on_log
+
+    def crash_after_step_3(self, args, state, control, logs=None, **kwargs):
+        log(self, args, state, control, logs, **kwargs)
+        if state.global_step == 3:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(MlflowMetrics, "on_log", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        job.run()
+    monkeypatch.undo()
+    resumed = _tiny_job(
+        tiny_base, home, tracking_uri, *overrides, "training.logging_steps=1", resume=True
+    )
+    result = resumed.run()
+    client = resumed.registry.client
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [1, 2, 3, 4]
