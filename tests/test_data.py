@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -349,3 +350,15 @@ def test_a_malformed_record_is_refused_naming_its_number(tmp_path, line, message
     config = PROJECT / "configs/train/construction-faq_smollm2-135m_qlora_cpu.yaml"
     with pytest.raises(ConfigError, match=rf"data\.path: data\.jsonl {re.escape(message)}"):
         load_splits(load_config(config, [f"data.path={path}", "data.format=auto"]).data)
+
+
+def test_a_file_rewritten_with_its_old_modification_time_is_read_anew(tmp_path):
+    """`datasets` keys its cache of a local file by path and time: the old records came back
+    under the new content's data hash."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"instruction": "2 + 2?", "output": "4"}) + "\n")
+    stat = path.stat()
+    assert load_records(path)[0]["output"] == "4"
+    path.write_text(json.dumps({"instruction": "2 + 3?", "output": "5"}) + "\n")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` leaves it
+    assert load_records(path)[0]["output"] == "5"

@@ -30,9 +30,14 @@ _SHAREGPT_ROLES = {
 
 def load_records(path: Path):
     """All records of a local data file as a `datasets.Dataset` (no hub, no network)."""
-    from datasets import load_dataset
+    from datasets import config, load_dataset
 
-    return load_dataset(DATA_LOADERS[path.suffix], data_files=str(path), split="train")
+    # `datasets` caches a local file by its path and modification time: rewritten with its
+    # old time (`cp -p`, `rsync -t`), it would serve the old records under the new data
+    # hash. A cache of each content of its own cannot.
+    cache = Path(config.HF_DATASETS_CACHE) / "by-content" / data_hash(path).split(":")[1]
+    loader = DATA_LOADERS[path.suffix]
+    return load_dataset(loader, data_files=str(path), split="train", cache_dir=str(cache))
 
 
 def data_hash(path: Path) -> str:
