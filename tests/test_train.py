@@ -512,3 +512,22 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(
     result = resumed.run()
     client = resumed.registry.client
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [1, 2, 3, 4]
+
+
+def test_ctrl_c_in_the_last_step_finishes_and_registers_the_run(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """Every step had run: it was reported interrupted, and its resume trained one more."""
+    from train.callbacks import GracefulInterrupt
+
+    step_end = GracefulInterrupt.on_step_end
+
+    def ctrl_c_in_the_last_step(self, args, state, control, **kwargs):
+        self.requested = self.requested or state.global_step == state.max_steps
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(GracefulInterrupt, "on_step_end", ctrl_c_in_the_last_step)
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=last-step")
+    result = job.run()
+    assert result.status == "finished" and job.trainer.state.global_step == 2
+    assert result.version.name == "last-step"
