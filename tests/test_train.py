@@ -531,3 +531,26 @@ def test_ctrl_c_in_the_last_step_finishes_and_registers_the_run(
     result = job.run()
     assert result.status == "finished" and job.trainer.state.global_step == 2
     assert result.version.name == "last-step"
+
+
+@pytest.mark.filterwarnings("error:torch.utils.checkpoint")  # the reentrant one is deprecated
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_gradient_checkpointing_trains_the_same_adapter(
+    tiny_base, home, tracking_uri, quantization
+):
+    """It recomputes activations in the backward pass; the gradients into LoRA, and so the
+    adapter, must be those of a run that keeps them (dropout's masks replayed)."""
+    weights = []
+    for checkpointing in ("false", "true"):
+        job = _tiny_job(
+            tiny_base,
+            home,
+            tracking_uri,
+            f"quantization.method={quantization}",
+            f"training.gradient_checkpointing={checkpointing}",
+        )
+        job.run()
+        lora = {n: p.detach().clone() for n, p in job.model.named_parameters() if "lora" in n}
+        weights.append(lora)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])

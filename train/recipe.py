@@ -128,11 +128,17 @@ class TrainingJob:
         if q.method != "none":
             _keep_4bit_layers_differentiable(model)
         checkpointing = self.config.training.gradient_checkpointing
+        # torch's non-reentrant checkpoint: the reentrant one is deprecated (it warns that it
+        # will raise), and needs the inputs to require grads for LoRA's to flow at all.
+        non_reentrant = {"use_reentrant": False}
         if q.method != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs=non_reentrant,
+            )
         elif checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         peft_config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
