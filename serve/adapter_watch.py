@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from registry.errors import NotFoundError, UnknownAdapterError
+from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.resolve import names_registry
@@ -49,6 +49,9 @@ class AdapterWatch:
             prefer_env(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
         self._loading: dict[str, asyncio.Future] = {}
+        # name -> (version, artifact) a move pointed it at that cannot be served (another
+        # base, a rank over the limit): not read again each poll until the reference moves on.
+        self._refused: dict[str, tuple[int, str]] = {}
         # The registry's calls on threads of their own: a hung registry holds these (each
         # call up to its timeout), not asyncio's default pool that folder loads use.
         self._registry_calls = ThreadPoolExecutor(REGISTRY_THREADS, "registry")
@@ -135,18 +138,24 @@ class AdapterWatch:
             except Exception as error:  # registry down or the alias deleted: keep serving
                 log.warning("cannot resolve %s to follow it: %s", info.source, error)
                 continue
-            same = (current.version, current.source) == (info.version, info.artifact)
+            target = (current.version, current.source)
+            same = target == (info.version, info.artifact)
             if same or self.loaded.get(info.name) is not info:
                 continue
+            if self._refused.get(info.name) == target:
+                continue  # warned about already
             try:
                 # Over `info` only: an unload or a replacement meanwhile (the API) wins.
                 new = await self.load(info.name, info.source, "alias_moved", replacing=info)
             except Exception as error:
                 log.warning("cannot load %s version %d: %s", ref, current.version, error)
+                if isinstance(error, UsageError):  # the adapter's fault: no retry helps
+                    self._refused[info.name] = target
                 continue
             if new is None:
                 log.info("%s was unloaded or replaced while it was read again", info.name)
                 continue
+            self._refused.pop(info.name, None)
             log.info("%s now serves %s (was %s)", info.name, new.uid, info.uid)
             moved.append(info.name)
         return moved

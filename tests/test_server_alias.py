@@ -244,6 +244,47 @@ def test_a_followed_reference_whose_model_was_registered_again_serves_the_new_we
     assert expected[0] != expected[1]
 
 
+def test_an_alias_moved_to_an_adapter_that_cannot_be_served_is_read_once_not_each_poll(
+    tiny_base, registry, tmp_path
+):
+    """Rank 16 over an engine's max_lora_rank 8: it keeps serving version 1, and it read and
+    refused version 2 again every poll, with a warning each time, for as long as the alias
+    stayed."""
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    for version, rank in ((1, 4), (2, 16), (3, 4)):
+        folder = make_lora(tiny_base, tmp_path / f"v{version}", rank=rank, targets=["q_proj"])
+        register_folder(registry, folder, "faq")
+    registry.promote("faq", 1)
+    llm = LLM(**tiny_engine_args(tiny_base, registry.tracking_uri))
+    engine = AsyncLLM(llm.engine)
+    watch = AdapterWatch(engine)
+    read, reads = llm.engine.read_adapter, []
+
+    def counted(name, source):
+        reads.append(source)
+        return read(name, source)
+
+    llm.engine.read_adapter = counted
+
+    async def main():
+        await watch.ensure("faq@champion")
+        registry.promote("faq", 2)
+        polls = [await watch.follow_moves() for _ in range(3)]
+        version = watch.loaded["faq@champion"].version
+        registry.promote("faq", 3)  # moved on: read again
+        return polls, version, await watch.follow_moves()
+
+    try:
+        polls, version, moved = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert polls == [[], [], []] and version == 1
+    assert moved == ["faq@champion"] and watch.loaded["faq@champion"].version == 3
+    assert reads == ["faq@champion"] * 3  # first use, version 2 once, version 3
+
+
 def test_a_version_whose_files_were_deleted_is_not_found_not_a_registry_outage(
     tiny_base, registry, tmp_path
 ):
