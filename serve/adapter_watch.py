@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from registry.errors import NotFoundError, UnknownAdapterError, UsageError
+from registry.errors import AdapterError, NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.resolve import names_registry
@@ -49,8 +49,8 @@ class AdapterWatch:
             prefer_env(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
         self._loading: dict[str, asyncio.Future] = {}
-        # name -> (version, artifact) a move pointed it at that cannot be served (another
-        # base, a rank over the limit): not read again each poll until the reference moves on.
+        # loaded uid -> (version, artifact) a move pointed it at that cannot be served
+        # (another base, a rank over the limit): not read again each poll until it moves on.
         self._refused: dict[str, tuple[int, str]] = {}
         # The registry's calls on threads of their own: a hung registry holds these (each
         # call up to its timeout), not asyncio's default pool that folder loads use.
@@ -129,7 +129,10 @@ class AdapterWatch:
         number now means other weights (its model deleted and registered again); their
         names."""
         moved = []
-        for info in list(self.loaded.values()):
+        loaded = list(self.loaded.values())
+        uids = {info.uid for info in loaded}
+        self._refused = {uid: t for uid, t in self._refused.items() if uid in uids}
+        for info in loaded:
             if info.version is None:
                 continue  # a folder
             ref = parse_ref(info.source)  # a fixed version too: its number may be reused
@@ -142,20 +145,19 @@ class AdapterWatch:
             same = target == (info.version, info.artifact)
             if same or self.loaded.get(info.name) is not info:
                 continue
-            if self._refused.get(info.name) == target:
+            if self._refused.get(info.uid) == target:
                 continue  # warned about already
             try:
                 # Over `info` only: an unload or a replacement meanwhile (the API) wins.
                 new = await self.load(info.name, info.source, "alias_moved", replacing=info)
             except Exception as error:
                 log.warning("cannot load %s version %d: %s", ref, current.version, error)
-                if isinstance(error, UsageError):  # the adapter's fault: no retry helps
-                    self._refused[info.name] = target
+                if isinstance(error, AdapterError):  # the adapter's own fault: no retry helps
+                    self._refused[info.uid] = target
                 continue
             if new is None:
                 log.info("%s was unloaded or replaced while it was read again", info.name)
                 continue
-            self._refused.pop(info.name, None)
             log.info("%s now serves %s (was %s)", info.name, new.uid, info.uid)
             moved.append(info.name)
         return moved

@@ -113,7 +113,9 @@ class AsyncLLM:
 
         def install() -> AdapterInfo | None:
             held = self.engine.adapters.get(name)
-            if (replacing is not None and held is not replacing) or (if_absent and held):
+            if (replacing is not None and held is not replacing) or (
+                if_absent and held is not None
+            ):
                 return None
             return self.engine.install_adapter(loaded)
 

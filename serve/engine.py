@@ -291,6 +291,7 @@ class LLMEngine:
                 log.exception("request %s: its last output failed; released without it", request_id)
                 self.outputs.forget(request_id)
                 self.scheduler.finish(seq, Status.FINISHED_ABORTED)
+                self.num_aborted += 1
         return cut
 
     def _end(self, request_id: str) -> RequestOutput:

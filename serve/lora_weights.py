@@ -177,11 +177,16 @@ def slot_layout(
         r = a.shape[0]
         A[m][layer, :r] = a
         B[m][layer, :r] = b.T * scale
-        if not B[m][layer, :r].isfinite().all():  # finite in fp32, not once scaled and rounded
-            raise AdapterError(
-                f"adapter {uid!r}: layer {layer} {m}: lora_B times its scale ({scale:g}) "
-                f"overflows {str(dtype).removeprefix('torch.')}"
-            )
+        # finite in fp32, perhaps not once scaled and rounded to the slot's dtype
+        for name, held in (
+            ("lora_A", A[m][layer, :r]),
+            (f"lora_B times its scale ({scale:g})", B[m][layer, :r]),
+        ):
+            if not held.isfinite().all():
+                raise AdapterError(
+                    f"adapter {uid!r}: layer {layer} {m}: {name} overflows "
+                    f"{str(dtype).removeprefix('torch.')}"
+                )
     return LoraWeights(uid, path, A, B, ranks)
 
 

@@ -72,7 +72,10 @@ class LogprobsFormatter:
     def _top(self, lp: TokenLogprobs) -> dict[str, float]:
         """The token itself first, then its alternatives: OpenAI always returns the sampled
         token's logprob in `top_logprobs`, so there may be `logprobs` + 1 entries."""
-        return {self.token(lp.token_id): lp.logprob} | {self.token(t): v for t, v in lp.top}
+        chosen = self.token(lp.token_id)  # its own value, whatever alternative reads the same
+        return {chosen: lp.logprob} | {
+            token: v for t, v in lp.top if (token := self.token(t)) != chosen
+        }
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         return {

@@ -76,17 +76,21 @@ class Sequence:
         out of the output unless `include_stop_str_in_output`, as in vLLM)."""
         if self.status is not Status.FINISHED_STOPPED or not self.num_output_tokens:
             return False
-        last, params = self.token_ids[-1], self.params
-        return last in params.stop_token_ids or (
-            not params.ignore_eos and last in self.eos_token_ids
-        )
+        return self._stops(self.token_ids[-1])
+
+    def _stops(self, token_id: int) -> bool:
+        """Whether sampling `token_id` ends the sequence (EOS unless ignored, a stop token)."""
+        params = self.params
+        is_eos = not params.ignore_eos and token_id in self.eos_token_ids
+        return is_eos or token_id in params.stop_token_ids
 
     def append_token(self, token_id: int) -> None:
         """Add a sampled token and finish the sequence if it ends here."""
         self.token_ids.append(token_id)
-        params = self.params
-        is_eos = not params.ignore_eos and token_id in self.eos_token_ids
-        if is_eos or token_id in params.stop_token_ids:
+        if self._stops(token_id):
             self.status = Status.FINISHED_STOPPED
-        elif self.num_output_tokens >= params.max_tokens or self.num_tokens >= self.max_model_len:
+        elif (
+            self.num_output_tokens >= self.params.max_tokens
+            or self.num_tokens >= self.max_model_len
+        ):
             self.status = Status.FINISHED_LENGTH

@@ -188,6 +188,8 @@ def test_weights_that_overflow_the_slot_dtype_once_scaled_are_refused(tiny_base,
     """Finite in fp32, infinite as a float16 slot holds them: every token's logits NaN."""
     import json
 
+    from safetensors.torch import load_file, save_file
+
     from registry.errors import AdapterError
 
     folder = make_adapter(tiny_base, tmp_path / "big", seed=0, rank=4, targets=("q_proj",))
@@ -196,4 +198,10 @@ def test_weights_that_overflow_the_slot_dtype_once_scaled_are_refused(tiny_base,
     shape = _shape(tiny_base)
     assert read_peft_lora(folder, "big", shape, max_rank=8).B["q_proj"].isfinite().all()
     with pytest.raises(AdapterError, match=r"layer 0 q_proj: lora_B times its scale \(1e\+09\)"):
+        read_peft_lora(folder, "big", shape, max_rank=8, dtype=torch.float16)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in weights if "layers.0." in k and "lora_A" in k)
+    save_file({**weights, key: weights[key] * 1e6}, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"layer 0 q_proj: lora_A overflows float16"):
         read_peft_lora(folder, "big", shape, max_rank=8, dtype=torch.float16)

@@ -48,3 +48,20 @@ def test_echoed_offsets_index_the_text_though_the_tokenizer_added_a_bos(bos_toke
     # The completion's offsets are the same with the prompt echoed or not.
     plain = _offsets(bos_tokenizer, prompt, completion, echo=False)
     assert plain == (tokens[3:], offsets[3:])
+
+
+def test_a_tokens_own_logprob_heads_its_top_logprobs_though_an_alternative_reads_the_same(
+    smollm2,
+):
+    """Halves of characters all read U+FFFD: an alternative overwrote the sampled token's
+    own logprob, which OpenAI always returns."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    spelled = bytes_to_unicode()
+    half, other_half = (tokenizer.convert_tokens_to_ids(spelled[b]) for b in (0xA1, 0xA2))
+    formatter = LogprobsFormatter(tokenizer)
+    scored = TokenLogprobs(half, -1.5, [(half, -1.5), (other_half, -0.5)])
+    [top] = formatter.completion([half], [scored], [0])["top_logprobs"]
+    assert top == {"\ufffd": -1.5}

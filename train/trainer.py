@@ -17,9 +17,11 @@ from train.data import IGNORE_INDEX
 
 class AdapterTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """`{prefix}_loss`, logged as the Trainer's own evaluation is."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            loss = self._loss_per_answer_token(eval_dataset or self.eval_dataset)
+            loss = self._loss_per_answer_token(dataset)
         metrics = {f"{metric_key_prefix}_loss": loss}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
@@ -32,7 +34,9 @@ class AdapterTrainer(Trainer):
         training = model.training
         model.eval()
         total, count = 0.0, 0
-        with torch.no_grad():
+        # autocast as training runs (bf16 on a GPU): the Trainer's own loop gets it from
+        # accelerate's prepared model, which this one does not go through
+        with torch.no_grad(), self.accelerator.autocast():
             for batch in self.get_eval_dataloader(dataset):
                 batch = {key: value.to(device) for key, value in batch.items()}
                 # the tokens the model's loss averages over: labels after the first position
