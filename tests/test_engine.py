@@ -89,47 +89,27 @@ def test_seeds_that_differ_only_in_their_high_bits_draw_differently(llm):
 
 
 def test_stop_strings_and_stop_tokens_end_the_output(llm):
-    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    [full] = llm.generate([PROMPTS[1]], greedy)
+    def run(**options):
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, **options)
+        return llm.generate([PROMPTS[1]], params)[0]
+
+    full = run()
     assert full.finish_reason == "length" and len(full.token_ids) == 20
     stop = full.text[6:10]
     cut = full.text.find(stop)
-    [stopped] = llm.generate(
-        [PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop])
-    )
+    stopped = run(stop=[stop])
     assert stopped.finish_reason == "stop" and stopped.text == full.text[:cut]
-    [kept] = llm.generate(
-        [PROMPTS[1]],
-        SamplingParams(
-            max_tokens=20,
-            temperature=0,
-            ignore_eos=True,
-            stop=[stop],
-            include_stop_str_in_output=True,
-        ),
-    )
+    kept = run(stop=[stop], include_stop_str_in_output=True)
     assert kept.text == full.text[: cut + len(stop)]
     token = full.token_ids[3]
     first = full.token_ids.index(token)
-    [by_token] = llm.generate(
-        [PROMPTS[1]],
-        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[token]),
-    )
+    by_token = run(stop_token_ids=[token])
     assert by_token.token_ids == full.token_ids[: first + 1]
     assert by_token.finish_reason == "stop"
     # the stop token's text is left out unless asked for, as a stop string's (vLLM's too)
     decode = llm.engine.tokenizer.decode
     assert by_token.text == decode(full.token_ids[:first], skip_special_tokens=True)
-    [with_it] = llm.generate(
-        [PROMPTS[1]],
-        SamplingParams(
-            max_tokens=20,
-            temperature=0,
-            ignore_eos=True,
-            stop_token_ids=[token],
-            include_stop_str_in_output=True,
-        ),
-    )
+    with_it = run(stop_token_ids=[token], include_stop_str_in_output=True)
     assert with_it.text == decode(full.token_ids[: first + 1], skip_special_tokens=True)
 
 
