@@ -289,8 +289,7 @@ class LLMEngine:
                 self._end(request_id)
             except Exception:  # its own output fails again (a bug): release it all the same
                 log.exception("request %s: its last output failed; released without it", request_id)
-                self.outputs.forget(request_id)
-                self.scheduler.finish(seq, Status.FINISHED_ABORTED)
+                self.scheduler.finish(seq, Status.FINISHED_ABORTED)  # its state is forgotten
                 self.num_aborted += 1
         return cut
 
@@ -320,6 +319,8 @@ class LLMEngine:
             if plan.lora_loads:
                 plan = self._without_unreadable_adapters(plan)
             forward = None if plan.is_empty else self.runner.launch(plan)
+            if forward is None:  # nothing launched, its copies neither (all its requests failed)
+                self.slots.unfill(slot for slot, _ in plan.lora_loads)
         except BaseException:
             # The plan's copies into slots may not have happened: no slot may claim them.
             self.slots.unfill(slot for slot, _ in plan.lora_loads)

@@ -54,9 +54,12 @@ class LoraSlots:
         self.loads += 1
         return True
 
-    def holds(self, uid: str) -> bool:
-        """Whether `uid`'s slot holds its weights (or a plan's claim to copy them)."""
-        return self.contents[self.slot_of[uid]] == uid
+    def refill(self) -> list[tuple[int, str]]:
+        """(slot, uid) copies for pinned adapters whose slot lost its weights: a step that
+        failed before its copies took their claims back (`unfill`), and a sequence it
+        admitted, still running, would otherwise decode with what the slot held before."""
+        lost = [uid for uid in self.pins if self.contents[self.slot_of[uid]] != uid]
+        return [(self.slot_of[uid], uid) for uid in lost if self.fill(uid)]
 
     def unfill(self, slots) -> None:
         """The copies into `slots` that `fill` asked for did not happen (the step failed)."""

@@ -82,7 +82,7 @@ class Scheduler:
         loads: list[tuple[int, str]] = []
         if not preempted:  # newcomers would only be preempted next
             loads = self._admit_waiting(plan, budget)
-        loads += self._refills(plan)
+        loads += self.slots.refill()
         plan.sort(key=lambda item: self._slot(item[0]))
         return SchedulerOutput(
             seqs=[seq for seq, _ in plan],
@@ -159,18 +159,6 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         if not starving:
             self.draining = None
-        return loads
-
-    def _refills(self, plan: list[tuple[Sequence, int]]) -> list[tuple[int, str]]:
-        """Loads for running sequences whose slot lost its contents: a step that failed
-        before its copies took their claim back (`LoraSlots.unfill`), and a sequence admitted
-        by it, still running, would otherwise decode with what the slot held before."""
-        loads = []
-        for seq, _ in plan:
-            uid = seq.adapter_uid
-            if uid is not None and not self.slots.holds(uid):
-                self.slots.fill(uid)
-                loads.append((self.slots.slot_of[uid], uid))
         return loads
 
     def _count_prefix_hit(self, seq: Sequence) -> None:
