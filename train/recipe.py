@@ -20,7 +20,6 @@ from train.data import data_hash, load_splits, tokenize_split
 from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
 
 log = logging.getLogger(__name__)
-TRAINER_STATE = "trainer_state.json"  # in each checkpoint, by transformers' Trainer
 
 
 @dataclass
@@ -254,10 +253,7 @@ class TrainingJob:
                 self.trainer.evaluate(metric_key_prefix="base")
         else:
             log.warning("resuming %s from %s", self.config.name, self.checkpoint)
-        if self.checkpoint is not None and _steps_done(self.checkpoint) >= max_steps:
-            # It failed after its last step: the Trainer would run one more step past it.
-            self._load_finished_checkpoint(Path(self.checkpoint))
-        else:
+        if not self._load_finished_checkpoint():
             self.trainer.train(resume_from_checkpoint=self.checkpoint)
         if self.interrupt.requested and self.trainer.state.global_step < max_steps:
             self.registry.client.set_terminated(self.run_id, status="KILLED")
@@ -269,14 +265,24 @@ class TrainingJob:
             self.trainer.evaluate()
         return True
 
-    def _load_finished_checkpoint(self, checkpoint: Path) -> None:
-        """The adapter and Trainer state of a checkpoint that holds every step."""
+    def _load_finished_checkpoint(self) -> bool:
+        """Load the adapter and Trainer state of a checkpoint that holds every step (a run
+        that failed after its last one: the Trainer, resumed from it, would run one more);
+        False where there is none."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
+        from transformers.trainer import TRAINER_STATE_NAME
         from transformers.trainer_callback import TrainerState
 
+        if self.checkpoint is None:
+            return False
+        checkpoint = Path(self.checkpoint)
+        state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+        if state.global_step < self.config.training.max_steps:
+            return False
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
-        self.trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE))
+        self.trainer.state = state
+        return True
 
     def metrics(self) -> dict[str, float]:
         """Latest value of each metric over the run, base evaluation included."""
@@ -386,9 +392,3 @@ def _keep_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def _steps_done(checkpoint: str) -> int:
-    import json
-
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"]
