@@ -64,7 +64,7 @@ def user_errors(tracking_uri: str | None = None):
 
         if not isinstance(e, (MlflowException, requests.ConnectionError)):
             raise
-        from registry.store import resolve_tracking_uri
+        from registry.tracking import resolve_tracking_uri
 
         reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
         print(f"error: MLflow at {resolve_tracking_uri(tracking_uri)}: {reason}", file=sys.stderr)

@@ -7,79 +7,19 @@ source is the run's `adapter` artifact folder (PEFT format) and whose tags carry
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import shutil
 import tempfile
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry import tracking
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import Home, setup_environment
 from registry.lineage import Lineage
 from registry.refs import CHAMPION, AdapterRef, check_alias
-
-TRACKING_URI_ENV = "LORAPLEX_TRACKING_URI"
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
-DRIVER_PACKAGES = {  # SQLAlchemy's driver module -> what pip installs it as
-    "psycopg": "psycopg[binary]",
-    "psycopg2": "psycopg2-binary",
-    "MySQLdb": "mysqlclient",
-    "pymysql": "PyMySQL",
-}
-PROBE_TIMEOUT_S = 10  # a tracking server's /health answers in milliseconds when it is up
-
-
-def resolve_tracking_uri(explicit: str | None = None, home: Home | None = None) -> str:
-    """`--tracking-uri`, else `$LORAPLEX_TRACKING_URI`, else the embedded SQLite store."""
-    return explicit or os.environ.get(TRACKING_URI_ENV) or (home or Home.from_env()).tracking_uri
-
-
-def _check_database_driver(uri: str) -> None:
-    """A database store's driver must be installed; MLflow would fail on its first query, with
-    an ImportError traceback. The message names the scheme, never the URI: it holds passwords."""
-    scheme = uri.partition("://")[0]
-    if scheme.split("+")[0] not in DATABASE_SCHEMES:
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        make_url(uri).get_dialect().import_dbapi()
-    except ImportError as e:
-        if e.name and importlib.util.find_spec(e.name.split(".")[0]) is None:
-            package = DRIVER_PACKAGES.get(e.name, e.name)
-            raise UsageError(
-                f"tracking URI scheme {scheme!r} needs the database driver {e.name!r}, which is "
-                f"not installed: pip install '{package}' into this environment"
-            ) from None
-        # Installed but unusable, e.g. psycopg without libpq: its own first line says why.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"tracking URI scheme {scheme!r}: its database driver failed to import: {reason}"
-        ) from None
-
-
-def _check_server_answers(uri: str) -> None:
-    """A tracking server that takes connections but never answers would hold every MLflow call
-    for its timeout and retries (3 x 30 s); one short probe says so in seconds. Only silence
-    fails it: any HTTP answer (even a proxy's 401) or another error is left to MLflow."""
-    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
-        return
-    import requests
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
-
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
-    except requests.Timeout:
-        raise MlflowException(
-            f"no answer to GET /health in {PROBE_TIMEOUT_S} s", TEMPORARILY_UNAVAILABLE
-        ) from None
-    except requests.RequestException:
-        pass
+from registry.tracking import artifact_root, check_tracking_uri, is_missing, resolve_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -112,11 +52,7 @@ class AdapterRegistry:
     def __init__(self, tracking_uri: str | None = None, home: Home | None = None):
         self.home = setup_environment(home)  # from Python too: no telemetry, bounded retries
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.home)
-        try:  # MLflow would raise on it mid-command, with a traceback
-            urllib.parse.urlsplit(self.tracking_uri).port  # noqa: B018 - parses host, port
-        except ValueError as e:
-            raise UsageError(f"tracking URI {self.tracking_uri!r}: {e}") from None
-        _check_database_driver(self.tracking_uri)
+        check_tracking_uri(self.tracking_uri)
         self._client = None
         self._client_lock = threading.Lock()
 
@@ -131,7 +67,7 @@ class AdapterRegistry:
 
                 if self.is_embedded:
                     self.home.create()
-                _check_server_answers(self.tracking_uri)
+                tracking.check_server_answers(self.tracking_uri)
                 uri = self.tracking_uri
                 self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             return self._client
@@ -145,21 +81,9 @@ class AdapterRegistry:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        root = self._artifact_root()
+        root = artifact_root(self.tracking_uri, self.home)
         location = (root / name).as_uri() if root else None
         return self.client.create_experiment(name, artifact_location=location)
-
-    def _artifact_root(self) -> Path | None:
-        """Where a new experiment keeps its artifacts: beside a SQLite store's file (so the
-        embedded store's are the data home's `mlartifacts/`), in the data home for other
-        databases, and wherever a server or a file store puts them (None). Left to MLflow, a
-        database store would write them to `./mlruns` in whatever folder the process runs in."""
-        scheme, sep, rest = self.tracking_uri.partition("://")
-        if not sep or scheme in ("file", "http", "https", "databricks"):
-            return None
-        if scheme == "sqlite":
-            return Path(rest.removeprefix("/")).resolve().parent / "mlartifacts"
-        return self.home.artifacts
 
     def register(self, name: str, run_id: str, source: str, lineage: Lineage) -> AdapterVersion:
         """Add a version of `name` whose weights are the artifact folder at `source`."""
@@ -376,12 +300,6 @@ class AdapterRegistry:
         for alias, number in (model.aliases or {}).items():
             held.setdefault(int(number), []).append(alias)
         return [_version(v, held.get(int(v.version), [])) for v in found]
-
-
-def is_missing(error) -> bool:
-    """MLflow's "not found", as opposed to a store that failed to answer (a timeout, a 5xx):
-    that must not read as a missing adapter."""
-    return error.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 # A download folder untouched this long belongs to a process killed mid-way (`finally` never

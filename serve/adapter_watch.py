@@ -24,7 +24,8 @@ from registry.errors import AdapterError, NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.resolve import names_registry
-from registry.store import AdapterRegistry, RegisteredAdapter, is_missing
+from registry.store import AdapterRegistry, RegisteredAdapter
+from registry.tracking import is_missing
 from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
 from serve.refusal import registry_unavailable

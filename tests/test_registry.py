@@ -204,7 +204,7 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_and_exit_2(tmp_pat
 def test_a_tracking_server_that_never_answers_fails_in_seconds_not_minutes(tmp_path):
     import socket
 
-    from registry.store import PROBE_TIMEOUT_S
+    from registry.tracking import PROBE_TIMEOUT_S
 
     with socket.socket() as silent:  # the kernel takes connections; nothing ever answers
         silent.bind(("127.0.0.1", 0))
@@ -404,7 +404,7 @@ def test_one_registry_waiting_for_its_server_holds_up_no_other(tmp_path, monkeyp
     cached_property's lock, one per class on Python 3.11, did)."""
     import threading
 
-    from registry import store
+    from registry import tracking
     from registry.home import Home
 
     hung, entered = threading.Event(), threading.Event()
@@ -414,7 +414,7 @@ def test_one_registry_waiting_for_its_server_holds_up_no_other(tmp_path, monkeyp
             entered.set()
             hung.wait(30)
 
-    monkeypatch.setattr(store, "_check_server_answers", probe)
+    monkeypatch.setattr(tracking, "check_server_answers", probe)
     home = Home(tmp_path)
     waiting = threading.Thread(target=lambda: AdapterRegistry("http://hung:5000", home).client)
     waiting.start()

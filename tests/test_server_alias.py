@@ -315,7 +315,7 @@ def test_loads_waiting_on_a_hung_registry_hold_up_no_folder_load(tiny_base, tmp_
 
     from mlflow.exceptions import MlflowException
 
-    from registry import store
+    from registry import tracking
     from serve.adapter_watch import AdapterWatch
     from serve.async_engine import AsyncLLM
 
@@ -326,7 +326,7 @@ def test_loads_waiting_on_a_hung_registry_hold_up_no_folder_load(tiny_base, tmp_
         answer.wait(60)
         raise MlflowException("no answer", error_code="TEMPORARILY_UNAVAILABLE")
 
-    monkeypatch.setattr(store, "_check_server_answers", hung_probe)
+    monkeypatch.setattr(tracking, "check_server_answers", hung_probe)
     folder = make_adapter(tiny_base, tmp_path / "folder", name="faq")
     llm = LLM(**tiny_engine_args(tiny_base, "http://registry.invalid:5000"))
     engine = AsyncLLM(llm.engine)
