@@ -107,7 +107,12 @@ def token_bytes(tokenizer) -> Callable[[int], bytes]:
                 return bytes([int(match[1], 16)])
             return piece.replace("\u2581", " ").encode("utf-8")
 
-    return lambda token_id: spelled(tokenizer.convert_ids_to_tokens(token_id))
+    def token_bytes_of(token_id: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        # None: an id past the tokenizer in an embedding padded to a round size (Qwen2.5's)
+        return b"" if piece is None else spelled(piece)
+
+    return token_bytes_of
 
 
 class _Cursor:

@@ -161,8 +161,8 @@ SEND_GRACE_S = 5.0
 
 
 def sse(events: AsyncIterator[dict], record: RequestRecord, timeout_s: float) -> StreamingResponse:
-    """Server-sent events; a stream cut by its deadline or a failed step ends with an error
-    event (OpenAI's shape, which its client raises) before `[DONE]`. A client that stops
+    """Server-sent events; a stream cut by its deadline, a failed step or a bug ends with an
+    error event (OpenAI's shape, which its client raises) before `[DONE]`. A client that stops
     reading is cut SEND_GRACE_S past the deadline (`_EventStream`)."""
 
     async def body():
@@ -176,6 +176,10 @@ def sse(events: AsyncIterator[dict], record: RequestRecord, timeout_s: float) ->
                 yield f"data: {json.dumps(body)}\n\n"
             except EngineStepError as error:
                 yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
+            except Exception:  # a bug of ours: the client's stream ends with an error all the same
+                log.exception("stream of %s failed", record.request_id)
+                record.finish_reason = "error"
+                yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
     loop = asyncio.get_running_loop()

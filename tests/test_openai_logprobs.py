@@ -65,3 +65,13 @@ def test_a_tokens_own_logprob_heads_its_top_logprobs_though_an_alternative_reads
     scored = TokenLogprobs(half, -1.5, [(half, -1.5), (other_half, -0.5)])
     [top] = formatter.completion([half], [scored], [0])["top_logprobs"]
     assert top == {"\ufffd": -1.5}
+
+
+def test_an_id_past_the_tokenizer_in_a_padded_embedding_reads_as_no_bytes(tokenizer):
+    """Qwen2.5's embedding is padded past its tokenizer to a round size: such an id, sampled
+    (a `logit_bias`) or among the alternatives, has no spelling; it failed the response."""
+    padded = len(tokenizer) + 40
+    formatter = LogprobsFormatter(tokenizer)
+    [entry] = formatter.chat([TokenLogprobs(padded, -2.0, [(padded, -2.0), (28, -3.0)])])["content"]
+    assert (entry["token"], entry["bytes"]) == ("", [])
+    assert [t["token"] for t in entry["top_logprobs"]] == ["", ","]

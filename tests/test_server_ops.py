@@ -418,6 +418,38 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monke
     assert sent[-1]["more_body"]  # the response was left unfinished: uvicorn drops it
 
 
+def test_a_stream_that_fails_on_a_bug_ends_with_an_error_event_and_done():
+    """An exception other than a timeout or a failed step (a bug) cut the connection: the
+    openai client raised httpx's RemoteProtocolError, not an APIError."""
+    import serve.streaming as streaming
+    from serve.audit import RequestRecord
+
+    async def outputs():
+        yield {"choices": [{"index": 0}]}
+        raise TypeError("a bug")
+
+    async def stream():
+        record = RequestRecord("req-1", "/v1/chat/completions")
+        response = streaming.sse(outputs(), record, timeout_s=30)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(response(scope, receive, send), 10)
+        return record, b"".join(m.get("body", b"") for m in sent)
+
+    record, body = asyncio.run(stream())
+    events = [line.removeprefix(b"data: ") for line in body.split(b"\n\n") if line]
+    assert events[-1] == b"[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert record.finish_reason == "error"
+
+
 def test_a_failed_step_is_audited_with_finish_reason_error_and_the_server_goes_on(
     tiny_base, faq_folder, empty_registry, tmp_path
 ):
