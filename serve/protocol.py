@@ -67,6 +67,11 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: dict | None = None  # vLLM's newer name for the guided_* fields
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    skip_special_tokens: bool = True
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     frequency_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     presence_penalty: float = Field(0.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
@@ -99,12 +104,15 @@ class _Request(BaseModel):
         "guided_regex",
         "guided_choice",
         "guided_grammar",
+        "structured_outputs",
+        "allowed_token_ids",
+        "bad_words",
+        "truncate_prompt_tokens",
+        "skip_special_tokens",
     )
     @classmethod
     def _unserved(cls, value, info):
-        if value != cls.model_fields[info.field_name].default:
-            raise ValueError("not supported by this server")
-        return value
+        return _default_only(cls, value, info)
 
     @field_validator("stream_options")
     @classmethod
@@ -168,6 +176,13 @@ class _Request(BaseModel):
         return None, None
 
 
+def _default_only(cls, value, info):
+    """A field whose other values would change the answer, and are not served: refused."""
+    if value != cls.model_fields[info.field_name].default:
+        raise ValueError("not supported by this server")
+    return value
+
+
 class TextPart(BaseModel):
     type: Literal["text"]  # images, audio and files: refused, as the base reads text only
     text: str
@@ -195,6 +210,27 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    # vLLM's ways to render the prompt otherwise: not served, refused but at their defaults.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    echo: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    documents: list | None = None
+
+    @field_validator(
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+        "echo",
+        "chat_template",
+        "chat_template_kwargs",
+        "documents",
+    )
+    @classmethod
+    def _unserved_rendering(cls, value, info):
+        return _default_only(cls, value, info)
 
     @field_validator("tools", "functions", "function_call")
     @classmethod
@@ -239,6 +275,12 @@ class CompletionRequest(_Request):
     echo: bool = False  # the prompt before the completion (with logprobs: theirs too)
     suffix: str | None = None  # insertion: not served, refused if given
     best_of: int | None = None  # server-side ranking of choices: not served beyond `n`
+    add_special_tokens: bool = True  # vLLM's; off is not served (a BOS is the model's)
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _unserved_rendering(cls, value, info):
+        return _default_only(cls, value, info)
 
     @field_validator("suffix")
     @classmethod

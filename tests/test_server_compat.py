@@ -131,6 +131,15 @@ def test_vllm_stop_token_ids_include_stop_str_in_output_and_top_k_minus_one(serv
         ("use_beam_search", True),
         ("guided_choice", ["yes", "no"]),
         ("guided_json", {"type": "object"}),
+        ("structured_outputs", {"choice": ["yes", "no"]}),
+        ("allowed_token_ids", [5]),
+        ("bad_words", ["yes"]),
+        ("truncate_prompt_tokens", 2),
+        ("skip_special_tokens", False),
+        ("add_generation_prompt", False),
+        ("continue_final_message", True),
+        ("chat_template_kwargs", {"enable_thinking": False}),
+        ("echo", True),
         ("top_k", -2),
     ],
 )
@@ -138,9 +147,26 @@ def test_a_vllm_extension_not_served_is_refused_by_name(server, field, value):
     url, _, _ = server
     reply = _post(url, "/chat/completions", {"messages": QUESTION, field: value})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == field
-    off = {"min_tokens": 0, "min_p": 0.0, "use_beam_search": False, "top_k": -1}
+    off = {
+        "min_tokens": 0,
+        "min_p": 0.0,
+        "use_beam_search": False,
+        "top_k": -1,
+        "skip_special_tokens": True,
+        "add_generation_prompt": True,
+        "echo": False,
+    }
     if field in off:  # its "off" value is served
         assert _post(url, "/chat/completions", {"messages": QUESTION, field: off[field]}).is_success
+
+
+def test_completions_without_the_tokenizers_special_tokens_are_refused_by_name(server):
+    url, _, _ = server
+    asked = {"prompt": "Hi", "max_tokens": 1}
+    assert _post(url, "/completions", {**asked, "add_special_tokens": True}).is_success
+    refused = _post(url, "/completions", {**asked, "add_special_tokens": False})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "add_special_tokens"
 
 
 def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
