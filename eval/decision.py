@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eval.gate_config import JUDGED, METRICS, BootstrapConfig, MetricRule
+from eval.gate_config import METRICS, MIN_PAIRS, BootstrapConfig, MetricRule
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Comparison:
     gain: float
     low: float
     high: float
+    pairs: int  # samples both models have a score for
 
 
 @dataclass
@@ -75,9 +76,9 @@ def compare(
     candidate: Samples, other: Samples, higher_is_better: bool, boot: BootstrapConfig
 ) -> Comparison | None:
     """The candidate's gain over `other` on the samples both have scores for, with a
-    `boot.confidence` paired bootstrap interval; None when no sample has both."""
+    `boot.confidence` paired bootstrap interval; None when fewer than MIN_PAIRS have both."""
     both = np.flatnonzero(candidate.scored & other.scored)  # pairs need both scores
-    if len(both) == 0:
+    if len(both) < MIN_PAIRS:
         return None
     rng = np.random.default_rng(boot.seed)
     # [resamples, n] sample indices, shared by both models
@@ -89,7 +90,7 @@ def compare(
         low, high = np.quantile(gains, [tail, 1 - tail])
     sign = 1 if higher_is_better else -1
     point = candidate.on(both[None])[0] - other.on(both[None])[0]
-    return Comparison(float(sign * point), float(low), float(high))
+    return Comparison(float(sign * point), float(low), float(high), len(both))
 
 
 def judge(
@@ -102,8 +103,8 @@ def judge(
 ) -> Verdict:
     """The verdict on one metric. A regression against the baseline or the base fails only
     when the whole interval of the gain lies below -tolerance: worse than tolerated, and
-    beyond what resampling noise explains.
-    A sample left unscored is skipped only for LLM-judged metrics; elsewhere it fails."""
+    beyond what resampling noise explains; fewer than MIN_PAIRS samples scored by both
+    cannot tell, and fail. A sample the candidate has no finite value for fails."""
     higher = METRICS[metric]
     verdict = Verdict(
         metric,
@@ -118,9 +119,7 @@ def judge(
     broken = int((~np.isfinite(candidate.values)).sum())
     if np.isnan(value):
         verdict.reasons.append("no sample could be scored")
-    elif broken and metric not in JUDGED:
-        # Only a judge may fail to score a sample; here the model itself gave a NaN or
-        # infinite value (a NaN log-likelihood), which must not be averaged away.
+    elif broken:  # the model's NaN or infinite value (a NaN log-likelihood): not averaged away
         verdict.reasons.append(
             f"{broken} of {len(candidate.values)} samples have no finite value (NaN or infinite)"
         )
@@ -130,11 +129,21 @@ def judge(
         verdict.reasons.append(f"{value:.4g} is above the ceiling {rule.ceiling:g}")
     # Against the base too (when it is not the baseline): else each champion could lose up to
     # a tolerance to the one before, and the line of them drift below the base unnoticed.
-    against = [("the baseline", verdict.vs_baseline)]
+    against = [("the baseline", baseline, verdict.vs_baseline)]
     if base is not baseline:
-        against.append(("the base model", verdict.vs_base))
-    for other, vs in against:
-        if vs is not None and vs.high < -rule.tolerance:
+        against.append(("the base model", base, verdict.vs_base))
+    for other, samples, vs in against:
+        if samples is None:
+            continue
+        if vs is None:
+            paired = int((candidate.scored & samples.scored).sum())
+            verdict.reasons.append(
+                f"{paired} of {len(candidate.values)} samples scored for both it and {other}: "
+                "too few to tell a "
+                f"regression from noise (at least {MIN_PAIRS}; more test records, or "
+                "eval_set.max_samples)"
+            )
+        elif vs.high < -rule.tolerance:
             verdict.reasons.append(
                 f"regressed against {other} by {-vs.gain:.4g} (interval of the gain "
                 f"[{vs.low:.4g}, {vs.high:.4g}], tolerance {rule.tolerance:g})"

@@ -28,6 +28,9 @@ METRICS: dict[str, bool] = {
     "answer_relevancy": True,  # LLM-judged: needs `judge`
 }
 JUDGED = {"faithfulness", "answer_relevancy"}
+# Fewer samples scored by both models than this give a bootstrap interval that only restates
+# them (one sample: an interval of zero width, so any difference at all would be a regression).
+MIN_PAIRS = 5
 
 
 class MetricRule(StrictConfig):
@@ -37,7 +40,7 @@ class MetricRule(StrictConfig):
 
 
 class EvalSetConfig(StrictConfig):
-    max_samples: StrictInt = Field(32, ge=2)  # test examples used; time grows linearly with it
+    max_samples: StrictInt = Field(32, ge=MIN_PAIRS)  # test examples used; time grows with it
     context_field: str | None = None  # column with each record's passage; None: its answer
     top_k: StrictInt = Field(
         2, ge=1, le=20

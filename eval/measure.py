@@ -8,6 +8,7 @@ named by their role in the gate (candidate, baseline; None is the base).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,10 +73,13 @@ def answer_likelihoods(
     scored = models.prompt_logprobs(prompts, per_prompt)
     result: dict[str | None, list[Likelihood]] = {n: [] for n in names}
     for name, example, logprobs in zip(per_prompt, examples * len(names), scored, strict=True):
+        # The first token has no logprob (nothing precedes it; training cannot predict it
+        # either). Past it, a labelled token without one (a server's null for a NaN) is a
+        # broken sample: NaN fails the candidate, where leaving it out would average it away.
         nll = [
-            -lp
-            for label, lp in zip(example["labels"], logprobs, strict=True)
-            if label != IGNORE_INDEX and lp is not None
+            math.nan if lp is None else -lp
+            for label, lp in zip(example["labels"][1:], logprobs[1:], strict=True)
+            if label != IGNORE_INDEX
         ]
         result[name].append(Likelihood(sum(nll), len(nll)))
     return result

@@ -6,6 +6,7 @@ Per-sample, not averaged: the decision pairs each sample's candidate and baselin
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from functools import cached_property
 
@@ -57,7 +58,9 @@ class Scorer:
 
     def _judged(self, metric: str, samples: list[EvalSample], answers: list[str]) -> list[float]:
         """The judge's scores; an empty answer scores 0 without asking (RAGAS raises on one,
-        which would stop the whole gate, and a NaN would let the decision skip it)."""
+        which would stop the whole gate), and so does one its faithfulness finds no statement
+        in (RAGAS' NaN): a NaN would fail the gate, and skipping it would let an evasive
+        candidate score on its few checkable answers."""
         scores = [0.0] * len(answers)
         asked = [i for i, a in enumerate(answers) if a.strip()]
         rows = [{"user_input": samples[i].question, "response": answers[i]} for i in asked]
@@ -65,7 +68,7 @@ class Scorer:
             for row, i in zip(rows, asked, strict=True):
                 row["retrieved_contexts"] = samples[i].retrieved_contexts
         for i, value in zip(asked, self._batch(metric, rows) if rows else [], strict=True):
-            scores[i] = value
+            scores[i] = 0.0 if math.isnan(value) else value
         return scores
 
     def _batch(self, metric: str, rows: list[dict]) -> list[float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -64,7 +65,7 @@ class LogprobsFormatter:
         tokens = [self.token(t) for t in token_ids]
         return {
             "tokens": tokens,
-            "token_logprobs": [None if lp is None else lp.logprob for lp in logprobs],
+            "token_logprobs": [None if lp is None else _json(lp.logprob) for lp in logprobs],
             "top_logprobs": [None if lp is None else self._top(lp) for lp in logprobs],
             "text_offset": offsets,
         }
@@ -73,16 +74,28 @@ class LogprobsFormatter:
         """The token itself first, then its alternatives: OpenAI always returns the sampled
         token's logprob in `top_logprobs`, so there may be `logprobs` + 1 entries."""
         chosen = self.token(lp.token_id)  # its own value, whatever alternative reads the same
-        return {chosen: lp.logprob} | {
-            token: v for t, v in lp.top if (token := self.token(t)) != chosen
+        return {chosen: _json(lp.logprob)} | {
+            token: _json(v) for t, v in lp.top if (token := self.token(t)) != chosen
         }
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         return {
             "token": self.token(token_id),
-            "logprob": logprob,
+            "logprob": _json(logprob),
             "bytes": list(self.bytes_of(token_id)),
         }
+
+
+# vLLM's stand-in for a logprob of -inf (a token masked out): JSON has no infinity.
+MIN_LOGPROB = -9999.0
+
+
+def _json(logprob: float) -> float | None:
+    """A logprob as JSON can hold it: -inf as MIN_LOGPROB, NaN (a broken model: the gate
+    fails it) as null; strict JSON has neither, and the response would be a 500."""
+    if math.isnan(logprob):
+        return None
+    return max(logprob, MIN_LOGPROB)
 
 
 def token_bytes(tokenizer) -> Callable[[int], bytes]:

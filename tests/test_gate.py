@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from eval.decision import Samples, compare, judge
-from eval.gate_config import BootstrapConfig, MetricRule, load_gate_config
+from eval.gate_config import MIN_PAIRS, BootstrapConfig, MetricRule, load_gate_config
 from registry.app import app
 from registry.errors import ConfigError, UsageError
 from registry.refs import parse_ref
@@ -47,8 +47,8 @@ def test_paired_bootstrap_sees_a_consistent_small_gain_that_unpaired_noise_would
 
 
 def test_lower_is_better_metrics_report_a_rise_as_a_negative_gain():
-    worse = Samples(np.array([3.0, 3.0]), np.array([1.0, 1.0]), exponent=True)
-    better = Samples(np.array([1.0, 1.0]), np.array([1.0, 1.0]), exponent=True)
+    worse = Samples(np.full(5, 3.0), np.ones(5), exponent=True)
+    better = Samples(np.ones(5), np.ones(5), exponent=True)
     assert compare(worse, better, False, BOOT).gain == pytest.approx(np.e - np.e**3)
 
 
@@ -98,12 +98,61 @@ def test_a_regression_within_noise_does_not_fail():
 
 def test_unscored_samples_are_left_out_of_pairs_and_an_unscorable_metric_fails():
     nan = float("nan")
-    candidate = Samples.scores([0.9, nan, 0.5, 0.7])
-    baseline = Samples.scores([0.8, 0.1, nan, 0.6])
-    assert candidate.statistic == pytest.approx(0.7)  # its own three scores
-    assert compare(candidate, baseline, True, BOOT).gain == pytest.approx(0.1)  # pairs 0 and 3
+    candidate = Samples.scores([0.9, nan, 0.5, 0.7, 0.6, 0.8, 0.4])
+    baseline = Samples.scores([0.8, 0.1, nan, 0.6, 0.5, 0.7, 0.3])
+    assert candidate.statistic == pytest.approx(0.65)  # its own six scores
+    comparison = compare(candidate, baseline, True, BOOT)  # pairs 0, 3, 4, 5 and 6
+    assert (comparison.gain, comparison.pairs) == (pytest.approx(0.1), 5)
     verdict = judge("faithfulness", MetricRule(), Samples.scores([nan, nan]), None, None, BOOT)
     assert not verdict.passed and verdict.reasons == ["no sample could be scored"]
+
+
+@pytest.mark.parametrize("n", [1, MIN_PAIRS - 1])
+def test_too_few_paired_samples_to_tell_noise_fail_rather_than_judge_a_tiny_difference(n):
+    """One pair gives an interval of zero width: a 0.3 % difference was a regression, and an
+    equally tiny gain would have passed whatever the noise."""
+    candidate = Samples(np.full(n, 5.0), np.full(n, 4.0), exponent=True)
+    base = Samples(np.full(n, 4.99), np.full(n, 4.0), exponent=True)
+    verdict = judge("perplexity", MetricRule(ceiling=10.0), candidate, base, base, BOOT)
+    assert verdict.vs_baseline is None and not verdict.passed
+    assert verdict.reasons == [
+        f"{n} of {n} samples scored for both it and the baseline: too few to tell a regression "
+        f"from noise (at least {MIN_PAIRS}; more test records, or eval_set.max_samples)"
+    ]
+    more = judge("perplexity", MetricRule(ceiling=10.0), *(
+        Samples(np.full(MIN_PAIRS, v), np.full(MIN_PAIRS, 4.0), exponent=True)
+        for v in (5.0, 4.99, 4.99)
+    ), BOOT)  # fmt: skip
+    assert more.vs_baseline.pairs == MIN_PAIRS and "regressed" in more.reasons[0]
+
+
+def test_labelled_tokens_a_server_gave_no_logprob_make_the_sample_nan_not_shorter(tokenizer):
+    """A server sends null for a NaN logprob (strict JSON has no NaN): leaving the token out
+    averaged the broken sample away."""
+    from eval.measure import answer_likelihoods
+    from train.data import IGNORE_INDEX, encode
+
+    record = {"messages": [
+        {"role": "user", "content": "What is the capital of Norway?"},
+        {"role": "assistant", "content": "Oslo."},
+    ]}  # fmt: skip
+    labels = encode(record, "messages", tokenizer, 512)["labels"]
+    answer = [i for i, label in enumerate(labels) if i and label != IGNORE_INDEX]
+
+    class Served:
+        def prompt_logprobs(self, prompts, models):
+            [ids] = prompts
+            logprobs = [None] + [-1.0] * (len(ids) - 1)  # the first token has none
+            if models == ["candidate"]:
+                logprobs[answer[-1]] = None
+            return [logprobs]
+
+    served = Served()
+    served.tokenizer = tokenizer
+    [ok] = answer_likelihoods(served, [record], "messages", 512, [None])[None]
+    assert (ok.nll, ok.tokens) == (len(answer), len(answer))
+    [broken] = answer_likelihoods(served, [record], "messages", 512, ["candidate"])["candidate"]
+    assert np.isnan(broken.nll) and broken.tokens == len(answer)
 
 
 def _write_gate(tmp_path, body: str):
@@ -508,7 +557,7 @@ def test_a_gate_that_cannot_reach_its_registry_exits_2_not_1(home, monkeypatch):
     ("values", "rule"),
     [
         ([1.0, 1.0, *[float("nan")] * 6], MetricRule(ceiling=3.0)),  # NaN on most records
-        ([10.0, float("inf"), 10.0, 10.0], MetricRule(tolerance=0.2)),  # a -inf logprob
+        ([10.0, float("inf"), 10.0, 10.0, 10.0], MetricRule(tolerance=0.2)),  # a -inf logprob
     ],
 )
 def test_a_candidate_with_non_finite_answer_likelihoods_fails_perplexity(values, rule):
@@ -568,6 +617,29 @@ def test_an_empty_answer_scores_zero_on_judged_metrics_without_asking_the_judge(
     assert all(row["retrieved_contexts"] == [passage] for row in asked)
 
 
+def test_an_answer_the_judge_finds_no_statement_in_scores_zero_not_nan(monkeypatch):
+    """RAGAS' faithfulness is NaN for an answer with no statement to check; skipped, an
+    evasive candidate was judged on its few checkable answers alone (9 of 10 NaN: 1.0)."""
+    from types import SimpleNamespace
+
+    from eval.eval_set import EvalSample
+    from eval.gate_config import JudgeConfig
+    from eval.scores import Scorer
+
+    class Judge:
+        async def abatch_score(self, rows):
+            return [SimpleNamespace(value=v) for v in (float("nan"), 0.8)]
+
+    passage = "Norway is a country in Northern Europe. Its capital is Oslo."
+    sample = EvalSample([], "Is Oslo the capital of Norway?", "Yes.", [passage], [passage])
+    scorer = Scorer(JudgeConfig(base_url="http://127.0.0.1:9/v1", model="judge"))
+    monkeypatch.setattr(Scorer, "_metric", lambda self, metric: Judge())
+    assert scorer.score("faithfulness", [sample] * 2, ["Yes.", "Oslo is the capital."]) == [
+        0.0,
+        0.8,
+    ]
+
+
 def test_a_judge_key_variable_that_is_not_set_is_refused_before_anything_runs(monkeypatch):
     from eval.gate_config import JudgeConfig
     from eval.scores import Scorer
@@ -597,6 +669,7 @@ def test_a_judge_key_variable_that_is_not_set_is_refused_before_anything_runs(mo
         ("metrics: {rouge_l: {}}\neval_set: {top_k: true}", "  eval_set.top_k: Input should"),
         ("metrics: {rouge_l: {tolerance: yes}}", "  metrics.rouge_l.tolerance: a number, not a b"),
         ("metrics: {rouge_l: {}}\neval_set: {max_samples: 8.0}", "  eval_set.max_samples: "),
+        ("metrics: {rouge_l: {}}\neval_set: {max_samples: 4}", "  eval_set.max_samples: Input"),
         ("metrics: {rouge_l: {}}\nbootstrap: {seed: true}", "  bootstrap.seed: Input should"),
         ("metrics: {rouge_l: {}}\nbootstrap: {confidence: .nan}", "  bootstrap.confidence: "),
         ("metrics: {rouge_l: {}}\nbootstrap: {resamples: 1000000000}", "  bootstrap.resamples: "),

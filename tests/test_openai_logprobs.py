@@ -3,9 +3,11 @@ the echoed prompt plus completion, whatever special tokens the tokenizer adds.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from serve.openai_logprobs import CompletionLogprobs, LogprobsFormatter
+from serve.openai_logprobs import MIN_LOGPROB, CompletionLogprobs, LogprobsFormatter
 from serve.outputs import RequestOutput
 from serve.prompts import text_prompt_ids
 from serve.sampler import TokenLogprobs
@@ -75,3 +77,18 @@ def test_an_id_past_the_tokenizer_in_a_padded_embedding_reads_as_no_bytes(tokeni
     [entry] = formatter.chat([TokenLogprobs(padded, -2.0, [(padded, -2.0), (28, -3.0)])])["content"]
     assert (entry["token"], entry["bytes"]) == ("", [])
     assert [t["token"] for t in entry["top_logprobs"]] == ["", ","]
+
+
+def test_logprobs_json_cannot_hold_are_null_for_nan_and_vllms_floor_for_minus_infinity(tokenizer):
+    """The server's JSON is strict: a broken adapter's NaN logprobs made every answer a 500
+    (and a gate through the server could not run, where in process it failed the candidate)."""
+    nan, inf = float("nan"), float("inf")
+    formatter = LogprobsFormatter(tokenizer)
+    scored = TokenLogprobs(28, nan, [(28, nan), (29, -inf)])
+    [entry] = formatter.chat([scored])["content"]
+    assert entry["logprob"] is None
+    assert [t["logprob"] for t in entry["top_logprobs"]] == [None, MIN_LOGPROB]
+    completion = formatter.completion([28, 29], [None, scored], [0, 1])
+    assert completion["token_logprobs"] == [None, None]
+    assert list(completion["top_logprobs"][1].values()) == [None, MIN_LOGPROB]
+    json.dumps([entry, completion], allow_nan=False)  # what the server sends
