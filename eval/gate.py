@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eval.decision import Samples, Verdict, judge
 from eval.eval_set import build_eval_set, select_test_records
-from eval.gate_config import GateConfig
+from eval.gate_config import GateConfig, http_url
 from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
@@ -40,6 +40,11 @@ class QualityGate:
         from train.config import load_config
 
         self.config = config
+        if server is not None:  # before anything loads, not once every answer is made
+            try:
+                http_url(server)
+            except ValueError as error:
+                raise UsageError(f"--server: {server!r}: {error}") from None
         self.server, self.api_key = server, api_key  # measure through it (None: in process)
         self.train = load_config(config.train_config)
         self.registry = AdapterRegistry(tracking_uri)

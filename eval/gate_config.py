@@ -7,6 +7,7 @@ in the metric's own units.
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 from pydantic import Field, StrictInt, ValidationInfo, field_validator
@@ -58,10 +59,25 @@ class BootstrapConfig(StrictConfig):
     seed: StrictInt = Field(0, ge=0)
 
 
+def http_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host; else ValueError saying so. Without the
+    check, "localhost:8000" failed only once every answer was generated, naming nothing."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parses it
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return url
+
+
 class JudgeConfig(StrictConfig):
     base_url: str  # any OpenAI-compatible server, `loraplex serve` included
     model: str
     api_key_env: str | None = None  # environment variable holding its key
+
+    _http_url = field_validator("base_url")(http_url)
 
 
 class GateConfig(StrictConfig):
