@@ -11,11 +11,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry.atomic import make_folder, write_file
 from registry.errors import UsageError
 from registry.home import Home
 
@@ -75,14 +75,12 @@ def fingerprint(path: Path, home: Home | None = None) -> str:
     by file size and mtime."""
     home = home or Home.from_env()
     path = path.resolve()
-    weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-    files = [path / "config.json", *weights]
+    files = [path / "config.json", *weight_files(path)]
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     cache = home.fingerprints / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached["stamp"] == stamp and cached.get("scheme") == _SCHEME:
-            return cached["fingerprint"]
+    cached = _read_cache(cache)
+    if cached.get("stamp") == stamp and cached.get("scheme") == _SCHEME:
+        return cached["fingerprint"]
     digest = hashlib.sha256()
     # the files hashed in parallel (hashlib lets go of the GIL): a sharded 8B checkpoint's
     # 16 GB take a core ~8 s one file after another
@@ -92,10 +90,36 @@ def fingerprint(path: Path, home: Home | None = None) -> str:
             digest.update(file.name.encode())
             digest.update(file_digest)
     value = "sha256:" + digest.hexdigest()[:24]
-    cache.parent.mkdir(parents=True, exist_ok=True)
     record = {"path": str(path), "stamp": stamp, "scheme": _SCHEME, "fingerprint": value}
-    cache.write_text(json.dumps(record))
+    write_file(cache, json.dumps(record))  # whole: a reader never finds half of one
     return value
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files transformers loads from a model folder: the shards its index names,
+    or its single file, safetensors first. Others beside them are not the model (Mistral's
+    `consolidated.safetensors`, a `pytorch_model.bin` beside the safetensors, a
+    `training_args.bin`): hashed, they made one base two; loaded, the same weights twice."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = path / f"{single}.index.json"
+        if index.is_file():
+            try:
+                shards = json.loads(index.read_text())["weight_map"].values()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UsageError(f"base_model: {index} is not a weight index") from None
+            return sorted({path / shard for shard in shards})
+        if (path / single).is_file():
+            return [path / single]
+    return sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+
+
+def _read_cache(cache: Path) -> dict:
+    """A cached fingerprint record; empty if there is none or it cannot be read."""
+    try:
+        record = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _config_digest(file: Path) -> bytes:
@@ -145,8 +169,9 @@ def _convert_embedded(name: str, dest: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    make_folder(dest, save)  # two first uses at once: each converts, one folder stays

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry import tracking
+from registry.atomic import make_folder
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import Home, setup_environment
 from registry.lineage import Lineage
@@ -247,21 +247,17 @@ class AdapterRegistry:
         local = self.home.adapters / store / version.name / f"{version.version}-{origin}"
         if local.is_dir():
             return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_downloads(local.parent)
-        partial = Path(tempfile.mkdtemp(prefix=f"{local.name}.partial-", dir=local.parent))
-        try:
-            downloaded = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(partial), tracking_uri=self.tracking_uri
+
+        def download(partial: Path) -> Path:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source,
+                    dst_path=str(partial),
+                    tracking_uri=self.tracking_uri,
+                )
             )
-            try:
-                Path(downloaded).rename(local)
-            except OSError:
-                if not local.is_dir():  # not another call's finished download: a real failure
-                    raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        return local
+
+        return make_folder(local, download)
 
     def _exists(self, name: str) -> bool:
         return self._lookup(name) is not None
@@ -300,21 +296,6 @@ class AdapterRegistry:
         for alias, number in (model.aliases or {}).items():
             held.setdefault(int(number), []).append(alias)
         return [_version(v, held.get(int(v.version), [])) for v in found]
-
-
-# A download folder untouched this long belongs to a process killed mid-way (`finally` never
-# ran); adapters take seconds to download, so no live download is this old.
-ABANDONED_DOWNLOAD_SECONDS = 24 * 3600
-
-
-def _remove_abandoned_downloads(folder: Path) -> None:
-    cutoff = time.time() - ABANDONED_DOWNLOAD_SECONDS
-    for partial in folder.glob("*.partial-*"):
-        try:
-            if partial.stat().st_mtime < cutoff:
-                shutil.rmtree(partial)
-        except OSError:  # another call removed it first, or it is not ours to remove
-            pass
 
 
 def _version(v, aliases: list[str]) -> AdapterVersion:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from registry.base_model import LORA_MODULES
+from registry.base_model import LORA_MODULES, weight_files
 from registry.errors import UsageError
 from serve.attention import paged_attention
 from serve.linear import (
@@ -198,7 +198,7 @@ class LlamaModel:
         longest = self.shape.max_context
         self.max_model_len = min(max_model_len or longest, longest)
         tensors = {}
-        files = sorted(Path(path).glob("*.safetensors"))
+        files = [f for f in weight_files(Path(path)) if f.suffix == ".safetensors"]
         if not files:
             raise UsageError(f"base_model: no *.safetensors weights in {path}")
         for file in files:

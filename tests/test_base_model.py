@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from registry.base_model import fingerprint, resolve_base_model
+from registry.base_model import fingerprint, resolve_base_model, weight_files
 from registry.errors import UsageError
 
 
@@ -104,3 +104,40 @@ def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tm
     (tmp_path / names[0]).write_bytes(contents[1])
     (tmp_path / names[1]).write_bytes(contents[0])
     assert fingerprint(tmp_path, home) != "sha256:" + expected.hexdigest()[:24]
+
+
+def test_only_the_weights_transformers_loads_are_the_base(tiny_base, home, tmp_path):
+    """A repo's `pytorch_model.bin` beside its safetensors, Mistral's `consolidated.safetensors`
+    beside the shards, a `training_args.bin`: hashed, the same base had two fingerprints
+    and its adapters were refused on one of them."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base.path, copy)
+    for name in ("pytorch_model.bin", "training_args.bin", "consolidated.safetensors"):
+        (copy / name).write_bytes(random.Random(name).randbytes(1000))
+    assert weight_files(copy) == [copy / "model.safetensors"]
+    assert fingerprint(copy, home) == tiny_base.fingerprint
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    index = {"metadata": {}, "weight_map": {"a": shards[1], "b": shards[0], "c": shards[1]}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in (*shards, "consolidated.safetensors"):
+        (sharded / name).write_bytes(name.encode())
+    assert weight_files(sharded) == [sharded / s for s in shards]
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"base_model: .*index.json is not a weight index"):
+        weight_files(sharded)
+
+
+def test_a_fingerprint_cache_left_empty_or_half_written_is_computed_again(tiny_base, home):
+    """A process killed mid-write left an empty file: every later command on that base
+    failed with a JSONDecodeError."""
+    fingerprint(tiny_base.path, home)
+    key = hashlib.sha256(str(tiny_base.path.resolve()).encode()).hexdigest()[:32]
+    cache = home.fingerprints / f"{key}.json"
+    for broken in ("", '{"stamp": [["config.json", 1', "[]"):
+        cache.write_text(broken)
+        assert fingerprint(tiny_base.path, home) == tiny_base.fingerprint
+        assert json.loads(cache.read_text())["fingerprint"] == tiny_base.fingerprint
+    assert not list(home.fingerprints.glob("*.tmp"))  # written whole, through a rename

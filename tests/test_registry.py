@@ -299,7 +299,7 @@ def test_two_downloads_of_one_version_at_once_both_get_it(registry, adapters, mo
 def test_a_download_abandoned_by_a_killed_process_is_removed_by_a_later_fetch(registry, adapters):
     import os
 
-    from registry.store import ABANDONED_DOWNLOAD_SECONDS
+    from registry.atomic import ABANDONED_SECONDS
 
     assert register_folder(registry, adapters[1], "facts") == 1
     assert register_folder(registry, adapters[1], "facts") == 2
@@ -308,7 +308,7 @@ def test_a_download_abandoned_by_a_killed_process_is_removed_by_a_later_fetch(re
     for partial in (abandoned, live):
         partial.mkdir()
         (partial / "adapter_model.safetensors").write_bytes(b"half")
-    old = time.time() - ABANDONED_DOWNLOAD_SECONDS - 60
+    old = time.time() - ABANDONED_SECONDS - 60
     os.utime(abandoned, (old, old))
     registry.fetch_version(registry.get(parse_ref("facts/2")))
     assert not abandoned.exists()
