@@ -10,8 +10,11 @@ import hashlib
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock
 
 from registry import tracking
 from registry.atomic import make_folder
@@ -65,11 +68,17 @@ class AdapterRegistry:
             if self._client is None:
                 from mlflow import MlflowClient
 
-                if self.is_embedded:
-                    self.home.create()
                 tracking.check_server_answers(self.tracking_uri)
                 uri = self.tracking_uri
-                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                if not self.is_embedded:
+                    self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                    return self._client
+                self.home.create()
+                # MLflow makes a new SQLite store's tables as its client starts: two commands
+                # on a fresh data home at once, and one failed ("table already exists").
+                with FileLock(self.home.root / "mlflow.db.lock"):
+                    self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                    self._client.search_registered_models(max_results=1)  # its registry's too
             return self._client
 
     @property
@@ -83,16 +92,19 @@ class AdapterRegistry:
             return experiment.experiment_id
         root = artifact_root(self.tracking_uri, self.home)
         location = (root / name).as_uri() if root else None
-        return self.client.create_experiment(name, artifact_location=location)
+        with _made_meanwhile_is_fine():  # another run's first training created it
+            return self.client.create_experiment(name, artifact_location=location)
+        return self.client.get_experiment_by_name(name).experiment_id
 
     def register(self, name: str, run_id: str, source: str, lineage: Lineage) -> AdapterVersion:
         """Add a version of `name` whose weights are the artifact folder at `source`."""
         # mlflow.register_model fails for plain artifact folders in MLflow 3 and leaves an empty
         # registered model behind: create the version directly, linked to its run.
         if not self._exists(name):
-            self.client.create_registered_model(
-                name, description=f"LoRA adapter over {lineage.base_model}"
-            )
+            with _made_meanwhile_is_fine():  # by another run of the same adapter
+                self.client.create_registered_model(
+                    name, description=f"LoRA adapter over {lineage.base_model}"
+                )
         # A run registers once: a resumed run whose registration got as far as the version
         # (and failed after it) gets that version back, not a second copy.
         for v in self.client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
@@ -296,6 +308,19 @@ class AdapterRegistry:
         for alias, number in (model.aliases or {}).items():
             held.setdefault(int(number), []).append(alias)
         return [_version(v, held.get(int(v.version), [])) for v in found]
+
+
+@contextmanager
+def _made_meanwhile_is_fine():
+    """Ignore MLflow's "already exists" for what another process created since it was found
+    missing (two trainings of a new adapter at once): MLflow has no create-if-absent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def _version(v, aliases: list[str]) -> AdapterVersion:

@@ -427,3 +427,34 @@ def test_one_registry_waiting_for_its_server_holds_up_no_other(tmp_path, monkeyp
     finally:
         hung.set()
         waiting.join()
+
+
+def test_a_new_adapter_or_experiment_another_run_creates_meanwhile_is_used_not_an_error(
+    registry, adapters, monkeypatch
+):
+    """Two trainings of a new adapter at once both found it missing, and the second to create
+    it failed after its whole training (MLflow's RESOURCE_ALREADY_EXISTS)."""
+    register_folder(registry, adapters[0], "raced")
+    experiment = registry.experiment_id("raced-runs")
+    monkeypatch.setattr(registry, "_exists", lambda name: False)  # as found before the other
+    real = registry.client.get_experiment_by_name
+    calls = []
+
+    def missing_at_first(name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)
+
+    monkeypatch.setattr(registry.client, "get_experiment_by_name", missing_at_first)
+    assert registry.experiment_id("raced-runs") == experiment
+    assert register_folder(registry, adapters[0], "raced") == 2
+
+
+def test_two_commands_on_a_fresh_data_home_at_once_both_work(tmp_path):
+    """MLflow makes the embedded store's tables on first use: the second command at once
+    failed with sqlite3's "table ... already exists" (a traceback, exit 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"LORAPLEX_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: run_cli("registry", "list", env=env), range(2)))
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
