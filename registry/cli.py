@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from registry.console import TrackingUri, user_errors
-from registry.refs import CHAMPION
+from registry.refs import CHAMPION, MAX_VERSION
 
 app = typer.Typer(no_args_is_help=True, help="Registered adapters and their versions (MLflow).")
 
@@ -69,7 +69,9 @@ def show(ref: Ref, tracking_uri: TrackingUri = None) -> None:
 @app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="Registered adapter name.")],
-    version: Annotated[int, typer.Argument(help="Version to point the alias at.", min=1)],
+    version: Annotated[
+        int, typer.Argument(help="Version to point the alias at.", min=1, max=MAX_VERSION)
+    ],
     alias: Annotated[str, typer.Option(help="Alias to move.")] = CHAMPION,
     tracking_uri: TrackingUri = None,
 ) -> None:

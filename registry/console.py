@@ -64,8 +64,20 @@ def user_errors(tracking_uri: str | None = None):
 
         if not isinstance(e, (MlflowException, requests.ConnectionError)):
             raise
-        from registry.tracking import resolve_tracking_uri
+        from registry.tracking import hide_password, redacted, resolve_tracking_uri
 
-        reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0]
-        print(f"error: MLflow at {resolve_tracking_uri(tracking_uri)}: {reason}", file=sys.stderr)
+        uri = resolve_tracking_uri(tracking_uri)
+        reason = hide_password(_first_line(getattr(e, "message", None) or str(e)), uri)
+        print(f"error: MLflow at {redacted(uri)}: {reason}", file=sys.stderr)
         raise typer.Exit(2) from None
+
+
+def _first_line(message: str) -> str:
+    """What a one-line error keeps of MLflow's message: its first line, and where that only
+    introduces the cause (a download's "The following failures occurred ...:"), the cause."""
+    # MLflow heads each failed file "##### File NAME #####"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("#####")]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else message

@@ -11,7 +11,10 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _ALIAS = r"[\w-]{1,255}"  # MLflow's: word characters and '-' (`2024-q3` and `_rc` too)
 # A version fits MLflow's int64 (and Python's int() of its digits: a 5,000-digit one raises).
 _VERSION = r"[1-9][0-9]{0,17}"
-_REF = re.compile(rf"^(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?$")
+MAX_VERSION = 10**18 - 1
+# Matched whole (fullmatch): `$` would let a trailing newline through, "faq\n" a second name.
+_REF = re.compile(rf"(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?")
+_NAMES = "names: letters, digits, '.', '_' and '-', at most 100"
 # MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
 CHAMPION = "champion"  # the alias a passed gate moves: what a team serves
 
@@ -33,16 +36,15 @@ class AdapterRef:
 
 
 def is_ref(text: str) -> bool:
-    return _REF.match(text) is not None
+    return _REF.fullmatch(text) is not None
 
 
 def parse_ref(text: str) -> AdapterRef:
     """Parse a registry reference; the error says which forms are accepted."""
-    match = _REF.match(text)
+    match = _REF.fullmatch(text)
     if match is None:
         raise UsageError(
-            f"adapter reference {text!r} is not NAME, NAME/VERSION or NAME@ALIAS "
-            "(names: letters, digits, '.', '_' and '-')"
+            f"adapter reference {text!r} is not NAME, NAME/VERSION or NAME@ALIAS ({_NAMES})"
         )
     version, alias = match["version"], match["alias"]
     if alias is not None:
@@ -65,7 +67,7 @@ def check_alias(alias: str) -> str:
 def check_name(name: str) -> str:
     """Validate an adapter name (used for configs before anything is trained)."""
     if re.fullmatch(_NAME, name) is None:
-        raise UsageError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+        raise UsageError(f"name {name!r} must be a name ({_NAMES})")
     return name
 
 
@@ -74,8 +76,8 @@ def check_adapter_name(name: str) -> str:
     reference it stands for (faq/3), read as a request's `model` will read it."""
     if not is_ref(name):
         raise UsageError(
-            f"adapter name {name!r} must be letters, digits, '.', '_' or '-', or a registry "
-            "reference it stands for (NAME/VERSION, NAME@ALIAS)"
+            f"adapter name {name!r} must be a name ({_NAMES}) or a registry reference it "
+            "stands for (NAME/VERSION, NAME@ALIAS)"
         )
     parse_ref(name)  # a reserved alias (faq@v2, faq@latest) is refused as in a reference
     return name

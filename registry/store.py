@@ -6,6 +6,7 @@ source is the run's `adapter` artifact folder (PEFT format) and whose tags carry
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import shutil
 import threading
@@ -23,6 +24,8 @@ from registry.home import Home, setup_environment
 from registry.lineage import Lineage
 from registry.refs import CHAMPION, AdapterRef, check_alias
 from registry.tracking import artifact_root, check_tracking_uri, is_missing, resolve_tracking_uri
+
+NAMES_LISTED = 20  # of the registered adapters, in the error for an unknown one
 
 
 @dataclass(frozen=True)
@@ -291,9 +294,14 @@ class AdapterRegistry:
         if model is not None:
             return model
         known = [a.name for a in self.list()]
+        if close := difflib.get_close_matches(name, known, n=3):
+            hint = f"did you mean {_names(close)}?"
+        else:  # a few of them: a team's registry may hold thousands
+            more = f" and {len(known) - NAMES_LISTED} more" if len(known) > NAMES_LISTED else ""
+            hint = f"registered: {_names(known[:NAMES_LISTED])}{more}"
         raise UnknownAdapterError(
-            f"no registered adapter named {name!r} in {self.tracking_uri} "
-            f"(registered: {_names(known)})"
+            f"no registered adapter named {name!r} in {tracking.redacted(self.tracking_uri)} "
+            f"({hint})"
         )
 
     def _versions(self, model) -> list[AdapterVersion]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -26,13 +27,28 @@ def resolve_tracking_uri(explicit: str | None = None, home: Home | None = None) 
     return explicit or os.environ.get(TRACKING_URI_ENV) or (home or Home.from_env()).tracking_uri
 
 
+def redacted(uri: str) -> str:
+    """`uri` as it may be shown or written down: its password (a server's basic auth, a
+    database's) as ***."""
+    return hide_password(uri, uri)
+
+
+def hide_password(text: str, uri: str) -> str:
+    """`text` (a message that may quote `uri`) with `uri`'s password as ***."""
+    try:
+        password = urllib.parse.urlsplit(uri).password
+    except ValueError:  # a URI beyond parsing: cut everything between "//" and "@"
+        return re.sub(r"//[^/@\s]*@", "//***@", text)
+    return text.replace(f":{password}@", ":***@") if password else text
+
+
 def check_tracking_uri(uri: str) -> None:
     """UsageError for a URI MLflow would fail on mid-command, with a traceback: a bad port, a
     database store whose driver is not installed."""
     try:
         urllib.parse.urlsplit(uri).port  # noqa: B018 - parses host, port
     except ValueError as e:
-        raise UsageError(f"tracking URI {uri!r}: {e}") from None
+        raise UsageError(f"tracking URI {redacted(uri)!r}: {e}") from None
     _check_database_driver(uri)
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from registry.errors import UsageError
-from registry.refs import AdapterRef, parse_ref
+from registry.refs import AdapterRef, is_ref, parse_ref
 
 
 @pytest.mark.parametrize(
@@ -36,11 +36,17 @@ def test_refs_parse_and_print_back(text, expected):
         "name/3@champion",
         "name/" + "9" * 19,  # past MLflow's int64
         "name/" + "9" * 5000,  # past what Python's int() reads
+        "faq\n",  # `$` matched before a last newline: a second name for faq
+        "faq/3\n",
+        "faq@champion\n",
+        "a" * 101,
     ],
 )
 def test_malformed_refs_are_refused_naming_the_forms(text):
-    with pytest.raises(UsageError, match="is not NAME, NAME/VERSION or NAME@ALIAS"):
+    with pytest.raises(UsageError, match="is not NAME, NAME/VERSION or NAME@ALIAS") as error:
         parse_ref(text)
+    assert "at most 100" in str(error.value)  # a name too long is told why
+    assert not is_ref(text)
 
 
 @pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "V2", "v10"])

@@ -113,6 +113,11 @@ def test_register_promote_download_on_a_real_mlflow_server(
         registry.get(parse_ref("other"))
     with pytest.raises(NotFoundError, match="has no alias 'staging'"):
         registry.get(parse_ref("facts@staging"))
+    # A team's server behind basic auth: its password is never in a message.
+    with_password = mlflow_server.replace("http://", "http://alice:s3cret@")
+    with pytest.raises(UnknownAdapterError) as error:
+        AdapterRegistry(with_password, home).get(parse_ref("other"))
+    assert "in http://alice:***@" in str(error.value) and "s3cret" not in str(error.value)
 
 
 def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path, monkeypatch):
@@ -127,10 +132,10 @@ def test_the_cli_shows_mlflow_info_lines_only_with_verbose(tmp_path, monkeypatch
 
 def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
     register_folder(registry, adapters[0], "facts")
-    with pytest.raises(
-        NotFoundError, match=r"no registered adapter named 'fact' .*registered: facts"
-    ):
+    with pytest.raises(NotFoundError, match=r"no registered adapter named 'fact' .*mean facts\?"):
         registry.get(parse_ref("fact"))
+    with pytest.raises(NotFoundError, match=r"named 'zzz' .*\(registered: facts\)"):
+        registry.get(parse_ref("zzz"))
     with pytest.raises(NotFoundError, match=r"no version 5 \(versions: 1\)"):
         registry.get(parse_ref("facts/5"))
     with pytest.raises(NotFoundError, match=r"no alias 'champion' \(aliases: none\)"):
@@ -192,13 +197,14 @@ def test_an_unreachable_tracking_server_is_one_line_naming_it_and_exit_2(tmp_pat
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+        nowhere = f"http://alice:s3cret@127.0.0.1:{s.getsockname()[1]}"
     env = {"LORAPLEX_HOME": str(tmp_path)}  # loraplex's own retry limits: seconds, not minutes
     result = run_cli("registry", "list", "--tracking-uri", nowhere, env=env, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: MLflow at {nowhere}: ")
+    assert line.startswith(f"error: MLflow at {nowhere.replace('s3cret', '***')}: ")
+    assert "s3cret" not in line  # MLflow's own message quotes the URL too
 
 
 def test_a_tracking_server_that_never_answers_fails_in_seconds_not_minutes(tmp_path):
@@ -235,6 +241,10 @@ def test_list_reads_every_page_past_mlflows_100_models(registry):
     for i in range(105):
         registry.client.create_registered_model(f"m{i:03d}")
     assert [a.name for a in registry.list()] == [f"m{i:03d}" for i in range(105)]
+    with pytest.raises(NotFoundError) as unknown:  # a typo listed all 105 (17,000 characters
+        registry.get(parse_ref("zzz"))  # with 1,000)
+    listed = ", ".join(f"m{i:03d}" for i in range(20))
+    assert str(unknown.value).endswith(f"(registered: {listed} and 85 more)")
 
 
 def test_a_version_registered_again_after_its_model_was_deleted_is_not_served_from_cache(
@@ -322,9 +332,14 @@ def test_a_download_under_a_file_and_a_malformed_tracking_uri_are_usage_errors(
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UsageError, match=r"download destination .*a-file/sub: Not a directory"):
         registry.download(parse_ref("facts/1"), tmp_path / "a-file" / "sub")
-    for uri, reason in (("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "out of range")):
-        with pytest.raises(UsageError, match=f"tracking URI .*{reason}"):
+    for uri, reason in (
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://h:99999", "out of range"),
+        ("postgresql://loraplex:dbs3cret@db:99999/mlflow", "out of range"),
+    ):
+        with pytest.raises(UsageError, match=f"tracking URI .*{reason}") as error:
             AdapterRegistry(uri, registry.home)
+        assert "s3cret" not in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -458,3 +473,29 @@ def test_two_commands_on_a_fresh_data_home_at_once_both_work(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(lambda _: run_cli("registry", "list", env=env), range(2)))
     assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+
+
+def test_a_failed_download_says_its_cause_not_only_mlflows_heading():
+    """MLflow's first line only announces the failures ("...artifacts from URI:"); the
+    cause, the one thing to act on, was cut off."""
+    from registry.console import _first_line
+
+    message = (
+        "The following failures occurred while downloading one or more artifacts from "
+        "http://h/api/2.0/mlflow-artifacts/artifacts:\n##### File adapter #####\n"
+        "No such artifact: 'adapter'\n##### File other #####\nsecond failure"
+    )
+    assert _first_line(message).endswith("artifacts: No such artifact: 'adapter'")
+    assert _first_line("RESOURCE_DOES_NOT_EXIST: gone\ndetails") == "RESOURCE_DOES_NOT_EXIST: gone"
+
+
+def test_promote_refuses_a_version_past_what_a_reference_can_name(registry):
+    from typer.testing import CliRunner
+
+    from registry.app import app
+
+    args = ["registry", "promote", "facts", str(10**19), "--tracking-uri", registry.tracking_uri]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    said = " ".join(result.output.replace("│", " ").split())
+    assert "Invalid value for 'version': Input should be less than or equal to 9999" in said

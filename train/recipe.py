@@ -15,6 +15,7 @@ from registry.errors import LoraplexError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
 from registry.store import AdapterRegistry, AdapterVersion
+from registry.tracking import redacted
 from train.config import TrainConfig
 from train.data import data_hash, load_splits, tokenize_split
 from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
@@ -84,7 +85,7 @@ class TrainingJob:
         return {
             "run_id": run_id,
             "status": status,
-            "tracking_uri": self.registry.tracking_uri,
+            "tracking_uri": redacted(self.registry.tracking_uri),  # no password on disk
             "data_hash": self.data_hash,
             "base_fingerprint": self.base.fingerprint,
             "config": self.config.model_dump(mode="json"),
