@@ -61,7 +61,23 @@ def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
             f"base_model: {spec!r} is neither an embedded model ({known}) "
             f"nor a folder with a Hugging Face config.json{hint}"
         )
+    _check_folder(path)
     return BaseModel(spec, path.resolve(), fingerprint(path, home))
+
+
+# Any of these makes a tokenizer transformers can load (fast, SentencePiece, or BPE files).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_folder(path: Path) -> None:
+    """What a model folder needs beyond its config.json, said before minutes of loading end
+    in transformers' traceback: a model type, a tokenizer."""
+    if "model_type" not in _read_config(path / "config.json"):
+        raise UsageError(f"base_model: {path / 'config.json'} names no model_type")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise UsageError(
+            f"base_model: {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+        )
 
 
 # What a config.json records of the program that wrote it, not of the model: two machines
@@ -122,13 +138,18 @@ def _read_cache(cache: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _config_digest(file: Path) -> bytes:
+def _read_config(file: Path) -> dict:
     try:
         config = json.loads(file.read_bytes())
     except ValueError as error:
         raise UsageError(f"base_model: {file} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise UsageError(f"base_model: {file} is not a JSON object")
+    return config
+
+
+def _config_digest(file: Path) -> bytes:
+    config = _read_config(file)
     model = {k: v for k, v in config.items() if k not in _WRITER_KEYS}
     return hashlib.sha256(
         json.dumps(model, sort_keys=True, separators=(",", ":")).encode()

@@ -69,6 +69,9 @@ class ApiKeys:
         self._by_digest: dict[str, Caller] = {}
         for key in keys:
             digest = key.sha256 or _digest(_from_env(key))
+            if digest in self._by_digest:  # one secret, two callers: the later one won silently
+                other = self._by_digest[digest].id
+                raise ConfigError(f"api_keys: keys {other!r} and {key.id!r} have the same secret")
             bucket = TokenBucket(key.tokens_per_minute, clock()) if key.tokens_per_minute else None
             self._by_digest[digest] = Caller(key.id, key.adapters, key.admin, bucket)
         self._anonymous = Caller("anonymous", ["*"], True, None)
@@ -141,7 +144,9 @@ def _digest(key: str) -> str:
 
 
 def _from_env(key: ApiKey) -> str:
-    value = os.environ.get(key.env or "")
+    """The key's secret, without the newline a secret made from a file often ends with (a
+    client's key is read stripped: with it, no client could ever match)."""
+    value = os.environ.get(key.env or "", "").strip()
     if not value:
         raise ConfigError(f"api_keys: key {key.id!r}: environment variable {key.env} is not set")
     return value

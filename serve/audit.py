@@ -48,9 +48,10 @@ class RequestRecord:
 
 
 class RecordRequests:
-    def __init__(self, app, on_finish: Callable[[RequestRecord], None]):
+    def __init__(self, app, on_finish: Callable[[RequestRecord], None], in_flight: set[str]):
         self.app = app
         self.on_finish = on_finish
+        self.in_flight = in_flight  # ids of the requests begun and not yet finished
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -58,6 +59,7 @@ class RecordRequests:
             return
         record = RequestRecord(new_id("req"), _endpoint(scope["path"]))
         scope[SCOPE_KEY] = record
+        self.in_flight.add(record.request_id)
         ended = False  # the body's last part was sent
         failed = False  # the app raised after the response began
 
@@ -92,7 +94,10 @@ class RecordRequests:
                 record.status = 499
                 record.finish_reason = "abort"
             record.latency_s = time.monotonic() - record.started
-            self.on_finish(record)
+            try:
+                self.on_finish(record)
+            finally:
+                self.in_flight.discard(record.request_id)
 
 
 def _endpoint(path: str) -> str:
@@ -135,8 +140,12 @@ class AuditLog:
         if self.include_prompts:
             line["prompt"] = record.prompt
         with self._lock:
+            if self._file.closed:  # a request that outlived the server's shutdown
+                log.warning("audit log closed: request %s not recorded", record.request_id)
+                return
             self._file.write(json.dumps(line) + "\n")
             self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            self._file.close()

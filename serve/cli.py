@@ -88,6 +88,7 @@ def serve(
             port=port,
             tracking_uri=tracking_uri,
         )
+    with user_errors(settings.tracking_uri):  # the YAML's or an override's, named in errors
         _serve(settings)
 
 
@@ -109,20 +110,24 @@ def _serve(settings) -> None:
     llm = LLM(**settings.engine_config().model_dump())
     for name, source in settings.adapters.items():
         llm.load_adapter(name, source)
-    base_name = Path(llm.engine.base.name).name  # a folder is served by its own name
-    app = create_app(AsyncLLM(llm.engine, settings.max_waiting), base_name, settings)
+    base_name = llm.engine.base.path.name  # a folder by its own name (`.` too)
+    engine = AsyncLLM(llm.engine, settings.max_waiting)
+    app = create_app(engine, base_name, settings)
     print(
         f"serving {base_name} and {len(settings.adapters)} adapters on "
         f"http://{settings.host}:{settings.port}/v1",
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    finally:  # however uvicorn ended (a second Ctrl-C skips its shutdown): a step left running
+        engine.shutdown()  # in a thread as the interpreter exits aborts the process
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -130,8 +135,9 @@ def _check_port_free(host: str, port: int) -> None:
 
     from registry.errors import UsageError
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds it
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as error:
         raise UsageError(f"port {port}: cannot listen on {host}:{port}: {error.strerror}") from None

@@ -130,12 +130,11 @@ class ServerMetrics:
     def observe(self, record: RequestRecord) -> None:
         """A finished request (the audit record) into the counters and histograms.
 
-        Its model is a label only where the server knew the name: generation records it
-        once resolved, the admin routes as sent (for the audit line), so there only once the
-        load or unload succeeded. Names a client makes up must not add series without end.
+        Its model is a label only for generation, which records it once resolved to the
+        base or a loaded adapter; the admin routes record the name as sent (for the audit
+        line): a load and an unload under each new name would add series without end.
         """
-        known = record.endpoint in _GENERATION or 200 <= record.status < 300
-        model = (record.model if known else None) or "none"
+        model = (record.model if record.endpoint in _GENERATION else None) or "none"
         status = str(record.status)
         if record.status == 200:
             status = _STREAM_OUTCOME.get(record.finish_reason, status)

@@ -15,6 +15,7 @@ failed engine step; a client that hangs up, queued or mid-answer, aborts its req
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -61,6 +62,9 @@ async def _authenticated(request: Request) -> RequestRecord:
 Authenticated = Annotated[RequestRecord, Depends(_authenticated)]
 
 
+# How long a shutdown waits for the requests uvicorn cut to end: a cancelled one ends on its
+# task's next run, so this is a bound for a bug, not a wait.
+DRAIN_S = 5.0
 # Request bodies are refused past this many bytes per character a prompt may hold (JSON escapes
 # take up to 6 bytes a character; a batch holds several prompts), and never below 16 MiB.
 _BODY_BYTES_PER_CHAR = 64
@@ -82,12 +86,18 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         engine, base_name, adapters, reader, keys, metrics, config.request_timeout_s
     )
     audit = AuditLog(config.audit_path(engine.engine.home), config.audit.include_prompts)
+    in_flight: set[str] = set()  # request ids: RecordRequests' own
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         follower = asyncio.create_task(adapters.follow(config.alias_poll_interval_s))
         yield
         follower.cancel()
+        # uvicorn cancels the requests still running at its shutdown timeout, and goes on
+        # without waiting for them: they end, and write their audit lines, meanwhile.
+        deadline = time.monotonic() + DRAIN_S
+        while in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         serving.close()
         audit.close()
 
@@ -102,7 +112,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     max_bytes = max(_MIN_BODY_BYTES, _BODY_BYTES_PER_CHAR * reader.max_chars)
     app.add_middleware(LimitBody, max_bytes=max_bytes, timeout_s=config.request_timeout_s)
-    app.add_middleware(RecordRequests, on_finish=finished)  # outside: it records the 413s too
+    # outside: it records the 413s too
+    app.add_middleware(RecordRequests, on_finish=finished, in_flight=in_flight)
 
     install_error_handlers(app)
 

@@ -124,3 +124,17 @@ def test_a_reservation_holds_back_concurrent_requests_and_what_it_did_not_use_co
     keys.settle(team, second, used=0)  # refused after reserving (unknown model): all back
     assert team.bucket.level == 50
     assert keys.reserve(team, 40) == 40
+
+
+def test_a_secret_from_a_file_keeps_no_newline_and_two_keys_may_not_share_one(monkeypatch):
+    """A secret made from a file ends in a newline: hashed with it, no client (whose key is
+    read stripped) could ever match. Two keys of one secret: the later took the earlier's
+    place, and a key meant read-only was admin."""
+    monkeypatch.setenv("TEAM_KEY", "sk-team\n")
+    keys = ApiKeys([ApiKey(id="team", env="TEAM_KEY")])
+    assert keys.caller("Bearer sk-team").id == "team"
+    with pytest.raises(ConfigError, match="keys 'ro' and 'ops' have the same secret"):
+        ApiKeys([_key("ro", "sk-1", adapters=["faq"]), _key("ops", "sk-1", admin=True)])
+    monkeypatch.setenv("OPS_KEY", "sk-team")
+    with pytest.raises(ConfigError, match="keys 'team' and 'ops' have the same secret"):
+        ApiKeys([ApiKey(id="team", env="TEAM_KEY"), ApiKey(id="ops", env="OPS_KEY")])

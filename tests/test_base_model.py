@@ -141,3 +141,19 @@ def test_a_fingerprint_cache_left_empty_or_half_written_is_computed_again(tiny_b
         assert fingerprint(tiny_base.path, home) == tiny_base.fingerprint
         assert json.loads(cache.read_text())["fingerprint"] == tiny_base.fingerprint
     assert not list(home.fingerprints.glob("*.tmp"))  # written whole, through a rename
+
+
+def test_a_folder_without_a_tokenizer_or_a_model_type_is_refused_before_loading(
+    tiny_base, home, tmp_path
+):
+    """transformers failed on them minutes later, with a traceback."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_base.path, copy)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"):
+        (copy / name).unlink(missing_ok=True)
+    with pytest.raises(UsageError, match=r"base_model: .*/copy has no tokenizer \(none of"):
+        resolve_base_model(str(copy), home)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"base_model: .*config.json names no model_type"):
+        resolve_base_model(str(tmp_path / "empty"), home)

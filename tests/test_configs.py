@@ -211,6 +211,40 @@ def test_serve_on_a_busy_port_is_refused_before_the_model_loads(tmp_path):
     assert "serving" not in result.stdout and not (tmp_path / "models").exists()
 
 
+def test_the_port_check_binds_an_ipv6_host_as_uvicorn_will():
+    """`--host ::1` was checked as an IPv4 address and refused ("Address family for hostname
+    not supported"), though uvicorn serves it."""
+    import socket
+
+    from registry.errors import UsageError
+    from serve.cli import _check_port_free
+
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as probe:
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    _check_port_free("::1", port)
+    busy = pytest.raises(UsageError, match=rf"cannot listen on ::1:{port}: Address already")
+    with socket.create_server(("::1", port), family=socket.AF_INET6), busy:
+        _check_port_free("::1", port)
+
+
+def test_serve_names_the_registry_its_yaml_or_override_set_in_errors(tmp_path):
+    """Only --tracking-uri was named: an unreachable registry set in the YAML was reported as
+    the embedded store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "serve.yaml").write_text(f"tracking_uri: {nowhere}\nadapters: {{faq: faq/1}}\n")
+    env = {"LORAPLEX_HOME": str(tmp_path)}
+    result = run_cli("serve", str(tmp_path / "serve.yaml"), env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: MLflow at {nowhere}: "), result.stderr
+
+
 @pytest.mark.parametrize("unwritable", ["audit", "key"])
 def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loads(
     tmp_path, unwritable

@@ -331,7 +331,8 @@ def test_a_body_that_stalls_gets_408_and_one_its_client_cuts_is_a_hang_up(
 
 def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_base, tmp_path):
     """SIGTERM with a request still in flight (its body stalled, 60 s from its deadline):
-    `loraplex serve` waits `shutdown_timeout_s`, not for the request."""
+    `loraplex serve` waits `shutdown_timeout_s`, not for the request. (Its base is `.`, the
+    folder it runs in: served by the folder's name, which `Path(".").name` made empty.)"""
     import signal
     import subprocess
     import sys
@@ -344,7 +345,7 @@ def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_bas
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = {
-        "base_model": str(tiny_base.path),
+        "base_model": ".",
         "quantization": "none",
         "port": port,
         "request_timeout_s": 60,
@@ -359,10 +360,13 @@ def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_bas
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=tiny_base.path,
     )
     try:
         url = f"http://127.0.0.1:{port}/v1"
         assert answers(f"http://127.0.0.1:{port}/ready", server, 120), server.stdout.read()
+        [base] = httpx.get(f"{url}/models").json()["data"]
+        assert base["id"] == tiny_base.path.name
         body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
         with _post_raw(url, "completions", body, sent=5):
             time.sleep(0.5)  # the request is in flight
@@ -373,6 +377,62 @@ def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_bas
     finally:
         server.kill()
     assert seconds < 10, server.stdout.read()
+
+
+def test_requests_the_shutdown_timeout_cuts_still_write_their_audit_lines(
+    tiny_base, empty_registry, tmp_path
+):
+    """uvicorn cancels what outlives its shutdown timeout and runs the app's shutdown without
+    waiting for it: the audit log closed first, and the cut request's line was lost (its
+    write raised on the closed file)."""
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    llm = LLM(**tiny_engine_args(tiny_base, empty_registry))
+    engine = AsyncLLM(llm.engine)
+    app = create_app(engine, "tiny", ServeConfig(audit={"path": tmp_path / "audit.jsonl"}))
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        pass
+
+    async def shut_down_with_a_request_in_flight():
+        async with app.router.lifespan_context(app):
+            request = asyncio.create_task(app(scope, receive, send))
+            await asyncio.sleep(0.5)  # in flight: waiting on the held engine
+            request.cancel()  # uvicorn's timeout; then its shutdown, at once
+        return request
+
+    try:
+        with paused(engine):
+            request = asyncio.run(shut_down_with_a_request_in_flight())
+    finally:
+        engine.shutdown()
+    assert request.cancelled()
+    [line] = _audit(tmp_path)
+    assert (line["endpoint"], line["status"], line["finish_reason"]) == (
+        "/v1/completions",
+        499,
+        "abort",
+    )
 
 
 def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monkeypatch):
@@ -550,7 +610,9 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     assert value("loraplex_inter_token_latency_seconds_count", model="tiny") == 4
     assert value("loraplex_adapter_loads_total", reason="api") == 1
     admin = "/v1/adapters/{name}"
-    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="faq2", status="200")
+    # admin calls name the adapter as sent: loads and unloads under new names would add
+    # series without end (the audit line has the name)
+    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="200")
     assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="400")
     assert value("loraplex_requests_total", endpoint=admin, model="none", status="404") == 1
     assert not [labels for _, labels in m if ("model", "made-up-1") in labels]
@@ -823,7 +885,7 @@ def test_a_stream_cut_by_a_server_error_is_an_error_and_one_cut_by_its_client_a_
     records = []
     scope = {"type": "http", "path": "/v1/completions", "method": "POST"}
     with pytest.raises(RuntimeError) if server_fails else contextlib.nullcontext():
-        asyncio.run(RecordRequests(app, records.append)(scope, receive, send))
+        asyncio.run(RecordRequests(app, records.append, set())(scope, receive, send))
     [record] = records
     metrics = ServerMetrics()
     metrics.observe(record)
