@@ -55,6 +55,9 @@ def test_ci_runs_the_readme_test_command_and_the_gate_fails_on_regression():
     assert "loraplex gate" in gate and "--promote" in gate and 'exit "$status"' in gate
     triggers = yaml.safe_load(gate)[True]  # YAML 1.1 reads the key `on` as True
     assert "configs/train/**" in triggers["pull_request"]["paths"]
+    # A pull request's unreviewed adapters never register in the team's registry.
+    uri = yaml.safe_load(gate)["jobs"]["gate"]["env"]["LORAPLEX_TRACKING_URI"]
+    assert uri == "${{ github.event_name == 'push' && secrets.LORAPLEX_TRACKING_URI || '' }}"
 
 
 QUALITY_GATE = PROJECT / ".github/workflows/quality-gate.yml"
