@@ -25,7 +25,7 @@ from registry.home import prefer_env
 from registry.refs import parse_ref
 from registry.resolve import names_registry
 from registry.store import AdapterRegistry, RegisteredAdapter
-from registry.tracking import is_missing
+from registry.tracking import hide_password, is_missing, redacted
 from serve.adapter_catalog import AdapterInfo
 from serve.async_engine import AsyncLLM
 from serve.refusal import registry_unavailable
@@ -83,7 +83,7 @@ class AdapterWatch:
             executor = self._registry_calls if names_registry(source) else None
             info = await self.engine.load_adapter(name, source, replacing, executor, if_absent)
         except MlflowException as error:  # our own errors (not found, not an adapter) pass
-            log.warning("cannot load %s from the registry: %s", source, error)
+            log.warning("cannot load %s from the registry: %s", source, self._told(error))
             if is_missing(error):  # for good: no retry helps
                 raise NotFoundError(
                     f"registered adapter {source!r} has no files in the registry's "
@@ -140,7 +140,7 @@ class AdapterWatch:
             try:
                 current = await self._in_registry_thread(self.registry.get, ref)
             except Exception as error:  # registry down or the alias deleted: keep serving
-                log.warning("cannot resolve %s to follow it: %s", info.source, error)
+                log.warning("cannot resolve %s to follow it: %s", info.source, self._told(error))
                 continue
             target = (current.version, current.source)
             same = target == (info.version, info.artifact)
@@ -152,7 +152,8 @@ class AdapterWatch:
                 # Over `info` only: an unload or a replacement meanwhile (the API) wins.
                 new = await self.load(info.name, info.source, "alias_moved", replacing=info)
             except Exception as error:
-                log.warning("cannot load %s version %d: %s", ref, current.version, error)
+                told = self._told(error)
+                log.warning("cannot load %s version %d: %s", ref, current.version, told)
                 if isinstance(error, AdapterError):  # the adapter's own fault: no retry helps
                     self._refused[info.uid] = target
                 continue
@@ -175,5 +176,10 @@ class AdapterWatch:
             listing = self._in_registry_thread(self.registry.list)
             return await asyncio.wait_for(listing, _LIST_TIMEOUT_S)
         except Exception as error:
-            log.warning("cannot list the registry %s: %s", self.registry.tracking_uri, error)
+            uri = redacted(self.registry.tracking_uri)
+            log.warning("cannot list the registry %s: %s", uri, self._told(error))
             return None
+
+    def _told(self, error: Exception) -> str:
+        """An error as the log may hold it: MLflow's quote the registry's URL, password too."""
+        return hide_password(str(error), self.registry.tracking_uri)

@@ -742,9 +742,14 @@ def test_the_choices_of_a_request_run_on_the_version_it_started_with(
 
 
 def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
-    tiny_base, faq_folder, tmp_path
+    tiny_base, faq_folder, tmp_path, caplog
 ):
+    """... and the log says why without the registry's password (MLflow's errors quote its
+    URL, basic auth included)."""
+    import logging
     import os
+
+    caplog.set_level(logging.INFO)
 
     limits = (
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
@@ -753,7 +758,7 @@ def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
     )
     with socket.socket() as s:  # a port nothing listens on: connections are refused
         s.bind(("127.0.0.1", 0))
-        unreachable = f"http://127.0.0.1:{s.getsockname()[1]}"
+        unreachable = f"http://alice:s3cret@127.0.0.1:{s.getsockname()[1]}"
     saved = {name: os.environ.pop(name, None) for name in limits}  # MLflow's defaults
     try:
         with serving(tiny_base, faq_folder, unreachable, tmp_path) as (url, _):
@@ -776,6 +781,9 @@ def test_an_unreachable_registry_leaves_the_model_list_and_refusals_prompt(
             assert loaded.json()["error"]["code"] == "registry_unavailable"
             assert client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
             assert time.monotonic() - t0 < 30  # MLflow's own retries alone take minutes
+        assert "cannot list the registry http://alice:***@" in caplog.text
+        assert "cannot load faq@champion from the registry" in caplog.text
+        assert "s3cret" not in caplog.text
     finally:
         for name, value in saved.items():
             os.environ.pop(name, None)
