@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import regex
 import torch
 
 from registry.errors import AdapterError
@@ -80,8 +81,8 @@ def read_peft_lora(
             f"{name}: {config_file}: alpha_pattern must be an object (got {patterns!r})"
         )
     for pattern in patterns:
-        try:
-            _pattern_regex(pattern)
+        try:  # as peft compiles it: `re` (`regex` would take some patterns peft refuses)
+            re.compile(_peft_match(pattern))
         except re.error as error:
             raise AdapterError(
                 f"{name}: {config_file}: alpha_pattern key {pattern!r} is not a regex: {error}"
@@ -100,63 +101,83 @@ def read_peft_lora(
         raise AdapterError(
             f"{name}: modules_to_save ({config['modules_to_save']}) is not supported"
         )
-    files = [path / "adapter_model.safetensors"]
-    if not files[0].is_file():
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
         raise AdapterError(f"{name}: {path} has no adapter_model.safetensors")
-    data = files[0].read_bytes()  # once: the stamp is of the very bytes parsed
+    # Shapes from the header first: a file of the wrong shapes is refused before its tensors
+    # are read (a 2 GiB one took 18 GiB to refuse).
+    pairs = _checked_pairs(name, file, shape, max_rank)
+    data = file.read_bytes()  # once: the stamp is of the very bytes parsed
     try:
         state = load(data)
     except Exception as error:  # safetensors raises its own error type for corrupt files
-        raise AdapterError(
-            f"{name}: {files[0]} is not a readable safetensors file ({error})"
-        ) from None
+        raise AdapterError(f"{name}: {file} is not a readable safetensors file ({error})") from None
+    tensors = {}
+    for (layer, module), ab in pairs.items():
+        a, b = (state.get(key) for key in ab)
+        if a is None or b is None or [list(a.shape), list(b.shape)] != list(ab.values()):
+            raise AdapterError(f"{name}: {file} changed while it was read")
+        a, b, rank = a.float(), b.float(), a.shape[0]
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise AdapterError(f"{name}: layer {layer} {module} has NaN or infinite weights")
+        # the module's name as peft matches alpha_pattern keys against it
+        key = f"model.layers.{layer}.{PARENT_OF[module]}.{module}"
+        alpha = _pattern(name, patterns, key, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        tensors[(layer, module)] = (a, b, scale)
+    weights = slot_layout(uid, path, tensors, shape, dtype, pin_memory)
+    weights.stamp = content_stamp(config_bytes, data)
+    return weights
 
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+
+def _checked_pairs(name: str, file: Path, shape: ModelShape, max_rank: int) -> dict:
+    """(layer, module) -> {A's key: its shape, B's key: its shape} of each LoRA pair in the
+    file, read from the safetensors header and checked against the base and `max_rank`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error type for corrupt files
+        raise AdapterError(f"{name}: {file} is not a readable safetensors file ({error})") from None
+    pairs: dict[tuple[int, str], dict[str, str]] = {}  # (layer, module) -> A or B -> key
     unsupported = set()
-    for key, tensor in state.items():
+    for key in shapes:
         match = _KEY.search(key)
         if match is None or match[2] not in LORA_MODULES:
             unsupported.add(key.split(".lora_")[0].rsplit(".", 1)[-1])
             continue
-        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
+        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = key
     if unsupported:
         raise AdapterError(
             f"{name}: unsupported target modules {sorted(unsupported)}; "
             f"served: {', '.join(LORA_MODULES)}"
         )
-    tensors = {}
+    checked = {}
     for (layer, module), ab in sorted(pairs.items()):
         if len(ab) != 2:  # peft writes both or neither
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterError(f"{name}: layer {layer} {module} has no {missing} weight")
-        a, b = ab["A"].float(), ab["B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
+        if len(a) != 2 or len(b) != 2 or a[0] == 0:
             raise AdapterError(
-                f"{name}: layer {layer} {module} has A {list(a.shape)}, B {list(b.shape)}: "
+                f"{name}: layer {layer} {module} has A {a}, B {b}: "
                 "LoRA weights are matrices of rank 1 or more"
             )
-        if not (a.isfinite().all() and b.isfinite().all()):
-            raise AdapterError(f"{name}: layer {layer} {module} has NaN or infinite weights")
-        rank = a.shape[0]
+        rank = a[0]
         if rank > max_rank:
             raise AdapterError(f"{name}: rank {rank} is over max_lora_rank {max_rank}")
         fan_in, fan_out = shape.lora_dims(module)
-        if layer >= shape.num_layers or a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+        if layer >= shape.num_layers or a != [rank, fan_in] or b != [fan_out, rank]:
             raise AdapterError(
-                f"{name}: layer {layer} {module} has A {list(a.shape)}, B {list(b.shape)}; "
+                f"{name}: layer {layer} {module} has A {a}, B {b}; "
                 f"this base needs A [{rank}, {fan_in}], B [{fan_out}, {rank}] "
                 f"over {shape.num_layers} layers"
             )
-        # the module's name as peft matches alpha_pattern keys against it
-        key = f"model.layers.{layer}.{PARENT_OF[module]}.{module}"
-        alpha = _pattern(patterns, key, config["lora_alpha"])
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        tensors[(layer, module)] = (a, b, scale)
-    if not tensors:
-        raise AdapterError(f"{name}: {path} holds no LoRA weights")
-    weights = slot_layout(uid, path, tensors, shape, dtype, pin_memory)
-    weights.stamp = content_stamp(config_bytes, data)
-    return weights
+        checked[(layer, module)] = {ab["A"]: a, ab["B"]: b}
+    if not checked:
+        raise AdapterError(f"{name}: {file.parent} holds no LoRA weights")
+    return checked
 
 
 def slot_layout(
@@ -199,12 +220,25 @@ def _finite_number(value) -> bool:
         return False
 
 
-def _pattern(patterns: dict, key: str, default):
+# An adapter's alpha_pattern keys are regexes from whoever wrote the adapter: one that
+# backtracks without end would hold the server (and, under `re`, the GIL) for ever.
+_MATCH_TIMEOUT_S = 0.1
+
+
+def _pattern(name: str, patterns: dict, key: str, default):
     for pattern, value in patterns.items():
-        if _pattern_regex(pattern).match(key):
-            return value
+        try:
+            if regex.match(_peft_match(pattern), key, timeout=_MATCH_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise AdapterError(
+                f"{name}: alpha_pattern key {pattern!r} takes over {_MATCH_TIMEOUT_S} s to match "
+                f"{key!r}"
+            ) from None
     return default
 
 
-def _pattern_regex(pattern: str) -> re.Pattern:
-    return re.compile(rf"(.*\.)?({pattern})$")  # peft's match: a group, for `a|b` keys
+def _peft_match(pattern: str) -> str:
+    """What peft matches a module's name with: the key as a group, for `a|b` keys. Matched
+    here by `regex`, which can stop a match at a timeout (`re` cannot)."""
+    return rf"(.*\.)?({pattern})$"

@@ -129,6 +129,8 @@ def test_slot_load_replaces_a_larger_adapter_entirely(tiny_base, patterned):
         ("alpha_pattern a list", "alpha_pattern must be an object"),
         ("alpha_pattern not a regex", "alpha_pattern key 'q_proj\\(' is not a regex"),
         ("alpha_pattern flags mid-regex", "alpha_pattern key '\\(\\?i\\)Q_PROJ' is not"),
+        # it backtracked without end, holding the GIL: the server stopped answering
+        ("alpha_pattern backtracking", r"alpha_pattern key .* takes over 0.1 s to match"),
         ("rank 0", r"layer 0 q_proj has A \[0, 64\], B \[64, 0\]: LoRA weights are matrices"),
         ("a scalar", r"layer 0 q_proj has A \[\], .*: LoRA weights are matrices of rank 1"),
         ("NaN weights", "layer 0 q_proj has NaN or infinite weights"),
@@ -165,6 +167,8 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         config["alpha_pattern"] = {"q_proj(": 4}
     elif breakage == "alpha_pattern flags mid-regex":  # valid alone; not as peft matches it
         config["alpha_pattern"] = {"(?i)Q_PROJ": 4}
+    elif breakage == "alpha_pattern backtracking":
+        config["alpha_pattern"] = {"(.|.)*[^j]": 4}
     config_file.write_text(json.dumps(config))
     if breakage == "config not JSON":
         config_file.write_text("{not json")
@@ -182,6 +186,30 @@ def test_a_broken_adapter_folder_is_an_adapter_error_naming_what_is_wrong(
         save_file(state, str(folder / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=message):
         read_peft_lora(folder, "broken", _shape(tiny_base), max_rank=8)
+
+
+def test_tensors_of_the_wrong_shape_are_refused_from_the_header_before_they_are_read(
+    tiny_base, tmp_path, monkeypatch
+):
+    """A large file of the wrong shapes took ~9x its size in memory to refuse: read whole,
+    parsed, each tensor made fp32 and checked for NaN before its shape was."""
+    import safetensors.torch
+    from safetensors.torch import save_file
+
+    from registry.errors import AdapterError
+
+    folder = make_adapter(tiny_base, tmp_path / "big", seed=0, rank=4, targets=("q_proj",))
+    huge = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(512, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 512),
+        "base_model.model.model.layers.0.self_attn.q_proj.extra": torch.zeros(4),
+    }
+    for keep in (2, 3):  # over max_lora_rank; a tensor of no target module
+        save_file(dict(list(huge.items())[:keep]), str(folder / "adapter_model.safetensors"))
+        monkeypatch.setattr(safetensors.torch, "load", lambda data: pytest.fail("read"))
+        message = "rank 512 is over max_lora_rank 8" if keep == 2 else "unsupported target"
+        with pytest.raises(AdapterError, match=message):
+            read_peft_lora(folder, "big", _shape(tiny_base), max_rank=8)
 
 
 def test_weights_that_overflow_the_slot_dtype_once_scaled_are_refused(tiny_base, tmp_path):
