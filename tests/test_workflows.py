@@ -51,6 +51,7 @@ def test_ci_runs_the_readme_test_command_and_the_gate_fails_on_regression():
     assert "make test" in readme
     ci = yaml.safe_load((PROJECT / ".github/workflows/ci.yml").read_text())
     assert [s["run"] for s in ci["jobs"]["test"]["steps"] if "run" in s] == ["make test"]
+    assert ci["permissions"] == {"contents": "read"}
     gate = (PROJECT / ".github/workflows/quality-gate.yml").read_text()
     assert "loraplex gate" in gate and "--promote" in gate and 'exit "$status"' in gate
     triggers = yaml.safe_load(gate)[True]  # YAML 1.1 reads the key `on` as True
