@@ -105,6 +105,9 @@ def read_config(path: Path, model: type[Config], overrides: list[str] = ()) -> C
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values")
+    # Top-level `x-` keys hold what anchors share (`x-defaults: &defaults {...}`), as in
+    # Compose files: no config has such a key, so none is a typo to refuse.
+    raw = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("x-"))}
     for override in overrides:
         _apply_override(raw, override, path)
     try:

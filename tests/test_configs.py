@@ -157,6 +157,14 @@ def test_yaml_merge_keys_load_and_keys_after_them_override_what_they_bring(tmp_p
     path.write_text(team + "  - {<<: *team, id: b, env: KEY_B, id: c}\n")
     with pytest.raises(ConfigError, match="key 'id' appears twice"):
         load_serve_config(path)
+    # Shared values under a top-level x- key, as in Compose files: it was an unknown key.
+    shared = "x-limits: &limits {max_num_seqs: 4, max_loras: 2}\n"
+    path.write_text(shared + "engine: {<<: *limits, max_loras: 3}\n")
+    engine = load_serve_config(path).engine
+    assert (engine.max_num_seqs, engine.max_loras) == (4, 3)
+    path.write_text(shared.replace("x-limits", "limits"))
+    with pytest.raises(ConfigError, match="limits: unknown key"):
+        load_serve_config(path)
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
