@@ -267,6 +267,16 @@ class QualityGate:
         return self.registry.get(ref)
 
     def _baseline(self, baseline: str | None) -> AdapterVersion | None:
+        champion = self.champion
+        if champion is not None and not self._on_candidates_base(champion):
+            # The change of base a new train config makes: refusing would block it for good.
+            self.champion_elsewhere = champion
+            instead = "its own base" if baseline is None else f"{baseline} and its own base"
+            self.notes.append(
+                f"the champion {champion.ref} was trained on another base model "
+                f"({champion.tags.get('base_fingerprint')}), which this gate does not serve: "
+                f"the candidate is judged against {instead} instead"
+            )
         if baseline is not None:
             chosen = self._version(baseline, "--baseline")
             if not self._on_candidates_base(chosen):
@@ -277,20 +287,10 @@ class QualityGate:
                     "one engine cannot serve both"
                 )
             return chosen
-        champion = self.champion
-        if champion is None:
-            return None  # no champion yet: judged against the floors and the base
+        if champion is None or self.champion_elsewhere is not None:
+            return None  # judged against the floors and the base
         if champion.version == self.candidate.version:
             return None  # against itself no regression could show: the base instead
-        if not self._on_candidates_base(champion):
-            # The change of base a new train config makes: refusing would block it for good.
-            self.champion_elsewhere = champion
-            self.notes.append(
-                f"the champion {champion.ref} was trained on another base model "
-                f"({champion.tags.get('base_fingerprint')}), which this gate does not serve: "
-                "the candidate is judged against its own base instead"
-            )
-            return None
         return champion
 
     def _champion(self) -> AdapterVersion | None:

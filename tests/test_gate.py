@@ -540,6 +540,14 @@ def test_a_champion_on_another_base_is_a_note_and_the_candidate_may_replace_it(r
     gate._check_promotable()  # not refused: the champion cannot be compared on this base
     with pytest.raises(UsageError, match=r"--baseline country-facts/1 was trained on another"):
         QualityGate(config, "country-facts/2", "country-facts/1", registry.tracking_uri)
+    # Against another baseline on the new base, the report says whom a promotion replaces
+    # (it named the baseline alone).
+    assert _register_trained(registry, _trained_hash()) == 3
+    gate = QualityGate(config, "country-facts/3", "country-facts/2", registry.tracking_uri)
+    assert gate.baseline.version == 2
+    [note] = gate.notes
+    assert note.startswith("the champion country-facts/1 was trained on another base model")
+    assert note.endswith("judged against country-facts/2 and its own base instead")
 
 
 def test_report_notes_are_in_the_json_and_the_markdown(tmp_path):
