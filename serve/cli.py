@@ -114,7 +114,8 @@ def _serve(settings) -> None:
     engine = AsyncLLM(llm.engine, settings.max_waiting)
     app = create_app(engine, base_name, settings)
     print(
-        f"serving {base_name} and {len(settings.adapters)} adapters on "
+        f"serving {base_name} and {len(settings.adapters)} "
+        f"adapter{'' if len(settings.adapters) == 1 else 's'} on "
         f"http://{settings.host}:{settings.port}/v1",
         flush=True,
     )

@@ -52,13 +52,18 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.home = setup_environment()
-        self.base = resolve_base_model(config.base_model, self.home)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu")
             if config.device == "auto"
             else config.device
         )
+        if self.device.type == "cuda" and not torch.cuda.is_available():  # before any loading
+            raise UsageError(
+                f"device: {config.device!r}, but torch finds no CUDA device here "
+                "(use 'auto' or 'cpu')"
+            )
+        self.home = setup_environment()
+        self.base = resolve_base_model(config.base_model, self.home)
         dtype_name = config.dtype
         if dtype_name == "auto":
             dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"

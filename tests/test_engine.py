@@ -351,3 +351,15 @@ def test_bfloat16_engine_scores_like_float32(tiny_base, tmp_path, quantization):
     for ours, reference in zip(scored["bfloat16"], scored["float32"], strict=True):
         torch.testing.assert_close(ours, reference, rtol=0.02, atol=0.05)
     assert all(len(t) == 6 for t in tokens)
+
+
+def test_a_cuda_device_without_one_is_a_usage_error_before_anything_loads(tmp_path):
+    """A GPU config started on a CPU machine crashed in torch with a traceback (exit 1)."""
+    import torch
+
+    from registry.errors import UsageError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="device: 'cuda', but torch finds no CUDA device"):
+        LLM(base_model=str(tmp_path / "not-even-a-model"), device="cuda")
