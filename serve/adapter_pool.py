@@ -84,6 +84,12 @@ class AdapterPool:
             self.host.popitem(last=False)
             self.host_evictions += 1
 
+    def retain(self, uids: set[str]) -> None:
+        """Forget every adapter but `uids`: their host copies and what reads them back."""
+        for uid in [u for u in self.origin if u not in uids]:
+            del self.origin[uid]
+            self.host.pop(uid, None)
+
     def weights(self, uid: str) -> LoraWeights:
         """Host copy of an adapter, read again from its folder if it was evicted: refused if
         the folder changed since (the uid, and the prefix cache under it, mean what was read)."""

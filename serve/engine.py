@@ -193,7 +193,7 @@ class LLMEngine:
 
         Requests already running keep the version they started with.
         """
-        return self.catalog.install(self.catalog.read(name, source))
+        return self.install_adapter(self.catalog.read(name, source))
 
     def read_adapter(self, name: str, source: str) -> tuple[AdapterInfo, LoraWeights]:
         """The slow half of loading (`AdapterCatalog.read`): touches no engine state."""
@@ -201,10 +201,21 @@ class LLMEngine:
 
     def install_adapter(self, loaded: tuple[AdapterInfo, LoraWeights]) -> AdapterInfo:
         """The quick half: make a read adapter available to new requests."""
-        return self.catalog.install(loaded)
+        info = self.catalog.install(loaded)
+        self._drop_unused_adapters()
+        return info
 
     def unload_adapter(self, name: str) -> None:
         self.catalog.unload(name)
+        self._drop_unused_adapters()
+
+    def _drop_unused_adapters(self) -> None:
+        """Versions no name serves and no request holds leave the pool: a server that loads
+        new versions for weeks would otherwise keep a record of each (one replaced while
+        requests still run on it goes at a later load or unload)."""
+        live = {info.uid for info in self.catalog.by_name.values()}
+        live |= {state.seq.adapter_uid for state in self.requests.values()}
+        self.pool.retain(live)
 
     @property
     def adapters(self) -> dict[str, AdapterInfo]:

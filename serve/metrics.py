@@ -127,6 +127,19 @@ class ServerMetrics:
         self._engine = _EngineSnapshot()
         r.register(self._engine)
 
+    def forget(self, model: str) -> None:
+        """Drop an unloaded adapter's series: names loaded and unloaded for weeks would
+        otherwise add series without end (and load it again: its counters start at 0)."""
+        for metric in (
+            self.requests,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.prompt_tokens,
+            self.completion_tokens,
+        ):
+            metric.remove_by_labels({"model": model})
+
     def observe(self, record: RequestRecord) -> None:
         """A finished request (the audit record) into the counters and histograms.
 

@@ -146,6 +146,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         keys.require_admin(record.caller)
         record.model = name
         await engine.unload_adapter(name)
+        metrics.forget(name)
         return {"name": name, "unloaded": True}
 
     @app.get("/v1/models")

@@ -192,26 +192,36 @@ def test_a_stop_string_in_the_last_allowed_token_is_why_it_stopped(tiny_base):
 
 
 def test_a_pinned_adapter_version_serves_after_its_name_moved_on(tiny_base, tmp_path):
-    """What a reply's later choices ask for: the version its first choice started on."""
+    """What a reply's later choices ask for: the version its first choice started on, while a
+    request still holds it. Then it leaves the pool: a server loading new versions for weeks
+    kept a record of every one."""
+    from registry.errors import NotFoundError
+
     first = make_adapter(tiny_base, tmp_path / "v1", name="a", seed=0, targets=TARGETS)
     second = make_adapter(tiny_base, tmp_path / "v2", name="a", seed=3, targets=TARGETS)
     llm = LLM(**tiny_engine_args(tiny_base))
     engine = llm.engine
     llm.load_adapter("a", str(first))
     pinned, of_first = engine.adapters["a"].uid, _tokens(llm, "a")
-    llm.load_adapter("a", str(second))
-    assert _tokens(llm, "a") != of_first
 
-    def pinned_tokens() -> list[int]:
-        request_id = engine.add_request(PROMPT, GREEDY, adapter="a", adapter_uid=pinned)
+    def run(*request_ids: str) -> list[list[int]]:
         outputs = []
         while engine.has_unfinished:
             outputs += engine.step()
-        return next(o.token_ids for o in outputs if o.request_id == request_id and o.finished)
+        return [
+            next(o.token_ids for o in outputs if o.request_id == r and o.finished)
+            for r in request_ids
+        ]
 
-    assert pinned_tokens() == of_first
-    engine.unload_adapter("a")
-    assert pinned_tokens() == of_first
+    first_choice = engine.add_request(PROMPT, GREEDY, adapter="a")
+    llm.load_adapter("a", str(second))  # while the first choice waits
+    later_choice = engine.add_request(PROMPT, GREEDY, adapter="a", adapter_uid=pinned)
+    assert run(first_choice, later_choice) == [of_first, of_first]
+    assert _tokens(llm, "a") != of_first
+    engine.unload_adapter("a")  # the pool drops what no name serves and no request holds
+    assert engine.pool.origin == {} and not engine.pool.host
+    with pytest.raises(NotFoundError, match="adapter 'a' is not loaded"):
+        engine.add_request(PROMPT, GREEDY, adapter="a", adapter_uid=pinned)
 
 
 def test_an_adapter_that_cannot_be_read_back_fails_only_its_own_requests(two, tmp_path):

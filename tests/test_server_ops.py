@@ -591,6 +591,18 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
         assert httpx.delete(f"{url}/adapters/made-up-2").status_code == 404
         _wait_until_idle(eng)
         m = _metrics(url)
+        # An unloaded adapter's series go: names loaded and unloaded for weeks added ~50 each.
+        client.chat.completions.create(model="faq2", messages=QUESTION, max_tokens=2)
+
+        def faq2_series() -> int:
+            return sum(("model", "faq2") in labels for _, labels in _metrics(url))
+
+        deadline = time.monotonic() + 10
+        while not faq2_series():  # recorded as the response ends, perhaps after it arrived
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.delete(f"{url}/adapters/faq2").status_code == 200
+        assert faq2_series() == 0
 
     def value(name, **labels):
         return m.get((name, tuple(sorted(labels.items()))), 0)
