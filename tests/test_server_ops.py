@@ -435,16 +435,31 @@ def test_requests_the_shutdown_timeout_cuts_still_write_their_audit_lines(
     )
 
 
+async def _sse_to(send, events, timeout_s: float):
+    """`streaming.sse` of `events` to a client that never hangs up; the request's record."""
+    from serve import streaming
+    from serve.audit import RequestRecord
+
+    record = RequestRecord("req-1", "/v1/chat/completions")
+    response = streaming.sse(events, record, timeout_s=timeout_s)
+
+    async def receive():
+        await asyncio.Event().wait()
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    await asyncio.wait_for(response(scope, receive, send), 10)
+    return record
+
+
 def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monkeypatch):
     """The deadline is checked as outputs are read, and a stream's are read as the client
     takes them: one that takes none would hold its requests running and its connection for
     as long as it liked. Its sends wait until the deadline and a grace, then the outputs
     (the requests) are closed."""
     import serve.streaming as streaming
-    from serve.audit import RequestRecord
 
     monkeypatch.setattr(streaming, "SEND_GRACE_S", 0.2)
-    closed = []
+    closed, sent = [], []
 
     async def outputs():
         try:
@@ -454,25 +469,14 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monke
         finally:
             closed.append(True)  # what aborts the requests
 
-    async def cut_stream():
-        record = RequestRecord("req-1", "/v1/chat/completions")
-        response = streaming.sse(outputs(), record, timeout_s=0.3)
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-            if len(sent) == 3:  # the headers and two chunks, then nothing is taken
-                await asyncio.Event().wait()
-
-        async def receive():  # the client never hangs up
+    async def send(message):
+        sent.append(message)
+        if len(sent) == 3:  # the headers and two chunks, then nothing is taken
             await asyncio.Event().wait()
 
-        started = time.monotonic()
-        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
-        await asyncio.wait_for(response(scope, receive, send), 10)
-        return record, sent, time.monotonic() - started
-
-    record, sent, seconds = asyncio.run(cut_stream())
+    started = time.monotonic()
+    record = asyncio.run(_sse_to(send, outputs(), timeout_s=0.3))
+    seconds = time.monotonic() - started
     assert closed and record.finish_reason == "timeout"
     assert 0.5 - 0.1 < seconds < 3  # at the deadline and the grace
     assert sent[-1]["more_body"]  # the response was left unfinished: uvicorn drops it
@@ -481,29 +485,17 @@ def test_a_stream_whose_client_stops_reading_is_cut_and_its_outputs_closed(monke
 def test_a_stream_that_fails_on_a_bug_ends_with_an_error_event_and_done():
     """An exception other than a timeout or a failed step (a bug) cut the connection: the
     openai client raised httpx's RemoteProtocolError, not an APIError."""
-    import serve.streaming as streaming
-    from serve.audit import RequestRecord
+    sent = []
 
     async def outputs():
         yield {"choices": [{"index": 0}]}
         raise TypeError("a bug")
 
-    async def stream():
-        record = RequestRecord("req-1", "/v1/chat/completions")
-        response = streaming.sse(outputs(), record, timeout_s=30)
-        sent = []
+    async def send(message):
+        sent.append(message)
 
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            await asyncio.Event().wait()
-
-        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
-        await asyncio.wait_for(response(scope, receive, send), 10)
-        return record, b"".join(m.get("body", b"") for m in sent)
-
-    record, body = asyncio.run(stream())
+    record = asyncio.run(_sse_to(send, outputs(), timeout_s=30))
+    body = b"".join(m.get("body", b"") for m in sent)
     events = [line.removeprefix(b"data: ") for line in body.split(b"\n\n") if line]
     assert events[-1] == b"[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "server_error"
