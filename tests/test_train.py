@@ -554,3 +554,25 @@ def test_gradient_checkpointing_trains_the_same_adapter(
         weights.append(lora)
     assert weights[0].keys() == weights[1].keys()
     assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])
+
+
+def test_the_run_record_on_disk_holds_no_password_of_the_tracking_server(
+    tiny_base, home, mlflow_server, monkeypatch
+):
+    """run.json kept the tracking URI as given, a team server's basic-auth password too."""
+    import json
+
+    from train.recipe import TrainingJob
+    from train.run_folder import RUN_FILE
+
+    def fail(*args, **kwargs):
+        raise OSError("stop after the run record is written")
+
+    with_password = mlflow_server.replace("http://", "http://alice:s3cret@")
+    job = _tiny_job(tiny_base, home, with_password, "name=secretive")
+    monkeypatch.setattr(TrainingJob, "_trainer", fail)
+    with pytest.raises(OSError, match="stop after"):
+        job.run()
+    record = (job.run_dir / RUN_FILE).read_text()
+    assert json.loads(record)["tracking_uri"].startswith("http://alice:***@127.0.0.1:")
+    assert "s3cret" not in record
