@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,9 +44,17 @@ REGISTRY_THREADS = 4  # registry calls at once; more wait their turn
 
 
 class AdapterWatch:
-    def __init__(self, engine: AsyncLLM, on_load: Callable[[str], None] = lambda reason: None):
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        on_load: Callable[[str], None] = lambda reason: None,
+        on_unload: Callable[[str], None] = lambda name: None,
+    ):
         self.engine = engine
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
+        self.on_unload = on_unload  # called with the name of one unloaded for being idle
+        # A reference loaded on first use -> when a request last named it (monotonic)
+        self._asked: dict[str, float] = {}
         for variable, value in REGISTRY_HTTP_LIMITS.items():  # MLflow reads them at each call
             prefer_env(variable, value)
         self.registry = AdapterRegistry(engine.engine.config.tracking_uri, engine.engine.home)
@@ -97,6 +106,8 @@ class AdapterWatch:
             ) from None
         if info is not None:
             self.on_load(reason)
+            if reason == "api":  # loaded on purpose now: never unloaded for being idle
+                self._asked.pop(name, None)
         return info
 
     async def ensure(self, ref: str) -> AdapterInfo:
@@ -114,7 +125,9 @@ class AdapterWatch:
     async def _first_use(self, ref: str) -> AdapterInfo:
         # An admin's load under this name while the registry was read wins over it.
         info = await self.load(ref, ref, "first_use", if_absent=True)
-        if info is None:
+        if info is not None:
+            self._asked[ref] = time.monotonic()
+        else:
             info = self.loaded.get(ref)
         if info is None:  # loaded by the API, then unloaded, all while this read it
             raise NotFoundError(f"adapter {ref!r} was unloaded while it loaded; ask again")
@@ -164,11 +177,34 @@ class AdapterWatch:
             moved.append(info.name)
         return moved
 
-    async def follow(self, interval: float) -> None:
-        """`follow_moves` every `interval` seconds, until cancelled."""
+    def asked(self, name: str) -> None:
+        """A request names `name`: a reference loaded on first use stays while asked for."""
+        if name in self._asked:
+            self._asked[name] = time.monotonic()
+
+    async def unload_idle(self, idle_s: float) -> list[str]:
+        """Unload the references loaded on first use that no request named for `idle_s`:
+        each distinct one a client asks for would otherwise stay loaded, listed and followed
+        for good. Requests in flight finish on the version they started with."""
+        now = time.monotonic()
+        idle = [name for name, at in self._asked.items() if now - at > idle_s]
+        for name in idle:
+            del self._asked[name]
+            try:
+                await self.engine.unload_adapter(name)
+            except NotFoundError:  # unloaded by the API meanwhile
+                continue
+            log.info("%s unloaded: no request for %.0f s", name, idle_s)
+            self.on_unload(name)
+        return idle
+
+    async def follow(self, interval: float, idle_s: float | None = None) -> None:
+        """`follow_moves` (and `unload_idle`) every `interval` seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval)
             await self.follow_moves()
+            if idle_s is not None:
+                await self.unload_idle(idle_s)
 
     async def registered(self) -> list[RegisteredAdapter] | None:
         """The registry's adapters; None (with a warning) when it cannot be read."""

@@ -67,6 +67,7 @@ class OpenAIServing:
         if model == self.base_name:
             return None
         if model in self.adapters.loaded:
+            self.adapters.asked(model)
             return model
         missing = (
             f"model {model!r} does not exist: not the base ({self.base_name!r}), a loaded adapter"

@@ -88,6 +88,9 @@ class ServeConfig(StrictConfig):
     # the 30 s a container runtime usually waits before it kills the process)
     shutdown_timeout_s: Number = Field(20, gt=0)
     alias_poll_interval_s: Number = Field(10, gt=0)  # how soon a moved alias is followed
+    # A reference loaded on first use is unloaded once no request named it this long (null:
+    # never): each distinct one asked for would otherwise stay loaded and followed for good.
+    first_use_idle_s: Number | None = Field(3600, gt=0)
     engine: EngineConfig = EngineConfig()
     api_keys: list[ApiKey] = Field(default_factory=list)  # empty: no keys asked
     audit: AuditConfig = AuditConfig()

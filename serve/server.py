@@ -77,7 +77,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     logprobs = LogprobsFormatter(tokenizer)
     metrics = ServerMetrics()
     keys = ApiKeys(config.api_keys)
-    adapters = AdapterWatch(engine, lambda reason: metrics.adapter_loads.labels(reason).inc())
+    adapters = AdapterWatch(
+        engine, lambda reason: metrics.adapter_loads.labels(reason).inc(), metrics.forget
+    )
     model_list = ModelList(adapters, base_name)
     reader = PromptReader(tokenizer, engine.engine.max_model_len, config.default_max_tokens)
     if base_name in adapters.loaded:  # requests for it would get the base: never served
@@ -90,7 +92,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        follower = asyncio.create_task(adapters.follow(config.alias_poll_interval_s))
+        follow = adapters.follow(config.alias_poll_interval_s, config.first_use_idle_s)
+        follower = asyncio.create_task(follow)
         yield
         follower.cancel()
         # uvicorn cancels the requests still running at its shutdown timeout, and goes on

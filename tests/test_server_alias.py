@@ -349,3 +349,67 @@ def test_loads_waiting_on_a_hung_registry_hold_up_no_folder_load(tiny_base, tmp_
         engine.shutdown()
     assert loaded.name == "local"
     assert all(getattr(e, "code", None) == "registry_unavailable" for e in refused), refused
+
+
+def test_a_reference_loaded_on_first_use_is_unloaded_once_no_request_names_it(
+    tiny_base, registry, tmp_path
+):
+    """Each distinct reference a client asked for stayed loaded, listed, followed each poll
+    and in the metrics for good. One an admin loaded stays."""
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    folder = make_adapter(tiny_base, tmp_path / "a", name="faq")
+    register_folder(registry, folder, "faq")
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    unloaded = []
+    watch = AdapterWatch(engine, on_unload=unloaded.append)
+
+    async def scenario():
+        await watch.ensure("faq/1")
+        await watch.load("kept", str(folder), "api")
+        await asyncio.sleep(0.3)
+        watch.asked("faq/1")  # a request named it
+        assert await watch.unload_idle(0.2) == []
+        await asyncio.sleep(0.3)
+        assert await watch.unload_idle(0.2) == ["faq/1"]
+        return sorted(watch.loaded)
+
+    try:
+        assert asyncio.run(scenario()) == ["kept"]
+    finally:
+        engine.shutdown()
+    assert unloaded == ["faq/1"]
+
+
+def test_the_server_unloads_an_idle_first_use_reference_and_its_metric_series(
+    tiny_base, registry, tmp_path
+):
+    from serve.async_engine import AsyncLLM
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    register_folder(registry, make_adapter(tiny_base, tmp_path / "a", name="faq"), "faq")
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    config = ServeConfig(
+        alias_poll_interval_s=0.1, first_use_idle_s=1, audit={"path": tmp_path / "audit.jsonl"}
+    )
+    body = {"model": "faq/1", "prompt": PROMPT, "max_tokens": 2}
+
+    def series() -> int:
+        return httpx.get(url.removesuffix("/v1") + "/metrics").text.count('model="faq/1"')
+
+    try:
+        with running_server(create_app(engine, "tiny", config)) as url:
+            for _ in range(4):  # asked every 0.5 s: kept though it is older than 1 s
+                assert httpx.post(f"{url}/completions", json=body, timeout=30).is_success
+                time.sleep(0.5)
+            assert "faq/1" in engine.engine.adapters and series()
+            deadline = time.monotonic() + 10
+            while "faq/1" in engine.engine.adapters:
+                assert time.monotonic() < deadline, "never unloaded"
+                time.sleep(0.1)
+            assert series() == 0
+            assert httpx.post(f"{url}/completions", json=body, timeout=30).is_success  # again
+    finally:
+        engine.shutdown()
