@@ -52,7 +52,7 @@ class AdapterWatch:
     ):
         self.engine = engine
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
-        self.on_unload = on_unload  # called with the name of one unloaded for being idle
+        self.on_unload = on_unload  # called with the name of each adapter unloaded
         # A reference loaded on first use -> when a request last named it (monotonic)
         self._asked: dict[str, float] = {}
         for variable, value in REGISTRY_HTTP_LIMITS.items():  # MLflow reads them at each call
@@ -182,6 +182,13 @@ class AdapterWatch:
         if name in self._asked:
             self._asked[name] = time.monotonic()
 
+    async def unload(self, name: str) -> None:
+        """Unload `name` (NotFoundError if it is not loaded): requests in flight finish on
+        the version they started with."""
+        self._asked.pop(name, None)
+        await self.engine.unload_adapter(name)
+        self.on_unload(name)
+
     async def unload_idle(self, idle_s: float) -> list[str]:
         """Unload the references loaded on first use that no request named for `idle_s`:
         each distinct one a client asks for would otherwise stay loaded, listed and followed
@@ -189,13 +196,11 @@ class AdapterWatch:
         now = time.monotonic()
         idle = [name for name, at in self._asked.items() if now - at > idle_s]
         for name in idle:
-            del self._asked[name]
             try:
-                await self.engine.unload_adapter(name)
+                await self.unload(name)
             except NotFoundError:  # unloaded by the API meanwhile
                 continue
             log.info("%s unloaded: no request for %.0f s", name, idle_s)
-            self.on_unload(name)
         return idle
 
     async def follow(self, interval: float, idle_s: float | None = None) -> None:

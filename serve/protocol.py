@@ -38,6 +38,13 @@ class ResponseFormatSpec(BaseModel):
         return ResponseFormat.parse(self.model_dump(by_alias=True))
 
 
+def _default_only(cls, value, info):
+    """A field whose other values would change the answer, and are not served: refused."""
+    if value != cls.model_fields[info.field_name].default:
+        raise ValueError("not supported by this server")
+    return value
+
+
 MAX_CHOICES = 16  # `n`: each choice holds its own KV blocks and batch slot
 
 
@@ -94,7 +101,7 @@ class _Request(BaseModel):
             if v is not None or k not in fields or fields[k].default is None
         }
 
-    @field_validator(
+    _unserved = field_validator(
         "min_tokens",
         "min_p",
         "use_beam_search",
@@ -109,10 +116,7 @@ class _Request(BaseModel):
         "bad_words",
         "truncate_prompt_tokens",
         "skip_special_tokens",
-    )
-    @classmethod
-    def _unserved(cls, value, info):
-        return _default_only(cls, value, info)
+    )(_default_only)
 
     @field_validator("stream_options")
     @classmethod
@@ -176,13 +180,6 @@ class _Request(BaseModel):
         return None, None
 
 
-def _default_only(cls, value, info):
-    """A field whose other values would change the answer, and are not served: refused."""
-    if value != cls.model_fields[info.field_name].default:
-        raise ValueError("not supported by this server")
-    return value
-
-
 class TextPart(BaseModel):
     type: Literal["text"]  # images, audio and files: refused, as the base reads text only
     text: str
@@ -219,7 +216,7 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: dict | None = None
     documents: list | None = None
 
-    @field_validator(
+    _unserved_rendering = field_validator(
         "add_generation_prompt",
         "continue_final_message",
         "add_special_tokens",
@@ -227,10 +224,7 @@ class ChatCompletionRequest(_Request):
         "chat_template",
         "chat_template_kwargs",
         "documents",
-    )
-    @classmethod
-    def _unserved_rendering(cls, value, info):
-        return _default_only(cls, value, info)
+    )(_default_only)
 
     @field_validator("tools", "functions", "function_call")
     @classmethod
@@ -277,10 +271,7 @@ class CompletionRequest(_Request):
     best_of: int | None = None  # server-side ranking of choices: not served beyond `n`
     add_special_tokens: bool = True  # vLLM's; off is not served (a BOS is the model's)
 
-    @field_validator("add_special_tokens")
-    @classmethod
-    def _unserved_rendering(cls, value, info):
-        return _default_only(cls, value, info)
+    _unserved_rendering = field_validator("add_special_tokens")(_default_only)
 
     @field_validator("suffix")
     @classmethod

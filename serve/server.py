@@ -148,8 +148,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     async def unload_adapter(record: Authenticated, name: str):
         keys.require_admin(record.caller)
         record.model = name
-        await engine.unload_adapter(name)
-        metrics.forget(name)
+        await adapters.unload(name)  # its metric series too
         return {"name": name, "unloaded": True}
 
     @app.get("/v1/models")
