@@ -130,7 +130,7 @@ def test_split_that_leaves_a_part_empty_is_refused(validation, test):
         split_indices(KEYS[:20], validation, test, seed=0)
 
 
-def test_pack_keeps_every_token_in_rows_of_block_size():
+def test_pack_keeps_every_token_in_rows_of_block_size_with_its_position_in_its_example():
     examples = [
         {"input_ids": list(range(n)), "labels": [IGNORE_INDEX] * 2 + list(range(2, n))}
         for n in (5, 9, 3)
@@ -141,7 +141,18 @@ def test_pack_keeps_every_token_in_rows_of_block_size():
         t for e in examples for t in e["input_ids"]
     ]
     assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in e["labels"]]
+    assert [r["position_ids"] for r in rows] == [
+        [0, 1, 2, 3, 4, 0],
+        [1, 2, 3, 4, 5, 6],
+        [7, 8, 0, 1, 2],
+    ]
     assert pack([], 6) == []
+
+
+def test_pack_drops_each_examples_first_label_which_nothing_in_its_example_predicts():
+    text = [{"input_ids": [1, 7, 8, 2], "labels": [1, 7, 8, 2]} for _ in range(2)]
+    rows = pack(text, 16)
+    assert rows[0]["labels"] == [IGNORE_INDEX, 7, 8, 2, IGNORE_INDEX, 7, 8, 2]
 
 
 def test_packed_rows_with_no_label_to_predict_are_dropped():
@@ -362,3 +373,22 @@ def test_a_file_rewritten_with_its_old_modification_time_is_read_anew(tmp_path):
     path.write_text(json.dumps({"instruction": "2 + 3?", "output": "5"}) + "\n")  # same size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` leaves it
     assert load_records(path)[0]["output"] == "5"
+
+
+def test_packed_rows_are_padded_with_fresh_positions_and_sent_without_an_attention_mask(
+    tokenizer,
+):
+    from train.collate import RowCollator
+
+    collate = RowCollator(tokenizer)
+    packed = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [3, 0, 1]},
+        {"input_ids": [8], "labels": [8], "position_ids": [0]},
+    ]
+    batch = collate(packed)
+    assert batch.keys() == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8] + [tokenizer.pad_token_id] * 2]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["position_ids"].tolist() == [[3, 0, 1], [0, 0, 1]]
+    plain = collate([{k: r[k] for k in ("input_ids", "labels")} for r in packed])
+    assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -533,6 +533,30 @@ def test_ctrl_c_in_the_last_step_finishes_and_registers_the_run(
     assert result.version.name == "last-step"
 
 
+def test_examples_packed_in_one_row_do_not_attend_to_each_other(tiny_base, home, tracking_uri):
+    """A packed batch's loss is that of its examples, each read alone: with a plain causal mask
+    over the row, every example after the first also read the ones before it."""
+    import torch
+
+    job = _tiny_job(tiny_base, home, tracking_uri, "data.packing=true", "data.max_seq_length=256")
+    job.setup()
+    row = job.train_data[0]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0 and i > 0]
+    assert len(starts) >= 2  # several examples in the row
+    job.model.eval()
+    with torch.no_grad():
+        packed = job.model(**job.trainer.data_collator([row]))
+        total = count = 0
+        for lo, hi in zip([0, *starts], [*starts, len(row["input_ids"])], strict=True):
+            labels = torch.tensor([row["labels"][lo:hi]])
+            tokens = int((labels[:, 1:] != -100).sum())
+            if tokens:
+                ids = torch.tensor([row["input_ids"][lo:hi]])
+                total += float(job.model(input_ids=ids, labels=labels).loss) * tokens
+                count += tokens
+    assert float(packed.loss) == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.filterwarnings("error:torch.utils.checkpoint")  # the reentrant one is deprecated
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_gradient_checkpointing_trains_the_same_adapter(

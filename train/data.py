@@ -242,16 +242,24 @@ def _joined(messages: list[dict]) -> str:
 def pack(examples: list[dict], block_size: int) -> list[dict]:
     """Concatenate examples and cut the stream into rows of `block_size` tokens.
 
-    Fewer padding tokens per step; the price is that examples in one row attend to each other.
-    Only rows with a target are kept: a row of prompt tokens (the cut tail of a long multi-turn
-    example and the next one's prompt), or one whose only answer tokens open it, trains on
-    nothing; a batch of such rows has a loss of 0/0, which the Trainer logs as 0.0, and Adam's
-    momentum still moves the weights.
+    Fewer padding tokens per step. Each token keeps its position in its own example
+    (`position_ids`), which is what keeps examples in one row from attending to each other:
+    the collator sends no attention mask with them, and transformers then masks attention
+    block-diagonally wherever the positions restart. An example's first label is dropped, as
+    it is unpacked (nothing before it in its example predicts it). Only rows with a target are
+    kept: a row of prompt tokens (the cut tail of a long multi-turn example and the next one's
+    prompt), or one whose only answer tokens open it, trains on nothing; a batch of such rows
+    has a loss of 0/0, which the Trainer logs as 0.0, and Adam's momentum still moves the weights.
     """
     ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
+    labels = [IGNORE_INDEX if p == 0 else t for e in examples for p, t in enumerate(e["labels"])]
+    positions = [p for e in examples for p in range(len(e["input_ids"]))]
     rows = (
-        {"input_ids": ids[i : i + block_size], "labels": labels[i : i + block_size]}
+        {
+            "input_ids": ids[i : i + block_size],
+            "labels": labels[i : i + block_size],
+            "position_ids": positions[i : i + block_size],
+        }
         for i in range(0, len(ids), block_size)
     )
     return [r for r in rows if has_target(r["labels"])]

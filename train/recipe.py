@@ -190,10 +190,11 @@ class TrainingJob:
 
     def _trainer(self):
         import torch
-        from transformers import DataCollatorForSeq2Seq, TrainingArguments
+        from transformers import TrainingArguments
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from train.callbacks import ConsoleProgress, GracefulInterrupt, MlflowMetrics
+        from train.collate import RowCollator
         from train.trainer import AdapterTrainer
 
         t = self.config.training
@@ -231,7 +232,7 @@ class TrainingJob:
             args=args,
             train_dataset=self.train_data,
             eval_dataset=self.eval_data,
-            data_collator=DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100),
+            data_collator=RowCollator(self.tokenizer),
             processing_class=self.tokenizer,
             callbacks=[
                 MlflowMetrics(self.registry.client, self.run_id, resumed=self.resume),
