@@ -1,4 +1,4 @@
-"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR`."""
+"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR | prune-cache`."""
 
 from __future__ import annotations
 
@@ -95,3 +95,25 @@ def download(
         registry = _registry(tracking_uri)
         version = registry.download(parse_ref(ref), dest)
     print(f"{version.name} version {version.version} → {dest}")
+
+
+@app.command("prune-cache")
+def prune_cache(
+    unused_days: Annotated[
+        float, typer.Option(min=0, help="Remove downloads no load read for this many days.")
+    ] = 30,
+) -> None:
+    """Remove adapter versions downloaded from registries that no load read for a while."""
+    from registry.download_cache import prune
+    from registry.home import Home
+
+    root = Home.from_env().adapters
+    pruned = prune(root, unused_days * 86400)
+    print(
+        f"removed {pruned.removed} downloaded version(s), {_mb(pruned.removed_bytes)}; "
+        f"kept {pruned.kept}, {_mb(pruned.kept_bytes)} in {root}"
+    )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"

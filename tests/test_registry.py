@@ -499,3 +499,51 @@ def test_promote_refuses_a_version_past_what_a_reference_can_name(registry):
     assert result.exit_code == 2
     said = " ".join(result.output.replace("│", " ").split())
     assert "Invalid value for 'version': Input should be less than or equal to 9999" in said
+
+
+def test_prune_cache_removes_downloads_no_load_read_for_the_given_days(
+    adapters, tracking_uri, tmp_path
+):
+    import os
+
+    from registry.atomic import ABANDONED_SECONDS
+    from registry.home import Home
+
+    home = Home(tmp_path / "home")
+    registry = AdapterRegistry(tracking_uri, home)
+    for _ in range(3):
+        register_folder(registry, adapters[0], "facts")
+    folders = [registry.fetch_version(registry.get(parse_ref(f"facts/{v}"))) for v in (1, 2, 3)]
+    days_ago = time.time() - 3 * 86400
+    for folder in folders:
+        os.utime(folder, (days_ago, days_ago))
+    assert registry.fetch_version(registry.get(parse_ref("facts/2"))) == folders[1]  # read now
+    abandoned, live = folders[0].parent / "4-x.partial-killed", folders[0].parent / "5-x.partial-y"
+    for partial in (abandoned, live):
+        partial.mkdir()
+        (partial / "adapter_model.safetensors").write_bytes(b"half")
+    old = time.time() - ABANDONED_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    size = sum(f.stat().st_size for f in folders[0].rglob("*") if f.is_file())
+
+    result = run_cli(
+        "registry", "prune-cache", "--unused-days", "2", env={"LORAPLEX_HOME": str(home.root)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert [f.exists() for f in folders] == [False, True, False]
+    assert not abandoned.exists() and live.exists()  # perhaps a download in flight
+    assert result.stdout.startswith(f"removed 3 downloaded version(s), {2 * size / 2**20:.1f} MB")
+    assert "kept 1" in result.stdout
+    # what was pruned downloads again when a load asks for it
+    assert (
+        registry.fetch_version(registry.get(parse_ref("facts/1"))) / "adapter_config.json"
+    ).is_file()
+
+    shutil.rmtree(live)
+    assert (
+        run_cli(
+            "registry", "prune-cache", "--unused-days", "0", env={"LORAPLEX_HOME": str(home.root)}
+        ).returncode
+        == 0
+    )
+    assert not any(home.adapters.iterdir())  # empty store and name folders go too
