@@ -14,7 +14,7 @@ CHARS_PER_TOKEN_BOUND = 16
 
 
 class PromptReader:
-    def __init__(self, tokenizer, max_model_len: int, default_max_tokens: int):
+    def __init__(self, tokenizer, max_model_len: int, default_max_tokens: int | None):
         self.tokenizer = tokenizer
         self.context = max_model_len
         self.default_max_tokens = default_max_tokens
@@ -53,7 +53,7 @@ class PromptReader:
                 "context_length_exceeded",
             )
         if body.max_tokens is None:
-            return min(self.default_max_tokens, room)
+            return min(self.default_max_tokens or room, room)
         if body.max_tokens > room:
             raise InvalidField(
                 body.max_tokens_field,

@@ -45,6 +45,11 @@ def _default_only(cls, value, info):
     return value
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, each chunk its choice's
+
+
 MAX_CHOICES = 16  # `n`: each choice holds its own KV blocks and batch slot
 
 
@@ -59,7 +64,7 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=-1)  # 0 or vLLM's -1: off
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt, each its own request
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's: ids that end the answer like EOS does
     include_stop_str_in_output: bool = False  # vLLM's: keep the stop string in the text
@@ -173,7 +178,12 @@ class _Request(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk, its choice's so far (vLLM's continuous_usage_stats)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def logprobs_asked(self) -> tuple[int | None, int | None]:
         """Top alternatives wanted per output token and per prompt token (None: no logprobs)."""
@@ -185,9 +195,25 @@ class TextPart(BaseModel):
     text: str
 
 
+FUNCTION_CALLING = "function calling is not supported by this server"
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]  # a string, or OpenAI's content parts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_function_calling(cls, data):
+        """A tool's turn or an assistant's call in the history: refused as such, not as the
+        null content or unknown role it also has (nor its call silently left out)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") in ("tool", "function"):
+            raise ValueError(f"{FUNCTION_CALLING} (a message of role {data['role']!r})")
+        if called := [key for key in ("tool_calls", "function_call") if data.get(key)]:
+            raise ValueError(f"{FUNCTION_CALLING} (an assistant message with {called[0]})")
+        return data
 
     def for_template(self) -> dict:
         """As chat templates take it: `developer` is OpenAI's newer name for `system`."""
@@ -215,8 +241,14 @@ class ChatCompletionRequest(_Request):
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
     documents: list | None = None
+    # OpenAI's fields for other models' answers (audio, web search, reasoning): refused.
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    web_search_options: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
-    _unserved_rendering = field_validator(
+    _unserved_chat = field_validator(
         "add_generation_prompt",
         "continue_final_message",
         "add_special_tokens",
@@ -224,20 +256,31 @@ class ChatCompletionRequest(_Request):
         "chat_template",
         "chat_template_kwargs",
         "documents",
+        "audio",
+        "web_search_options",
+        "reasoning_effort",
+        "verbosity",
     )(_default_only)
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value):
+        if value not in (None, ["text"]):
+            raise ValueError("only ['text'] is supported by this server")
+        return value
 
     @field_validator("tools", "functions", "function_call")
     @classmethod
     def _no_functions(cls, value):
         if value:
-            raise ValueError("function calling is not supported by this server")
+            raise ValueError(FUNCTION_CALLING)
         return value
 
     @field_validator("tool_choice")
     @classmethod
     def _no_tool_choice(cls, value):
         if value not in (None, "none"):
-            raise ValueError("function calling is not supported by this server")
+            raise ValueError(FUNCTION_CALLING)
         return value
 
     @field_validator("top_logprobs")

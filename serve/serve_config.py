@@ -81,7 +81,8 @@ class ServeConfig(StrictConfig):
     host: str = "127.0.0.1"
     port: StrictInt = Field(8000, ge=1, le=65535)
     adapters: dict[AdapterName, str] = Field(default_factory=dict)  # name -> REF or folder
-    default_max_tokens: StrictInt = Field(256, ge=1)  # for requests that do not say
+    # For requests that do not say; null: the room the context leaves (vLLM's default)
+    default_max_tokens: StrictInt | None = Field(256, ge=1)
     max_waiting: StrictInt = Field(256, ge=1)  # queued requests beyond which new ones get 503
     request_timeout_s: Number = Field(300, gt=0)  # a request still running then is aborted
     # On SIGTERM or Ctrl-C, what requests in flight get to finish before they are cut (below

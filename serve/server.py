@@ -171,7 +171,8 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         rid = new_id("chatcmpl")
         scores = [ChatLogprobs(logprobs) for _ in streams]
         if body.stream:
-            return sse(chat_chunks(streams, rid, body, scores), record, config.request_timeout_s)
+            chunks = chat_chunks(streams, rid, body, scores, len(prompt))
+            return sse(chunks, record, config.request_timeout_s)
         finals = await serving.last(request, streams)
         choices = [
             {

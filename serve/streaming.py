@@ -221,23 +221,28 @@ async def _chunks(streams, base: dict, body, choice) -> AsyncIterator[dict]:
         finals[k] = out
         if out.delta_text or out.finished:
             fields = {"index": k, **choice(k, out), "finish_reason": out.finish_reason}
-            yield {**base, "choices": [fields]}
+            so_far = {"usage": usage([out], 1).model_dump()} if body.continuous_usage else {}
+            yield {**base, "choices": [fields]} | so_far
     if body.include_usage and all(finals):
         yield {**base, "choices": [], "usage": usage(finals, body.n).model_dump()}
 
 
 def _base(rid: str, kind: str, body) -> dict:
     """Every chunk's fields; with usage asked, `usage: null` on each chunk but the last (as
-    OpenAI sends it)."""
+    OpenAI sends it), unless it is asked continuously."""
     base = {"id": rid, "object": kind, "created": now(), "model": body.model}
     return base | ({"usage": None} if body.include_usage else {})
 
 
-async def chat_chunks(streams, rid: str, body: ChatCompletionRequest, logprobs: list[ChatLogprobs]):
+async def chat_chunks(
+    streams, rid: str, body: ChatCompletionRequest, logprobs: list[ChatLogprobs], prompt_tokens: int
+):
     base = _base(rid, "chat.completion.chunk", body)
     role = {"role": "assistant", "content": ""}
+    none_yet = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+    so_far = {"usage": none_yet.model_dump()} if body.continuous_usage else {}
     for k in range(len(streams)):
-        yield {**base, "choices": [{"index": k, "delta": role, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": k, "delta": role, "finish_reason": None}]} | so_far
 
     def choice(k: int, out: RequestOutput) -> dict:
         return {"delta": {"content": out.delta_text}, "logprobs": logprobs[k].take(out)}

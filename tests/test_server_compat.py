@@ -318,3 +318,95 @@ def test_logprob_bytes_rebuild_split_characters_and_offsets_index_the_text(serve
     [expected] = reference.chat(QUESTION, SamplingParams(max_tokens=12, temperature=0))
     got = [bytes(entry.bytes) for entry in reply.choices[0].logprobs.content]
     assert got == [bytes_of(t) for t in expected.token_ids]
+
+
+@pytest.mark.parametrize(
+    ("message", "names"),
+    [
+        ({"role": "tool", "tool_call_id": "c1", "content": "42"}, "of role 'tool'"),
+        ({"role": "function", "name": "f", "content": "42"}, "of role 'function'"),
+        (  # OpenAI's null content beside a call
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function"}],
+            },
+            "with tool_calls",
+        ),
+        (  # text and a call: the call was left out silently
+            {"role": "assistant", "content": "Let me see.", "tool_calls": [{"id": "c1"}]},
+            "with tool_calls",
+        ),
+        ({"role": "assistant", "content": "", "function_call": {"name": "f"}}, "function_call"),
+    ],
+)
+def test_function_calling_in_the_history_is_refused_as_such(server, message, names):
+    url, _, _ = server
+    history = [*QUESTION, message, {"role": "user", "content": "And then?"}]
+    reply = _post(url, "/chat/completions", {"messages": history, "max_tokens": 2})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == "messages.1"
+    assert "function calling is not supported by this server" in error["message"]
+    assert names in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "low"),
+        ("verbosity", "low"),
+    ],
+)
+def test_openai_fields_for_other_kinds_of_answer_are_refused_naming_them(server, field, value):
+    url, _, _ = server
+    reply = _post(url, "/chat/completions", {"messages": QUESTION, "max_tokens": 2, field: value})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == field
+    plain = {"messages": QUESTION, "max_tokens": 2, "modalities": ["text"]}
+    assert _post(url, "/chat/completions", plain).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_continuous_usage_stats_put_each_choices_usage_so_far_on_every_chunk(server, path):
+    url, _, _ = server
+    asked = {"max_tokens": 5, "n": 2, "stream": True, "temperature": 1.0, "seed": 3}
+    asked |= {"messages": QUESTION} if path == "/chat/completions" else {"prompt": "Hello"}
+    asked["extra"] = {"ignore_eos": True}
+    asked |= asked.pop("extra")
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream(
+        "POST", f"{url}{path}", json={"model": "faq", **asked, "stream_options": options}
+    ) as reply:
+        lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    *per_choice, total = chunks
+    assert total["choices"] == [] and total["usage"]["completion_tokens"] == 10
+    prompt = total["usage"]["prompt_tokens"]
+    seen = [0, 0]
+    for chunk in per_choice:
+        k = chunk["choices"][0]["index"]
+        usage = chunk["usage"]
+        assert usage["prompt_tokens"] == prompt
+        assert usage["completion_tokens"] >= seen[k]
+        assert usage["total_tokens"] == prompt + usage["completion_tokens"]
+        seen[k] = usage["completion_tokens"]
+    assert seen == [5, 5]
+    # without continuous_usage_stats, only the last chunk carries it (OpenAI's)
+    options["continuous_usage_stats"] = False
+    with httpx.stream(
+        "POST", f"{url}{path}", json={"model": "faq", **asked, "stream_options": options}
+    ) as reply:
+        lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert [json.loads(line)["usage"] is None for line in lines[:-2]] == [True] * (len(lines) - 2)
+
+
+def test_a_default_max_tokens_of_null_leaves_an_answer_all_the_room_in_the_context():
+    from serve.prompt_reader import PromptReader
+    from serve.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="faq", messages=QUESTION)
+    assert PromptReader(None, 100, None).max_tokens_for(body, 30, "max_tokens") == 70
+    assert PromptReader(None, 100, 16).max_tokens_for(body, 30, "max_tokens") == 16
