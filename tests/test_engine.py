@@ -170,7 +170,32 @@ def test_outputs_made_during_the_next_forward_pass_equal_the_step_by_step_ones(t
         "stop",
         "length",
     ]
-    assert overlapped == plain
+    # A stopped sequence's extra step changes the batch: logprobs may move in the last bits
+    # (CPU matmuls block by batch size); tokens, texts and every other field may not.
+    assert _floats_apart(overlapped) == _floats_apart(plain)
+    assert _floats(overlapped) == pytest.approx(_floats(plain), rel=1e-5)
+
+
+def _floats_apart(value):
+    """`value` with each float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return None
+    if isinstance(value, dict):
+        return {k: _floats_apart(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_floats_apart(v) for v in value]
+    return value
+
+
+def _floats(value) -> list[float]:
+    """The floats in `value`, depth first."""
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [f for v in value for f in _floats(v)]
+    return []
 
 
 def test_logit_bias_forces_or_bans_tokens_per_request_in_one_batch(llm):

@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -303,6 +304,18 @@ def _post_raw(url: str, path: str, body: bytes, sent: int | None = None, rcvbuf:
     return client
 
 
+def _reply(client: socket.socket) -> bytes:
+    """An HTTP response read whole from a raw socket: its head and body may come apart."""
+    reply = b""
+    while part := client.recv(65536):
+        reply += part
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        if length and len(body) >= int(length[1]):
+            break
+    return reply
+
+
 def _audited(tmp_path, count: int, within: float) -> list[dict]:
     deadline = time.monotonic() + within
     while len(lines := _audit(tmp_path) if (tmp_path / "audit.jsonl").exists() else []) < count:
@@ -321,7 +334,7 @@ def test_a_body_that_stalls_gets_408_and_one_its_client_cuts_is_a_hang_up(
             with _post_raw(url, "completions", body, sent=5):
                 pass  # hung up mid-body
             stalled.settimeout(10)
-            reply = stalled.recv(65536)
+            reply = _reply(stalled)
         assert reply.startswith(b"HTTP/1.1 408 ")
         assert b"the request body did not arrive within 1 s" in reply
         lines = _audited(tmp_path, 2, within=10)
