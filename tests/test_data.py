@@ -130,22 +130,31 @@ def test_split_that_leaves_a_part_empty_is_refused(validation, test):
         split_indices(KEYS[:20], validation, test, seed=0)
 
 
-def test_pack_keeps_every_token_in_rows_of_block_size_with_its_position_in_its_example():
-    examples = [
-        {"input_ids": list(range(n)), "labels": [IGNORE_INDEX] * 2 + list(range(2, n))}
-        for n in (5, 9, 3)
+def _examples(*sizes: int) -> list[dict]:
+    """Examples whose token ids say (example, position): 100·i + p; two prompt tokens each."""
+    return [
+        {
+            "input_ids": [100 * i + p for p in range(n)],
+            "labels": [IGNORE_INDEX] * 2 + [100 * i + p for p in range(2, n)],
+        }
+        for i, n in enumerate(sizes)
     ]
-    rows = pack(examples, 6)
-    assert [len(r["input_ids"]) for r in rows] == [6, 6, 5]
-    assert [t for r in rows for t in r["input_ids"]] == [
+
+
+def test_pack_puts_whole_examples_best_fit_decreasing_each_with_its_own_positions():
+    examples = _examples(5, 9, 3, 4, 2)
+    rows = pack(examples, 10)
+    # longest first, each into the fullest row it fits: 9 | 5, 4 | 3, 2 (2 does not fit the 1s)
+    assert [sorted({t // 100 for t in r["input_ids"]}) for r in rows] == [[1], [0, 3], [2, 4]]
+    for row in rows:
+        assert len(row["input_ids"]) <= 10
+        assert row["position_ids"] == [t % 100 for t in row["input_ids"]]
+        assert row["labels"] == [
+            IGNORE_INDEX if t % 100 < 2 else t for t in row["input_ids"]
+        ]  # the prompt's, and each example's first label (already the prompt's here)
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(
         t for e in examples for t in e["input_ids"]
-    ]
-    assert [t for r in rows for t in r["labels"]] == [t for e in examples for t in e["labels"]]
-    assert [r["position_ids"] for r in rows] == [
-        [0, 1, 2, 3, 4, 0],
-        [1, 2, 3, 4, 5, 6],
-        [7, 8, 0, 1, 2],
-    ]
+    )
     assert pack([], 6) == []
 
 
@@ -155,19 +164,9 @@ def test_pack_drops_each_examples_first_label_which_nothing_in_its_example_predi
     assert rows[0]["labels"] == [IGNORE_INDEX, 7, 8, 2, IGNORE_INDEX, 7, 8, 2]
 
 
-def test_packed_rows_with_no_label_to_predict_are_dropped():
-    def example(first: int, n_prompt: int, n_answer: int) -> dict:
-        ids = list(range(first, first + n_prompt + n_answer))
-        return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
-
-    # Rows of 4: the first example's cut tail and the second's long prompt fill rows 2 and 3
-    # with prompt tokens; the last row's one label opens it, and labels[0] is never a target.
-    examples = [example(10, 2, 2), example(20, 6, 1), example(30, 1, 2), example(40, 4, 1)]
-    examples[0]["labels"] += [IGNORE_INDEX] * 2  # its answer cut short by max_seq_length
-    examples[0]["input_ids"] += [14, 15]
-    rows = pack(examples, 4)
-    assert [r["input_ids"] for r in rows] == [[10, 11, 12, 13], [26, 30, 31, 32]]
-    assert [r["labels"] for r in rows] == [[-100, -100, 12, 13], [26, -100, 31, 32]]
+def test_pack_refuses_an_example_longer_than_its_rows():
+    with pytest.raises(ValueError, match="an example of 9 tokens cannot fit rows of 8"):
+        pack(_examples(3, 9), 8)
 
 
 def test_a_text_record_of_one_token_has_nothing_to_predict_and_is_dropped(tokenizer, tmp_path):
@@ -375,20 +374,23 @@ def test_a_file_rewritten_with_its_old_modification_time_is_read_anew(tmp_path):
     assert load_records(path)[0]["output"] == "5"
 
 
-def test_packed_rows_are_padded_with_fresh_positions_and_sent_without_an_attention_mask(
+def test_packed_rows_are_padded_as_segments_of_their_own_and_sent_without_an_attention_mask(
     tokenizer,
 ):
-    from train.collate import RowCollator
+    from train.collate import RowCollator, not_padding
 
     collate = RowCollator(tokenizer)
+    pad = tokenizer.pad_token_id
     packed = [
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [3, 0, 1]},
-        {"input_ids": [8], "labels": [8], "position_ids": [0]},
+        {"input_ids": [5, 6, 7, pad], "labels": [-100, 6, -100, pad], "position_ids": [0, 1, 0, 1]},
+        {"input_ids": [8, 4], "labels": [-100, 4], "position_ids": [0, 1]},
     ]
     batch = collate(packed)
     assert batch.keys() == {"input_ids", "labels", "position_ids"}
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8] + [tokenizer.pad_token_id] * 2]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["position_ids"].tolist() == [[3, 0, 1], [0, 0, 1]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, pad], [8, 4, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, pad], [-100, 4, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 0]]
+    # a real end of turn (pad is EOS here) counts; the padding does not
+    assert not_padding(batch).tolist() == [[True] * 4, [True, True, False, False]]
     plain = collate([{k: r[k] for k in ("input_ids", "labels")} for r in packed])
-    assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]

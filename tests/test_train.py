@@ -555,6 +555,20 @@ def test_examples_packed_in_one_row_do_not_attend_to_each_other(tiny_base, home,
                 total += float(job.model(input_ids=ids, labels=labels).loss) * tokens
                 count += tokens
     assert float(packed.loss) == pytest.approx(total / count, rel=1e-5)
+    # whole examples: a row's every segment opens at its example's first token
+    assert all(job.train_data[i]["position_ids"][0] == 0 for i in range(len(job.train_data)))
+
+
+def test_the_tokens_seen_of_packed_rows_are_theirs_without_padding(tiny_base, home, tracking_uri):
+    """Sent without an attention mask, they were counted as the tokens unlike the pad id: a
+    real end of turn (EOS, SmolLM2's pad) was left out."""
+    job = _tiny_job(tiny_base, home, tracking_uri, "data.packing=true", "data.max_seq_length=256")
+    job.setup()
+    rows = [job.train_data[i] for i in range(4)]
+    trainer = job.trainer
+    seen = trainer.state.num_input_tokens_seen
+    trainer._track_num_input_tokens(trainer.data_collator(rows))
+    assert trainer.state.num_input_tokens_seen - seen == sum(len(r["input_ids"]) for r in rows)
 
 
 @pytest.mark.filterwarnings("error:torch.utils.checkpoint")  # the reentrant one is deprecated

@@ -33,6 +33,17 @@ class RowCollator:
         return {
             "input_ids": padded("input_ids", lambda n: [self.pad_id] * n),
             "labels": padded("labels", lambda n: [IGNORE_INDEX] * n),
-            # the padding's positions restart too: a segment of its own, which nothing reads
-            "position_ids": padded("position_ids", lambda n: list(range(n))),
+            # each padding token a segment of its own, which nothing reads
+            "position_ids": padded("position_ids", lambda n: [0] * n),
         }
+
+
+def not_padding(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[rows, width] bool: the tokens of packed rows but their padding. Every example has two
+    tokens at least (one to predict from, one to predict), so a row's last example ends at
+    its last position above 0, and what follows is padding."""
+    positions = batch["position_ids"]
+    width = positions.shape[1]
+    columns = torch.arange(width, device=positions.device)
+    last = torch.where(positions > 0, columns, -1).max(dim=1, keepdim=True).values
+    return columns <= last

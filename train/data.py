@@ -8,6 +8,7 @@ Shapes (detected from the columns unless `data.format` names one):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,29 +241,43 @@ def _joined(messages: list[dict]) -> str:
 
 
 def pack(examples: list[dict], block_size: int) -> list[dict]:
-    """Concatenate examples and cut the stream into rows of `block_size` tokens.
+    """Whole examples put together in rows of at most `block_size` tokens, best-fit
+    decreasing (TRL's `bfd`): each, longest first, into the fullest row it fits.
 
-    Fewer padding tokens per step. Each token keeps its position in its own example
-    (`position_ids`), which is what keeps examples in one row from attending to each other:
-    the collator sends no attention mask with them, and transformers then masks attention
-    block-diagonally wherever the positions restart. An example's first label is dropped, as
-    it is unpacked (nothing before it in its example predicts it). Only rows with a target are
-    kept: a row of prompt tokens (the cut tail of a long multi-turn example and the next one's
-    prompt), or one whose only answer tokens open it, trains on nothing; a batch of such rows
-    has a loss of 0/0, which the Trainer logs as 0.0, and Adam's momentum still moves the weights.
+    Fewer padding tokens per step, and no example cut in two (its tail would train without
+    its question). Each token keeps its position in its own example (`position_ids`), which
+    keeps examples in one row from attending to each other: the collator sends no attention
+    mask with them, and transformers then masks attention block-diagonally wherever the
+    positions restart. An example's first label is dropped, as it is unpacked (nothing in its
+    example comes before it). Examples are at most `block_size` long, as `encode` cuts them.
     """
-    ids = [t for e in examples for t in e["input_ids"]]
-    labels = [IGNORE_INDEX if p == 0 else t for e in examples for p, t in enumerate(e["labels"])]
-    positions = [p for e in examples for p in range(len(e["input_ids"]))]
-    rows = (
-        {
-            "input_ids": ids[i : i + block_size],
-            "labels": labels[i : i + block_size],
-            "position_ids": positions[i : i + block_size],
-        }
-        for i in range(0, len(ids), block_size)
-    )
-    return [r for r in rows if has_target(r["labels"])]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []  # each row's examples, by index
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the fullest fit is a bisect
+    for i in order:
+        size = len(examples[i]["input_ids"])
+        if size > block_size:
+            raise ValueError(f"an example of {size} tokens cannot fit rows of {block_size}")
+        at = bisect.bisect_left(room, (size, -1))
+        if at == len(room):
+            rows.append([])
+            free, row = block_size, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+        rows[row].append(i)
+        bisect.insort(room, (free - size, row))
+    return [_row([examples[i] for i in sorted(row)]) for row in rows]
+
+
+def _row(examples: list[dict]) -> dict:
+    """Examples side by side, each with its own positions and no label on its first token."""
+    return {
+        "input_ids": [t for e in examples for t in e["input_ids"]],
+        "labels": [
+            IGNORE_INDEX if p == 0 else t for e in examples for p, t in enumerate(e["labels"])
+        ],
+        "position_ids": [p for e in examples for p in range(len(e["input_ids"]))],
+    }
 
 
 def has_target(labels: list[int]) -> bool:

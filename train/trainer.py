@@ -1,4 +1,4 @@
-"""transformers' Trainer with the evaluation a perplexity needs.
+"""transformers' Trainer with the evaluation a perplexity needs, and packed rows' tokens counted.
 
 The Trainer's own evaluation loss is a mean of per-batch means: a short last batch weighs as
 much as a full one, and the number moves with `eval_batch_size` (transformers#39241). Here it
@@ -12,10 +12,18 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from train.collate import not_padding
 from train.data import IGNORE_INDEX
 
 
 class AdapterTrainer(Trainer):
+    def _track_num_input_tokens(self, inputs):
+        """Packed rows come without an attention mask, and the Trainer would then count the
+        tokens unlike the pad id, leaving out every real end of turn where pad is EOS."""
+        if "position_ids" in inputs and "attention_mask" not in inputs:
+            inputs = {**inputs, "attention_mask": not_padding(inputs)}
+        super()._track_num_input_tokens(inputs)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """`{prefix}_loss`, logged as the Trainer's own evaluation is."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
