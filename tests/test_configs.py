@@ -404,3 +404,13 @@ def test_strict_ints_and_bools_leave_floats_and_paths_as_yaml_writes_them(tmp_pa
     assert config.training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert config.lora.alpha == 8.0 and isinstance(config.lora.alpha, float)
     assert config.data.packing is True  # `yes` is YAML's own boolean
+
+
+def test_training_takes_max_steps_or_epochs_not_both(tmp_path):
+    path = _write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"training: give training\.max_steps or training\.ep"):
+        load_config(path, ["training.max_steps=10", "training.epochs=2"])
+    both_unset = load_config(path, ["training.max_steps=null", "training.epochs=1.5"]).training
+    assert (both_unset.max_steps, both_unset.epochs) == (None, 1.5)
+    with pytest.raises(ConfigError, match=r"training\.epochs: Input should be greater than 0"):
+        load_config(path, ["training.max_steps=null", "training.epochs=0"])

@@ -571,6 +571,32 @@ def test_the_tokens_seen_of_packed_rows_are_theirs_without_padding(tiny_base, ho
     assert trainer.state.num_input_tokens_seen - seen == sum(len(r["input_ids"]) for r in rows)
 
 
+def test_epochs_train_that_many_passes_over_the_rows(tiny_base, home, tracking_uri, tmp_path):
+    """1.5 epochs of 14 training records in batches of 2: 7 steps an epoch, 11 in all (the
+    half epoch rounded up); no max_steps given, none of its default 100."""
+    from mlflow import MlflowClient
+
+    lines = (PROJECT / "configs/data/country-facts.jsonl").read_text().splitlines()[:20]
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    job = _tiny_job(
+        tiny_base,
+        home,
+        tracking_uri,
+        f"data.path={data}",
+        "data.split.test=2",
+        "training.max_steps=null",
+        "training.epochs=1.5",
+        "name=epochs",
+    )
+    result = job.run()
+    assert len(job.train_data) == 14
+    assert job.trainer.state.global_step == 11 and result.status == "finished"
+    params = MlflowClient(tracking_uri).get_run(result.run_id).data.params
+    assert (params["training.steps"], params["training.epochs"]) == ("11", "1.5")
+    assert params["training.max_steps"] == "None"
+
+
 @pytest.mark.filterwarnings("error:torch.utils.checkpoint")  # the reentrant one is deprecated
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_gradient_checkpointing_trains_the_same_adapter(

@@ -12,6 +12,7 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from registry.base_model import DEFAULT_BASE_MODEL, LORA_MODULES
@@ -74,8 +75,12 @@ class LoraSettings(StrictConfig):
         return modules if modules == "all-linear" else names
 
 
+DEFAULT_MAX_STEPS = 100  # where neither training.max_steps nor training.epochs is given
+
+
 class TrainingSettings(StrictConfig):
-    max_steps: StrictInt = Field(100, ge=1)
+    max_steps: StrictInt | None = Field(None, ge=1)  # optimizer steps (DEFAULT_MAX_STEPS)
+    epochs: Number | None = Field(None, gt=0, le=10_000)  # or passes over the training rows
     batch_size: StrictInt = Field(8, ge=1)
     gradient_accumulation_steps: StrictInt = Field(1, ge=1)
     learning_rate: Number = Field(2e-4, gt=0, le=1)
@@ -95,6 +100,14 @@ class TrainingSettings(StrictConfig):
     eval_batch_size: StrictInt = Field(16, ge=1)
     save_steps: StrictInt = Field(50, ge=1)
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # numpy's legacy seed, which Trainer sets
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(
+                "give training.max_steps or training.epochs, not both (override one with null)"
+            )
+        return self
 
     @field_validator("warmup_steps")
     @classmethod

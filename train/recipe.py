@@ -7,6 +7,7 @@ every run tracked in MLflow and every finished adapter registered as a new versi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from registry.home import Home
 from registry.lineage import Lineage
 from registry.store import AdapterRegistry, AdapterVersion
 from registry.tracking import redacted
-from train.config import TrainConfig
+from train.config import DEFAULT_MAX_STEPS, TrainConfig
 from train.data import data_hash, load_splits, tokenize_split
 from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
 
@@ -66,9 +67,18 @@ class TrainingJob:
         self.eval_data = tokenize_split(
             splits.validation, splits.format, self.tokenizer, cfg.data, pack_rows=False
         )
+        self.max_steps = self._max_steps(len(self.train_data))
         self.model = self._model()
         self.run_id = self._mlflow_run(len(self.train_data), len(self.eval_data))
         self.trainer = self._trainer()
+
+    def _max_steps(self, rows: int) -> int:
+        """`training.max_steps`, or the optimizer steps `training.epochs` pass over `rows`."""
+        t = self.config.training
+        if t.epochs is None:
+            return t.max_steps or DEFAULT_MAX_STEPS
+        per_epoch = math.ceil(rows / (t.batch_size * t.gradient_accumulation_steps))
+        return max(1, math.ceil(t.epochs * per_epoch))
 
     def _run_dir(self) -> tuple[Path, str | None]:
         """A fresh run folder, or with resume the latest unfinished one and its last checkpoint."""
@@ -173,6 +183,7 @@ class TrainingJob:
             **flatten(self.config.model_dump(mode="json")),
             "data.train_rows": n_train,
             "data.validation_rows": n_eval,
+            "training.steps": self.max_steps,  # as max_steps says, or as epochs come to
         }
         client.log_batch(
             run_id,
@@ -200,7 +211,7 @@ class TrainingJob:
         t = self.config.training
         args = TrainingArguments(
             output_dir=str(self.run_dir / "checkpoints"),
-            max_steps=t.max_steps,
+            max_steps=self.max_steps,
             per_device_train_batch_size=t.batch_size,
             per_device_eval_batch_size=t.eval_batch_size,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -247,8 +258,7 @@ class TrainingJob:
     # -- train -------------------------------------------------------------------------------
 
     def train(self) -> bool:
-        """Train to max_steps; False when Ctrl-C stopped it (a checkpoint holds the progress)."""
-        max_steps = self.config.training.max_steps
+        """Train to `max_steps`; False when Ctrl-C stopped it (a checkpoint holds the progress)."""
         if self.checkpoint is None:
             # LoRA's B starts at zero, but measure the base itself with the adapter switched off.
             with self.model.disable_adapter():
@@ -257,7 +267,7 @@ class TrainingJob:
             log.warning("resuming %s from %s", self.config.name, self.checkpoint)
         if not self._load_finished_checkpoint():
             self.trainer.train(resume_from_checkpoint=self.checkpoint)
-        if self.interrupt.requested and self.trainer.state.global_step < max_steps:
+        if self.interrupt.requested and self.trainer.state.global_step < self.max_steps:
             self.registry.client.set_terminated(self.run_id, status="KILLED")
             self._write_run_file(self.run_id, "interrupted")
             return False
@@ -280,7 +290,7 @@ class TrainingJob:
             return False
         checkpoint = Path(self.checkpoint)
         state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
-        if state.global_step < self.config.training.max_steps:
+        if state.global_step < self.max_steps:
             return False
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
         self.trainer.state = state
