@@ -29,7 +29,7 @@ def make_folder(dest: Path, make: Callable[[Path], Path | None]) -> Path:
     inside tmp) and renamed into place. Two processes making it at once each write their
     own; the one that renames second keeps the first's."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(dest.parent)
+    remove_abandoned(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}{PARTIAL}", dir=dest.parent))
     try:
         made = make(tmp) or tmp
@@ -43,7 +43,8 @@ def make_folder(dest: Path, make: Callable[[Path], Path | None]) -> Path:
     return dest
 
 
-def _remove_abandoned(folder: Path) -> None:
+def remove_abandoned(folder: Path) -> None:
+    """Remove the partial folders in `folder` that processes killed mid-way left."""
     cutoff = time.time() - ABANDONED_SECONDS
     for partial in folder.glob(f"*{PARTIAL}*"):
         try:

@@ -1,9 +1,9 @@
 """Adapter versions downloaded from a registry into the data home, one folder each.
 
-A version never changes, so its folder is kept and read again by every later load; each
-read marks the folder used (its mtime), and `prune` removes those unused for a while. A
-removed version only costs a download at its next load: a server holds the weights it
-serves in memory, not in these files.
+A version never changes, so its folder is kept and read again by every later load. Loads
+mark the folder used (its mtime), and so does a running server, at each alias poll, for the
+versions it serves: its host tier may evict one and read it back. `prune` removes those
+unused for a while; a removed one is downloaded again at its next load.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.atomic import ABANDONED_SECONDS, PARTIAL
+from registry.atomic import PARTIAL, remove_abandoned
 
 
-def cached(folder: Path) -> bool:
-    """Whether `folder` holds a download; if so, it is marked used now."""
+def mark_used(folder: Path) -> bool:
+    """Mark a downloaded version's folder used now; False if there is none."""
     try:
         os.utime(folder)
     except FileNotFoundError:
@@ -38,29 +38,25 @@ class Pruned:
 
 def prune(root: Path, unused_seconds: float) -> Pruned:
     """Remove the downloads under `root` (store/name/version-origin) not used for
-    `unused_seconds`, and folders a killed download left."""
+    `unused_seconds`, and what killed downloads left. The store and name folders stay: a
+    download may be about to write into one."""
     now = time.time()
     removed = removed_bytes = kept = kept_bytes = 0
-    for version in sorted(root.glob("*/*/*")):
-        abandoned = PARTIAL in version.name and _age(version, now) > ABANDONED_SECONDS
-        if PARTIAL in version.name and not abandoned:
-            continue  # a download in progress
-        size = _size(version)
-        if abandoned or _age(version, now) > unused_seconds:
-            if _remove(version):
+    for name in sorted(n for n in root.glob("*/*") if n.is_dir()):
+        remove_abandoned(name)
+        for version in sorted(v for v in name.iterdir() if v.is_dir() and PARTIAL not in v.name):
+            size = _size(version)
+            if _age(version, now) > unused_seconds and _remove(version):
                 removed, removed_bytes = removed + 1, removed_bytes + size
-        else:
-            kept, kept_bytes = kept + 1, kept_bytes + size
-    for folder in sorted(root.glob("*/*"), reverse=True) + sorted(root.glob("*")):
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only if empty
+            else:
+                kept, kept_bytes = kept + 1, kept_bytes + size
     return Pruned(removed, removed_bytes, kept, kept_bytes)
 
 
 def _age(path: Path, now: float) -> float:
     try:
         return now - path.stat().st_mtime
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed meanwhile: nothing to prune
         return 0.0
 
 
@@ -77,7 +73,7 @@ def _remove(folder: Path) -> bool:
     doomed = Path(tempfile.mkdtemp(prefix=f"{folder.name}{PARTIAL}", dir=folder.parent))
     try:
         folder.rename(doomed / folder.name)
-    except OSError:  # another prune, or a load racing it, got there first
+    except OSError:  # another prune got there first
         return False
     finally:
         shutil.rmtree(doomed, ignore_errors=True)

@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from registry import tracking
 from registry.atomic import make_folder
-from registry.download_cache import cached
+from registry.download_cache import mark_used
 from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from registry.home import Home, setup_environment
 from registry.lineage import Lineage
@@ -261,7 +261,7 @@ class AdapterRegistry:
         store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
         origin = hashlib.sha256(f"{version.run_id}\n{version.source}".encode()).hexdigest()[:12]
         local = self.home.adapters / store / version.name / f"{version.version}-{origin}"
-        if cached(local):
+        if mark_used(local):
             return local
 
         def download(partial: Path) -> Path:

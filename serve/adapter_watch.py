@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from registry.download_cache import mark_used
 from registry.errors import AdapterError, NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
 from registry.refs import parse_ref
@@ -207,9 +208,17 @@ class AdapterWatch:
         """`follow_moves` (and `unload_idle`) every `interval` seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval)
+            self.hold_downloads()
             await self.follow_moves()
             if idle_s is not None:
                 await self.unload_idle(idle_s)
+
+    def hold_downloads(self) -> None:
+        """Mark the downloads of the registry versions loaded used, so that `loraplex
+        registry prune-cache` spares them: the host tier may evict one and read it back."""
+        for info in self.loaded.values():
+            if info.version is not None:
+                mark_used(info.path)
 
     async def registered(self) -> list[RegisteredAdapter] | None:
         """The registry's adapters; None (with a warning) when it cannot be read."""

@@ -45,15 +45,31 @@ def _default_only(cls, value, info):
     return value
 
 
-class StreamOptions(BaseModel):
+MAX_CHOICES = 16  # `n`: each choice holds its own KV blocks and batch slot
+
+
+class _NullMeansDefault(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        """OpenAI types most fields "X or null", null meaning the default (the openai client
+        sends it for a None argument)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].default is None
+        }
+
+
+class StreamOptions(_NullMeansDefault):
     include_usage: bool = False  # a last chunk with the request's usage
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, each chunk its choice's
 
 
-MAX_CHOICES = 16  # `n`: each choice holds its own KV blocks and batch slot
-
-
-class _Request(BaseModel):
+class _Request(_NullMeansDefault):
     # Unknown fields are ignored, as OpenAI's clients send fields this server does not use.
     model_config = ConfigDict(extra="ignore")
 
@@ -91,20 +107,6 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     response_format: ResponseFormatSpec | None = None
     logit_bias: dict[str, float] | None = None  # token id -> added to its logit, in [-100, 100]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data):
-        """OpenAI types most fields "X or null", null meaning the default (the openai client
-        sends it for a None argument)."""
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {
-            k: v
-            for k, v in data.items()
-            if v is not None or k not in fields or fields[k].default is None
-        }
 
     _unserved = field_validator(
         "min_tokens",

@@ -532,7 +532,7 @@ def test_prune_cache_removes_downloads_no_load_read_for_the_given_days(
     assert result.returncode == 0, result.stderr
     assert [f.exists() for f in folders] == [False, True, False]
     assert not abandoned.exists() and live.exists()  # perhaps a download in flight
-    assert result.stdout.startswith(f"removed 3 downloaded version(s), {2 * size / 2**20:.1f} MB")
+    assert result.stdout.startswith(f"removed 2 downloaded version(s), {2 * size / 2**20:.1f} MB")
     assert "kept 1" in result.stdout
     # what was pruned downloads again when a load asks for it
     assert (
@@ -546,4 +546,4 @@ def test_prune_cache_removes_downloads_no_load_read_for_the_given_days(
         ).returncode
         == 0
     )
-    assert not any(home.adapters.iterdir())  # empty store and name folders go too
+    assert not any(home.adapters.glob("*/*/*"))  # the store and name folders stay

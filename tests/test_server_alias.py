@@ -413,3 +413,35 @@ def test_the_server_unloads_an_idle_first_use_reference_and_its_metric_series(
             assert httpx.post(f"{url}/completions", json=body, timeout=30).is_success  # again
     finally:
         engine.shutdown()
+
+
+def test_a_running_server_keeps_the_downloads_it_serves_from_a_cache_prune(
+    tiny_base, registry, tmp_path
+):
+    """Its host tier may evict a version and read it back from the download: as it follows
+    its references, it marks their downloads used, and a prune spares them."""
+    import os
+
+    from registry.download_cache import prune
+    from serve.adapter_watch import AdapterWatch
+    from serve.async_engine import AsyncLLM
+
+    register_folder(registry, make_adapter(tiny_base, tmp_path / "held", name="held"), "held")
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    watch = AdapterWatch(engine)
+
+    async def main():
+        info = await watch.ensure("held/1")
+        days_ago = time.time() - 3 * 86400
+        os.utime(info.path, (days_ago, days_ago))
+        following = asyncio.ensure_future(watch.follow(0.05))
+        await asyncio.sleep(0.5)
+        following.cancel()
+        return info
+
+    try:
+        info = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    prune(registry.home.adapters, 86400)
+    assert (info.path / "adapter_model.safetensors").is_file()

@@ -410,3 +410,16 @@ def test_a_default_max_tokens_of_null_leaves_an_answer_all_the_room_in_the_conte
     body = ChatCompletionRequest(model="faq", messages=QUESTION)
     assert PromptReader(None, 100, None).max_tokens_for(body, 30, "max_tokens") == 70
     assert PromptReader(None, 100, 16).max_tokens_for(body, 30, "max_tokens") == 16
+
+
+def test_null_in_stream_options_means_the_default_too(server):
+    url, _, _ = server
+    options = {"include_usage": None, "continuous_usage_stats": None}
+    body = {"model": "faq", "messages": QUESTION, "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST", f"{url}/chat/completions", json={**body, "stream_options": options}
+    ) as reply:
+        assert reply.status_code == 200
+        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in json.loads(event) for event in events[:-1])
