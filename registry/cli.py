@@ -1,4 +1,5 @@
-"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR | prune-cache`."""
+"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR | delete REF |
+prune-cache`."""
 
 from __future__ import annotations
 
@@ -95,6 +96,30 @@ def download(
         registry = _registry(tracking_uri)
         version = registry.download(parse_ref(ref), dest)
     print(f"{version.name} version {version.version} → {dest}")
+
+
+@app.command()
+def delete(
+    ref: Annotated[str, typer.Argument(help="NAME/VERSION: the version to delete.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete it even if aliases point at it.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Delete one version from the registry (its training run stays in MLflow)."""
+    from registry.errors import UsageError
+    from registry.refs import parse_ref
+
+    with user_errors(tracking_uri):
+        parsed = parse_ref(ref)
+        if parsed.version is None:
+            raise UsageError(f"{ref!r}: name the version to delete, as NAME/VERSION")
+        if not yes:
+            typer.confirm(f"delete {parsed} from the registry?", abort=True)
+        deleted = _registry(tracking_uri).delete(parsed.name, parsed.version, force)
+    aliases = f" (and its alias(es) {', '.join(deleted.aliases)})" if deleted.aliases else ""
+    print(f"deleted {deleted.ref}{aliases}")
 
 
 @app.command("prune-cache")

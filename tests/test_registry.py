@@ -547,3 +547,29 @@ def test_prune_cache_removes_downloads_no_load_read_for_the_given_days(
         == 0
     )
     assert not any(home.adapters.glob("*/*/*"))  # the store and name folders stay
+
+
+def test_delete_removes_one_version_and_refuses_one_an_alias_points_at(registry, adapters):
+    from typer.testing import CliRunner
+
+    from registry.app import app
+
+    for _ in range(2):
+        register_folder(registry, adapters[0], "gone")
+    registry.promote("gone", 1)
+    uri = ["--tracking-uri", registry.tracking_uri]
+
+    def delete(*args: str, answer: str = ""):
+        return CliRunner().invoke(app, ["registry", "delete", *args, *uri], input=answer)
+
+    declined = delete("gone/2", answer="n\n")
+    assert declined.exit_code == 1 and registry.get(parse_ref("gone/2")).version == 2
+    held = delete("gone/1", "--yes")
+    assert held.exit_code == 2
+    assert "gone/1 holds the alias(es) champion: promote another version" in held.output
+    assert delete("gone", "--yes").exit_code == 2  # a version must be named
+    assert delete("gone/2", answer="y\n").output.endswith("deleted gone/2\n")
+    forced = delete("gone/1", "--yes", "--force")
+    assert forced.output == "deleted gone/1 (and its alias(es) champion)\n"
+    with pytest.raises(NotFoundError, match="has no versions yet"):
+        registry.get(parse_ref("gone"))
