@@ -349,6 +349,20 @@ class AdapterLoad(BaseModel):
     source: str  # registry reference or PEFT folder
 
 
+class LoraAdapterLoad(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: AdapterName
+    lora_path: str  # here also a registry reference
+    load_inplace: bool = False  # replace an adapter loaded under the name (else a 400)
+
+
+class LoraAdapterUnload(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (its lora_int_id names nothing here)."""
+
+    lora_name: str
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -20,9 +20,10 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from registry.errors import ConfigError
+from serve.adapter_catalog import AdapterInfo
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM
@@ -39,6 +40,8 @@ from serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     InvalidField,
+    LoraAdapterLoad,
+    LoraAdapterUnload,
     new_id,
     now,
 )
@@ -135,21 +138,43 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         stats = await asyncio.wait_for(engine.stats_async(), 30) if engine.alive else {}
         return Response(metrics.render(stats), media_type=CONTENT_TYPE)
 
+    async def load(
+        record: RequestRecord, name: str, source: str, field: str, replace: bool = True
+    ) -> AdapterInfo:
+        keys.require_admin(record.caller)
+        record.model = name
+        if name == base_name:
+            raise InvalidField(field, f"{base_name!r} is the base model's name")
+        if not replace and name in adapters.loaded:
+            raise InvalidField(field, f"{name!r} is loaded already: set load_inplace to replace it")
+        return await adapters.load(name, source)
+
+    async def unload(record: RequestRecord, name: str) -> None:
+        keys.require_admin(record.caller)
+        record.model = name
+        await adapters.unload(name)  # its metric series too
+
     @app.post("/v1/adapters")
     async def load_adapter(record: Authenticated, body: AdapterLoad):
-        keys.require_admin(record.caller)
-        record.model = body.name
-        if body.name == base_name:
-            raise InvalidField("name", f"{base_name!r} is the base model's name")
-        return model_list.adapter_entry(await adapters.load(body.name, body.source))
+        return model_list.adapter_entry(await load(record, body.name, body.source, "name"))
 
     # :path, as names loaded by reference hold '/' (name/3)
     @app.delete("/v1/adapters/{name:path}")
     async def unload_adapter(record: Authenticated, name: str):
-        keys.require_admin(record.caller)
-        record.model = name
-        await adapters.unload(name)  # its metric series too
+        await unload(record, name)
         return {"name": name, "unloaded": True}
+
+    # vLLM's routes for the same, answering as it does: scripts written for it work here
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(record: Authenticated, body: LoraAdapterLoad):
+        name = body.lora_name
+        await load(record, name, body.lora_path, "lora_name", replace=body.load_inplace)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(record: Authenticated, body: LoraAdapterUnload):
+        await unload(record, body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
     @app.get("/v1/models")
     async def models(record: Authenticated):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -374,6 +375,36 @@ def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
     assert _http("DELETE", f"{url}/adapters/late")[0] == 404
     ok = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_vllms_lora_adapter_routes_load_replace_and_unload_as_vllm_answers(
+    server, tiny_base, tmp_path
+):
+    url, _, _ = server
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    folder = make_lora(tiny_base, tmp_path / "sql", rank=2, targets=["q_proj"])
+    load = {"lora_name": "sql", "lora_path": str(folder)}
+    loaded = httpx.post(f"{url}/load_lora_adapter", json=load)
+    assert (loaded.status_code, loaded.text) == (
+        200,
+        "Success: LoRA adapter 'sql' added successfully.",
+    )
+    assert client.completions.create(model="sql", prompt="Hi", max_tokens=2).usage
+    again = httpx.post(f"{url}/load_lora_adapter", json=load)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+    assert "set load_inplace" in again.json()["error"]["message"]
+    inplace = httpx.post(f"{url}/load_lora_adapter", json={**load, "load_inplace": True})
+    assert inplace.status_code == 200
+    gone = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql", "lora_int_id": 3})
+    assert (gone.status_code, gone.text) == (
+        200,
+        "Success: LoRA adapter 'sql' removed successfully.",
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="sql", prompt="Hi", max_tokens=2)
+    assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 404
+    base = httpx.post(f"{url}/load_lora_adapter", json={**load, "lora_name": "tiny"})
+    assert base.status_code == 400 and base.json()["error"]["param"] == "lora_name"
 
 
 MISTRAL_LIKE_TEMPLATE = (

@@ -47,6 +47,8 @@ OPERATIONS = [
     ("GET", "/v1/models/{model}"),
     ("POST", "/v1/adapters"),
     ("DELETE", "/v1/adapters/{name}"),
+    ("POST", "/v1/load_lora_adapter"),
+    ("POST", "/v1/unload_lora_adapter"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),

@@ -107,6 +107,11 @@ def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
         assert [m.id for m in client(FAQ_KEY).models.list().data] == ["faq"]
         with pytest.raises(openai.PermissionDeniedError, match="may not load or unload"):
             client(FAQ_KEY).post("/adapters", body={"name": "x", "source": "y"}, cast_to=dict)
+        with pytest.raises(openai.PermissionDeniedError, match="may not load or unload"):
+            body = {"lora_name": "faq", "lora_path": "y"}  # loaded already: 403 all the same
+            client(FAQ_KEY).post("/load_lora_adapter", body=body, cast_to=dict)
+        with pytest.raises(openai.PermissionDeniedError, match="may not load or unload"):
+            client(FAQ_KEY).post("/unload_lora_adapter", body={"lora_name": "faq"}, cast_to=dict)
 
         raw = client(FAQ_KEY).chat.completions.with_raw_response.create(
             model="faq", messages=QUESTION, max_tokens=4
@@ -128,7 +133,7 @@ def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
         (None, 401),
         ("faq-team", 403),
         ("faq-team", 200),
-        ("faq-team", 403),
+        *[("faq-team", 403)] * 3,  # a load or unload by any route
         ("faq-team", 200),
         ("faq-team", 429),
         ("ops", 200),
