@@ -3,6 +3,7 @@ prune-cache`."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -115,11 +116,19 @@ def delete(
         parsed = parse_ref(ref)
         if parsed.version is None:
             raise UsageError(f"{ref!r}: name the version to delete, as NAME/VERSION")
+        registry = _registry(tracking_uri)
+        version = registry.deletable(parsed.name, parsed.version, force)
         if not yes:
-            typer.confirm(f"delete {parsed} from the registry?", abort=True)
-        deleted = _registry(tracking_uri).delete(parsed.name, parsed.version, force)
-    aliases = f" (and its alias(es) {', '.join(deleted.aliases)})" if deleted.aliases else ""
-    print(f"deleted {deleted.ref}{aliases}")
+            if not _can_ask():
+                raise UsageError(f"delete {version.ref}: no terminal to confirm on: pass --yes")
+            typer.confirm(f"delete {version.ref} from the registry?", abort=True)
+        registry.delete(version)
+    aliases = f" (and its alias(es) {', '.join(version.aliases)})" if version.aliases else ""
+    print(f"deleted {version.ref}{aliases}")
+
+
+def _can_ask() -> bool:
+    return sys.stdin.isatty()
 
 
 @app.command("prune-cache")

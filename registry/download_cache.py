@@ -23,7 +23,7 @@ def mark_used(folder: Path) -> bool:
     """Mark a downloaded version's folder used now; False if there is none."""
     try:
         os.utime(folder)
-    except FileNotFoundError:
+    except OSError:  # none there (or not ours to touch): a load downloads it again
         return False
     return folder.is_dir()
 

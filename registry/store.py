@@ -218,18 +218,21 @@ class AdapterRegistry:
         self.client.update_registered_model(name, model.description)
         return previous
 
-    def delete(self, name: str, version: int, force: bool = False) -> AdapterVersion:
-        """Delete one version from the registry (its training run stays in MLflow); refused
-        while an alias points at it, unless `force` (the aliases go with it: a server
-        following one keeps serving what it loaded, and warns)."""
+    def deletable(self, name: str, version: int, force: bool = False) -> AdapterVersion:
+        """The version `delete` would delete; refused while an alias points at it, unless
+        `force` (the aliases go with it: a server following one keeps serving what it
+        loaded, and warns)."""
         target = self.get(AdapterRef(name, version))
         if target.aliases and not force:
             raise UsageError(
                 f"{target.ref} holds the alias(es) {_names(target.aliases)}: promote another "
                 "version first, or delete it with --force"
             )
-        self.client.delete_model_version(name, str(version))
         return target
+
+    def delete(self, version: AdapterVersion) -> None:
+        """Delete one version from the registry; its training run stays in MLflow."""
+        self.client.delete_model_version(version.name, str(version.version))
 
     def record_gate(
         self,

@@ -106,7 +106,14 @@ def _endpoint(path: str) -> str:
         return "/v1/adapters/{name}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
-    known = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters"}
+    known = {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/adapters",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    }
     return path if path in known else "other"
 
 

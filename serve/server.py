@@ -145,9 +145,10 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         record.model = name
         if name == base_name:
             raise InvalidField(field, f"{base_name!r} is the base model's name")
-        if not replace and name in adapters.loaded:
+        loaded = await adapters.load(name, source, if_absent=not replace)
+        if loaded is None:  # checked as it installs: of two loads at once, one gets this
             raise InvalidField(field, f"{name!r} is loaded already: set load_inplace to replace it")
-        return await adapters.load(name, source)
+        return loaded
 
     async def unload(record: RequestRecord, name: str) -> None:
         keys.require_admin(record.caller)

@@ -414,3 +414,7 @@ def test_training_takes_max_steps_or_epochs_not_both(tmp_path):
     assert (both_unset.max_steps, both_unset.epochs) == (None, 1.5)
     with pytest.raises(ConfigError, match=r"training\.epochs: Input should be greater than 0"):
         load_config(path, ["training.max_steps=null", "training.epochs=0"])
+    with pytest.raises(
+        ConfigError, match=r"training: give training\.max_steps or training\.epochs$"
+    ):
+        load_config(path, ["training.max_steps=null"])

@@ -549,9 +549,12 @@ def test_prune_cache_removes_downloads_no_load_read_for_the_given_days(
     assert not any(home.adapters.glob("*/*/*"))  # the store and name folders stay
 
 
-def test_delete_removes_one_version_and_refuses_one_an_alias_points_at(registry, adapters):
+def test_delete_removes_one_version_and_refuses_one_an_alias_points_at(
+    registry, adapters, monkeypatch
+):
     from typer.testing import CliRunner
 
+    from registry import cli
     from registry.app import app
 
     for _ in range(2):
@@ -562,12 +565,15 @@ def test_delete_removes_one_version_and_refuses_one_an_alias_points_at(registry,
     def delete(*args: str, answer: str = ""):
         return CliRunner().invoke(app, ["registry", "delete", *args, *uri], input=answer)
 
-    declined = delete("gone/2", answer="n\n")
-    assert declined.exit_code == 1 and registry.get(parse_ref("gone/2")).version == 2
-    held = delete("gone/1", "--yes")
+    unasked = delete("gone/2")  # no terminal to ask on
+    assert unasked.exit_code == 2 and "no terminal to confirm on: pass --yes" in unasked.output
+    held = delete("gone/1")  # refused before any prompt
     assert held.exit_code == 2
     assert "gone/1 holds the alias(es) champion: promote another version" in held.output
     assert delete("gone", "--yes").exit_code == 2  # a version must be named
+    monkeypatch.setattr(cli, "_can_ask", lambda: True)
+    declined = delete("gone/2", answer="n\n")
+    assert declined.exit_code == 1 and registry.get(parse_ref("gone/2")).version == 2
     assert delete("gone/2", answer="y\n").output.endswith("deleted gone/2\n")
     forced = delete("gone/1", "--yes", "--force")
     assert forced.output == "deleted gone/1 (and its alias(es) champion)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 
 import httpx
@@ -405,6 +406,10 @@ def test_vllms_lora_adapter_routes_load_replace_and_unload_as_vllm_answers(
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 404
     base = httpx.post(f"{url}/load_lora_adapter", json={**load, "lora_name": "tiny"})
     assert base.status_code == 400 and base.json()["error"]["param"] == "lora_name"
+    # two loads of one name at once: one loads it, the other is told it is loaded already
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: httpx.post(f"{url}/load_lora_adapter", json=load), [0, 1]))
+    assert sorted(reply.status_code for reply in both) == [200, 400]
 
 
 MISTRAL_LIKE_TEMPLATE = (

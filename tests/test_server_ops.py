@@ -138,6 +138,11 @@ def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
         ("faq-team", 429),
         ("ops", 200),
     ]
+    assert [line["endpoint"] for line in lines[4:7]] == [
+        "/v1/adapters",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    ]
     line = next(x for x in lines if x["request_id"] == raw.headers["x-request-id"])
     assert line["model"] == "faq" and line["endpoint"] == "/v1/chat/completions"
     assert line["prompt_tokens"] == served.usage.prompt_tokens

@@ -597,6 +597,19 @@ def test_epochs_train_that_many_passes_over_the_rows(tiny_base, home, tracking_u
     assert params["training.max_steps"] == "None"
 
 
+@pytest.mark.parametrize(("epochs", "steps"), [(1.1, 55), (0.14, 7), (3, 150), (0.001, 1)])
+def test_epochs_count_whole_steps_without_float_noise(epochs, steps):
+    """400 rows in batches of 8: 50 steps an epoch; 1.1 of them is 55 steps, not 56."""
+    from types import SimpleNamespace
+
+    from train.config import load_config
+    from train.recipe import TrainingJob
+
+    overrides = ["training.max_steps=null", f"training.epochs={epochs}", "training.batch_size=8"]
+    job = SimpleNamespace(config=load_config(CONFIG, overrides))
+    assert TrainingJob._max_steps(job, 400) == steps
+
+
 @pytest.mark.filterwarnings("error:torch.utils.checkpoint")  # the reentrant one is deprecated
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_gradient_checkpointing_trains_the_same_adapter(

@@ -75,12 +75,9 @@ class LoraSettings(StrictConfig):
         return modules if modules == "all-linear" else names
 
 
-DEFAULT_MAX_STEPS = 100  # where neither training.max_steps nor training.epochs is given
-
-
 class TrainingSettings(StrictConfig):
-    max_steps: StrictInt | None = Field(None, ge=1)  # optimizer steps (DEFAULT_MAX_STEPS)
-    epochs: Number | None = Field(None, gt=0, le=10_000)  # or passes over the training rows
+    max_steps: StrictInt | None = Field(100, ge=1)  # optimizer steps; or, given instead:
+    epochs: Number | None = Field(None, gt=0, le=10_000)  # passes over the training rows
     batch_size: StrictInt = Field(8, ge=1)
     gradient_accumulation_steps: StrictInt = Field(1, ge=1)
     learning_rate: Number = Field(2e-4, gt=0, le=1)
@@ -101,13 +98,21 @@ class TrainingSettings(StrictConfig):
     save_steps: StrictInt = Field(50, ge=1)
     seed: StrictInt = Field(0, ge=0, le=2**32 - 1)  # numpy's legacy seed, which Trainer sets
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self):
-        if self.max_steps is not None and self.epochs is not None:
-            raise ValueError(
-                "give training.max_steps or training.epochs, not both (override one with null)"
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data):
+        """One of the two: epochs leave max_steps unset (None), and the job counts them."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("epochs") is not None:
+            if data.get("max_steps") is not None:
+                raise ValueError(
+                    "give training.max_steps or training.epochs, not both (override one with null)"
+                )
+            return {**data, "max_steps": None}
+        if "max_steps" in data and data["max_steps"] is None:
+            raise ValueError("give training.max_steps or training.epochs")
+        return data
 
     @field_validator("warmup_steps")
     @classmethod

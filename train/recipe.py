@@ -17,7 +17,7 @@ from registry.home import Home
 from registry.lineage import Lineage
 from registry.store import AdapterRegistry, AdapterVersion
 from registry.tracking import redacted
-from train.config import DEFAULT_MAX_STEPS, TrainConfig
+from train.config import TrainConfig
 from train.data import data_hash, load_splits, tokenize_split
 from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
 
@@ -76,9 +76,10 @@ class TrainingJob:
         """`training.max_steps`, or the optimizer steps `training.epochs` pass over `rows`."""
         t = self.config.training
         if t.epochs is None:
-            return t.max_steps or DEFAULT_MAX_STEPS
+            return t.max_steps
         per_epoch = math.ceil(rows / (t.batch_size * t.gradient_accumulation_steps))
-        return max(1, math.ceil(t.epochs * per_epoch))
+        # 1.1 · 50 is 55.00000000000001 in floats: 55 steps, not 56
+        return max(1, math.ceil(round(t.epochs * per_epoch, 9)))
 
     def _run_dir(self) -> tuple[Path, str | None]:
         """A fresh run folder, or with resume the latest unfinished one and its last checkpoint."""
