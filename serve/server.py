@@ -165,7 +165,7 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         await unload(record, name)
         return {"name": name, "unloaded": True}
 
-    # vLLM's routes for the same, answering as it does: scripts written for it work here
+    # vLLM's routes for the same, with its fields and success replies: its scripts work here
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(record: Authenticated, body: LoraAdapterLoad):
         name = body.lora_name

@@ -76,7 +76,7 @@ class LoraSettings(StrictConfig):
 
 
 class TrainingSettings(StrictConfig):
-    max_steps: StrictInt | None = Field(100, ge=1)  # optimizer steps; or, given instead:
+    max_steps: StrictInt | None = Field(100, ge=1)  # optimizer steps, or instead
     epochs: Number | None = Field(None, gt=0, le=10_000)  # passes over the training rows
     batch_size: StrictInt = Field(8, ge=1)
     gradient_accumulation_steps: StrictInt = Field(1, ge=1)
