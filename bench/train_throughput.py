@@ -1,7 +1,7 @@
 """Training throughput of a demo config: QLoRA (NF4 base) against LoRA over the fp32 base,
 and QLoRA with `data.packing` (whole examples sharing rows) against without.
 
-    .venv/bin/python bench/train_throughput.py [CONFIG] [--steps 20]
+    .venv/bin/python bench/train_throughput.py [CONFIG] [--steps N]   (default 12)
 
 Each variant runs in its own child process (so peak memory is its own), with the same config,
 data and seed; the parent prints steps/s, tokens/s and peak RSS of each and their ratios.

@@ -1,5 +1,5 @@
-"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR | delete REF |
-prune-cache`."""
+"""`loraplex registry list | show REF | promote NAME VERSION | download REF DIR |
+delete NAME/VERSION | prune-cache`."""
 
 from __future__ import annotations
 
