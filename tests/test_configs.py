@@ -408,6 +408,9 @@ def test_strict_ints_and_bools_leave_floats_and_paths_as_yaml_writes_them(tmp_pa
 
 def test_training_takes_max_steps_or_epochs_not_both(tmp_path):
     path = _write(tmp_path, GOOD)
+    # neither given: 100 steps, recorded as before epochs existed (older runs still resume)
+    default = load_config(path).training
+    assert (default.max_steps, default.epochs) == (100, None)
     with pytest.raises(ConfigError, match=r"training: give training\.max_steps or training\.ep"):
         load_config(path, ["training.max_steps=10", "training.epochs=2"])
     both_unset = load_config(path, ["training.max_steps=null", "training.epochs=1.5"]).training
