@@ -21,10 +21,8 @@ from registry.atomic import PARTIAL, remove_abandoned
 
 def mark_used(folder: Path) -> bool:
     """Mark a downloaded version's folder used now; False if there is none."""
-    try:
+    with contextlib.suppress(OSError):  # none there, or a shared cache not ours to touch
         os.utime(folder)
-    except OSError:  # none there (or not ours to touch): a load downloads it again
-        return False
     return folder.is_dir()
 
 

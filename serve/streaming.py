@@ -239,8 +239,11 @@ async def chat_chunks(
 ):
     base = _base(rid, "chat.completion.chunk", body)
     role = {"role": "assistant", "content": ""}
-    none_yet = Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
-    so_far = {"usage": none_yet.model_dump()} if body.continuous_usage else {}
+    so_far = {}
+    if body.continuous_usage:  # no completion token yet
+        so_far["usage"] = Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens
+        ).model_dump()
     for k in range(len(streams)):
         yield {**base, "choices": [{"index": k, "delta": role, "finish_reason": None}]} | so_far
 
