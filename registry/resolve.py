@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import UsageError
+from registry.errors import NotFoundError
 from registry.home import Home
 from registry.lineage import Lineage, check_adapter_folder
 from registry.refs import is_ref, parse_ref
@@ -45,7 +45,7 @@ def resolve_adapter(
     if not names_registry(source):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise UsageError(f"adapter {source!r}: no such folder, and not a registry reference")
+            raise NotFoundError(f"adapter {source!r}: no such folder, and not a registry reference")
         lineage = check_adapter_folder(path, base_fingerprint)
         return ResolvedAdapter(source, path.resolve(), None, lineage)
     registry = AdapterRegistry(tracking_uri, home)

@@ -59,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def _not_found(request: Request, error: NotFoundError):
         return JSONResponse(
-            error_body(str(error), "invalid_request_error", "model", "model_not_found"),
+            error_body(
+                str(error), "invalid_request_error", error.param or "model", "model_not_found"
+            ),
             status_code=404,
         )
 

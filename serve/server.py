@@ -22,7 +22,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from registry.errors import ConfigError
+from registry.errors import ConfigError, UsageError
 from serve.adapter_catalog import AdapterInfo
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
@@ -139,13 +139,22 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         return Response(metrics.render(stats), media_type=CONTENT_TYPE)
 
     async def load(
-        record: RequestRecord, name: str, source: str, field: str, replace: bool = True
+        record: RequestRecord,
+        name: str,
+        source: str,
+        fields: tuple[str, str],  # the request's fields holding the name and the source
+        replace: bool = True,
     ) -> AdapterInfo:
+        field, source_field = fields
         keys.require_admin(record.caller)
         record.model = name
         if name == base_name:
             raise InvalidField(field, f"{base_name!r} is the base model's name")
-        loaded = await adapters.load(name, source, if_absent=not replace)
+        try:
+            loaded = await adapters.load(name, source, if_absent=not replace)
+        except UsageError as error:  # the source is at fault: a missing folder, a bad adapter
+            error.param = error.param or source_field
+            raise
         if loaded is None:  # checked as it installs: of two loads at once, one gets this
             raise InvalidField(field, f"{name!r} is loaded already: set load_inplace to replace it")
         return loaded
@@ -157,7 +166,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
 
     @app.post("/v1/adapters")
     async def load_adapter(record: Authenticated, body: AdapterLoad):
-        return model_list.adapter_entry(await load(record, body.name, body.source, "name"))
+        return model_list.adapter_entry(
+            await load(record, body.name, body.source, ("name", "source"))
+        )
 
     # :path, as names loaded by reference hold '/' (name/3)
     @app.delete("/v1/adapters/{name:path}")
@@ -169,7 +180,9 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(record: Authenticated, body: LoraAdapterLoad):
         name = body.lora_name
-        await load(record, name, body.lora_path, "lora_name", replace=body.load_inplace)
+        await load(
+            record, name, body.lora_path, ("lora_name", "lora_path"), replace=body.load_inplace
+        )
         return f"Success: LoRA adapter '{name}' added successfully."
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)

@@ -188,7 +188,7 @@ def test_non_adapter_folders_are_refused(tmp_path, adapters):
     (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="is a IA3 adapter"):
         resolve_adapter(str(ia3))
-    with pytest.raises(UsageError, match="no such folder"):
+    with pytest.raises(NotFoundError, match="no such folder"):
         resolve_adapter(str(tmp_path / "missing"))
 
 

@@ -362,7 +362,7 @@ def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "lora_alpha": 8}')
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     status, body = _http("POST", f"{url}/adapters", {"name": "broken", "source": str(broken)})
-    assert status == 400 and "error" in body
+    assert (status, body["error"]["param"]) == (400, "source")
 
     folder = make_lora(tiny_base, tmp_path / "late", rank=2, targets=["o_proj"])
     status, body = _http("POST", f"{url}/adapters", {"name": "late", "source": str(folder)})
@@ -404,6 +404,10 @@ def test_vllms_lora_adapter_routes_load_replace_and_unload_as_vllm_answers(
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="sql", prompt="Hi", max_tokens=2)
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 404
+    # as vLLM: a path with no adapter is a 404, naming the field
+    missing = httpx.post(f"{url}/load_lora_adapter", json={**load, "lora_path": "./nowhere"})
+    assert (missing.status_code, missing.json()["error"]["param"]) == (404, "lora_path")
+    assert "'./nowhere': no such folder" in missing.json()["error"]["message"]
     base = httpx.post(f"{url}/load_lora_adapter", json={**load, "lora_name": "tiny"})
     assert base.status_code == 400 and base.json()["error"]["param"] == "lora_name"
     # two loads of one name at once: one loads it, the other is told it is loaded already
