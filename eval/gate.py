@@ -273,17 +273,17 @@ class QualityGate:
             self.champion_elsewhere = champion
             instead = "its own base" if baseline is None else f"{baseline} and its own base"
             self.notes.append(
-                f"the champion {champion.ref} was trained on another base model "
-                f"({champion.tags.get('base_fingerprint')}), which this gate does not serve: "
+                f"the champion {champion.ref} was trained on another base model or tokenizer "
+                f"({_base(champion)}), which this gate does not serve: "
                 f"the candidate is judged against {instead} instead"
             )
         if baseline is not None:
             chosen = self._version(baseline, "--baseline")
             if not self._on_candidates_base(chosen):
                 raise UsageError(
-                    f"--baseline {chosen.ref} was trained on another base model "
-                    f"({chosen.tags.get('base_fingerprint')}) than --candidate "
-                    f"{self.candidate.ref} ({self.candidate.tags.get('base_fingerprint')}): "
+                    f"--baseline {chosen.ref} was trained on another base model or tokenizer "
+                    f"({_base(chosen)}) than --candidate "
+                    f"{self.candidate.ref} ({_base(self.candidate)}): "
                     "one engine cannot serve both"
                 )
             return chosen
@@ -300,9 +300,13 @@ class QualityGate:
             return None
 
     def _on_candidates_base(self, version: AdapterVersion) -> bool:
-        """Whether `version` was trained on the candidate's base (as far as both recorded)."""
-        theirs, ours = (v.tags.get("base_fingerprint") for v in (version, self.candidate))
-        return theirs is None or ours is None or theirs == ours
+        """Whether `version` was trained on the candidate's base and tokenizer (as far as both
+        recorded): one engine serves both only then."""
+        for tag in _BASE_TAGS:
+            theirs, ours = (v.tags.get(tag) for v in (version, self.candidate))
+            if theirs is not None and ours is not None and theirs != ours:
+                return False
+        return True
 
     def _baseline_label(self) -> str:
         if self.baseline is None:
@@ -314,6 +318,18 @@ class QualityGate:
         v = self.baseline
         aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
         return f"{v.ref}{aliases}"
+
+
+# What a version's tags record of the base it was trained on (registry/lineage.py)
+_BASE_TAGS = ("base_fingerprint", "tokenizer_fingerprint")
+
+
+def _base(version: AdapterVersion) -> str:
+    """A version's base as its tags record it, for messages."""
+    recorded = [
+        f"{tag.split('_')[0]} {version.tags[tag]}" for tag in _BASE_TAGS if tag in version.tags
+    ]
+    return ", ".join(recorded) or "not recorded"
 
 
 def _array(values: list[float]):

@@ -1,7 +1,8 @@
 """Base models: the embedded SmolLM2 (converted once from a packaged GGUF) or any local HF folder.
 
 A base is identified by a fingerprint, a hash of its config and weights, recorded in every adapter
-trained on it so an adapter is never served over a base it was not trained against.
+trained on it so an adapter is never served over a base it was not trained against; its
+tokenizer's digests likewise, so it is never served with another chat template or vocabulary.
 """
 
 from __future__ import annotations
@@ -109,6 +110,21 @@ def fingerprint(path: Path, home: Home | None = None) -> str:
     record = {"path": str(path), "stamp": stamp, "scheme": _SCHEME, "fingerprint": value}
     write_file(cache, json.dumps(record))  # whole: a reader never finds half of one
     return value
+
+
+def tokenizer_digests(tokenizer) -> dict[str, str]:
+    """What of a tokenizer an adapter learns to read and write, each part sha256'd: its
+    vocabulary (token ids), its BOS and EOS, its chat template. Read from the loaded
+    tokenizer, not its files: those change with the transformers release that wrote them."""
+    parts = {
+        "vocabulary": sorted(tokenizer.get_vocab().items()),
+        "special tokens": [tokenizer.bos_token, tokenizer.eos_token],
+        "chat template": tokenizer.chat_template,
+    }
+    return {
+        part: hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()[:16]
+        for part, value in parts.items()
+    }
 
 
 def weight_files(path: Path) -> list[Path]:

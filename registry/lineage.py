@@ -7,6 +7,7 @@ folder copied anywhere can still be checked against the base it is loaded onto.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +28,13 @@ class Lineage:
     target_modules: list[str]
     loraplex_version: str
     metrics: dict[str, float] = field(default_factory=dict)
+    # the base tokenizer's digests by part (base_model.tokenizer_digests); empty in lineages
+    # written before they were recorded, which are not checked against them
+    tokenizer: dict[str, str] = field(default_factory=dict)
 
     def tags(self) -> dict[str, str]:
         """Registry tags: the searchable subset of the lineage."""
-        return {
+        tags = {
             "base_model": self.base_model,
             "base_fingerprint": self.base_fingerprint,
             "data_hash": self.data_hash,
@@ -38,6 +42,10 @@ class Lineage:
             "target_modules": ",".join(self.target_modules),
             "loraplex_version": self.loraplex_version,
         }
+        if self.tokenizer:
+            parts = json.dumps(self.tokenizer, sort_keys=True).encode()
+            tags["tokenizer_fingerprint"] = "sha256:" + hashlib.sha256(parts).hexdigest()[:24]
+        return tags
 
     def write(self, adapter_dir: Path) -> None:
         (adapter_dir / LINEAGE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -51,7 +59,10 @@ class Lineage:
         try:
             fields = json.loads(file.read_text())
             known = {f.name for f in dataclasses.fields(cls)}  # a newer loraplex may add keys
-            return cls(**{k: v for k, v in fields.items() if k in known})
+            lineage = cls(**{k: v for k, v in fields.items() if k in known})
+            if not isinstance(lineage.tokenizer, dict):  # checked by part at every load
+                raise TypeError(f"tokenizer is a {type(lineage.tokenizer).__name__}, not an object")
+            return lineage
         except (ValueError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
             raise AdapterError(f"{file} is not a loraplex lineage file ({error})") from None
 
@@ -68,8 +79,13 @@ def adapter_config(config_file: Path, raw: bytes | None = None) -> dict:
     return config
 
 
-def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None) -> Lineage | None:
-    """Refuse a folder that is not a PEFT LoRA adapter, or was trained on another base."""
+def check_adapter_folder(
+    adapter_dir: Path,
+    base_fingerprint: str | None = None,
+    tokenizer: dict[str, str] | None = None,
+) -> Lineage | None:
+    """Refuse a folder that is not a PEFT LoRA adapter, or was trained on another base than
+    `base_fingerprint`, or with another tokenizer than `tokenizer` (its digests by part)."""
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
@@ -82,4 +98,14 @@ def check_adapter_folder(adapter_dir: Path, base_fingerprint: str | None = None)
             f"adapter {lineage.name!r} was trained on base {lineage.base_model!r} "
             f"({lineage.base_fingerprint}), not on this base ({base_fingerprint})"
         )
+    if tokenizer and lineage and lineage.tokenizer:
+        differ = [
+            part for part, digest in tokenizer.items() if lineage.tokenizer.get(part) != digest
+        ]
+        if differ:
+            raise BaseMismatchError(
+                f"adapter {lineage.name!r} was trained with another {' and '.join(differ)} "
+                f"than this base's tokenizer has (base {lineage.base_model!r}): served with "
+                "these, it would read and write text it was not trained on"
+            )
     return lineage

@@ -33,24 +33,25 @@ def resolve_adapter(
     source: str,
     *,
     base_fingerprint: str | None = None,
+    tokenizer: dict[str, str] | None = None,
     tracking_uri: str | None = None,
     home: Home | None = None,
 ) -> ResolvedAdapter:
     """Resolve `name`, `name/3`, `name@alias` or a folder path to a verified adapter folder.
 
     A path is taken as a folder when it looks like one (`/`, `./`, `../`, `~`) or is not a valid
-    reference; anything else is looked up in the registry. With `base_fingerprint`, an adapter
-    trained on another base is refused.
+    reference; anything else is looked up in the registry. With `base_fingerprint` (and
+    `tokenizer`, its digests), an adapter trained on another base (or tokenizer) is refused.
     """
     if not names_registry(source):
         path = Path(source).expanduser()
         if not path.is_dir():
             raise NotFoundError(f"adapter {source!r}: no such folder, and not a registry reference")
-        lineage = check_adapter_folder(path, base_fingerprint)
+        lineage = check_adapter_folder(path, base_fingerprint, tokenizer)
         return ResolvedAdapter(source, path.resolve(), None, lineage)
     registry = AdapterRegistry(tracking_uri, home)
     ref = parse_ref(source)
     version = registry.get(ref)
     path = registry.fetch_version(version)  # not `ref` again: an alias may move in between
-    lineage = check_adapter_folder(path, base_fingerprint)
+    lineage = check_adapter_folder(path, base_fingerprint, tokenizer)
     return ResolvedAdapter(source, path, version, lineage)

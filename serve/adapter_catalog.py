@@ -42,12 +42,14 @@ class AdapterCatalog:
         pool: AdapterPool,
         slots: LoraSlots,
         base_fingerprint: str,
+        tokenizer: dict[str, str],  # the base tokenizer's digests (tokenizer_digests)
         tracking_uri: str | None,
         home: Home,
     ):
         self.pool = pool
         self.slots = slots
         self.base_fingerprint = base_fingerprint
+        self.tokenizer = tokenizer
         self.tracking_uri = tracking_uri
         self.home = home
         self.by_name: dict[str, AdapterInfo] = {}
@@ -58,6 +60,7 @@ class AdapterCatalog:
         resolved = resolve_adapter(
             source,
             base_fingerprint=self.base_fingerprint,
+            tokenizer=self.tokenizer,
             tracking_uri=self.tracking_uri,
             home=self.home,
         )

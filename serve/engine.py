@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from registry.base_model import resolve_base_model
+from registry.base_model import resolve_base_model, tokenizer_digests
 from registry.errors import AdapterError, UsageError
 from registry.home import setup_environment
 from serve.adapter_catalog import AdapterCatalog, AdapterInfo
@@ -123,7 +123,12 @@ class LLMEngine:
         )
         self.slots = LoraSlots(config.max_loras)
         self.catalog = AdapterCatalog(
-            self.pool, self.slots, self.base.fingerprint, config.tracking_uri, self.home
+            self.pool,
+            self.slots,
+            self.base.fingerprint,
+            tokenizer_digests(self.tokenizer),
+            config.tracking_uri,
+            self.home,
         )
         self.scheduler = Scheduler(
             self.allocator, self.slots, config.max_num_seqs, config.max_num_batched_tokens

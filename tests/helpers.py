@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -51,33 +52,7 @@ def make_adapter(
     targets=("q_proj", "v_proj"),
 ) -> Path:
     """A real PEFT LoRA folder over `base` (random, nonzero B) with its loraplex lineage."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from registry.lineage import Lineage
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base.path)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=list(targets),
-        task_type="CAUSAL_LM",
-        init_lora_weights=False,
-    )
-    get_peft_model(model, config).save_pretrained(dest)
-    Lineage(
-        name=name,
-        base_model=base.name,
-        base_fingerprint=base.fingerprint,
-        data_hash="sha256:test",
-        rank=rank,
-        alpha=2 * rank,
-        target_modules=sorted(targets),
-        loraplex_version="0.1.0",
-    ).write(dest)
-    return dest
+    return make_lora(base, dest, rank=rank, targets=targets, seed=seed, b_scale=1.0, name=name)
 
 
 def register_folder(registry, folder: Path, name: str) -> int:
@@ -116,9 +91,11 @@ def make_lora(
     rslora: bool = False,
     seed: int = 0,
     b_scale: float = 0.1,
+    name: str | None = None,
 ) -> Path:
     """A PEFT LoRA folder with random A and B (B scaled so outputs stay text-like), with the
-    lineage of `base`: adapters of distinct ranks and targets for parity tests."""
+    lineage of `base` (named `name`, else the folder's name): adapters of distinct ranks and
+    targets for parity tests."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -142,7 +119,7 @@ def make_lora(
                 param.mul_(b_scale)
     peft_model.save_pretrained(dest)
     Lineage(
-        name=dest.name,
+        name=name or dest.name,
         base_model=base.name,
         base_fingerprint=base.fingerprint,
         data_hash="sha256:test",
@@ -150,8 +127,19 @@ def make_lora(
         alpha=alpha or 2 * rank,
         target_modules=sorted(targets),
         loraplex_version="0.1.0",
+        tokenizer=_tokenizer_digests(base.path),
     ).write(dest)
     return dest
+
+
+@functools.cache
+def _tokenizer_digests(base_path: Path) -> dict[str, str]:
+    """What training records of a base's tokenizer, read once per base."""
+    from transformers import AutoTokenizer
+
+    from registry.base_model import tokenizer_digests
+
+    return tokenizer_digests(AutoTokenizer.from_pretrained(base_path))
 
 
 def peft_greedy(

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from registry.base_model import fingerprint, resolve_base_model, weight_files
+from registry.base_model import fingerprint, resolve_base_model, tokenizer_digests, weight_files
 from registry.errors import UsageError
 
 
@@ -70,6 +70,31 @@ def test_fingerprint_ignores_what_config_records_of_its_writer_not_of_the_model(
     assert fingerprint(copy, home) == first
     (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
     assert fingerprint(copy, home) != first
+
+
+def test_tokenizer_digests_name_the_part_that_changed_not_the_files(smollm2, tmp_path):
+    """An adapter learns the base tokenizer's ids, its BOS/EOS and its chat template: each
+    is a digest of its own, read from the tokenizer (saved again, its files differ; it not)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    first = tokenizer_digests(tokenizer)
+    assert set(first) == {"vocabulary", "special tokens", "chat template"}
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert tokenizer_digests(AutoTokenizer.from_pretrained(tmp_path / "saved")) == first
+
+    def changed(tokenizer) -> set[str]:
+        digests = tokenizer_digests(tokenizer)
+        return {part for part in first if digests[part] != first[part]}
+
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<s>")
+    assert changed(tokenizer) == {"chat template"}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    tokenizer.eos_token = "<|endoftext|>"
+    assert changed(tokenizer) == {"special tokens"}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    tokenizer.add_tokens(["<tool>"])
+    assert changed(tokenizer) == {"vocabulary"}
 
 
 def test_unknown_base_model_is_refused(home, tmp_path):

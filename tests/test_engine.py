@@ -249,6 +249,17 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
     foreign = make_lora(smollm2, tmp_path / "foreign", rank=4, targets=["q_proj"])
     with pytest.raises(BaseMismatchError, match="not on this base"):
         llm.load_adapter("foreign", str(foreign))
+    # Trained on this base, but with another chat template (the base folder's edited since)
+    other = make_lora(tiny_base, tmp_path / "other-template", rank=4, targets=["q_proj"])
+    lineage = json.loads((other / "loraplex.json").read_text())
+    lineage["tokenizer"]["chat template"] = "0" * 16
+    (other / "loraplex.json").write_text(json.dumps(lineage))
+    with pytest.raises(BaseMismatchError, match=r"another chat template than this base's"):
+        llm.load_adapter("other", str(other))
+    del lineage["tokenizer"]  # a lineage written before tokenizers were recorded: not checked
+    (other / "loraplex.json").write_text(json.dumps(lineage))
+    assert llm.load_adapter("other", str(other)).rank == 4
+    llm.unload_adapter("other")
     (foreign / "loraplex.json").unlink()  # no lineage: the shapes still give it away
     with pytest.raises(AdapterError, match=r"layer 0 q_proj has A \[4, 576\]"):
         llm.load_adapter("foreign", str(foreign))

@@ -465,7 +465,7 @@ def test_a_gate_whose_adapter_is_not_its_train_configs_name_is_refused(tmp_path)
     assert "name: 'country-facts'" in str(error.value)
 
 
-def _register_trained(registry, data_hash: str, base="sha256:f", **split) -> int:
+def _register_trained(registry, data_hash: str, base="sha256:f", tokenizer=None, **split) -> int:
     """A version as `loraplex train` leaves it: the data hash in its lineage, the resolved
     config (here only the split) as its run's params. No weights: the gate is not run."""
     from mlflow.entities import Param
@@ -477,6 +477,7 @@ def _register_trained(registry, data_hash: str, base="sha256:f", **split) -> int
     split = {"validation": 0.1, "test": 0.1, "seed": 0} | split
     client.log_batch(run_id, params=[Param(f"data.split.{k}", str(v)) for k, v in split.items()])
     lineage = Lineage("country-facts", "b", base, data_hash, 4, 8.0, ["q_proj"], "0")
+    lineage = dataclasses.replace(lineage, tokenizer=tokenizer or {})
     version = registry.register("country-facts", run_id, "file:///nowhere/adapter", lineage)
     return version.version
 
@@ -548,6 +549,32 @@ def test_a_champion_on_another_base_is_a_note_and_the_candidate_may_replace_it(r
     [note] = gate.notes
     assert note.startswith("the champion country-facts/1 was trained on another base model")
     assert note.endswith("judged against country-facts/2 and its own base instead")
+
+
+def test_a_champion_trained_with_another_chat_template_is_a_champion_on_another_base(
+    registry,
+):
+    """The base folder's chat template edited between two trainings: one engine cannot serve
+    both adapters (it refuses the older), so the champion is judged as on another base."""
+    from eval.gate import QualityGate
+
+    digests = {"vocabulary": "v", "special tokens": "s", "chat template": "old"}
+    assert _register_trained(registry, _trained_hash(), tokenizer=digests) == 1
+    registry.promote("country-facts", 1)
+    edited = {**digests, "chat template": "new"}
+    assert _register_trained(registry, _trained_hash(), tokenizer=edited) == 2
+    assert _register_trained(registry, _trained_hash()) == 3  # from before tokenizers were kept
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = QualityGate(config, "country-facts/2", tracking_uri=registry.tracking_uri)
+    assert gate.baseline is None
+    [note] = gate.notes
+    assert re.match(
+        r"the champion country-facts/1 was trained on another base model or tokenizer "
+        r"\(base sha256:f, tokenizer sha256:\w+\)",
+        note,
+    ), note
+    gate = QualityGate(config, "country-facts/3", tracking_uri=registry.tracking_uri)
+    assert gate.baseline.version == 1 and gate.notes == []
 
 
 def test_report_notes_are_in_the_json_and_the_markdown(tmp_path):

@@ -164,7 +164,13 @@ def test_a_lineage_file_that_is_corrupt_is_refused_and_one_with_newer_keys_loads
     lineage = json.loads((folder / "loraplex.json").read_text())
     (folder / "loraplex.json").write_text(json.dumps({**lineage, "created_by": "loraplex 0.9"}))
     assert resolve_adapter(str(folder)).lineage.data_hash == lineage["data_hash"]
-    corrupt_files = ("{not json", json.dumps([1, 2]), json.dumps({"name": "x"}), b'{"\xe9"}')
+    corrupt_files = (
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"name": "x"}),
+        json.dumps({**lineage, "tokenizer": ["sha256:0"]}),
+        b'{"\xe9"}',
+    )
     for corrupt in corrupt_files:  # the last is Latin-1, not UTF-8: it was a 500 in a server
         file = folder / "loraplex.json"
         file.write_bytes(corrupt) if isinstance(corrupt, bytes) else file.write_text(corrupt)

@@ -11,7 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from registry.app import app
+from registry.base_model import tokenizer_digests
 from registry.errors import NotFoundError
+from registry.lineage import Lineage
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry
 from tests.helpers import BIN, PROJECT, run_cli
@@ -76,6 +78,9 @@ def test_train_register_promote_download_and_generate_on_the_4bit_base(
     )
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    lineage = Lineage.read(dest)
+    assert lineage.tokenizer == tokenizer_digests(tokenizer)
+    assert version.tags["tokenizer_fingerprint"] == lineage.tags()["tokenizer_fingerprint"]
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.base_model import BaseModel, resolve_base_model
+from registry.base_model import BaseModel, resolve_base_model, tokenizer_digests
 from registry.errors import LoraplexError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
@@ -331,6 +331,7 @@ class TrainingJob:
             target_modules=sorted(peft_config.target_modules),
             loraplex_version=version("loraplex"),
             metrics={k: v for k, v in metrics.items() if k.startswith(("eval_", "base_"))},
+            tokenizer=tokenizer_digests(self.tokenizer),
         )
         self.lineage.write(adapter_dir)
         self.registry.client.log_artifacts(self.run_id, str(adapter_dir), artifact_path="adapter")
