@@ -127,6 +127,12 @@ def tokenizer_digests(tokenizer) -> dict[str, str]:
     }
 
 
+def tokenizer_fingerprint(digests: dict[str, str]) -> str:
+    """One "sha256:<hex>" for a tokenizer's digests by part: a registry tag, a run's record."""
+    parts = json.dumps(digests, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(parts).hexdigest()[:24]
+
+
 def weight_files(path: Path) -> list[Path]:
     """The weight files transformers loads from a model folder: the shards its index names,
     or its single file, safetensors first. Others beside them are not the model (Mistral's

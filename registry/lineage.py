@@ -7,11 +7,11 @@ folder copied anywhere can still be checked against the base it is loaded onto.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from registry.base_model import tokenizer_fingerprint
 from registry.errors import AdapterError, BaseMismatchError
 
 LINEAGE_FILE = "loraplex.json"
@@ -43,8 +43,7 @@ class Lineage:
             "loraplex_version": self.loraplex_version,
         }
         if self.tokenizer:
-            parts = json.dumps(self.tokenizer, sort_keys=True).encode()
-            tags["tokenizer_fingerprint"] = "sha256:" + hashlib.sha256(parts).hexdigest()[:24]
+            tags["tokenizer_fingerprint"] = tokenizer_fingerprint(self.tokenizer)
         return tags
 
     def write(self, adapter_dir: Path) -> None:

@@ -249,7 +249,7 @@ def test_train_summary_ends_with_the_registered_ref_on_one_line(capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"registered: {'x' * 90}/12"
 
 
-@pytest.mark.parametrize("changed", ["data_hash", "base_fingerprint"])
+@pytest.mark.parametrize("changed", ["data_hash", "base_fingerprint", "tokenizer_fingerprint"])
 def test_resume_refuses_a_run_whose_data_or_base_changed_since(
     tiny_base, home, tracking_uri, changed
 ):
@@ -261,7 +261,11 @@ def test_resume_refuses_a_run_whose_data_or_base_changed_since(
     config = load_config(CONFIG, [f"name=resume-{changed}", f"base_model={tiny_base.path}"])
     _interrupted_run(home, config, tiny_base, **{changed: "sha256:then"})
     job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
-    what = {"data_hash": "the data's hash", "base_fingerprint": "the base's fingerprint"}[changed]
+    what = {
+        "data_hash": "the data's hash",
+        "base_fingerprint": "the base's fingerprint",
+        "tokenizer_fingerprint": "the base tokenizer's fingerprint",
+    }[changed]
     with pytest.raises(UsageError, match=rf"--resume: {what} \(sha256:then then, \S+ now\) differ"):
         job.setup()
 

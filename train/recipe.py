@@ -11,7 +11,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.base_model import BaseModel, resolve_base_model, tokenizer_digests
+from registry.base_model import (
+    BaseModel,
+    resolve_base_model,
+    tokenizer_digests,
+    tokenizer_fingerprint,
+)
 from registry.errors import LoraplexError, UsageError
 from registry.home import Home
 from registry.lineage import Lineage
@@ -57,9 +62,10 @@ class TrainingJob:
         cfg = self.config
         self.base: BaseModel = resolve_base_model(cfg.base_model, self.home)
         self.data_hash = data_hash(cfg.data.path)
+        self.tokenizer = self._tokenizer()
+        self.tokenizer_digests = tokenizer_digests(self.tokenizer)
         self.run_dir, self.checkpoint = self._run_dir()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = self._tokenizer()
         splits = load_splits(cfg.data)
         self.train_data = tokenize_split(
             splits.train, splits.format, self.tokenizer, cfg.data, pack_rows=cfg.data.packing
@@ -99,6 +105,7 @@ class TrainingJob:
             "tracking_uri": redacted(self.registry.tracking_uri),  # no password on disk
             "data_hash": self.data_hash,
             "base_fingerprint": self.base.fingerprint,
+            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer_digests),
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -331,7 +338,7 @@ class TrainingJob:
             target_modules=sorted(peft_config.target_modules),
             loraplex_version=version("loraplex"),
             metrics={k: v for k, v in metrics.items() if k.startswith(("eval_", "base_"))},
-            tokenizer=tokenizer_digests(self.tokenizer),
+            tokenizer=self.tokenizer_digests,
         )
         self.lineage.write(adapter_dir)
         self.registry.client.log_artifacts(self.run_id, str(adapter_dir), artifact_path="adapter")

@@ -1,5 +1,6 @@
 """A training run's folder under the data home: its checkpoints and `run.json`, the record
-that `--resume` reads (MLflow run id, status, config, data hash and base fingerprint)."""
+that `--resume` reads (MLflow run id, status, config, data hash, base and tokenizer
+fingerprints)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def write_record(run_dir: Path, record: dict) -> None:
 
 def run_to_resume(runs: Path, now: dict) -> Path:
     """The latest unfinished run under `runs`, if it ran what `now` describes (a record's
-    config, data_hash and base_fingerprint); else a UsageError naming each difference.
+    config, data_hash, base_fingerprint and tokenizer_fingerprint); else a UsageError naming
+    each difference.
 
     Every config key counts: the checkpoint's optimizer and scheduler would override a new
     learning rate unseen, and the run's MLflow params (logged once) would misreport any
@@ -56,6 +58,7 @@ def run_to_resume(runs: Path, now: dict) -> Path:
     for key, what in (
         ("data_hash", "the data's hash"),
         ("base_fingerprint", "the base's fingerprint"),
+        ("tokenizer_fingerprint", "the base tokenizer's fingerprint"),  # not in older records
     ):
         if record.get(key, now[key]) != now[key]:
             changed.append(f"{what} ({record[key]} then, {now[key]} now)")
