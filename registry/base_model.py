@@ -122,7 +122,8 @@ def tokenizer_digests(tokenizer) -> dict[str, str]:
         "chat template": tokenizer.chat_template,
     }
     return {
-        part: hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()[:16]
+        # sort_keys: a template may be a dict of named templates
+        part: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
         for part, value in parts.items()
     }
 

@@ -602,7 +602,7 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
         assert loaded.status_code == 200
         # names a client makes up, refused: audited, but no metrics series of their own
         bad_source = {"name": "made-up-1", "source": str(tmp_path / "nothing")}
-        assert httpx.post(f"{url}/adapters", json=bad_source).status_code == 400
+        assert httpx.post(f"{url}/adapters", json=bad_source).status_code == 404
         assert httpx.delete(f"{url}/adapters/made-up-2").status_code == 404
         _wait_until_idle(eng)
         m = _metrics(url)
