@@ -640,7 +640,7 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     # admin calls name the adapter as sent: loads and unloads under new names would add
     # series without end (the audit line has the name)
     assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="200")
-    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="400")
+    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="404")
     assert value("loraplex_requests_total", endpoint=admin, model="none", status="404") == 1
     assert not [labels for _, labels in m if ("model", "made-up-1") in labels]
     assert not [name for name, _ in m if name.endswith("_created")]
