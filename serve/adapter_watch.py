@@ -1,12 +1,12 @@
 """The server's adapters: loaded on first use, followed when their registry reference moves.
 
-A request for `name@alias` (or a bare `name`, the latest version) loads it once, however many
-requests ask at the same time. Every `interval` seconds the registry references of loaded
-adapters are resolved again; one that now points at other weights (its alias or the latest
-version moved, or its version's number was reused) is read and installed under the same
-name. New requests get the new version; requests in flight keep the adapter
-uid (name/version and its bytes) they started with, and so their slot and prefix-cache
-entries.
+A request for `name@alias` (or a bare `name`, the latest version), or for the name of a folder
+in `adapter_dir`, loads it once, however many requests ask at the same time. Every `interval`
+seconds the registry references of loaded adapters are resolved again; one that now points at
+other weights (its alias or the latest version moved, or its version's number was reused) is
+read and installed under the same name. New requests get the new version; requests in flight
+keep the adapter uid (name/version and its bytes) they started with, and so their slot and
+prefix-cache entries. A folder is read once: one rewritten is read again only once unloaded.
 
 An unreachable registry fails fast: MLflow's client would retry it for minutes (7 retries with
 exponential back-off, 120 s a call), so unless the environment says otherwise the server's
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from registry.download_cache import mark_used
 from registry.errors import AdapterError, NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
-from registry.refs import parse_ref
+from registry.refs import is_ref, parse_ref
 from registry.resolve import names_registry
 from registry.store import AdapterRegistry, RegisteredAdapter
 from registry.tracking import hide_password, is_missing, redacted
@@ -42,6 +44,8 @@ REGISTRY_HTTP_LIMITS = {
 }
 _LIST_TIMEOUT_S = 15  # the model list waits no longer for the registry, whatever MLflow does
 REGISTRY_THREADS = 4  # registry calls at once; more wait their turn
+# What a request may name in `adapter_dir`: one path component, not hidden (nor `..`)
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class AdapterWatch:
@@ -50,8 +54,10 @@ class AdapterWatch:
         engine: AsyncLLM,
         on_load: Callable[[str], None] = lambda reason: None,
         on_unload: Callable[[str], None] = lambda name: None,
+        adapter_dir: Path | None = None,
     ):
         self.engine = engine
+        self.adapter_dir = adapter_dir  # adapter folders loaded when a request names one
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
         self.on_unload = on_unload  # called with the name of each adapter unloaded
         # A reference loaded on first use -> when a request last named it (monotonic)
@@ -111,27 +117,53 @@ class AdapterWatch:
                 self._asked.pop(name, None)
         return info
 
-    async def ensure(self, ref: str) -> AdapterInfo:
-        """The adapter loaded under the name `ref` (a registry reference), loaded once."""
-        if ref in self.loaded:
-            return self.loaded[ref]
-        pending = self._loading.get(ref)
+    def first_use_source(self, model: str) -> str | None:
+        """Where a request's `model`, not loaded, loads from on first use: its folder in
+        `adapter_dir`, else the registry (`model` a reference); None: nowhere."""
+        folder = self._folder(model)
+        if folder is not None:
+            return str(folder)
+        return model if is_ref(model) else None
+
+    def folder_names(self) -> list[str]:
+        """The adapters in `adapter_dir` a request may name (reads the folder: off the loop)."""
+        if self.adapter_dir is None:
+            return []
+        try:
+            names = [path.name for path in self.adapter_dir.iterdir()]
+        except OSError as error:  # removed or unreadable since the server started
+            log.warning("cannot list adapter_dir %s: %s", self.adapter_dir, error)
+            return []
+        return sorted(name for name in names if self._folder(name) is not None)
+
+    def _folder(self, name: str) -> Path | None:
+        if self.adapter_dir is None or not _FOLDER_NAME.fullmatch(name):
+            return None
+        folder = self.adapter_dir / name
+        return folder if (folder / "adapter_config.json").is_file() else None
+
+    async def ensure(self, name: str, source: str | None = None) -> AdapterInfo:
+        """The adapter loaded under `name` from `source` (a registry reference or a folder;
+        default `name`, a reference), loaded once."""
+        if name in self.loaded:
+            return self.loaded[name]
+        pending = self._loading.get(name)
         if pending is None:
-            pending = asyncio.ensure_future(self._first_use(ref))
-            self._loading[ref] = pending
-            pending.add_done_callback(lambda done: self._loaded(ref, done))
+            pending = asyncio.ensure_future(self._first_use(name, source or name))
+            self._loading[name] = pending
+            pending.add_done_callback(lambda done: self._loaded(name, done))
         # Shielded: a caller that times out must not cancel the load others wait for.
         return await asyncio.shield(pending)
 
-    async def _first_use(self, ref: str) -> AdapterInfo:
-        # An admin's load under this name while the registry was read wins over it.
-        info = await self.load(ref, ref, "first_use", if_absent=True)
+    async def _first_use(self, name: str, source: str) -> AdapterInfo:
+        # An admin's load under this name while the source was read wins over it.
+        info = await self.load(name, source, "first_use", if_absent=True)
         if info is not None:
-            self._asked[ref] = time.monotonic()
+            self._asked[name] = time.monotonic()
         else:
-            info = self.loaded.get(ref)
+            info = self.loaded.get(name)
         if info is None:  # loaded by the API, then unloaded, all while this read it
-            raise NotFoundError(f"adapter {ref!r} was unloaded while it loaded; ask again")
+            raise NotFoundError(f"adapter {name!r} was unloaded while it loaded; ask again")
         return info
 
     def _loaded(self, ref: str, done: asyncio.Future) -> None:
@@ -179,7 +211,7 @@ class AdapterWatch:
         return moved
 
     def asked(self, name: str) -> None:
-        """A request names `name`: a reference loaded on first use stays while asked for."""
+        """A request names `name`: an adapter loaded on first use stays while asked for."""
         if name in self._asked:
             self._asked[name] = time.monotonic()
 
@@ -191,7 +223,7 @@ class AdapterWatch:
         self.on_unload(name)
 
     async def unload_idle(self, idle_s: float) -> list[str]:
-        """Unload the references loaded on first use that no request named for `idle_s`:
+        """Unload the adapters loaded on first use that no request named for `idle_s`:
         each distinct one a client asks for would otherwise stay loaded, listed and followed
         for good. Requests in flight finish on the version they started with."""
         now = time.monotonic()

@@ -67,6 +67,10 @@ def serve(
         list[str] | None,
         typer.Option(help="NAME=REF to load at start (REF: registry reference or folder)."),
     ] = None,
+    adapter_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of adapter folders, each loaded when a request names it."),
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible REST API.
@@ -86,6 +90,7 @@ def serve(
             base_model=base_model,
             host=host,
             port=port,
+            adapter_dir=adapter_dir,
             tracking_uri=tracking_uri,
         )
     with user_errors(settings.tracking_uri):  # the YAML's or an override's, named in errors
@@ -95,6 +100,7 @@ def serve(
 def _serve(settings) -> None:
     import uvicorn
 
+    from registry.errors import UsageError
     from registry.home import Home
     from serve import LLM
     from serve.api_keys import ApiKeys
@@ -105,6 +111,8 @@ def _serve(settings) -> None:
     # Before the minute the base model takes to load:
     _check_port_free(settings.host, settings.port)
     _check_adapters(settings.adapters.values(), settings.tracking_uri)
+    if settings.adapter_dir is not None and not settings.adapter_dir.is_dir():
+        raise UsageError(f"adapter_dir: {str(settings.adapter_dir)!r} is not a folder")
     ApiKeys(settings.api_keys)  # each key's variable is set
     AuditLog(settings.audit_path(Home.from_env())).close()  # the log can be written
     llm = LLM(**settings.engine_config().model_dump())

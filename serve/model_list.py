@@ -1,5 +1,6 @@
 """What `GET /v1/models` lists: the base, the loaded adapters with their version, and the
-registered adapters (and their aliases) not loaded yet."""
+adapters a request may load on first use: registered ones (and their aliases) and the folders
+in `adapter_dir`."""
 
 from __future__ import annotations
 
@@ -19,23 +20,25 @@ class ModelList:
 
     async def entries(self, may_use) -> dict[str, dict]:
         """The entries, by id, whose id `may_use` allows."""
-        return self._entries(await self._registered(), may_use)
+        return self._entries(await self._registered(), await self._folders(), may_use)
 
     async def get(self, model: str, may_use) -> dict:
         """`model`'s entry. While the registry cannot be read, a reference to it that is not
         loaded may yet be registered: a 503, not a 404."""
         registered = await self._registered()
-        entry = self._entries(registered, may_use).get(model)
+        entry = self._entries(registered, await self._folders(), may_use).get(model)
         if entry is not None:
             return entry
         if registered is None and is_ref(model):
             raise registry_unavailable()
         raise NotFoundError(f"model {model!r} does not exist")
 
-    def _entries(self, registered, may_use) -> dict[str, dict]:
+    def _entries(self, registered, folders: list[str], may_use) -> dict[str, dict]:
         entries = {self.base_name: self.entry(self.base_name)}
         for name, info in sorted(self.adapters.loaded.items()):
             entries[name] = self.adapter_entry(info)
+        for name in folders:  # before the registry's: a request for the name loads the folder
+            entries.setdefault(name, {**self.entry(name), "loaded": False})
         for adapter in registered or []:
             if adapter.latest_version is None:
                 continue  # no version to load yet
@@ -67,6 +70,9 @@ class ModelList:
             "modules": info.modules,
             "data_hash": info.data_hash,
         }
+
+    async def _folders(self) -> list[str]:
+        return await asyncio.to_thread(self.adapters.folder_names)
 
     async def _registered(self):
         """The registry's adapters; callers that ask while a listing runs share it, so a slow

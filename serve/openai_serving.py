@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import Request
 
-from registry.errors import NotFoundError, UnknownAdapterError
-from registry.refs import is_ref
+from registry.errors import NotFoundError, UnknownAdapterError, UsageError
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
 from serve.async_engine import AsyncLLM
@@ -72,13 +71,19 @@ class OpenAIServing:
         missing = (
             f"model {model!r} does not exist: not the base ({self.base_name!r}), a loaded adapter"
         )
-        if not is_ref(model):
+        if self.adapters.adapter_dir is not None:
+            missing += ", an adapter folder in adapter_dir"
+        source = self.adapters.first_use_source(model)
+        if source is None:
             raise NotFoundError(f"{missing} or a registry reference")
         try:
-            await self.adapters.ensure(model)
+            await self.adapters.ensure(model, source)
         except UnknownAdapterError as error:  # its URI and the names registered stay in the log
             log.info("model %r: %s", model, error)
             raise NotFoundError(f"{missing} or a registered adapter") from None
+        except UsageError as error:  # not an adapter, or not for this base: `model` names it
+            error.param = error.param or "model"
+            raise
         return model
 
     async def start(self, record: RequestRecord, body, prompts: list) -> list[AsyncIterator]:

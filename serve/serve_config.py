@@ -81,6 +81,9 @@ class ServeConfig(StrictConfig):
     host: str = "127.0.0.1"
     port: StrictInt = Field(8000, ge=1, le=65535)
     adapters: dict[AdapterName, str] = Field(default_factory=dict)  # name -> REF or folder
+    # A folder of adapter folders: a request whose `model` is one's name loads it on first
+    # use, as a registry reference loads (a name both there and registered is the folder's)
+    adapter_dir: Path | None = None
     # For requests that do not say; null: the room the context leaves (vLLM's default)
     default_max_tokens: StrictInt | None = Field(256, ge=1)
     max_waiting: StrictInt = Field(256, ge=1)  # queued requests beyond which new ones get 503
@@ -134,6 +137,8 @@ def load_serve_config(path: Path, overrides: list[str] = ()) -> ServeConfig:
         name: source if names_registry(source) else str(relative_to_file(path, Path(source)))
         for name, source in config.adapters.items()
     }
+    if config.adapter_dir is not None:
+        update["adapter_dir"] = relative_to_file(path, config.adapter_dir)
     if config.audit.path is not None:
         audit_path = relative_to_file(path, config.audit.path)
         update["audit"] = config.audit.model_copy(update={"path": audit_path})

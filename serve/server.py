@@ -81,7 +81,10 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     metrics = ServerMetrics()
     keys = ApiKeys(config.api_keys)
     adapters = AdapterWatch(
-        engine, lambda reason: metrics.adapter_loads.labels(reason).inc(), metrics.forget
+        engine,
+        lambda reason: metrics.adapter_loads.labels(reason).inc(),
+        metrics.forget,
+        config.adapter_dir,
     )
     model_list = ModelList(adapters, base_name)
     reader = PromptReader(tokenizer, engine.engine.max_model_len, config.default_max_tokens)

@@ -276,6 +276,7 @@ def test_serve_refuses_an_unwritable_audit_log_or_unset_key_before_the_model_loa
     [
         (["serve", "--adapter", "faq=nobody@champion"], "no registered adapter named 'nobody'"),
         (["serve", "--adapter", "faq=./no-such-folder"], "'./no-such-folder': no such folder"),
+        (["serve", "--adapter-dir", "./nowhere"], "adapter_dir: 'nowhere' is not a folder"),
         (["generate", "hi", "--adapter", "nobody/3"], "no registered adapter named 'nobody'"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1] (got 0.0)"),
     ],
@@ -343,6 +344,7 @@ def test_serve_flags_override_the_yaml_and_paths_are_read_from_the_file(tmp_path
             "port": 9000,
             "adapters": {"faq": "./faq", "sub": "runs/sub", "v3": "faq/3", "up": "/srv/up"},
             "audit": {"path": "logs/audit.jsonl"},
+            "adapter_dir": "adapters",
         },
     )
     settings = serve_settings(path, adapters=["facts=country-facts@champion"], port=9100, host=None)
@@ -355,6 +357,8 @@ def test_serve_flags_override_the_yaml_and_paths_are_read_from_the_file(tmp_path
         "facts": "country-facts@champion",  # from the command line
     }
     assert settings.audit.path == tmp_path / "logs/audit.jsonl"
+    assert settings.adapter_dir == tmp_path / "adapters"
+    assert serve_settings(path, adapter_dir=Path("mine")).adapter_dir == Path("mine")  # the cwd's
     shipped = serve_settings(SERVE_YAML, base_model="/models/other")
     assert shipped.engine_config().base_model == "/models/other"
     assert shipped.engine_config().max_num_seqs == load_serve_config(SERVE_YAML).engine.max_num_seqs

@@ -445,3 +445,62 @@ def test_a_running_server_keeps_the_downloads_it_serves_from_a_cache_prune(
         engine.shutdown()
     prune(registry.home.adapters, 86400)
     assert (info.path / "adapter_model.safetensors").is_file()
+
+
+def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
+    tiny_base, registry, tmp_path
+):
+    """vLLM's filesystem resolver, LoRAX's local adapters: a team that keeps adapters in a
+    folder serves each the first time a request names it, without a registry or a restart."""
+    from serve.async_engine import AsyncLLM
+    from serve.sampling_params import SamplingParams
+    from serve.serve_config import ServeConfig
+    from serve.server import create_app
+
+    adapter_dir = tmp_path / "adapters"
+    sql = make_lora(tiny_base, adapter_dir / "sql", rank=4, targets=["q_proj"], b_scale=1.0)
+    (adapter_dir / "notes").mkdir()  # no adapter_config.json: not an adapter
+    broken = adapter_dir / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "lora_alpha": 8}')
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    # registered under the same name too: the folder is what the name means here
+    register_folder(registry, make_adapter(tiny_base, tmp_path / "reg", name="sql"), "sql")
+    engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    config = ServeConfig(
+        adapter_dir=adapter_dir,
+        alias_poll_interval_s=0.1,
+        first_use_idle_s=1,
+        audit={"path": tmp_path / "audit.jsonl"},
+    )
+    reference = LLM(**tiny_engine_args(tiny_base))
+    reference.load_adapter("sql", str(sql))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    [expected] = reference.generate([PROMPT], params, adapters=["sql"])
+    try:
+        with running_server(create_app(engine, "tiny", config)) as url:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+            listed = {m.id: m.model_extra.get("loaded") for m in client.models.list()}
+            assert {k: listed.get(k) for k in ("sql", "broken", "notes")} == {
+                "sql": False,
+                "broken": False,
+                "notes": None,
+            }
+            reply = client.completions.create(
+                model="sql", prompt=PROMPT, **ANSWER | {"max_tokens": 6}
+            )
+            assert reply.choices[0].text == expected.text
+            info = engine.engine.adapters["sql"]
+            assert (info.path, info.version) == (sql.resolve(), None)
+            for name in ("notes", "nothing", "../adapters/sql", ".sql"):
+                with pytest.raises(openai.NotFoundError, match="adapter folder in adapter_dir"):
+                    client.completions.create(model=name, prompt=PROMPT, max_tokens=1)
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.completions.create(model="broken", prompt=PROMPT, max_tokens=1)
+            assert refused.value.body["param"] == "model"
+            deadline = time.monotonic() + 10
+            while "sql" in engine.engine.adapters:  # unloaded once idle, as a reference is
+                assert time.monotonic() < deadline, "never unloaded"
+                time.sleep(0.1)
+    finally:
+        engine.shutdown()
