@@ -121,9 +121,10 @@ def _serve(settings) -> None:
     base_name = llm.engine.base.path.name  # a folder by its own name (`.` too)
     engine = AsyncLLM(llm.engine, settings.max_waiting)
     app = create_app(engine, base_name, settings)
+    in_dir = f" (and those in {settings.adapter_dir} when asked)" if settings.adapter_dir else ""
     print(
         f"serving {base_name} and {len(settings.adapters)} "
-        f"adapter{'' if len(settings.adapters) == 1 else 's'} on "
+        f"adapter{'' if len(settings.adapters) == 1 else 's'}{in_dir} on "
         f"http://{settings.host}:{settings.port}/v1",
         flush=True,
     )
