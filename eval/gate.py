@@ -19,7 +19,9 @@ from eval.gate_config import GateConfig, http_url
 from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
+from registry.base_model import tokenizer_differences
 from registry.errors import ConfigError, NotFoundError, UsageError
+from registry.lineage import tokenizer_from_tags
 from registry.refs import CHAMPION, AdapterRef, parse_ref
 from registry.store import AdapterRegistry, AdapterVersion
 
@@ -219,7 +221,7 @@ class QualityGate:
         champion = self.champion
         if champion is None:
             return  # nothing to replace
-        if not self._on_candidates_base(champion):
+        if self._base_differences(champion):
             return  # it cannot be compared on this base; the report's note says so
         compared = self.candidate if self.baseline is None else self.baseline
         if self.candidate.version == champion.version:
@@ -268,22 +270,21 @@ class QualityGate:
 
     def _baseline(self, baseline: str | None) -> AdapterVersion | None:
         champion = self.champion
-        if champion is not None and not self._on_candidates_base(champion):
+        if champion is not None and (differ := self._base_differences(champion)):
             # The change of base a new train config makes: refusing would block it for good.
             self.champion_elsewhere = champion
             instead = "its own base" if baseline is None else f"{baseline} and its own base"
             self.notes.append(
                 f"the champion {champion.ref} was trained on another base model or tokenizer "
-                f"({_base(champion)}), which this gate does not serve: "
+                f"({differ}), which this gate does not serve: "
                 f"the candidate is judged against {instead} instead"
             )
         if baseline is not None:
             chosen = self._version(baseline, "--baseline")
-            if not self._on_candidates_base(chosen):
+            if differ := self._base_differences(chosen):
                 raise UsageError(
                     f"--baseline {chosen.ref} was trained on another base model or tokenizer "
-                    f"({_base(chosen)}) than --candidate "
-                    f"{self.candidate.ref} ({_base(self.candidate)}): "
+                    f"than --candidate {self.candidate.ref} ({differ}): "
                     "one engine cannot serve both"
                 )
             return chosen
@@ -299,14 +300,17 @@ class QualityGate:
         except NotFoundError:
             return None
 
-    def _on_candidates_base(self, version: AdapterVersion) -> bool:
-        """Whether `version` was trained on the candidate's base and tokenizer (as far as both
-        recorded): one engine serves both only then."""
-        for tag in _BASE_TAGS:
-            theirs, ours = (v.tags.get(tag) for v in (version, self.candidate))
-            if theirs is not None and ours is not None and theirs != ours:
-                return False
-        return True
+    def _base_differences(self, version: AdapterVersion) -> str:
+        """How the base and tokenizer `version` was trained on differ from the candidate's,
+        as far as both recorded ("" if they do not): one engine serves both only if not."""
+        theirs, ours = version.tags, self.candidate.tags
+        differ = []
+        base = theirs.get("base_fingerprint"), ours.get("base_fingerprint")
+        if None not in base and base[0] != base[1]:
+            differ.append(f"base {base[0]}, not {base[1]}")
+        parts = tokenizer_differences(tokenizer_from_tags(theirs), tokenizer_from_tags(ours))
+        differ += [f"the tokenizer's {part}" for part in parts]
+        return "; ".join(differ)
 
     def _baseline_label(self) -> str:
         if self.baseline is None:
@@ -318,18 +322,6 @@ class QualityGate:
         v = self.baseline
         aliases = f" ({', '.join('@' + a for a in v.aliases)})" if v.aliases else ""
         return f"{v.ref}{aliases}"
-
-
-# What a version's tags record of the base it was trained on (registry/lineage.py)
-_BASE_TAGS = ("base_fingerprint", "tokenizer_fingerprint")
-
-
-def _base(version: AdapterVersion) -> str:
-    """A version's base as its tags record it, for messages."""
-    recorded = [
-        f"{tag.split('_')[0]} {version.tags[tag]}" for tag in _BASE_TAGS if tag in version.tags
-    ]
-    return ", ".join(recorded) or "not recorded"
 
 
 def _array(values: list[float]):

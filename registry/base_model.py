@@ -112,14 +112,21 @@ def fingerprint(path: Path, home: Home | None = None) -> str:
     return value
 
 
+# Text whose ids show how a tokenizer splits and marks text (normalization, merges, a BOS
+# added or not), which its vocabulary alone does not
+_PROBE = "Hello, World! 1234 caf\u00e9  \u00fcber\n\ttabs\u2014and \u4f60\u597d <b>x</b>"
+
+
 def tokenizer_digests(tokenizer) -> dict[str, str]:
     """What of a tokenizer an adapter learns to read and write, each part sha256'd: its
-    vocabulary (token ids), its BOS and EOS, its chat template. Read from the loaded
-    tokenizer, not its files: those change with the transformers release that wrote them."""
+    vocabulary (token ids), its BOS and EOS, its chat template, and the ids it gives a probe
+    text. Read from the loaded tokenizer, not its files: those change with the transformers
+    release that wrote them."""
     parts = {
         "vocabulary": sorted(tokenizer.get_vocab().items()),
-        "special tokens": [tokenizer.bos_token, tokenizer.eos_token],
-        "chat template": tokenizer.chat_template,
+        "special_tokens": [tokenizer.bos_token, tokenizer.eos_token],
+        "chat_template": tokenizer.chat_template,
+        "text_encoding": tokenizer(_PROBE, add_special_tokens=True)["input_ids"],
     }
     return {
         # sort_keys: a template may be a dict of named templates
@@ -128,10 +135,14 @@ def tokenizer_digests(tokenizer) -> dict[str, str]:
     }
 
 
-def tokenizer_fingerprint(digests: dict[str, str]) -> str:
-    """One "sha256:<hex>" for a tokenizer's digests by part: a registry tag, a run's record."""
-    parts = json.dumps(digests, sort_keys=True).encode()
-    return "sha256:" + hashlib.sha256(parts).hexdigest()[:24]
+def tokenizer_differences(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
+    """The parts two tokenizers' digests differ in, as words ("chat template"); parts only
+    one records (another loraplex release's) are not compared."""
+    return [
+        part.replace("_", " ")
+        for part, digest in ours.items()
+        if part in theirs and theirs[part] != digest
+    ]
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -11,10 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from registry.base_model import tokenizer_fingerprint
+from registry.base_model import tokenizer_differences
 from registry.errors import AdapterError, BaseMismatchError
 
 LINEAGE_FILE = "loraplex.json"
+TOKENIZER_TAG = "tokenizer."  # the prefix of a version's tags holding its tokenizer's digests
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class Lineage:
             "target_modules": ",".join(self.target_modules),
             "loraplex_version": self.loraplex_version,
         }
-        if self.tokenizer:
-            tags["tokenizer_fingerprint"] = tokenizer_fingerprint(self.tokenizer)
+        # each part a tag of its own: compared by part, as a newer release may add parts
+        tags |= {f"{TOKENIZER_TAG}{part}": digest for part, digest in self.tokenizer.items()}
         return tags
 
     def write(self, adapter_dir: Path) -> None:
@@ -64,6 +65,13 @@ class Lineage:
             return lineage
         except (ValueError, TypeError, AttributeError) as error:  # ValueError: JSON, UTF-8
             raise AdapterError(f"{file} is not a loraplex lineage file ({error})") from None
+
+
+def tokenizer_from_tags(tags: dict[str, str]) -> dict[str, str]:
+    """A version's tokenizer digests by part, from its tags (empty if it recorded none)."""
+    return {
+        k.removeprefix(TOKENIZER_TAG): v for k, v in tags.items() if k.startswith(TOKENIZER_TAG)
+    }
 
 
 def adapter_config(config_file: Path, raw: bytes | None = None) -> dict:
@@ -97,10 +105,8 @@ def check_adapter_folder(
             f"adapter {lineage.name!r} was trained on base {lineage.base_model!r} "
             f"({lineage.base_fingerprint}), not on this base ({base_fingerprint})"
         )
-    if tokenizer and lineage and lineage.tokenizer:
-        differ = [
-            part for part, digest in tokenizer.items() if lineage.tokenizer.get(part) != digest
-        ]
+    if tokenizer and lineage:
+        differ = tokenizer_differences(lineage.tokenizer, tokenizer)
         if differ:
             raise BaseMismatchError(
                 f"adapter {lineage.name!r} was trained with another {' and '.join(differ)} "

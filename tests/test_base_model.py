@@ -9,7 +9,13 @@ import shutil
 
 import pytest
 
-from registry.base_model import fingerprint, resolve_base_model, tokenizer_digests, weight_files
+from registry.base_model import (
+    fingerprint,
+    resolve_base_model,
+    tokenizer_differences,
+    tokenizer_digests,
+    weight_files,
+)
 from registry.errors import UsageError
 
 
@@ -73,28 +79,48 @@ def test_fingerprint_ignores_what_config_records_of_its_writer_not_of_the_model(
 
 
 def test_tokenizer_digests_name_the_part_that_changed_not_the_files(smollm2, tmp_path):
-    """An adapter learns the base tokenizer's ids, its BOS/EOS and its chat template: each
-    is a digest of its own, read from the tokenizer (saved again, its files differ; it not)."""
+    """An adapter learns the base tokenizer's ids, its BOS/EOS, its chat template and how it
+    splits text: each is a digest of its own, read from the tokenizer (saved again, its
+    files differ; it not)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     first = tokenizer_digests(tokenizer)
-    assert set(first) == {"vocabulary", "special tokens", "chat template"}
+    assert set(first) == {"vocabulary", "special_tokens", "chat_template", "text_encoding"}
     tokenizer.save_pretrained(tmp_path / "saved")
     assert tokenizer_digests(AutoTokenizer.from_pretrained(tmp_path / "saved")) == first
 
-    def changed(tokenizer) -> set[str]:
-        digests = tokenizer_digests(tokenizer)
-        return {part for part in first if digests[part] != first[part]}
+    def changed(tokenizer) -> list[str]:
+        return tokenizer_differences(first, tokenizer_digests(tokenizer))
 
     tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<s>")
-    assert changed(tokenizer) == {"chat template"}
+    assert changed(tokenizer) == ["chat template"]
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     tokenizer.eos_token = "<|endoftext|>"
-    assert changed(tokenizer) == {"special tokens"}
+    assert changed(tokenizer) == ["special tokens"]
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     tokenizer.add_tokens(["<tool>"])
-    assert changed(tokenizer) == {"vocabulary"}
+    assert changed(tokenizer) == ["vocabulary"]
+    # the same vocabulary and tokens, but a BOS put before every text
+    file = tmp_path / "saved" / "tokenizer.json"
+    spec = json.loads(file.read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            bos,
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {
+            "<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}
+        },
+    }
+    file.write_text(json.dumps(spec))
+    assert changed(AutoTokenizer.from_pretrained(tmp_path / "saved")) == ["text encoding"]
+    # parts only one side records (another release's) are not compared
+    assert tokenizer_differences({**first, "merges": "a"}, {"vocabulary": "b"}) == ["vocabulary"]
 
 
 def test_unknown_base_model_is_refused(home, tmp_path):

@@ -252,7 +252,7 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
     # Trained on this base, but with another chat template (the base folder's edited since)
     other = make_lora(tiny_base, tmp_path / "other-template", rank=4, targets=["q_proj"])
     lineage = json.loads((other / "loraplex.json").read_text())
-    lineage["tokenizer"]["chat template"] = "0" * 16
+    lineage["tokenizer"]["chat_template"] = "0" * 16
     (other / "loraplex.json").write_text(json.dumps(lineage))
     with pytest.raises(BaseMismatchError, match=r"another chat template than this base's"):
         llm.load_adapter("other", str(other))

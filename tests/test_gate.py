@@ -558,23 +558,25 @@ def test_a_champion_trained_with_another_chat_template_is_a_champion_on_another_
     both adapters (it refuses the older), so the champion is judged as on another base."""
     from eval.gate import QualityGate
 
-    digests = {"vocabulary": "v", "special tokens": "s", "chat template": "old"}
+    digests = {"vocabulary": "v", "special_tokens": "s", "chat_template": "old"}
     assert _register_trained(registry, _trained_hash(), tokenizer=digests) == 1
     registry.promote("country-facts", 1)
-    edited = {**digests, "chat template": "new"}
+    edited = {**digests, "chat_template": "new"}
     assert _register_trained(registry, _trained_hash(), tokenizer=edited) == 2
     assert _register_trained(registry, _trained_hash()) == 3  # from before tokenizers were kept
+    # a later release's part the champion did not record: no difference
+    assert _register_trained(registry, _trained_hash(), tokenizer={**digests, "merges": "m"}) == 4
     config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
     gate = QualityGate(config, "country-facts/2", tracking_uri=registry.tracking_uri)
     assert gate.baseline is None
     [note] = gate.notes
-    assert re.match(
-        r"the champion country-facts/1 was trained on another base model or tokenizer "
-        r"\(base sha256:f, tokenizer sha256:\w+\)",
-        note,
+    assert note.startswith(
+        "the champion country-facts/1 was trained on another base model or tokenizer "
+        "(the tokenizer's chat template), which this gate does not serve"
     ), note
-    gate = QualityGate(config, "country-facts/3", tracking_uri=registry.tracking_uri)
-    assert gate.baseline.version == 1 and gate.notes == []
+    for same in ("country-facts/3", "country-facts/4"):
+        gate = QualityGate(config, same, tracking_uri=registry.tracking_uri)
+        assert gate.baseline.version == 1 and gate.notes == []
 
 
 def test_report_notes_are_in_the_json_and_the_markdown(tmp_path):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from registry.app import app
 from registry.base_model import tokenizer_digests
 from registry.errors import NotFoundError
-from registry.lineage import Lineage
+from registry.lineage import Lineage, tokenizer_from_tags
 from registry.refs import parse_ref
 from registry.store import AdapterRegistry
 from tests.helpers import BIN, PROJECT, run_cli
@@ -80,7 +80,7 @@ def test_train_register_promote_download_and_generate_on_the_4bit_base(
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     lineage = Lineage.read(dest)
     assert lineage.tokenizer == tokenizer_digests(tokenizer)
-    assert version.tags["tokenizer_fingerprint"] == lineage.tags()["tokenizer_fingerprint"]
+    assert tokenizer_from_tags(version.tags) == lineage.tokenizer
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -249,24 +249,35 @@ def test_train_summary_ends_with_the_registered_ref_on_one_line(capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"registered: {'x' * 90}/12"
 
 
-@pytest.mark.parametrize("changed", ["data_hash", "base_fingerprint", "tokenizer_fingerprint"])
+@pytest.mark.parametrize(
+    ("changed", "then", "what"),
+    [
+        ("data_hash", "sha256:then", r"the data's hash \(sha256:then then, \S+ now\)"),
+        (
+            "base_fingerprint",
+            "sha256:then",
+            r"the base's fingerprint \(sha256:then then, \S+ now\)",
+        ),
+        (
+            "tokenizer",
+            {"chat_template": "then", "merges": "x"},
+            "the base tokenizer's chat template",
+        ),
+    ],
+)
 def test_resume_refuses_a_run_whose_data_or_base_changed_since(
-    tiny_base, home, tracking_uri, changed
+    tiny_base, home, tracking_uri, changed, then, what
 ):
-    """Same config, other contents: the data file or the base folder was rewritten in place."""
+    """Same config, other contents: the data file or the base folder was rewritten in place
+    (a tokenizer part the record has and this release does not, `merges`, is no difference)."""
     from registry.errors import UsageError
     from train.config import load_config
     from train.recipe import TrainingJob
 
     config = load_config(CONFIG, [f"name=resume-{changed}", f"base_model={tiny_base.path}"])
-    _interrupted_run(home, config, tiny_base, **{changed: "sha256:then"})
+    _interrupted_run(home, config, tiny_base, **{changed: then})
     job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
-    what = {
-        "data_hash": "the data's hash",
-        "base_fingerprint": "the base's fingerprint",
-        "tokenizer_fingerprint": "the base tokenizer's fingerprint",
-    }[changed]
-    with pytest.raises(UsageError, match=rf"--resume: {what} \(sha256:then then, \S+ now\) differ"):
+    with pytest.raises(UsageError, match=rf"--resume: {what} differ from the interrupted run"):
         job.setup()
 
 

@@ -15,7 +15,6 @@ from registry.base_model import (
     BaseModel,
     resolve_base_model,
     tokenizer_digests,
-    tokenizer_fingerprint,
 )
 from registry.errors import LoraplexError, UsageError
 from registry.home import Home
@@ -105,7 +104,7 @@ class TrainingJob:
             "tracking_uri": redacted(self.registry.tracking_uri),  # no password on disk
             "data_hash": self.data_hash,
             "base_fingerprint": self.base.fingerprint,
-            "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer_digests),
+            "tokenizer": self.tokenizer_digests,
             "config": self.config.model_dump(mode="json"),
         }
 

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from registry.base_model import tokenizer_differences
 from registry.errors import UsageError
 
 RUN_FILE = "run.json"
@@ -34,7 +35,7 @@ def write_record(run_dir: Path, record: dict) -> None:
 
 def run_to_resume(runs: Path, now: dict) -> Path:
     """The latest unfinished run under `runs`, if it ran what `now` describes (a record's
-    config, data_hash, base_fingerprint and tokenizer_fingerprint); else a UsageError naming
+    config, data_hash, base_fingerprint and tokenizer digests); else a UsageError naming
     each difference.
 
     Every config key counts: the checkpoint's optimizer and scheduler would override a new
@@ -58,10 +59,11 @@ def run_to_resume(runs: Path, now: dict) -> Path:
     for key, what in (
         ("data_hash", "the data's hash"),
         ("base_fingerprint", "the base's fingerprint"),
-        ("tokenizer_fingerprint", "the base tokenizer's fingerprint"),  # not in older records
     ):
         if record.get(key, now[key]) != now[key]:
             changed.append(f"{what} ({record[key]} then, {now[key]} now)")
+    for part in tokenizer_differences(record.get("tokenizer") or {}, now["tokenizer"]):
+        changed.append(f"the base tokenizer's {part}")
     if changed:
         raise UsageError(
             f"--resume: {', '.join(changed)} differ from the interrupted run in {run_dir}; "
