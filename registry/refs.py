@@ -64,9 +64,14 @@ def check_alias(alias: str) -> str:
     return alias
 
 
+def is_name(text: str) -> bool:
+    """Whether `text` is a plain adapter name (no version or alias)."""
+    return re.fullmatch(_NAME, text) is not None
+
+
 def check_name(name: str) -> str:
     """Validate an adapter name (used for configs before anything is trained)."""
-    if re.fullmatch(_NAME, name) is None:
+    if not is_name(name):
         raise UsageError(f"name {name!r} must be a name ({_NAMES})")
     return name
 

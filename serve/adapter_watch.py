@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 from registry.download_cache import mark_used
 from registry.errors import AdapterError, NotFoundError, UnknownAdapterError
 from registry.home import prefer_env
-from registry.refs import is_ref, parse_ref
+from registry.refs import is_name, is_ref, parse_ref
 from registry.resolve import names_registry
 from registry.store import AdapterRegistry, RegisteredAdapter
 from registry.tracking import hide_password, is_missing, redacted
@@ -44,8 +43,6 @@ REGISTRY_HTTP_LIMITS = {
 }
 _LIST_TIMEOUT_S = 15  # the model list waits no longer for the registry, whatever MLflow does
 REGISTRY_THREADS = 4  # registry calls at once; more wait their turn
-# What a request may name in `adapter_dir`: one path component, not hidden (nor `..`)
-_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class AdapterWatch:
@@ -57,10 +54,12 @@ class AdapterWatch:
         adapter_dir: Path | None = None,
     ):
         self.engine = engine
-        self.adapter_dir = adapter_dir  # adapter folders loaded when a request names one
+        # Adapter folders loaded when a request names one; absolute, so that no folder's path
+        # reads as a registry reference (`adapters/3`, `sql` under `.`)
+        self.adapter_dir = adapter_dir.resolve() if adapter_dir is not None else None
         self.on_load = on_load  # called with the reason: first_use, api or alias_moved
         self.on_unload = on_unload  # called with the name of each adapter unloaded
-        # A reference loaded on first use -> when a request last named it (monotonic)
+        # An adapter loaded on first use -> when a request last named it (monotonic)
         self._asked: dict[str, float] = {}
         for variable, value in REGISTRY_HTTP_LIMITS.items():  # MLflow reads them at each call
             prefer_env(variable, value)
@@ -137,7 +136,8 @@ class AdapterWatch:
         return sorted(name for name in names if self._folder(name) is not None)
 
     def _folder(self, name: str) -> Path | None:
-        if self.adapter_dir is None or not _FOLDER_NAME.fullmatch(name):
+        # An adapter name is one path component, not hidden: never `..` nor `a/b`
+        if self.adapter_dir is None or not is_name(name):
             return None
         folder = self.adapter_dir / name
         return folder if (folder / "adapter_config.json").is_file() else None

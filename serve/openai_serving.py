@@ -73,7 +73,8 @@ class OpenAIServing:
         )
         if self.adapters.adapter_dir is not None:
             missing += ", an adapter folder in adapter_dir"
-        source = self.adapters.first_use_source(model)
+        # off the loop: adapter_dir may be a network mount
+        source = await asyncio.to_thread(self.adapters.first_use_source, model)
         if source is None:
             raise NotFoundError(f"{missing} or a registry reference")
         try:
@@ -83,6 +84,8 @@ class OpenAIServing:
             raise NotFoundError(f"{missing} or a registered adapter") from None
         except UsageError as error:  # not an adapter, or not for this base: `model` names it
             error.param = error.param or "model"
+            if self.adapters.adapter_dir is not None:  # where the server keeps them is its own
+                error.args = (str(error).replace(str(self.adapters.adapter_dir), "adapter_dir"),)
             raise
         return model
 

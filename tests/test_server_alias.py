@@ -5,6 +5,7 @@ started with, and /v1/models lists registered adapters that are not loaded yet."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 
@@ -448,7 +449,7 @@ def test_a_running_server_keeps_the_downloads_it_serves_from_a_cache_prune(
 
 
 def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
-    tiny_base, registry, tmp_path
+    tiny_base, registry, tmp_path, monkeypatch
 ):
     """vLLM's filesystem resolver, LoRAX's local adapters: a team that keeps adapters in a
     folder serves each the first time a request names it, without a registry or a restart."""
@@ -464,11 +465,14 @@ def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "lora_alpha": 8}')
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(sql, adapter_dir / "3")  # read as a reference, `adapters/3` is version 3
+    shutil.copytree(sql, adapter_dir / ("a" * 101))  # no adapter's name: too long
     # registered under the same name too: the folder is what the name means here
     register_folder(registry, make_adapter(tiny_base, tmp_path / "reg", name="sql"), "sql")
     engine = AsyncLLM(LLM(**tiny_engine_args(tiny_base, registry.tracking_uri)).engine)
+    monkeypatch.chdir(tmp_path)
     config = ServeConfig(
-        adapter_dir=adapter_dir,
+        adapter_dir="adapters",  # as `--adapter-dir adapters` gives it: relative
         alias_poll_interval_s=0.1,
         first_use_idle_s=1,
         audit={"path": tmp_path / "audit.jsonl"},
@@ -481,10 +485,12 @@ def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
         with running_server(create_app(engine, "tiny", config)) as url:
             client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
             listed = {m.id: m.model_extra.get("loaded") for m in client.models.list()}
-            assert {k: listed.get(k) for k in ("sql", "broken", "notes")} == {
+            assert {k: listed.get(k) for k in ("sql", "3", "broken", "notes", "a" * 101)} == {
                 "sql": False,
+                "3": False,
                 "broken": False,
                 "notes": None,
+                "a" * 101: None,
             }
             reply = client.completions.create(
                 model="sql", prompt=PROMPT, **ANSWER | {"max_tokens": 6}
@@ -492,12 +498,18 @@ def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
             assert reply.choices[0].text == expected.text
             info = engine.engine.adapters["sql"]
             assert (info.path, info.version) == (sql.resolve(), None)
+            again = client.completions.create(
+                model="3", prompt=PROMPT, **ANSWER | {"max_tokens": 6}
+            )
+            assert again.choices[0].text == expected.text
             for name in ("notes", "nothing", "../adapters/sql", ".sql"):
                 with pytest.raises(openai.NotFoundError, match="adapter folder in adapter_dir"):
                     client.completions.create(model=name, prompt=PROMPT, max_tokens=1)
             with pytest.raises(openai.BadRequestError) as refused:
                 client.completions.create(model="broken", prompt=PROMPT, max_tokens=1)
             assert refused.value.body["param"] == "model"
+            assert "adapter_dir/broken/adapter_model" in refused.value.body["message"]
+            assert str(tmp_path) not in refused.value.body["message"]  # the server's own paths
             deadline = time.monotonic() + 10
             while "sql" in engine.engine.adapters:  # unloaded once idle, as a reference is
                 assert time.monotonic() < deadline, "never unloaded"
