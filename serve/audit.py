@@ -54,7 +54,8 @@ class RecordRequests:
         self.in_flight = in_flight  # ids of the requests begun and not yet finished
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path in _UNVERSIONED):
             await self.app(scope, receive, send)
             return
         record = RequestRecord(new_id("req"), _endpoint(scope["path"]))
@@ -100,6 +101,10 @@ class RecordRequests:
                 self.in_flight.discard(record.request_id)
 
 
+# vLLM's routes outside /v1 that are requests like the others (keys, audit, metrics)
+_UNVERSIONED = ("/tokenize", "/detokenize")
+
+
 def _endpoint(path: str) -> str:
     """The route, so that metrics labels stay few whatever paths clients send."""
     if path.startswith("/v1/adapters/"):
@@ -113,6 +118,7 @@ def _endpoint(path: str) -> str:
         "/v1/adapters",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
+        *_UNVERSIONED,
     }
     return path if path in known else "other"
 

@@ -30,15 +30,15 @@ class PromptReader:
                 "context_length_exceeded",
             )
 
-    def chat(self, messages: list[dict]) -> list[int]:
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Messages through the base model's chat template, ready for the answer."""
         try:
-            return chat_prompt_ids(self.tokenizer, messages)
+            return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt)
         except TemplateError as error:  # the template's raise_exception: roles, order
             raise InvalidField("messages", f"the chat template refused them: {error}") from None
 
-    def encode(self, prompt: str) -> list[int]:
-        return text_prompt_ids(self.tokenizer, prompt)
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return text_prompt_ids(self.tokenizer, prompt, add_special_tokens)
 
     def max_tokens_for(self, body, prompt_tokens: int, field: str) -> int:
         """The request's `max_tokens` for one prompt: refused (as vLLM and OpenAI do) if it

@@ -13,13 +13,16 @@ _MARK = "\ue000{}\ue001"
 _MARKS = re.compile("\ue000(\\d+)\ue001")
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages through the base model's chat template, ready for the answer. The template
-    writes the special tokens it wants, so the tokenizer adds none; the text of a special
-    token typed in a message (`<|im_end|>`) stays text, or a user could end their turn
-    and open a system one."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    typed = _typed_special_tokens(tokenizer, messages, text)
+def chat_prompt_ids(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = True
+) -> list[int]:
+    """Messages through the base model's chat template, ready for the answer (without
+    `add_generation_prompt`: as a history, no answer opened). The template writes the special
+    tokens it wants, so the tokenizer adds none; the text of a special token typed in a
+    message (`<|im_end|>`) stays text, or a user could end their turn and open a system one."""
+    opened = add_generation_prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=opened)
+    typed = _typed_special_tokens(tokenizer, messages, text, opened)
     ids, at = [], 0
     for start, end in typed:
         ids += tokenizer(text[at:start], add_special_tokens=False)["input_ids"]
@@ -29,12 +32,15 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids + tokenizer(text[at:], add_special_tokens=False)["input_ids"]
 
 
-def text_prompt_ids(tokenizer, text: str) -> list[int]:
-    """A plain-text prompt, with the tokenizer's special tokens (a BOS where the model has one)."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+def text_prompt_ids(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """A plain-text prompt, with the tokenizer's special tokens (a BOS where the model has one)
+    unless told not to add them."""
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _typed_special_tokens(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+def _typed_special_tokens(
+    tokenizer, messages: list[dict], text: str, opened: bool
+) -> list[tuple[int, int]]:
     """Where in the rendered `text` the messages' contents spell special tokens: (start, end)
     spans, in order. Found by rendering the template again with a mark for each content and
     putting the contents (as they are, or trimmed, as templates often write them) back."""
@@ -44,7 +50,7 @@ def _typed_special_tokens(tokenizer, messages: list[dict], text: str) -> list[tu
     if not typed:
         return []  # the usual case: one render
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
-    skeleton = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    skeleton = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=opened)
     pieces = _MARKS.split(skeleton)  # template text, message index, template text, ...
     for written in (str, str.strip):
         parts, spans, at = [], [], 0

@@ -363,6 +363,40 @@ class LoraAdapterUnload(BaseModel):
     lora_name: str
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize body: a text prompt or chat messages, into the ids a completion
+    or chat request would feed the model (its two request types, told apart by field)."""
+
+    model_config = ConfigDict(extra="forbid")  # a field unused here would change the ids
+
+    model: str | None = None  # checked if given; every adapter shares the base's tokenizer
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool = True  # messages: open the assistant's answer
+    return_token_strs: bool = False  # each id's token as the vocabulary spells it
+
+    def check(self) -> None:
+        """What the fields' types cannot say, as a 400 naming the field."""
+        if (self.prompt is None) == (self.messages is None):
+            field = "messages" if self.messages is not None else "prompt"
+            raise InvalidField(field, "give prompt (text) or messages (a chat), one of them")
+        if self.messages is not None and self.add_special_tokens:
+            raise InvalidField(
+                "add_special_tokens",
+                "must be false with messages: the chat template writes the special tokens",
+            )
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -1,7 +1,8 @@
 """OpenAI-compatible REST server over the async engine; the `model` field picks the adapter.
 
-`model` is the base model's name, a loaded adapter, or a registry reference (`name`,
-`name@alias`, `name/3`) that is loaded on first use without a restart.
+`model` is the base model's name, a loaded adapter, or one loaded on first use without a
+restart: a folder's name in `adapter_dir`, a registry reference (`name`, `name@alias`,
+`name/3`).
 
 Refusals and what OpenAI's clients do with them: 400/404 (not retried); 401/403 for keys and
 allow-lists; 429 with Retry-After (retried after that delay); 503 when `max_waiting` requests
@@ -39,9 +40,11 @@ from serve.protocol import (
     AdapterLoad,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     InvalidField,
     LoraAdapterLoad,
     LoraAdapterUnload,
+    TokenizeRequest,
     new_id,
     now,
 )
@@ -201,6 +204,44 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
     @app.get("/v1/models/{model:path}")  # :path, as references hold '/' (name/3)
     async def model(record: Authenticated, model: str):
         return await model_list.get(model, record.caller.may_use)
+
+    async def check_model(record: RequestRecord, model: str | None) -> None:
+        """A tokenization's `model`, if given: one the caller may use and this server serves
+        or would load on first use (not loaded for it: adapters share the base's tokenizer)."""
+        if model is None:
+            return
+        record.model = model
+        keys.permit(record.caller, model)  # not charged: it generates nothing
+        if model not in (base_name, *adapters.loaded):
+            await model_list.get(model, record.caller.may_use)  # 404 if it has no entry
+
+    # vLLM's, for clients that count or cut prompts as the server will read them
+    @app.post("/tokenize")
+    async def tokenize(record: Authenticated, body: TokenizeRequest):
+        body.check()
+        await check_model(record, body.model)
+        if body.messages is not None:
+            messages = [m.for_template() for m in body.messages]
+            record.prompt = messages
+            reader.check_length("messages", sum(len(m["content"]) for m in messages))
+            ids = await serving.tokenized(reader.chat, messages, body.add_generation_prompt)
+        else:
+            record.prompt = body.prompt
+            reader.check_length("prompt", len(body.prompt))
+            special = body.add_special_tokens is not False
+            ids = await serving.tokenized(reader.encode, body.prompt, special)
+        reply = {"count": len(ids), "max_model_len": reader.context, "tokens": ids}
+        if body.return_token_strs:
+            reply["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return reply
+
+    @app.post("/detokenize")
+    async def detokenize(record: Authenticated, body: DetokenizeRequest):
+        await check_model(record, body.model)
+        vocab = engine.engine.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise InvalidField("tokens", f"holds token ids outside the vocabulary of {vocab}")
+        return {"prompt": await serving.tokenized(tokenizer.decode, body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, record: Authenticated, body: ChatCompletionRequest):

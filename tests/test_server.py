@@ -543,3 +543,47 @@ def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(server):
     assert reply.status_code == 413 and "over the limit" in reply.json()["error"]["message"]
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     assert client.completions.create(model="faq", prompt=[1, 300], max_tokens=2)
+
+
+def test_vllms_tokenize_and_detokenize_give_the_ids_requests_are_fed(server):
+    url, _, engine = server
+    root = url.removesuffix("/v1")
+    tokenizer = engine.engine.tokenizer
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+    def post(route: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{root}/{route}", json=body, timeout=30)
+
+    def template(opened: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=opened)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    chat = post("tokenize", {"model": "faq", "messages": QUESTION}).json()
+    served = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=1)
+    assert chat["tokens"] == template(True)
+    assert chat["count"] == len(chat["tokens"]) == served.usage.prompt_tokens
+    assert chat["max_model_len"] == engine.engine.max_model_len
+    history = post("tokenize", {"messages": QUESTION, "add_generation_prompt": False}).json()
+    assert history["tokens"] == template(False) != chat["tokens"]
+
+    text = "Oslo is the capital of Norway."
+    ids = post("tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True}).json()
+    assert ids["tokens"] == tokenizer(text)["input_ids"]
+    assert ids["token_strs"] == tokenizer.convert_ids_to_tokens(ids["tokens"])
+    bare = post("tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "token_strs" not in bare
+    back = post("detokenize", {"model": "faq", "tokens": ids["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(ids["tokens"])}
+
+    for route, body, status, param in (
+        ("tokenize", {"prompt": text, "messages": QUESTION}, 400, "messages"),
+        ("tokenize", {}, 400, "prompt"),
+        ("tokenize", {"messages": QUESTION, "add_special_tokens": True}, 400, "add_special_tokens"),
+        ("tokenize", {"prompt": text, "chat_template": "{{ x }}"}, 400, "chat_template"),
+        ("tokenize", {"model": "nothing", "prompt": text}, 404, "model"),
+        ("detokenize", {"tokens": [1, 10**9]}, 400, "tokens"),
+        ("detokenize", {"model": "nothing", "tokens": [1]}, 404, "model"),
+    ):
+        refused = post(route, body)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (status, param), body

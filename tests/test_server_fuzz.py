@@ -49,6 +49,8 @@ OPERATIONS = [
     ("DELETE", "/v1/adapters/{name}"),
     ("POST", "/v1/load_lora_adapter"),
     ("POST", "/v1/unload_lora_adapter"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),

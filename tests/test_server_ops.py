@@ -150,6 +150,32 @@ def test_keys_allow_lists_rate_limits_and_an_audit_line_per_request(
     assert line["adapter_uid"].startswith("faq#") and line["latency_s"] > 0
 
 
+def test_tokenize_asks_for_a_key_keeps_to_its_allow_list_and_spends_no_budget(
+    tiny_base, faq_folder, empty_registry, tmp_path
+):
+    key = {"id": "faq-team", "sha256": hashlib.sha256(FAQ_KEY.encode()).hexdigest()}
+    keys = [{**key, "adapters": ["faq"], "tokens_per_minute": 20}]
+    with serving(tiny_base, faq_folder, empty_registry, tmp_path, api_keys=keys) as (url, _):
+
+        def post(route: str, body: dict, key: str | None = FAQ_KEY) -> int:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            root = url.removesuffix("/v1")
+            return httpx.post(f"{root}/{route}", json=body, headers=headers).status_code
+
+        long = {"model": "faq", "prompt": "one more word " * 20}  # 20+ tokens, over the budget
+        assert post("tokenize", long, key=None) == 401
+        assert post("tokenize", {**long, "model": "tiny"}) == 403
+        assert [post("tokenize", long) for _ in range(3)] == [200] * 3
+        assert post("detokenize", {"model": "faq", "tokens": [1, 2]}) == 200
+    lines = [(x["endpoint"], x["key_id"], x["model"], x["status"]) for x in _audit(tmp_path)]
+    assert lines == [
+        ("/tokenize", None, None, 401),
+        ("/tokenize", "faq-team", "tiny", 403),
+        *[("/tokenize", "faq-team", "faq", 200)] * 3,
+        ("/detokenize", "faq-team", "faq", 200),
+    ]
+
+
 def test_requests_in_flight_hold_their_most_tokens_so_a_burst_cannot_overdraw_a_key(
     tiny_base, faq_folder, empty_registry, tmp_path
 ):
