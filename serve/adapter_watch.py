@@ -124,6 +124,23 @@ class AdapterWatch:
             return str(folder)
         return model if is_ref(model) else None
 
+    async def servable(self, model: str) -> bool:
+        """Whether a request naming `model`, not loaded, would load an adapter: a folder in
+        `adapter_dir`, or a registered version (one registry lookup; 503 if unreachable)."""
+        source = await asyncio.to_thread(self.first_use_source, model)
+        if source is None or not names_registry(source):
+            return source is not None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            await self._in_registry_thread(self.registry.get, parse_ref(model))
+        except NotFoundError:
+            return False
+        except MlflowException as error:
+            log.warning("cannot look up %s in the registry: %s", model, self._told(error))
+            raise registry_unavailable() from None
+        return True
+
     def folder_names(self) -> list[str]:
         """The adapters in `adapter_dir` a request may name (reads the folder: off the loop)."""
         if self.adapter_dir is None:

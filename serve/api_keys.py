@@ -90,21 +90,17 @@ class ApiKeys:
                 return caller
         raise Refusal(401, "unknown API key", *_AUTH)
 
-    def admit(self, caller: Caller, model: str) -> None:
-        """403 for a model off the caller's allow-list, 429 while its token budget is spent
-        (checked again by `reserve`, once the request's size is known)."""
-        self.permit(caller, model)
-        self._check_budget(caller)
-
-    def permit(self, caller: Caller, model: str) -> None:
-        """403 for a model off the caller's allow-list."""
-        if not caller.may_use(model):
+    def admit(self, caller: Caller, model: str | None) -> None:
+        """403 for a model off the caller's allow-list (None: no model named), 429 while its
+        token budget is spent (checked again by `reserve`, once the request's size is known)."""
+        if model is not None and not caller.may_use(model):
             raise Refusal(
                 403,
                 f"key {caller.id!r} may not use model {model!r}",
                 "permission_error",
                 "model_not_allowed",
             )
+        self._check_budget(caller)
 
     def reserve(self, caller: Caller, tokens: int) -> int:
         """Take the most tokens a request can use from the caller's budget (429 while it is

@@ -363,11 +363,12 @@ class LoraAdapterUnload(BaseModel):
     lora_name: str
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_NullMeansDefault):
     """vLLM's POST /tokenize body: a text prompt or chat messages, into the ids a completion
     or chat request would feed the model (its two request types, told apart by field)."""
 
-    model_config = ConfigDict(extra="forbid")  # a field unused here would change the ids
+    # Unknown fields are ignored, as vLLM does (a client may send its chat body to count it)
+    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # checked if given; every adapter shares the base's tokenizer
     prompt: str | None = None
@@ -375,6 +376,22 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True  # messages: open the assistant's answer
     return_token_strs: bool = False  # each id's token as the vocabulary spells it
+    # vLLM's other ways to render messages: not served, refused but at their defaults
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    tools: list | None = None
+    documents: list | None = None
+    mm_processor_kwargs: dict | None = None
+
+    _unserved = field_validator(
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+        "tools",
+        "documents",
+        "mm_processor_kwargs",
+    )(_default_only)
 
     def check(self) -> None:
         """What the fields' types cannot say, as a 400 naming the field."""
@@ -388,10 +405,10 @@ class TokenizeRequest(BaseModel):
             )
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_NullMeansDefault):
     """vLLM's POST /detokenize body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     tokens: list[int]

@@ -23,7 +23,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from registry.errors import ConfigError, UsageError
+from registry.errors import ConfigError, NotFoundError, UsageError
 from serve.adapter_catalog import AdapterInfo
 from serve.adapter_watch import AdapterWatch
 from serve.api_keys import ApiKeys
@@ -206,14 +206,15 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
         return await model_list.get(model, record.caller.may_use)
 
     async def check_model(record: RequestRecord, model: str | None) -> None:
-        """A tokenization's `model`, if given: one the caller may use and this server serves
-        or would load on first use (not loaded for it: adapters share the base's tokenizer)."""
+        """A tokenization's `model`, if given: one the caller may use and a request could
+        name (not loaded for it: adapters share the base's tokenizer). Not charged, as it
+        generates nothing, but refused while the caller's budget is spent."""
+        keys.admit(record.caller, model)
         if model is None:
             return
+        if model not in (base_name, *adapters.loaded) and not await adapters.servable(model):
+            raise NotFoundError(f"model {model!r} does not exist")
         record.model = model
-        keys.permit(record.caller, model)  # not charged: it generates nothing
-        if model not in (base_name, *adapters.loaded):
-            await model_list.get(model, record.caller.may_use)  # 404 if it has no entry
 
     # vLLM's, for clients that count or cut prompts as the server will read them
     @app.post("/tokenize")
@@ -230,14 +231,19 @@ def create_app(engine: AsyncLLM, base_name: str, config: ServeConfig | None = No
             reader.check_length("prompt", len(body.prompt))
             special = body.add_special_tokens is not False
             ids = await serving.tokenized(reader.encode, body.prompt, special)
-        reply = {"count": len(ids), "max_model_len": reader.context, "tokens": ids}
-        if body.return_token_strs:
-            reply["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
-        return reply
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {
+            "count": len(ids),
+            "max_model_len": reader.context,
+            "tokens": ids,
+            "token_strs": strs,
+        }
 
     @app.post("/detokenize")
     async def detokenize(record: Authenticated, body: DetokenizeRequest):
         await check_model(record, body.model)
+        if len(body.tokens) > reader.context:
+            raise InvalidField("tokens", f"more than the context length of {reader.context}")
         vocab = engine.engine.model.shape.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise InvalidField("tokens", f"holds token ids outside the vocabulary of {vocab}")

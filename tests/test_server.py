@@ -570,9 +570,11 @@ def test_vllms_tokenize_and_detokenize_give_the_ids_requests_are_fed(server):
     ids = post("tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True}).json()
     assert ids["tokens"] == tokenizer(text)["input_ids"]
     assert ids["token_strs"] == tokenizer.convert_ids_to_tokens(ids["tokens"])
-    bare = post("tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    # vLLM's null defaults, and fields of other requests (a chat body sent to count it): fine
+    body = {"prompt": text, "add_special_tokens": False, "return_token_strs": None}
+    bare = post("tokenize", {**body, "chat_template": None, "temperature": 0.5}).json()
     assert bare["tokens"] == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert "token_strs" not in bare
+    assert bare["token_strs"] is None
     back = post("detokenize", {"model": "faq", "tokens": ids["tokens"]})
     assert back.json() == {"prompt": tokenizer.decode(ids["tokens"])}
 
@@ -583,6 +585,13 @@ def test_vllms_tokenize_and_detokenize_give_the_ids_requests_are_fed(server):
         ("tokenize", {"prompt": text, "chat_template": "{{ x }}"}, 400, "chat_template"),
         ("tokenize", {"model": "nothing", "prompt": text}, 404, "model"),
         ("detokenize", {"tokens": [1, 10**9]}, 400, "tokens"),
+        ("detokenize", {"tokens": [1] * (engine.engine.max_model_len + 1)}, 400, "tokens"),
+        (
+            "tokenize",
+            {"messages": QUESTION, "continue_final_message": True},
+            400,
+            "continue_final_message",
+        ),
         ("detokenize", {"model": "nothing", "tokens": [1]}, 404, "model"),
     ):
         refused = post(route, body)
