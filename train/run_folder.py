@@ -1,6 +1,6 @@
 """A training run's folder under the data home: its checkpoints and `run.json`, the record
-that `--resume` reads (MLflow run id, status, config, data hash, base and tokenizer
-fingerprints)."""
+that `--resume` reads (MLflow run id, status, config, data hash, base fingerprint and
+tokenizer digests)."""
 
 from __future__ import annotations
 
