@@ -225,7 +225,20 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class ChatCompletionRequest(_Request):
+class _UnservedRendering(BaseModel):
+    """vLLM's ways to render messages otherwise: not served, refused but at their defaults."""
+
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
+    documents: list | None = None
+
+    _unserved_rendering = field_validator(
+        "continue_final_message", "chat_template", "chat_template_kwargs", "documents"
+    )(_default_only)
+
+
+class ChatCompletionRequest(_Request, _UnservedRendering):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # each output token's logprob
@@ -235,14 +248,10 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
-    # vLLM's ways to render the prompt otherwise: not served, refused but at their defaults.
+    # More of vLLM's ways to render the prompt otherwise (_UnservedRendering has the rest)
     add_generation_prompt: bool = True
-    continue_final_message: bool = False
     add_special_tokens: bool = False
     echo: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict | None = None
-    documents: list | None = None
     # OpenAI's fields for other models' answers (audio, web search, reasoning): refused.
     modalities: list[str] | None = None
     audio: dict | None = None
@@ -252,12 +261,8 @@ class ChatCompletionRequest(_Request):
 
     _unserved_chat = field_validator(
         "add_generation_prompt",
-        "continue_final_message",
         "add_special_tokens",
         "echo",
-        "chat_template",
-        "chat_template_kwargs",
-        "documents",
         "audio",
         "web_search_options",
         "reasoning_effort",
@@ -363,7 +368,7 @@ class LoraAdapterUnload(BaseModel):
     lora_name: str
 
 
-class TokenizeRequest(_NullMeansDefault):
+class TokenizeRequest(_NullMeansDefault, _UnservedRendering):
     """vLLM's POST /tokenize body: a text prompt or chat messages, into the ids a completion
     or chat request would feed the model (its two request types, told apart by field)."""
 
@@ -376,22 +381,11 @@ class TokenizeRequest(_NullMeansDefault):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True  # messages: open the assistant's answer
     return_token_strs: bool = False  # each id's token as the vocabulary spells it
-    # vLLM's other ways to render messages: not served, refused but at their defaults
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict | None = None
+    # vLLM's other ways to render messages (_UnservedRendering has the rest): refused
     tools: list | None = None
-    documents: list | None = None
     mm_processor_kwargs: dict | None = None
 
-    _unserved = field_validator(
-        "continue_final_message",
-        "chat_template",
-        "chat_template_kwargs",
-        "tools",
-        "documents",
-        "mm_processor_kwargs",
-    )(_default_only)
+    _unserved = field_validator("tools", "mm_processor_kwargs")(_default_only)
 
     def check(self) -> None:
         """What the fields' types cannot say, as a 400 naming the field."""
