@@ -217,7 +217,8 @@ class AsyncLLM:
                 else self._streams.get(output.request_id)
             )
             if stream is not None:
-                self._put(stream, output if output.error is None else EngineStepError(output.error))
+                error = output.error
+                self._put(stream, output if error is None else EngineStepError(str(error)))
 
     def _fail_cut(self, error: Exception) -> None:
         for request_id in self.engine.abort_cut():

@@ -305,19 +305,19 @@ class LLMEngine:
         `OutputProcessor.cut_by_failed_step`) and return their ids."""
         cut = self.outputs.cut_by_failed_step()
         for request_id in cut:
-            seq = self.requests[request_id].seq
             try:
                 self._end(request_id)
-            except Exception:  # its own output fails again (a bug): release it all the same
+            except Exception:  # its own output fails again (a bug): released all the same
                 log.exception("request %s: its last output failed; released without it", request_id)
-                self.scheduler.finish(seq, Status.FINISHED_ABORTED)  # its state is forgotten
-                self.num_aborted += 1
         return cut
 
     def _end(self, request_id: str) -> RequestOutput:
-        state = self.outputs.abort(request_id)
-        self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
-        self.num_aborted += 1
+        state = self.requests[request_id]
+        try:
+            self.outputs.abort(request_id)  # forgets it, its text caught up
+        finally:  # released even where catching up fails (a bug in its output)
+            self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
+            self.num_aborted += 1
         return state.output(state.seq.adapter)
 
     @property
@@ -366,10 +366,13 @@ class LLMEngine:
         return []
 
     def _make_outputs(self) -> None:
-        """The pending step's outputs, its sequences that stop strings ended finished first."""
-        for seq in self.outputs.read():
+        """The pending step's outputs, its sequences that stop strings ended finished first;
+        a request whose own output fails ends with the error, the others go on."""
+        stopped, failed = self.outputs.read()
+        for seq in stopped:
             self.scheduler.finish(seq, Status.FINISHED_STOPPED)
-        self.outputs.make()
+        for seq in failed + self.outputs.make():
+            self.scheduler.finish(seq, Status.FINISHED_ERROR)
 
     def _without_unreadable_adapters(self, plan: SchedulerOutput) -> SchedulerOutput:
         """The plan without the sequences of adapters the host tier evicted and cannot read
@@ -380,9 +383,9 @@ class LLMEngine:
             try:
                 self.pool.weights(uid)  # read back into the host tier now, if evicted
             except AdapterError as error:
-                failed[uid] = str(error)
+                failed[uid] = error
             except Exception as error:  # the disk's, or the reader's own: this adapter's alone
-                failed[uid] = f"adapter {uid!r}: cannot read it back: {error!r}"
+                failed[uid] = AdapterError(f"adapter {uid!r}: cannot read it back: {error!r}")
         if not failed:
             return plan
         self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)

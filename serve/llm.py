@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from registry.errors import AdapterError
 from serve.adapter_catalog import AdapterInfo
 from serve.config import EngineConfig
 from serve.engine import LLMEngine
@@ -81,7 +80,7 @@ class LLM:
             while len(final) < len(ids):
                 for output in self.engine.step():
                     if output.error is not None and output.request_id in wanted:
-                        raise AdapterError(output.error)
+                        raise output.error
                     if output.finished and output.request_id in wanted:
                         final[output.request_id] = output
                         if bar is not None:

@@ -6,11 +6,15 @@ aborts), then has their outputs made."""
 
 from __future__ import annotations
 
+import logging
+
 from serve.model_runner import RunnerOutput
 from serve.outputs import RequestOutput, RequestState
 from serve.sampler import Sampler
 from serve.scheduler import SchedulerOutput
 from serve.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -52,11 +56,17 @@ class OutputProcessor:
             return None
         return next((i for i, s in enumerate(self.pending[0].seqs) if s is seq), None)
 
-    def fail(self, seq: Sequence, error: str) -> None:
-        """Output a request the engine ended with `error` (finish reason "error")."""
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """Output a request the engine ends with `error` (finish reason "error")."""
         state = self.forget(seq.request_id)
-        state.error = error
-        self._outbox.append(state.output(seq.adapter))
+        self._outbox.append(state.failed_output(error))
+
+    def _failed(self, state: RequestState, error: Exception) -> Sequence:
+        """A request whose own output failed (a bug of ours in detokenizing, stop strings or
+        logprobs of its tokens) ends alone with the error; the step's others go on."""
+        log.error("request %s: its output failed; ended", state.seq.request_id, exc_info=error)
+        self.fail(state.seq, error)
+        return state.seq
 
     def cut_by_failed_step(self) -> list[str]:
         """The requests a step that raised may have cut: those running, and those it finished
@@ -69,32 +79,43 @@ class OutputProcessor:
             or (state.seq.is_finished and not self.output_due(state.seq))
         ]
 
-    def read(self) -> list[Sequence]:
-        """Detokenize the pending step's result and search its stop strings; the sequences
-        a stop string ended (also with the last token allowed), for the engine to finish
-        before `make`."""
+    def read(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Detokenize the pending step's result and search its stop strings. Returns, for the
+        engine to finish before `make`, the sequences a stop string ended (also with the last
+        token allowed) and those whose own output failed (their error output made)."""
         if self.pending is None:
-            return []
+            return [], []
         plan, result = self.pending
-        stopped = []
+        stopped, failed = [], []
         for i, state in self._held(plan):
-            state.update(result.logprobs[i], result.prompt_logprobs[i])
+            try:
+                state.update(result.logprobs[i], result.prompt_logprobs[i])
+            except Exception as error:
+                failed.append(self._failed(state, error))
+                continue
             if state.stopped_by_string:
                 stopped.append(state.seq)
-        return stopped
+        return stopped, failed
 
-    def make(self) -> None:
+    def make(self) -> list[Sequence]:
         """The outputs of the pending step's result, once `read`, into the outbox; forgets
-        finished requests."""
+        finished requests. Returns those whose own output failed, for the engine to finish."""
         if self.pending is None:
-            return
+            return []
         (plan, result), self.pending = self.pending, None
+        failed = []
         for i, state in self._held(plan):
             seq = state.seq
             if result.sampled[i] is not None or seq.is_finished:
-                self._outbox.append(state.output(seq.adapter))
+                try:
+                    output = state.output(seq.adapter)
+                except Exception as error:
+                    failed.append(self._failed(state, error))
+                    continue
+                self._outbox.append(output)
             if seq.is_finished:
                 self.forget(seq.request_id)
+        return failed
 
     def _held(self, plan: SchedulerOutput):
         """(row, request state) of the plan's sequences whose requests are still held."""

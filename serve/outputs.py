@@ -27,7 +27,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
-    error: str | None = None  # why the engine could not serve it (finish_reason "error")
+    error: Exception | None = None  # why the engine could not serve it (finish_reason "error")
 
 
 def text_decoder(tokenizer) -> Callable[[list[int]], str]:
@@ -67,7 +67,6 @@ class RequestState:
         self.prompt_logprobs: list[TokenLogprobs | None] | None = [None] if wanted else None
         self.first_token_time: float | None = None
         self.stopped_by_string = False
-        self.error: str | None = None
 
     def _first_window(self, seq: Sequence) -> int:
         """Where the first decode window starts: a few prompt tokens back (a negative output
@@ -135,12 +134,30 @@ class RequestState:
         delta_tokens = tokens[self.emitted_tokens :]
         self.emitted_text, self.emitted_tokens = visible, len(tokens)
         reason = seq.status.value if seq.is_finished else None
+        return self._output(adapter, tokens, reason, delta_text, delta_tokens)
+
+    def failed_output(self, error: Exception) -> RequestOutput:
+        """The last output of a request the engine could not serve (finish reason "error"):
+        what earlier outputs held, nothing more decoded (decoding may be what failed)."""
+        tokens = self.seq.output_token_ids[: self.emitted_tokens]
+        return self._output(self.seq.adapter, tokens, "error", "", [], error)
+
+    def _output(
+        self,
+        adapter: str | None,
+        tokens: list[int],
+        reason: str | None,  # the finish reason, once finished
+        delta_text: str,
+        delta_tokens: list[int],
+        error: Exception | None = None,
+    ) -> RequestOutput:
+        seq = self.seq
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            text=self.text[:visible],
-            token_ids=tokens,  # output_token_ids is a fresh list
-            finished=seq.is_finished,
+            text=self.text[: self.emitted_text],
+            token_ids=tokens,  # a fresh list
+            finished=reason is not None,
             finish_reason=reason,
             adapter=adapter,
             delta_text=delta_text,
@@ -150,6 +167,6 @@ class RequestState:
             num_cached_tokens=seq.num_cached_tokens,
             arrival_time=seq.arrival_time,
             first_token_time=self.first_token_time,
-            finished_time=time.monotonic() if seq.is_finished else None,
-            error=self.error,
+            finished_time=time.monotonic() if reason is not None else None,
+            error=error,
         )

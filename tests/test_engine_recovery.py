@@ -243,7 +243,7 @@ def test_an_adapter_that_cannot_be_read_back_fails_only_its_own_requests(two, tm
     for rid in failing:
         [out] = outputs[rid]
         assert (out.finish_reason, out.token_ids) == ("error", [])
-        assert "could not be read again" in out.error
+        assert "could not be read again" in str(out.error)
     assert [outputs[rid][-1].token_ids for rid in ids] == [of_b, of_base]
     assert all(out.error is None for rid in ids for out in outputs[rid])
     assert engine.allocator.num_used_blocks == 0 and not engine.slots.pins
@@ -281,8 +281,8 @@ def test_a_read_back_failing_with_any_error_fails_its_requests_and_leaves_no_slo
         for out in engine.step():
             outputs.setdefault(out.request_id, []).append(out)
     [out] = outputs[failing]
-    assert out.finish_reason == "error" and "cannot read it back" in out.error
-    assert "a bug in the reader" in out.error and "'a#" in out.error
+    assert out.finish_reason == "error" and "cannot read it back" in str(out.error)
+    assert "a bug in the reader" in str(out.error) and "'a#" in str(out.error)
     assert outputs[rid][-1].error is None and len(outputs[rid][-1].token_ids) == 8
     monkeypatch.undo()
     assert _tokens(llm, "a") == of_a  # read and copied in now, not b's weights under its name
@@ -587,8 +587,8 @@ def test_a_request_admitted_by_a_step_that_failed_before_its_slot_copy_runs_its_
 def test_a_request_whose_output_always_fails_fails_alone_and_the_engine_serves_on(
     tiny_base, monkeypatch
 ):
-    """The recovery from a failed step makes the cut requests' last outputs: for one whose
-    output fails every time, that raised again, out of the engine thread, which died."""
+    """A bug in one request's output ends that request alone: it once failed the whole step
+    (and, raised again by the step's recovery, the engine thread)."""
     import asyncio
 
     from serve import outputs
@@ -618,6 +618,68 @@ def test_a_request_whose_output_always_fails_fails_alone_and_the_engine_serves_o
     finally:
         engine.shutdown()
     assert isinstance(bad, EngineStepError) and "no output for bad" in str(bad)
-    assert isinstance(good, EngineStepError)  # it was running in the failed step
+    assert good[-1].finish_reason == "length" and len(good[-1].token_ids) == 40
     assert later[-1].token_ids == _tokens(llm, None)
     assert not llm.engine.requests and llm.engine.allocator.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+@pytest.mark.parametrize("where", ["update", "output"])
+def test_a_request_whose_output_fails_ends_with_the_error_and_the_others_finish_as_alone(
+    tiny_base, monkeypatch, overlap, where
+):
+    """Detokenizing (update) or making the output of one request raises mid-generation: it
+    ends with finish reason "error" and what it had emitted; the others' tokens are those
+    they get alone, and nothing of it is left in the engine."""
+    from serve import outputs
+
+    llm = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap))
+    engine = llm.engine
+    longer = dataclasses.replace(GREEDY, max_tokens=12)
+    alone = llm.generate([PROMPT, PROMPT[:5]], longer)
+    original = getattr(outputs.RequestState, where)
+
+    def fails_for_bad(self, *args):
+        if self.seq.request_id == "bad" and self.seq.num_output_tokens == 4:
+            raise RuntimeError("a bug for bad")
+        return original(self, *args)
+
+    monkeypatch.setattr(outputs.RequestState, where, fails_for_bad)
+    engine.add_request(PROMPT, longer, request_id="good")
+    engine.add_request(PROMPT[:4], longer, request_id="bad")
+    engine.add_request(PROMPT[:5], longer, request_id="later")
+    made = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            made.setdefault(out.request_id, []).append(out)
+    [bad] = [out for out in made["bad"] if out.finished]
+    assert bad is made["bad"][-1] and bad.finish_reason == "error"
+    assert isinstance(bad.error, RuntimeError) and str(bad.error) == "a bug for bad"
+    sent = [t for out in made["bad"] for t in out.delta_token_ids]
+    assert bad.token_ids == sent and len(sent) == 3
+    assert bad.text == "".join(out.delta_text for out in made["bad"])
+    assert [made[rid][-1].token_ids for rid in ("good", "later")] == [a.token_ids for a in alone]
+    assert all(out.error is None for rid in ("good", "later") for out in made[rid])
+    assert not engine.requests and engine.allocator.num_used_blocks == 0
+    assert not engine.scheduler.running
+
+
+def test_an_abort_whose_catching_up_fails_still_releases_the_request(tiny_base, monkeypatch):
+    """Overlapped, an abort reads the pending step's token first; where that raises (a bug),
+    the caller gets the error and the request is released all the same."""
+    from serve import outputs
+
+    engine = LLM(**tiny_engine_args(tiny_base, overlap_outputs=True)).engine
+    engine.add_request(PROMPT, dataclasses.replace(GREEDY, max_tokens=30), request_id="x")
+    for _ in range(3):
+        engine.step()
+
+    def fails(self, *args):
+        raise RuntimeError("no catching up")
+
+    monkeypatch.setattr(outputs.RequestState, "update", fails)
+    with pytest.raises(RuntimeError, match="no catching up"):
+        engine.abort("x")
+    monkeypatch.undo()
+    assert not engine.requests and engine.allocator.num_used_blocks == 0
+    assert engine.step() == [] and not engine.has_unfinished and engine.num_aborted == 1
