@@ -281,6 +281,53 @@ def test_resume_refuses_a_run_whose_data_or_base_changed_since(
         job.setup()
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (b'{"run_id": "r", "status": "runn', r"Unterminated string"),  # written in place
+        (b"[1, 2]", r"no run_id, status, config"),
+        (b'{"run_id": 7, "status": "interrupted", "config": {}}', r"no run_id\)"),
+        (b'{"run_id": "\xff"}', "can't decode byte 0xff"),
+    ],
+    ids=["truncated", "a-list", "run-id-a-number", "not-utf-8"],
+)
+def test_resume_over_a_record_that_is_no_record_names_the_file(
+    tiny_base, home, tracking_uri, text, why, request
+):
+    from registry.errors import UsageError
+    from train.config import load_config
+    from train.recipe import TrainingJob
+    from train.run_folder import RUN_FILE
+
+    name = f"name=resume-{request.node.callspec.id}"  # the home is the module's
+    config = load_config(CONFIG, [name, f"base_model={tiny_base.path}"])
+    _interrupted_run(home, config, tiny_base)
+    [run_dir] = (home.runs / config.name).iterdir()
+    (run_dir / RUN_FILE).write_bytes(text)
+    job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
+    with pytest.raises(UsageError, match=rf"{run_dir / RUN_FILE}: not a run record \(.*{why}"):
+        job.setup()
+
+
+def test_a_run_record_is_replaced_whole(tmp_path, monkeypatch):
+    """A job killed while writing its record leaves the one before, which --resume reads."""
+    import json
+
+    from train import run_folder
+
+    run_folder.write_record(tmp_path, {"run_id": "r", "status": "running", "config": {}})
+
+    def killed(*args):  # the process dies once the new text is written, before it counts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.write_record(tmp_path, {"run_id": "r", "status": "finished", "config": {}})
+    monkeypatch.undo()
+    assert run_folder.read_record(tmp_path)["status"] == "running"
+    assert json.loads((tmp_path / run_folder.RUN_FILE).read_text())["status"] == "running"
+
+
 def _interrupted_run(home, config, base, **record_changes) -> None:
     """The record an interrupted run of `config` over `base` leaves, as `--resume` reads it."""
     import json

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from registry.atomic import write_file
 from registry.base_model import tokenizer_differences
 from registry.errors import UsageError
 
@@ -23,14 +24,37 @@ def new_run_dir(runs: Path) -> Path:
     return run_dir
 
 
+# What every record holds, by type; written by train/recipe.py's `_record`.
+_REQUIRED = {"run_id": str, "status": str, "config": dict}
+
+
 def read_record(run_dir: Path) -> dict | None:
-    """The folder's record; None before its MLflow run was opened."""
+    """The folder's record; None before its MLflow run was opened. A UsageError naming the
+    file where it is no record (edited by hand, or written by something else)."""
     file = run_dir / RUN_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(
+            f"{file}: not a run record ({error}); repair it or remove its run folder"
+        ) from None
+    wrong = [
+        key
+        for key, kind in _REQUIRED.items()
+        if not isinstance(record, dict) or not isinstance(record.get(key), kind)
+    ]
+    if wrong:
+        raise UsageError(
+            f"{file}: not a run record (no {', '.join(wrong)}); repair it or remove its run folder"
+        )
+    return record
 
 
 def write_record(run_dir: Path, record: dict) -> None:
-    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    """Written whole or not at all: a job killed while writing leaves the record before."""
+    write_file(run_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def run_to_resume(runs: Path, now: dict) -> Path:
