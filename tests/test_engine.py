@@ -286,16 +286,18 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
 
 
 def test_adapter_loads_while_a_request_decodes(tiny_base, tmp_path):
-    engine = AsyncLLM(
-        LLM(
-            base_model=str(tiny_base.path),
-            quantization=None,
-            num_kv_blocks=128,
-            block_size=4,
-            max_lora_rank=8,
-        ).engine
+    """The running request's tokens are the base's alone, the next one's the adapter's."""
+    args = dict(
+        base_model=str(tiny_base.path),
+        quantization=None,
+        num_kv_blocks=128,
+        block_size=4,
+        max_lora_rank=8,
     )
-    folder = make_lora(tiny_base, tmp_path / "late", rank=4, targets=["q_proj", "v_proj"])
+    engine = AsyncLLM(LLM(**args).engine)
+    folder = make_lora(
+        tiny_base, tmp_path / "late", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0
+    )
     params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
 
     async def main():
@@ -322,7 +324,11 @@ def test_adapter_loads_while_a_request_decodes(tiny_base, tmp_path):
     engine.shutdown()
     loaded_at = events.index("loaded")
     assert 0 < loaded_at < len(events) - 1  # loaded mid-stream, and the stream went on
-    assert len(tokens) == 300 and len(with_adapter.token_ids) == 300
+    reference = LLM(**args)
+    assert tokens == reference.generate([PROMPTS[2]], params)[0].token_ids
+    reference.load_adapter("late", str(folder))
+    [of_late] = reference.generate([PROMPTS[2]], params, adapters=["late"])
+    assert with_adapter.token_ids == of_late.token_ids != tokens
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -342,13 +348,19 @@ def test_async_engine_streams_deltas_and_abort_frees_blocks(tiny_base, overlap):
         assert "".join(texts) == last.text
         assert len(deltas) > 1  # streamed, not delivered at the end
 
-        long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        aborted = (await engine.stats_async())["requests_aborted"]
         seen = 0
         async for _ in engine.generate(PROMPTS[1], long):
             seen += 1
             if seen == 3:
                 break  # the client goes away
-        await asyncio.sleep(0.2)
+        for _ in range(500):  # the abort runs on the engine thread
+            if (await engine.stats_async())["requests_aborted"] == aborted + 1:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("leaving the stream aborted no request")
         with pytest.raises(NotFoundError):
             async for _ in engine.generate(PROMPTS[1], long, adapter="missing"):
                 pass

@@ -133,17 +133,21 @@ def test_a_step_that_fails_fails_its_generate_and_the_next_one_serves(tiny_base,
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
 def test_a_request_id_reused_after_an_abort_gets_its_own_outputs(tiny_base, overlap):
-    engine = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap)).engine
+    llm = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap))
+    engine = llm.engine
+    second = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    [alone] = llm.generate([[1, 9, 10, 11]], second)
     engine.add_request(PROMPT, SamplingParams(max_tokens=20, temperature=0), request_id="x")
     for _ in range(3):
         engine.step()
     assert engine.abort("x")
-    engine.add_request([1, 9, 10, 11], SamplingParams(max_tokens=5, temperature=0), request_id="x")
+    engine.add_request([1, 9, 10, 11], second, request_id="x")
     outputs = []
     while engine.has_unfinished:
         outputs += engine.step()
     [last] = [o for o in outputs if o.finished]
-    assert len(last.token_ids) == 5 and last.finish_reason == "length"
+    assert last.token_ids == alone.token_ids and last.finish_reason == "length"
+    assert [t for o in outputs for t in o.delta_token_ids] == alone.token_ids  # none of the first
     assert not engine.requests
 
 

@@ -14,6 +14,7 @@ from serve import SamplingParams
 from tests.helpers import hang_up_after, make_lora, tiny_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of Norway?"}]
+PROMPT = "What is the capital of Norway?"
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +355,7 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:
 def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
     server, tiny_base, tmp_path
 ):
-    url, _, _ = server
+    url, reference, _ = server
     root = url.removesuffix("/v1")
     assert _http("GET", f"{root}/ready") == (200, {"status": "ready"})
     broken = tmp_path / "broken"
@@ -364,12 +365,20 @@ def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
     status, body = _http("POST", f"{url}/adapters", {"name": "broken", "source": str(broken)})
     assert (status, body["error"]["param"]) == (400, "source")
 
-    folder = make_lora(tiny_base, tmp_path / "late", rank=2, targets=["o_proj"])
+    folder = make_lora(tiny_base, tmp_path / "late", rank=2, targets=["o_proj"], b_scale=1.0)
     status, body = _http("POST", f"{url}/adapters", {"name": "late", "source": str(folder)})
     assert status == 200 and body["rank"] == 2 and body["modules"] == ["o_proj"]
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="late", messages=QUESTION, max_tokens=3)
-    assert reply.usage.completion_tokens >= 1
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model="late", messages=QUESTION, max_tokens=8, temperature=0
+    )
+    reference.load_adapter("late", str(folder))
+    try:
+        [of_late, of_base] = reference.chat([QUESTION] * 2, greedy, adapters=["late", None])
+    finally:
+        reference.unload_adapter("late")
+    assert reply.choices[0].message.content == of_late.text != of_base.text
     assert _http("DELETE", f"{url}/adapters/late")[0] == 200
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="late", messages=QUESTION, max_tokens=3)
@@ -381,21 +390,41 @@ def test_adapters_load_and_unload_at_run_time_and_a_corrupt_one_is_refused(
 def test_vllms_lora_adapter_routes_load_replace_and_unload_as_vllm_answers(
     server, tiny_base, tmp_path
 ):
-    url, _, _ = server
+    url, reference, _ = server
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-    folder = make_lora(tiny_base, tmp_path / "sql", rank=2, targets=["q_proj"])
-    load = {"lora_name": "sql", "lora_path": str(folder)}
+    first, second = (
+        make_lora(
+            tiny_base, tmp_path / f"sql-{seed}", rank=2, targets=["o_proj"], seed=seed, b_scale=1.0
+        )
+        for seed in (0, 1)
+    )
+
+    def answer() -> str:
+        reply = client.completions.create(model="sql", prompt=PROMPT, max_tokens=8, temperature=0)
+        return reply.choices[0].text
+
+    def offline(folder) -> str:
+        reference.load_adapter("sql", str(folder))
+        try:
+            [out] = reference.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0), ["sql"])
+        finally:
+            reference.unload_adapter("sql")
+        return out.text
+
+    load = {"lora_name": "sql", "lora_path": str(first)}
     loaded = httpx.post(f"{url}/load_lora_adapter", json=load)
     assert (loaded.status_code, loaded.text) == (
         200,
         "Success: LoRA adapter 'sql' added successfully.",
     )
-    assert client.completions.create(model="sql", prompt="Hi", max_tokens=2).usage
+    assert answer() == offline(first)
     again = httpx.post(f"{url}/load_lora_adapter", json=load)
     assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
     assert "set load_inplace" in again.json()["error"]["message"]
-    inplace = httpx.post(f"{url}/load_lora_adapter", json={**load, "load_inplace": True})
+    replace = {"lora_name": "sql", "lora_path": str(second), "load_inplace": True}
+    inplace = httpx.post(f"{url}/load_lora_adapter", json=replace)
     assert inplace.status_code == 200
+    assert answer() == offline(second) != offline(first)  # the new weights serve
     gone = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql", "lora_int_id": 3})
     assert (gone.status_code, gone.text) == (
         200,

@@ -477,7 +477,8 @@ def test_warmup_with_the_constant_schedule_is_refused_not_ignored():
         load_config(CONFIG, ["training.lr_scheduler=constant"])  # the YAML warms up 5 steps
     config = load_config(CONFIG, ["training.lr_scheduler=constant", "training.warmup_steps=0"])
     assert config.training.lr_scheduler == "constant"
-    assert load_config(CONFIG, ["training.lr_scheduler=constant_with_warmup"]).training
+    training = load_config(CONFIG, ["training.lr_scheduler=constant_with_warmup"]).training
+    assert (training.lr_scheduler, training.warmup_steps) == ("constant_with_warmup", 5)
 
 
 def test_resuming_a_run_that_failed_after_its_last_step_trains_no_step_more(
@@ -541,15 +542,18 @@ def test_how_often_a_run_evaluates_does_not_change_the_adapter_it_trains(
 ):
     """Iterating the eval set drew from torch's global generator, which moved the dropout
     masks of every later step."""
-    weights = []
+    weights, evaluated = [], []
     for every in (1, 1000):
         job = _tiny_job(
             tiny_base, home, tracking_uri, "training.max_steps=3", f"training.eval_steps={every}"
         )
-        job.run()
+        result = job.run()
         weights.append(
             {n: p.detach().clone() for n, p in job.model.named_parameters() if "lora" in n}
         )
+        history = job.registry.client.get_metric_history(result.run_id, "eval_loss")
+        evaluated.append({m.step for m in history})
+    assert {1, 2} <= evaluated[0] and not {1, 2} & evaluated[1]  # it did evaluate between steps
     assert weights[0].keys() == weights[1].keys()
     assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])
 
@@ -586,6 +590,7 @@ def test_ctrl_c_in_the_last_step_finishes_and_registers_the_run(
 ):
     """Every step had run: it was reported interrupted, and its resume trained one more."""
     from train.callbacks import GracefulInterrupt
+    from train.run_folder import read_record
 
     step_end = GracefulInterrupt.on_step_end
 
@@ -596,8 +601,10 @@ def test_ctrl_c_in_the_last_step_finishes_and_registers_the_run(
     monkeypatch.setattr(GracefulInterrupt, "on_step_end", ctrl_c_in_the_last_step)
     job = _tiny_job(tiny_base, home, tracking_uri, "name=last-step")
     result = job.run()
+    assert job.interrupt.requested  # Ctrl-C came, in the last step
     assert result.status == "finished" and job.trainer.state.global_step == 2
     assert result.version.name == "last-step"
+    assert read_record(job.run_dir)["status"] == "finished"
 
 
 def test_examples_packed_in_one_row_do_not_attend_to_each_other(tiny_base, home, tracking_uri):
@@ -694,10 +701,12 @@ def test_gradient_checkpointing_trains_the_same_adapter(
             f"training.gradient_checkpointing={checkpointing}",
         )
         job.run()
+        assert job.model.is_gradient_checkpointing == (checkpointing == "true")
         lora = {n: p.detach().clone() for n, p in job.model.named_parameters() if "lora" in n}
         weights.append(lora)
     assert weights[0].keys() == weights[1].keys()
     assert all(weights[0][n].equal(weights[1][n]) for n in weights[0])
+    assert any(w.any() for n, w in weights[0].items() if "lora_B" in n)  # it trained
 
 
 def test_the_run_record_on_disk_holds_no_password_of_the_tracking_server(
