@@ -257,15 +257,19 @@ class AdapterWatch:
         """`follow_moves` (and `unload_idle`) every `interval` seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval)
-            self.hold_downloads()
-            await self.follow_moves()
-            if idle_s is not None:
-                await self.unload_idle(idle_s)
+            try:
+                self.hold_downloads()
+                await self.follow_moves()
+                if idle_s is not None:
+                    await self.unload_idle(idle_s)
+            except Exception:  # a bug of ours: logged, and the next poll tries again
+                log.exception("following the registry's aliases failed")
 
     def hold_downloads(self) -> None:
         """Mark the downloads of the registry versions loaded used, so that `loraplex
         registry prune-cache` spares them: the host tier may evict one and read it back."""
-        for info in self.loaded.values():
+        # A copy: the engine thread may load or unload while mark_used waits on the disk.
+        for info in list(self.loaded.values()):
             if info.version is not None:
                 mark_used(info.path)
 

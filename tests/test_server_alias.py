@@ -516,3 +516,57 @@ def test_a_request_naming_a_folder_in_adapter_dir_loads_it_on_first_use(
                 time.sleep(0.1)
     finally:
         engine.shutdown()
+
+
+def _fake_watch(tmp_path, adapters: dict):
+    """An AdapterWatch over a stand-in engine that holds `adapters` by name."""
+    from types import SimpleNamespace
+
+    from serve.adapter_watch import AdapterWatch
+
+    config = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    inner = SimpleNamespace(config=config, home=None, adapters=adapters)
+    return AdapterWatch(SimpleNamespace(engine=inner))
+
+
+def test_marking_downloads_used_survives_a_load_on_the_engine_thread_meanwhile(
+    tmp_path, monkeypatch
+):
+    """The engine thread loads and unloads while the loop marks downloads (mark_used waits on
+    the disk, letting it run): iterating its dict raised, and ended the alias following."""
+    from types import SimpleNamespace
+
+    from serve import adapter_watch
+
+    adapters = {f"a{i}": SimpleNamespace(version=1, path=tmp_path / f"a{i}") for i in range(3)}
+    marked = []
+
+    def mark_used(path):  # meanwhile, on the engine thread, another adapter loads
+        marked.append(path)
+        adapters[f"new{len(marked)}"] = SimpleNamespace(version=None, path=None)
+
+    monkeypatch.setattr(adapter_watch, "mark_used", mark_used)
+    _fake_watch(tmp_path, adapters).hold_downloads()
+    assert marked == [tmp_path / f"a{i}" for i in range(3)]
+
+
+def test_a_poll_that_fails_leaves_the_next_polls_following(tmp_path):
+    watch = _fake_watch(tmp_path, {})
+    polls = []
+
+    async def follow_moves():
+        polls.append(time.monotonic())
+        if len(polls) == 1:
+            raise RuntimeError("a bug in one poll")
+
+    watch.follow_moves = follow_moves
+
+    async def main():
+        following = asyncio.ensure_future(watch.follow(0.01))
+        while len(polls) < 3:
+            await asyncio.sleep(0.01)
+            assert not following.done(), following.exception()
+        following.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(polls) >= 3
