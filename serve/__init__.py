@@ -14,6 +14,7 @@ _EXPORTS = {
     "EngineStepError": "serve.async_engine",
     "EngineStopped": "serve.async_engine",
     "LLMEngine": "serve.engine",
+    "RequestFailed": "serve.async_engine",
     "RequestOutput": "serve.outputs",
     "SamplingParams": "serve.sampling_params",
 }

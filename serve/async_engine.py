@@ -7,7 +7,8 @@
 Only the engine thread touches the engine: callers hand it commands (add, abort, install an
 adapter) that run between two steps, so the event loop never waits for a step to end. Bad
 input raises from `generate` before anything is queued; a failing step fails only the requests
-that were in it, and the engine goes on serving.
+that were in it (`EngineStepError`), a request the engine ends alone only itself
+(`RequestFailed`), and the engine goes on serving.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 
 class EngineStepError(RuntimeError):
     """The engine step that was computing this request failed."""
+
+
+class RequestFailed(EngineStepError):
+    """The engine ended this request alone (its adapter could not be read back, or its own
+    output failed); the others in its step went on. `__cause__` is the engine's error."""
+
+    @classmethod
+    def caused_by(cls, error: Exception) -> RequestFailed:
+        failed = cls(str(error))
+        failed.__cause__ = error
+        return failed
 
 
 class QueueFull(RuntimeError):
@@ -165,7 +177,11 @@ class AsyncLLM:
                 return False
             del self._streams[request_id]
             return self.engine.abort(request_id) is not None
-        final = self.engine.abort(request_id)
+        try:
+            final = self.engine.abort(request_id)
+        except Exception as error:  # its last output failed (a bug): released, and told so
+            self._fail_stream(request_id, RequestFailed.caused_by(error))
+            raise
         if final is not None and (own := self._streams.pop(request_id, None)) is not None:
             self._put(own, final)
         return final is not None
@@ -216,9 +232,10 @@ class AsyncLLM:
                 if output.finished
                 else self._streams.get(output.request_id)
             )
-            if stream is not None:
-                error = output.error
-                self._put(stream, output if error is None else EngineStepError(str(error)))
+            if stream is None:
+                continue
+            failed = output.error is not None
+            self._put(stream, RequestFailed.caused_by(output.error) if failed else output)
 
     def _fail_cut(self, error: Exception) -> None:
         for request_id in self.engine.abort_cut():

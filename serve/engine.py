@@ -313,12 +313,14 @@ class LLMEngine:
 
     def _end(self, request_id: str) -> RequestOutput:
         state = self.requests[request_id]
+        unfinished = not state.seq.is_finished  # else its finish reason stands
         try:
             self.outputs.abort(request_id)  # forgets it, its text caught up
         finally:  # released even where catching up fails (a bug in its output)
             self.scheduler.finish(state.seq, Status.FINISHED_ABORTED)
-            self.num_aborted += 1
-        return state.output(state.seq.adapter)
+            if unfinished:
+                self.num_aborted += 1
+        return state.output()
 
     @property
     def has_unfinished(self) -> bool:
@@ -388,6 +390,8 @@ class LLMEngine:
                 failed[uid] = AdapterError(f"adapter {uid!r}: cannot read it back: {error!r}")
         if not failed:
             return plan
+        for error in failed.values():  # whole here: a server's client is told less
+            log.error("%s; its requests end", error)
         self.slots.unfill(slot for slot, uid in plan.lora_loads if uid in failed)
         for seq in [*plan.seqs, *self.scheduler.waiting]:
             if seq.adapter_uid in failed:

@@ -13,7 +13,7 @@ from registry.errors import NotFoundError, UsageError
 from serve.async_engine import EngineStepError, QueueFull
 from serve.audit import SCOPE_KEY
 from serve.protocol import error_body
-from serve.refusal import Refusal, client_gone
+from serve.refusal import Refusal, client_gone, engine_failed
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -76,10 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineStepError)
     async def _step_failed(request: Request, error: EngineStepError):
         request.scope[SCOPE_KEY].finish_reason = "error"
-        message = f"the engine step computing this request failed: {error}"
-        return JSONResponse(
-            error_body(message, "server_error", None, "engine_step_failed"), status_code=500
-        )
+        return await _refused(request, engine_failed(error))
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, error: Refusal):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 
 from serve.adapter_catalog import AdapterInfo
@@ -10,6 +11,8 @@ from serve.engine import LLMEngine
 from serve.outputs import RequestOutput
 from serve.prompts import chat_prompt_ids
 from serve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class LLM:
@@ -47,8 +50,7 @@ class LLM:
             for prompt, p, adapter in zip(prompts, params, adapters, strict=True):
                 ids.append(self.engine.add_request(prompt, p, adapter))
         except Exception:
-            for request_id in ids:  # all or nothing: leave no orphans in the engine
-                self.engine.abort(request_id)
+            self._abort_all(ids)  # all or nothing: leave no orphans in the engine
             raise
         return self._run(ids, use_tqdm)
 
@@ -86,13 +88,20 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
         except BaseException:  # a failed step (or Ctrl-C): leave no request behind to fail the next
-            for request_id in ids:
-                self.engine.abort(request_id)
+            self._abort_all(ids)
             raise
         finally:
             if bar is not None:
                 bar.close()
         return [final[i] for i in ids]
+
+    def _abort_all(self, ids: list[str]) -> None:
+        """Abort each request (every one: an abort that fails still releases its request)."""
+        for request_id in ids:
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # its last output failed (a bug): the error being raised matters
+                log.exception("request %s: its abort failed", request_id)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -2,7 +2,8 @@
 stop strings searched), kept in an outbox until the caller takes them.
 
 It never touches the scheduler: the engine ends the sequences it names (stop strings found,
-aborts), then has their outputs made."""
+aborts), then has their outputs made; a request whose own output fails gets its error output
+here, and the engine ends its sequence after."""
 
 from __future__ import annotations
 
@@ -32,15 +33,14 @@ class OutputProcessor:
     def add(self, state: RequestState) -> None:
         self.requests[state.seq.request_id] = state
 
-    def abort(self, request_id: str) -> RequestState | None:
-        """Forget a request, to end it without a step's output; its state (None if not held),
-        caught up with the pending step's result for it (the text and logprob of the token
-        that step sampled), so that the state's output holds all it generated."""
+    def abort(self, request_id: str) -> None:
+        """Forget a request, to end it without a step's output, its state caught up with the
+        pending step's result for it (the text and logprob of the token that step sampled),
+        so that the state's output holds all it generated."""
         state = self.forget(request_id)
         if state is not None and (row := self._due_row(state.seq)) is not None:
             result = self.pending[1]
             state.update(result.logprobs[row], result.prompt_logprobs[row])
-        return state
 
     def forget(self, request_id: str) -> RequestState | None:
         """Drop a request's state and its sampler state; the state (None if not held)."""
@@ -108,7 +108,7 @@ class OutputProcessor:
             seq = state.seq
             if result.sampled[i] is not None or seq.is_finished:
                 try:
-                    output = state.output(seq.adapter)
+                    output = state.output()
                 except Exception as error:
                     failed.append(self._failed(state, error))
                     continue

@@ -120,7 +120,7 @@ class RequestState:
         self.prefix_offset, self.read_offset = self.read_offset, seq.num_output_tokens
         return True
 
-    def output(self, adapter: str | None) -> RequestOutput:
+    def output(self) -> RequestOutput:
         seq = self.seq
         tokens = seq.output_token_ids
         # While a stop string may still be forming, hold back as much text as it is long.
@@ -134,17 +134,18 @@ class RequestState:
         delta_tokens = tokens[self.emitted_tokens :]
         self.emitted_text, self.emitted_tokens = visible, len(tokens)
         reason = seq.status.value if seq.is_finished else None
-        return self._output(adapter, tokens, reason, delta_text, delta_tokens)
+        return self._output(tokens, reason, delta_text, delta_tokens)
 
     def failed_output(self, error: Exception) -> RequestOutput:
         """The last output of a request the engine could not serve (finish reason "error"):
         what earlier outputs held, nothing more decoded (decoding may be what failed)."""
         tokens = self.seq.output_token_ids[: self.emitted_tokens]
-        return self._output(self.seq.adapter, tokens, "error", "", [], error)
+        if self.logprobs is not None:  # those of tokens no output held yet go
+            del self.logprobs[len(tokens) :]
+        return self._output(tokens, "error", "", [], error)
 
     def _output(
         self,
-        adapter: str | None,
         tokens: list[int],
         reason: str | None,  # the finish reason, once finished
         delta_text: str,
@@ -159,7 +160,7 @@ class RequestState:
             token_ids=tokens,  # a fresh list
             finished=reason is not None,
             finish_reason=reason,
-            adapter=adapter,
+            adapter=seq.adapter,
             delta_text=delta_text,
             delta_token_ids=delta_tokens,
             logprobs=self.logprobs,

@@ -191,8 +191,8 @@ class Scheduler:
         return finished
 
     def finish(self, seq: Sequence, status: Status) -> None:
-        """End a sequence from outside the step (abort, stop string). A stop string found in
-        the token that also reached the length limit is the reason it ended."""
+        """End a sequence from outside the step (abort, stop string, its own output failed). A
+        stop string found in the token that also reached the length limit is why it ended."""
         if seq.is_finished:
             if seq.status is Status.FINISHED_LENGTH and status is Status.FINISHED_STOPPED:
                 seq.status = status

@@ -18,7 +18,7 @@ from serve.audit import RequestRecord
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs
 from serve.outputs import RequestOutput
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, now
-from serve.refusal import timed_out
+from serve.refusal import engine_failed, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,14 @@ def sse(events: AsyncIterator[dict], record: RequestRecord, timeout_s: float) ->
             try:
                 async for event in events:
                     yield f"data: {json.dumps(event)}\n\n"
-            except TimeoutError:
-                error = timed_out(timeout_s)
-                body = error_body(str(error), error.kind, None, error.code)
+            except (TimeoutError, EngineStepError) as error:
+                refusal = (
+                    timed_out(timeout_s)
+                    if isinstance(error, TimeoutError)
+                    else engine_failed(error)
+                )
+                body = error_body(str(refusal), refusal.kind, None, refusal.code)
                 yield f"data: {json.dumps(body)}\n\n"
-            except EngineStepError as error:
-                yield f"data: {json.dumps(error_body(str(error), 'server_error'))}\n\n"
             except Exception:  # a bug of ours: the client's stream ends with an error all the same
                 log.exception("stream of %s failed", record.request_id)
                 record.finish_reason = "error"

@@ -341,7 +341,7 @@ async def _drain(stream) -> list:
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
-def test_a_request_a_failed_step_finished_gets_the_error_not_silence(
+def test_a_request_whose_last_output_fails_gets_the_error_not_silence(
     tiny_base, overlap, monkeypatch
 ):
     import asyncio
@@ -352,11 +352,11 @@ def test_a_request_a_failed_step_finished_gets_the_error_not_silence(
     llm = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap))
     made = outputs.RequestState.output
 
-    def fails_on_the_last(self, adapter):  # a bug making the output that ends a request
+    def fails_on_the_last(self):  # a bug making the output that ends a request
         if self.seq.is_finished:
             monkeypatch.setattr(outputs.RequestState, "output", made)
             raise RuntimeError("no final output")
-        return made(self, adapter)
+        return made(self)
 
     monkeypatch.setattr(outputs.RequestState, "output", fails_on_the_last)
     engine = AsyncLLM(llm.engine)
@@ -601,10 +601,10 @@ def test_a_request_whose_output_always_fails_fails_alone_and_the_engine_serves_o
     llm = LLM(**tiny_engine_args(tiny_base))
     made = outputs.RequestState.output
 
-    def fails_for_bad(self, adapter):  # a bug in one request's last output
+    def fails_for_bad(self):  # a bug in one request's last output
         if self.seq.request_id == "bad" and self.seq.is_finished:
             raise RuntimeError("no output for bad")
-        return made(self, adapter)
+        return made(self)
 
     monkeypatch.setattr(outputs.RequestState, "output", fails_for_bad)
     engine = AsyncLLM(llm.engine)
@@ -639,7 +639,7 @@ def test_a_request_whose_output_fails_ends_with_the_error_and_the_others_finish_
 
     llm = LLM(**tiny_engine_args(tiny_base, overlap_outputs=overlap))
     engine = llm.engine
-    longer = dataclasses.replace(GREEDY, max_tokens=12)
+    longer = dataclasses.replace(GREEDY, max_tokens=12, logprobs=0)
     alone = llm.generate([PROMPT, PROMPT[:5]], longer)
     original = getattr(outputs.RequestState, where)
 
@@ -660,7 +660,7 @@ def test_a_request_whose_output_fails_ends_with_the_error_and_the_others_finish_
     assert bad is made["bad"][-1] and bad.finish_reason == "error"
     assert isinstance(bad.error, RuntimeError) and str(bad.error) == "a bug for bad"
     sent = [t for out in made["bad"] for t in out.delta_token_ids]
-    assert bad.token_ids == sent and len(sent) == 3
+    assert bad.token_ids == sent and len(sent) == len(bad.logprobs) == 3
     assert bad.text == "".join(out.delta_text for out in made["bad"])
     assert [made[rid][-1].token_ids for rid in ("good", "later")] == [a.token_ids for a in alone]
     assert all(out.error is None for rid in ("good", "later") for out in made[rid])
@@ -687,3 +687,73 @@ def test_an_abort_whose_catching_up_fails_still_releases_the_request(tiny_base, 
     monkeypatch.undo()
     assert not engine.requests and engine.allocator.num_used_blocks == 0
     assert engine.step() == [] and not engine.has_unfinished and engine.num_aborted == 1
+
+
+def _abort_output_fails(monkeypatch, request_id: str) -> None:
+    """A bug in the last output of `request_id`'s abort (and no other output)."""
+    from serve import outputs
+    from serve.sequence import Status
+
+    made = outputs.RequestState.output
+
+    def fails(self):
+        if self.seq.request_id == request_id and self.seq.status is Status.FINISHED_ABORTED:
+            raise RuntimeError(f"no abort output for {request_id}")
+        return made(self)
+
+    monkeypatch.setattr(outputs.RequestState, "output", fails)
+
+
+def test_an_abort_that_fails_still_ends_its_stream(tiny_base, monkeypatch):
+    """The abort's caller gets the bug; the request's own consumer its RequestFailed, where it
+    waited for an output that would never come."""
+    import asyncio
+
+    from serve.async_engine import AsyncLLM, RequestFailed
+
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine = AsyncLLM(llm.engine)
+    _abort_output_fails(monkeypatch, "x")
+
+    async def run():
+        longer = dataclasses.replace(GREEDY, max_tokens=100)
+        stream = engine.generate(PROMPT, longer, request_id="x")
+        first = await anext(stream)
+        with pytest.raises(RuntimeError, match="no abort output for x"):
+            await engine.abort("x")
+        with pytest.raises(RequestFailed, match="no abort output for x"):
+            await asyncio.wait_for(_drain(stream), 30)
+        return first, await asyncio.wait_for(_drain(engine.generate(PROMPT, GREEDY)), 30)
+
+    try:
+        first, later = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert not first.finished and later[-1].token_ids == _tokens(llm, None)
+    assert not llm.engine.requests and llm.engine.allocator.num_used_blocks == 0
+
+
+def test_generate_releases_every_request_when_one_abort_of_its_cleanup_fails(
+    tiny_base, monkeypatch
+):
+    """A failed step: generate aborts its requests; the first abort's bug stopped the loop,
+    leaving the others running (and the step's error behind the abort's)."""
+    llm = LLM(**tiny_engine_args(tiny_base))
+    engine, runner = llm.engine, llm.engine.runner
+    sample = runner.sample
+    calls = []
+
+    def fails_the_second_step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the device went away")
+        return sample(*args)
+
+    monkeypatch.setattr(runner, "sample", fails_the_second_step)
+    _abort_output_fails(monkeypatch, "req-0")
+    with pytest.raises(RuntimeError, match="the device went away"):
+        llm.generate([PROMPT, PROMPT[:4], PROMPT[:5]], dataclasses.replace(GREEDY, max_tokens=20))
+    monkeypatch.undo()
+    assert not engine.requests and not engine.has_unfinished
+    assert engine.allocator.num_used_blocks == 0
+    assert _tokens(llm, None) == _tokens(LLM(**tiny_engine_args(tiny_base)), None)

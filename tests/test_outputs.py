@@ -28,7 +28,7 @@ def stream(tokenizer, prompt: list[int], output: list[int], stop=()) -> tuple[st
         state.update(None, [])
         if state.stopped_by_string:
             seq.status = Status.FINISHED_STOPPED
-        out = state.output(None)
+        out = state.output()
         deltas.append(out.delta_text)
         if out.finished:
             break

@@ -489,6 +489,70 @@ def test_a_step_failing_before_the_first_token_is_an_openai_500_with_the_request
     assert client.completions.create(model="faq", prompt=[1, 300], max_tokens=2)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_output_fails_is_a_500_that_shows_no_server_detail(
+    server, monkeypatch, stream
+):
+    """It ends alone (no step failed: the message says so), and the bug's text, which may
+    name the server's folders, stays in its log; streamed, after chunks, as an error event."""
+    import json
+
+    import httpx
+
+    from serve import outputs
+
+    url, _, _ = server
+    update = outputs.RequestState.update
+    prompt = [1, 300, 302, 303]
+
+    def fails(self, *args):
+        if self.seq.prompt_token_ids == prompt and self.seq.num_output_tokens == 1 + 2 * stream:
+            raise RuntimeError("a bug reading /srv/secret")
+        return update(self, *args)
+
+    monkeypatch.setattr(outputs.RequestState, "update", fails)
+    body = {"model": "faq", "prompt": prompt, "max_tokens": 8, "stream": stream, "ignore_eos": True}
+    reply = httpx.post(f"{url}/completions", json=body, timeout=60)
+    if stream:
+        events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line]
+        assert reply.status_code == 200 and events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert len(events) == 4  # the two tokens' chunks, then the error
+    else:
+        assert reply.status_code == 500 and reply.headers["x-request-id"].startswith("req-")
+        error = reply.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "request_failed")
+    assert error["message"] == (
+        "the engine could not serve this request: making its output failed (a bug, in the "
+        "server's log)"
+    )
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    assert client.completions.create(model="faq", prompt=[1, 300], max_tokens=2).usage
+
+
+def test_what_a_client_is_told_of_each_engine_failure():
+    from registry.errors import AdapterError
+    from serve.async_engine import EngineStepError, RequestFailed
+    from serve.refusal import engine_failed
+
+    told = {
+        "step": engine_failed(EngineStepError("CUDA out of memory")),
+        "adapter": engine_failed(RequestFailed.caused_by(AdapterError("/srv/a: unreadable"))),
+        "bug": engine_failed(RequestFailed.caused_by(KeyError("/srv/b"))),
+    }
+    assert {k: (r.status, r.code) for k, r in told.items()} == {
+        "step": (500, "engine_step_failed"),
+        "adapter": (500, "request_failed"),
+        "bug": (500, "request_failed"),
+    }
+    assert str(told["step"]) == "the engine step computing this request failed: CUDA out of memory"
+    assert str(told["adapter"]) == (
+        "the engine could not serve this request: its adapter could not be read back from "
+        "where it was loaded; load it again"
+    )
+    assert "/srv" not in str(told["bug"])
+
+
 def test_an_internal_value_error_is_a_500_not_the_clients_400(server, monkeypatch):
     import httpx
 
