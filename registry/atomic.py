@@ -17,11 +17,27 @@ ABANDONED_SECONDS = 24 * 3600
 
 
 def write_file(path: Path, text: str) -> None:
-    """`path` holds `text`, or what it held before: never part of it."""
+    """`path` holds `text`, or what it held before: never part of it. Its mode is that of a
+    file written in place (a temporary file's is owner-only); a failed write leaves nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set it back at once (at import, one thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def make_folder(dest: Path, make: Callable[[Path], Path | None]) -> Path:

@@ -75,3 +75,20 @@ def test_a_file_is_replaced_whole(tmp_path):
     write_file(path, "second")
     assert path.read_text() == "second"
     assert [p.name for p in path.parent.iterdir()] == ["fingerprint.json"]
+    beside = tmp_path / "cache" / "in-place.json"
+    beside.write_text("written in place")
+    assert path.stat().st_mode == beside.stat().st_mode  # not the temporary file's 0600
+
+
+def test_a_write_that_fails_leaves_the_file_before_and_nothing_else(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    write_file(path, "before")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_file(path, "after")
+    assert path.read_text() == "before"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
