@@ -139,9 +139,7 @@ class Scheduler:
             self.allocator.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_append(seq, n):
-                self.allocator.free(seq)
-                if seq.adapter_uid is not None:
-                    self.slots.release(seq.adapter_uid)
+                self._free(seq)
                 break
             if slot is not None:
                 for passed in skipped:
@@ -207,18 +205,20 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq)
-        if seq.adapter_uid is not None:
-            self.slots.release(seq.adapter_uid)
+        self._free(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.allocator.free(seq)
-        if seq.adapter_uid is not None:
-            self.slots.release(seq.adapter_uid)
+        self._free(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        """Give back its blocks and its pin on its adapter's slot."""
+        self.allocator.free(seq)
+        if seq.adapter_uid is not None:
+            self.slots.release(seq.adapter_uid)
 
     def _slot(self, seq: Sequence) -> int:
         return BASE_SLOT if seq.adapter_uid is None else self.slots.slot_of[seq.adapter_uid]
