@@ -211,7 +211,9 @@ def test_a_full_waiting_queue_gets_503_and_the_queued_requests_finish(
 
         def ask():
             try:
-                reply = client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=3)
+                reply = client.chat.completions.create(
+                    model="faq", messages=QUESTION, max_tokens=3, extra_body={"ignore_eos": True}
+                )
                 return 200, reply.usage.completion_tokens
             except openai.APIStatusError as error:
                 return error.status_code, error.response.headers.get("retry-after")
@@ -224,10 +226,10 @@ def test_a_full_waiting_queue_gets_503_and_the_queued_requests_finish(
                     assert time.monotonic() < deadline, "the requests did not reach the engine"
                     time.sleep(0.02)
             results = sorted(f.result() for f in futures)
-        assert [status for status, _ in results] == [200, 200, 503]
-        assert results[2][1] == "1"  # Retry-After
+        assert results[:2] == [(200, 3), (200, 3)]  # the queued ones ran to their length
+        assert results[2] == (503, "1")  # Retry-After
         _wait_until_idle(engine)
-        assert client.chat.completions.create(model="faq", messages=QUESTION, max_tokens=2)
+        assert ask() == (200, 3)
 
 
 def test_a_request_past_its_timeout_is_aborted_with_504_or_an_error_event(
@@ -426,10 +428,13 @@ def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_bas
     finally:
         server.kill()
     assert seconds < 10, server.stdout.read()
+    cut = [line for line in _audit(tmp_path) if line["endpoint"] == "/v1/completions"]
+    assert [(line["status"], line["finish_reason"]) for line in cut] == [(499, "abort")]
 
 
+@pytest.mark.parametrize("waiting_on", ["the-engine", "its-body"])
 def test_requests_the_shutdown_timeout_cuts_still_write_their_audit_lines(
-    tiny_base, empty_registry, tmp_path
+    tiny_base, empty_registry, tmp_path, waiting_on
 ):
     """uvicorn cancels what outlives its shutdown timeout and runs the app's shutdown without
     waiting for it: the audit log closed first, and the cut request's line was lost (its
@@ -457,8 +462,12 @@ def test_requests_the_shutdown_timeout_cuts_still_write_their_audit_lines(
         "server": ("127.0.0.1", 80),
     }
 
+    parts = [{"type": "http.request", "body": body[:5], "more_body": True}]
+
     async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
+        if waiting_on == "its-body" and not parts:
+            await asyncio.Event().wait()  # the rest never comes
+        return parts.pop() if parts else {"type": "http.request", "body": body[5:]}
 
     async def send(message):
         pass
@@ -665,8 +674,9 @@ def test_metrics_count_requests_tokens_latencies_and_engine_state(
     admin = "/v1/adapters/{name}"
     # admin calls name the adapter as sent: loads and unloads under new names would add
     # series without end (the audit line has the name)
-    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="200")
-    assert value("loraplex_requests_total", endpoint="/v1/adapters", model="none", status="404")
+    route = {"endpoint": "/v1/adapters", "model": "none"}
+    loads = {s: value("loraplex_requests_total", **route, status=s) for s in ("200", "404")}
+    assert loads == {"200": 1, "404": 1}
     assert value("loraplex_requests_total", endpoint=admin, model="none", status="404") == 1
     assert not [labels for _, labels in m if ("model", "made-up-1") in labels]
     assert not [name for name, _ in m if name.endswith("_created")]
