@@ -155,9 +155,16 @@ def weight_files(path: Path) -> list[Path]:
         if index.is_file():
             try:
                 shards = json.loads(index.read_text())["weight_map"].values()
+                files = sorted({path / shard for shard in shards})
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UsageError(f"base_model: {index} is not a weight index") from None
-            return sorted({path / shard for shard in shards})
+            for file in files:  # a download cut short; a shard outside the folder
+                if file.parent != path or not file.is_file():
+                    raise UsageError(
+                        f"base_model: {index} names {os.path.relpath(file, path)}, which is "
+                        f"not a file in {path}"
+                    )
+            return files
         if (path / single).is_file():
             return [path / single]
     return sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)

@@ -78,7 +78,12 @@ def promote(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Point an alias (default `champion`) at a version."""
+    from registry.errors import UsageError
+    from registry.refs import is_name
+
     with user_errors(tracking_uri):
+        if not is_name(name):
+            raise UsageError(f"{name!r}: promote takes NAME VERSION, e.g. 'promote faq 3'")
         previous = _registry(tracking_uri).promote(name, version, alias)
     moved = f" (was {previous})" if previous and previous != version else ""
     print(f"{name}@{alias} → version {version}{moved}")
@@ -122,6 +127,8 @@ def delete(
             if not _can_ask():
                 raise UsageError(f"delete {version.ref}: no terminal to confirm on: pass --yes")
             typer.confirm(f"delete {version.ref} from the registry?", abort=True)
+            # Checked again: an alias may have moved onto it while the prompt waited.
+            version = registry.deletable(parsed.name, parsed.version, force)
         registry.delete(version)
     aliases = f" (and its alias(es) {', '.join(version.aliases)})" if version.aliases else ""
     print(f"deleted {version.ref}{aliases}")

@@ -8,16 +8,17 @@ from dataclasses import dataclass
 from registry.errors import UsageError
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_ALIAS = r"[\w-]{1,255}"  # MLflow's: word characters and '-' (`2024-q3` and `_rc` too)
+# ASCII of MLflow's word characters and '-' (`2024-q3`, `_rc`); 243: a moved alias leaves a
+# `former_<alias>` tag, and MLflow's tag keys hold 250.
+_ALIAS = r"[A-Za-z0-9_-]{1,243}"
 # A version fits MLflow's int64 (and Python's int() of its digits: a 5,000-digit one raises).
 _VERSION = r"[1-9][0-9]{0,17}"
 MAX_VERSION = 10**18 - 1
 # Matched whole (fullmatch): `$` would let a trailing newline through, "faq\n" a second name.
 _REF = re.compile(rf"(?P<name>{_NAME})(?:/(?P<version>{_VERSION})|@(?P<alias>{_ALIAS}))?")
 _NAMES = "names: letters, digits, '.', '_' and '-', at most 100"
-# MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
 CHAMPION = "champion"  # the alias a passed gate moves: what a team serves
-
+# MLflow refuses to set these aliases: `latest` (any case) and `v3`, `V3`, ... name versions.
 _RESERVED_ALIAS = re.compile(r"(?i:latest)|[vV][0-9]+")
 
 
@@ -55,7 +56,7 @@ def parse_ref(text: str) -> AdapterRef:
 def check_alias(alias: str) -> str:
     """Validate an alias to point at a version: MLflow's characters, none of its reserved names."""
     if re.fullmatch(_ALIAS, alias) is None:
-        raise UsageError(f"alias {alias!r} must be letters, digits, '_' or '-' (1 to 255 of them)")
+        raise UsageError(f"alias {alias!r} must be letters, digits, '_' or '-' (1 to 243 of them)")
     if _RESERVED_ALIAS.fullmatch(alias):
         raise UsageError(
             f"alias {alias!r} is reserved by MLflow ('latest' and v<N>); use NAME for the latest "

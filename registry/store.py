@@ -258,8 +258,16 @@ class AdapterRegistry:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise UsageError(f"download destination {dest} exists and is not an empty folder")
         version = self.get(ref)
-        try:
-            shutil.copytree(self.fetch_version(version), dest, dirs_exist_ok=True)
+        source = self.fetch_version(version)
+        if dest.is_dir():  # empty: taken whole by a rename into it
+            dest.rmdir()
+        try:  # whole or not at all: a copy cut short (a full disk) leaves nothing
+            make_folder(dest, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+        except FileExistsError as e:  # a file where a folder of its path should be
+            raise UsageError(f"download destination {dest}: {e.filename} is a file") from None
+        except shutil.Error as e:  # copytree's: a list of (source, destination, why)
+            why = e.args[0][0][2] if e.args and e.args[0] else e
+            raise UsageError(f"download destination {dest}: {why}") from None
         except OSError as e:
             raise UsageError(f"download destination {dest}: {e.strerror or e}") from None
         return version

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 
 import pytest
@@ -155,6 +156,26 @@ def test_fingerprint_of_a_sharded_folder_hashes_each_file_in_name_order(home, tm
     (tmp_path / names[0]).write_bytes(contents[1])
     (tmp_path / names[1]).write_bytes(contents[0])
     assert fingerprint(tmp_path, home) != "sha256:" + expected.hexdigest()[:24]
+
+
+@pytest.mark.parametrize("shard", ["model-00002-of-00002.safetensors", "../outside.safetensors"])
+def test_a_weight_index_naming_a_shard_not_in_the_folder_is_refused_naming_it(
+    home, tmp_path, shard
+):
+    """A download cut short: the index names a shard that is not there (a traceback), or one
+    outside the folder (read from there)."""
+    import json
+
+    from registry.base_model import weight_files
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    (tmp_path / "outside.safetensors").write_bytes(b"y")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UsageError, match=rf"names {re.escape(shard)}, which is not a file in"):
+        weight_files(folder)
 
 
 def test_only_the_weights_transformers_loads_are_the_base(tiny_base, home, tmp_path):

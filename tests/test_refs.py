@@ -3,7 +3,7 @@
 import pytest
 
 from registry.errors import UsageError
-from registry.refs import AdapterRef, is_ref, parse_ref
+from registry.refs import AdapterRef, check_alias, is_ref, parse_ref
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,20 @@ def test_malformed_refs_are_refused_naming_the_forms(text):
 def test_aliases_mlflow_reserves_are_refused(alias):
     with pytest.raises(UsageError, match=f"alias '{alias}' is reserved by MLflow"):
         parse_ref(f"name@{alias}")
+
+
+@pytest.mark.parametrize(
+    "alias",
+    ["v\u0661", "caf\u00e9", "a" * 244],  # an Arabic-Indic digit; é; past the former_ tag's room
+    ids=["non-ascii-digit", "accented", "244-characters"],
+)
+def test_aliases_mlflow_would_refuse_or_cannot_move_are_refused_up_front(alias):
+    """MLflow reserves `v` and any Unicode digits, and a moved alias leaves a `former_<alias>`
+    tag whose key holds at most 250 characters: the alias had moved when that failed."""
+    with pytest.raises(UsageError, match="must be letters, digits, '_' or '-' \\(1 to 243"):
+        check_alias(alias)
+    assert not is_ref(f"name@{alias}")
+    assert parse_ref(f"name@{'a' * 243}").alias == "a" * 243
 
 
 def test_aliases_that_only_look_reserved_are_kept():

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,6 +143,47 @@ def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
         registry.get(parse_ref("facts@champion"))
     with pytest.raises(NotFoundError, match="no version 9"):
         registry.promote("facts", 9)
+
+
+def test_a_download_cut_short_leaves_no_half_folder_and_the_next_one_works(
+    registry, adapters, tmp_path, monkeypatch
+):
+    import shutil
+
+    from registry import store
+
+    register_folder(registry, adapters[0], "facts")
+    copy = shutil.copytree
+
+    def disk_full(source, dest, **kwargs):
+        (Path(dest) / "adapter_config.json").write_text("{")
+        raise shutil.Error([(str(source), str(dest), "[Errno 28] No space left on device")])
+
+    monkeypatch.setattr(store.shutil, "copytree", disk_full)
+    with pytest.raises(UsageError, match=r"download destination .*: \[Errno 28\] No space left"):
+        registry.download(AdapterRef("facts"), tmp_path / "dl" / "out")
+    assert list((tmp_path / "dl").iterdir()) == []  # nothing half-copied, no partial folder
+    monkeypatch.setattr(store.shutil, "copytree", copy)
+    registry.download(AdapterRef("facts"), tmp_path / "dl" / "out")
+    assert sorted(p.name for p in (tmp_path / "dl" / "out").iterdir()) == sorted(
+        p.name for p in adapters[0].iterdir()
+    )
+
+
+def test_promote_takes_a_name_and_says_so_for_a_reference(registry, adapters):
+    from typer.testing import CliRunner
+
+    from registry.app import app
+
+    register_folder(registry, adapters[0], "facts")
+    uri = ["--tracking-uri", registry.tracking_uri]
+    for name in ("facts/1", "facts@champion"):
+        result = CliRunner().invoke(app, ["registry", "promote", name, "1", *uri])
+        assert result.exit_code == 2
+        assert result.output == (
+            f"error: {name!r}: promote takes NAME VERSION, e.g. 'promote faq 3'\n"
+        )
+    assert registry.get(parse_ref("facts/1")).aliases == []
 
 
 def test_download_refuses_a_non_empty_destination(registry, adapters, tmp_path):
@@ -336,7 +378,7 @@ def test_a_download_under_a_file_and_a_malformed_tracking_uri_are_usage_errors(
 ):
     assert register_folder(registry, adapters[1], "facts") == 1
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(UsageError, match=r"download destination .*a-file/sub: Not a directory"):
+    with pytest.raises(UsageError, match=r"download destination .*a-file/sub: .*a-file is a file"):
         registry.download(parse_ref("facts/1"), tmp_path / "a-file" / "sub")
     for uri, reason in (
         ("http://[::1", "Invalid IPv6 URL"),
@@ -585,3 +627,14 @@ def test_delete_removes_one_version_and_refuses_one_an_alias_points_at(
     assert forced.output == "deleted gone/1 (and its alias(es) champion)\n"
     with pytest.raises(NotFoundError, match="has no versions yet"):
         registry.get(parse_ref("gone"))
+    register_folder(registry, adapters[0], "gone")  # version 3
+    confirm = cli.typer.confirm
+
+    def promoted_while_asking(*args, **kwargs):
+        registry.promote("gone", 3)  # another command, while the person reads the prompt
+        return confirm(*args, **kwargs)
+
+    monkeypatch.setattr(cli.typer, "confirm", promoted_while_asking)
+    late = delete("gone/3", answer="y\n")
+    assert late.exit_code == 2 and "gone/3 holds the alias(es) champion" in late.output
+    assert registry.get(parse_ref("gone@champion")).version == 3
