@@ -31,7 +31,8 @@ class Samples:
 
     @property
     def statistic(self) -> float:
-        """Over the samples that could be scored (an LLM judge may give NaN); NaN if none."""
+        """Over the samples that have a value (NaN: none, as a sample past the context has no
+        likelihood); NaN if none has."""
         ok = self.scored
         if not ok.any():
             return float("nan")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eval.decision import Samples, Verdict, judge
 from eval.eval_set import build_eval_set, select_test_records
-from eval.gate_config import GateConfig, http_url
+from eval.gate_config import MIN_PAIRS, GateConfig, http_url
 from eval.measure import EngineModels, Models, answer_likelihoods, answers
 from eval.report import GateReport
 from eval.scores import Scorer
@@ -57,7 +57,8 @@ class QualityGate:
         self.champion = self._champion()
         self.baseline = self._baseline(baseline)
         measured = self._measured_split()
-        differences = self._split_differences(self.candidate, measured)
+        # The candidate's unrecorded split counts: nothing shows it kept the test records out.
+        differences = self._split_differences(self.candidate, measured, unrecorded=True)
         if differences:
             raise UsageError(
                 f"--candidate {self.candidate.ref} was not trained on the split this gate "
@@ -118,11 +119,13 @@ class QualityGate:
         measured: dict[str, dict[str | None, Samples]] = {}
         if "perplexity" in self.config.metrics:
             measured["perplexity"] = self._perplexity(models, roles, records, splits.format)
-            if not len(measured["perplexity"][CANDIDATE].values):  # the data's fault, not its
+            kept = len(measured["perplexity"][CANDIDATE].values)
+            if kept < MIN_PAIRS:  # the data's fault, not the candidate's
                 raise ConfigError(
-                    f"perplexity: none of the {len(records)} test records keeps an answer token "
-                    f"within the train config's data.max_seq_length "
-                    f"({self.train.data.max_seq_length}): the gate has nothing to score"
+                    f"perplexity: {kept} of the {len(records)} test records keep an answer "
+                    f"token within the train config's data.max_seq_length "
+                    f"({self.train.data.max_seq_length}): too few to score (at least "
+                    f"{MIN_PAIRS})"
                 )
         if ragas:
             measured |= self._ragas(models, roles, samples, scorer, ragas)
@@ -223,10 +226,9 @@ class QualityGate:
             return  # nothing to replace
         if self._base_differences(champion):
             return  # it cannot be compared on this base; the report's note says so
-        compared = self.candidate if self.baseline is None else self.baseline
         if self.candidate.version == champion.version:
             return  # promoting the champion again replaces nothing
-        if compared.version != champion.version:
+        if self.baseline is None or self.baseline.version != champion.version:
             raise UsageError(
                 f"--promote would replace {champion.ref} (@{CHAMPION}) without comparing "
                 f"--candidate {self.candidate.ref} with it: drop --baseline to promote"
@@ -244,9 +246,12 @@ class QualityGate:
             "data.split.test": str(split.test),
         }
 
-    def _split_differences(self, version: AdapterVersion, expected: dict[str, str]) -> str:
+    def _split_differences(
+        self, version: AdapterVersion, expected: dict[str, str], unrecorded: bool = False
+    ) -> str:
         """How the data and split a version was trained on (its lineage's data hash, its
-        run's params) differ from `expected`; "" when nothing recorded does."""
+        run's params) differ from `expected`; "" when nothing recorded does. With
+        `unrecorded`, what its lineage does not record counts as a difference."""
         params = self.registry.run_params(version)
         recorded = {
             "data hash": version.tags.get("data_hash"),
@@ -254,9 +259,10 @@ class QualityGate:
             "data.split.test": params.get("data.split.test"),
         }
         return "; ".join(
-            f"{key}: {recorded[key]} when trained, {value} in {self.config.train_config}"
+            f"{key}: {recorded[key] or 'not recorded'} when trained, {value} in "
+            f"{self.config.train_config}"
             for key, value in expected.items()
-            if recorded[key] is not None and recorded[key] != value
+            if (recorded[key] is not None or unrecorded) and recorded[key] != value
         )
 
     def _version(self, text: str, option: str) -> AdapterVersion:

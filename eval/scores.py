@@ -58,9 +58,10 @@ class Scorer:
 
     def _judged(self, metric: str, samples: list[EvalSample], answers: list[str]) -> list[float]:
         """The judge's scores; an empty answer scores 0 without asking (RAGAS raises on one,
-        which would stop the whole gate), and so does one its faithfulness finds no statement
-        in (RAGAS' NaN): a NaN would fail the gate, and skipping it would let an evasive
-        candidate score on its few checkable answers."""
+        which would stop the whole gate), and so does one the judge gives no score (RAGAS'
+        NaN: its faithfulness found no statement in it, or relevancy no question): a NaN
+        would fail the gate, and skipping it would let an evasive candidate score on its few
+        checkable answers."""
         scores = [0.0] * len(answers)
         asked = [i for i, a in enumerate(answers) if a.strip()]
         rows = [{"user_input": samples[i].question, "response": answers[i]} for i in asked]

@@ -55,12 +55,17 @@ def make_adapter(
     return make_lora(base, dest, rank=rank, targets=targets, seed=seed, b_scale=1.0, name=name)
 
 
-def register_folder(registry, folder: Path, name: str) -> int:
-    """What a training run does: log the folder as a run's `adapter` artifact, register it."""
+def register_folder(registry, folder: Path, name: str, params: dict | None = None) -> int:
+    """What a training run does: log the folder as a run's `adapter` artifact (and `params`,
+    its config: a gate reads the split there), register it."""
+    from mlflow.entities import Param
+
     from registry.lineage import Lineage
 
     client = registry.client
     run = client.create_run(registry.experiment_id("tests"))
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifacts(run.info.run_id, str(folder), artifact_path="adapter")
     lineage = Lineage.read(folder)
     version = registry.register(name, run.info.run_id, f"{run.info.artifact_uri}/adapter", lineage)

@@ -334,9 +334,10 @@ def test_gate_passes_a_trained_adapter_promotes_it_and_fails_a_degraded_one(
 
     # B scaled by -5: the learned update reversed and amplified (a larger positive factor can
     # even help an adapter trained only 8 steps).
-    good = registry.fetch_version(registry.get(parse_ref("country-facts/1")))
-    bad = _degrade(good, tmp_path / "bad", -5.0)
-    assert register_folder(registry, bad, "country-facts") == 2
+    trained = registry.get(parse_ref("country-facts/1"))
+    bad = _degrade(registry.fetch_version(trained), tmp_path / "bad", -5.0)
+    params = registry.run_params(trained)  # its training's config, the split included
+    assert register_folder(registry, bad, "country-facts", params) == 2
     result = _gate(gate, "--candidate", "country-facts/2", "--promote",
                    "--output", str(tmp_path / "v2"), "--tracking-uri", tracking_uri)  # fmt: skip
     assert result.exit_code == 1, result.output
@@ -465,9 +466,12 @@ def test_a_gate_whose_adapter_is_not_its_train_configs_name_is_refused(tmp_path)
     assert "name: 'country-facts'" in str(error.value)
 
 
-def _register_trained(registry, data_hash: str, base="sha256:f", tokenizer=None, **split) -> int:
+def _register_trained(
+    registry, data_hash: str, base="sha256:f", tokenizer=None, params=True, **split
+) -> int:
     """A version as `loraplex train` leaves it: the data hash in its lineage, the resolved
-    config (here only the split) as its run's params. No weights: the gate is not run."""
+    config (here only the split) as its run's params (none without `params`). No weights:
+    the gate is not run."""
     from mlflow.entities import Param
 
     from registry.lineage import Lineage
@@ -475,7 +479,9 @@ def _register_trained(registry, data_hash: str, base="sha256:f", tokenizer=None,
     client = registry.client
     run_id = client.create_run(registry.experiment_id("tests")).info.run_id
     split = {"validation": 0.1, "test": 0.1, "seed": 0} | split
-    client.log_batch(run_id, params=[Param(f"data.split.{k}", str(v)) for k, v in split.items()])
+    if params:
+        logged = [Param(f"data.split.{k}", str(v)) for k, v in split.items()]
+        client.log_batch(run_id, params=logged)
     lineage = Lineage("country-facts", "b", base, data_hash, 4, 8.0, ["q_proj"], "0")
     lineage = dataclasses.replace(lineage, tokenizer=tokenizer or {})
     version = registry.register("country-facts", run_id, "file:///nowhere/adapter", lineage)
@@ -494,6 +500,8 @@ def _trained_hash() -> str:
         ("sha256:older", {}, r"data hash: sha256:older when trained, sha256:\w+ in "),
         (None, {"seed": 1}, r"data\.split\.seed: 1 when trained, 0 in .*country-facts"),
         (None, {"test": 50.0}, r"data\.split\.test: 50\.0 when trained, 0\.1 in "),
+        # a run that recorded no split: nothing shows the test records were kept out
+        (None, {"params": False}, r"data\.split\.seed: not recorded when trained, 0 in "),
     ],
 )
 def test_a_candidate_trained_on_another_split_is_refused_naming_what_differs(
@@ -930,5 +938,23 @@ def test_a_test_split_with_no_answer_within_max_seq_length_is_a_usage_error_not_
     unscored = Unscored()
     unscored.tokenizer = tokenizer
     monkeypatch.setattr(gate, "_models", lambda: (unscored, [None, "candidate"]))
-    with pytest.raises(ConfigError, match=r"perplexity: none of the \d+ test records keeps an"):
+    with pytest.raises(ConfigError, match=r"perplexity: 0 of the \d+ test records keep an"):
+        gate.measure()
+
+
+def test_fewer_scorable_records_than_a_comparison_needs_is_a_usage_error_not_a_fail(
+    registry, monkeypatch
+):
+    """1 to 4 records within max_seq_length: too few to compare (a fail, exit 1, blamed the
+    candidate for the data's shape; none at all was already a usage error)."""
+    from eval.gate import CANDIDATE, QualityGate
+
+    _register_trained(registry, _trained_hash())
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    config = config.model_copy(update={"metrics": {"perplexity": config.metrics["perplexity"]}})
+    gate = QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    few = Samples(np.ones(MIN_PAIRS - 1), np.ones(MIN_PAIRS - 1), exponent=True)
+    monkeypatch.setattr(gate, "_models", lambda: (None, [None, CANDIDATE]))
+    monkeypatch.setattr(gate, "_perplexity", lambda *args: {None: few, CANDIDATE: few})
+    with pytest.raises(ConfigError, match=rf"perplexity: {MIN_PAIRS - 1} of the \d+ test rec"):
         gate.measure()
