@@ -18,7 +18,7 @@ from pathlib import Path
 
 from registry.atomic import make_folder, write_file
 from registry.errors import UsageError
-from registry.home import Home
+from registry.home import Home, expand_user
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def resolve_base_model(spec: str, home: Home | None = None) -> BaseModel:
         if not (path / "config.json").is_file():
             _convert_embedded(spec, path)
         return BaseModel(spec, path, fingerprint(path, home))
-    path = Path(spec).expanduser()
+    path = expand_user(spec, "base_model")
     if not (path / "config.json").is_file():
         known = ", ".join(EMBEDDED_MODELS)
         bare_word = "/" not in spec and not spec.startswith(("~", "."))

@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from registry.errors import ConfigError
+from registry.home import expand_user
 from registry.refs import check_adapter_name, check_name
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -118,7 +119,7 @@ def read_config(path: Path, model: type[Config], overrides: list[str] = ()) -> C
 
 def relative_to_file(config_path: Path, value: Path) -> Path:
     """A path written in a config file, read relative to that file unless absolute."""
-    value = Path(value).expanduser()
+    value = expand_user(value, str(config_path))
     return value if value.is_absolute() else (Path(config_path).parent / value).resolve()
 
 

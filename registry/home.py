@@ -37,6 +37,15 @@ _OFFLINE_ENV = {
 _QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels", "urllib3.connectionpool")
 
 
+def expand_user(path: str | Path, what: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded; a ConfigError naming `what` (the key or
+    variable it came from) where there is no such user or home."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:  # "Could not determine home directory."
+        raise ConfigError(f"{what}: {str(path)!r}: {error}") from None
+
+
 @dataclass(frozen=True)
 class Home:
     """Folder layout under `LORAPLEX_HOME`."""
@@ -47,7 +56,7 @@ class Home:
     def from_env(cls) -> Home:
         """`$LORAPLEX_HOME`, else `.loraplex/` in the project checkout, else `~/.loraplex`."""
         if env := os.environ.get("LORAPLEX_HOME"):
-            return cls(Path(env).expanduser().resolve())
+            return cls(expand_user(env, "LORAPLEX_HOME").resolve())
         if (_PROJECT_ROOT / "pyproject.toml").is_file():
             return cls(_PROJECT_ROOT / ".loraplex")
         return cls(Path.home() / ".loraplex")

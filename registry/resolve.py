@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.errors import NotFoundError
-from registry.home import Home
+from registry.home import Home, expand_user
 from registry.lineage import Lineage, check_adapter_folder
 from registry.refs import is_ref, parse_ref
 from registry.store import AdapterRegistry, AdapterVersion
@@ -44,7 +44,7 @@ def resolve_adapter(
     `tokenizer`, its digests), an adapter trained on another base (or tokenizer) is refused.
     """
     if not names_registry(source):
-        path = Path(source).expanduser()
+        path = expand_user(source, f"adapter {source!r}")
         if not path.is_dir():
             raise NotFoundError(f"adapter {source!r}: no such folder, and not a registry reference")
         lineage = check_adapter_folder(path, base_fingerprint, tokenizer)

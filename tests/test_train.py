@@ -729,3 +729,115 @@ def test_the_run_record_on_disk_holds_no_password_of_the_tracking_server(
     record = (job.run_dir / RUN_FILE).read_text()
     assert json.loads(record)["tracking_uri"].startswith("http://alice:***@127.0.0.1:")
     assert "s3cret" not in record
+
+
+def test_a_failure_between_opening_the_run_and_recording_it_marks_it_failed(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """The run existed in MLflow before `run_id` was set: a failure logging its params left
+    it RUNNING for good, with no run.json for --resume to find."""
+    from train.run_folder import read_record
+
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=params-fail")
+
+    def fail(*args, **kwargs):
+        raise OSError("the store went away")
+
+    monkeypatch.setattr(job.registry.client, "log_batch", fail)
+    with pytest.raises(OSError, match="the store went away"):
+        job.run()
+    assert job.registry.client.get_run(job.run_id).info.status == "FAILED"
+    assert read_record(job.run_dir)["status"] == "failed"
+
+
+def test_a_failure_marking_the_run_failed_leaves_the_original_error(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """MLflow itself failing: recording the failure raised too, and replaced the error."""
+    from train.recipe import TrainingJob
+    from train.run_folder import read_record
+
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=both-fail")
+
+    def trainer_fails(self):
+        raise OSError("the real error")
+
+    def store_fails(*args, **kwargs):
+        raise ConnectionError("and MLflow is down")
+
+    monkeypatch.setattr(TrainingJob, "_trainer", trainer_fails)
+    monkeypatch.setattr(job.registry.client, "set_terminated", store_fails)
+    with pytest.raises(OSError, match="the real error"):
+        job.run()
+    assert read_record(job.run_dir)["status"] == "failed"
+
+
+def test_a_setup_that_fails_before_the_run_opens_leaves_no_run_folder(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    from registry.errors import ConfigError
+    from train import recipe
+
+    def bad_data(*args, **kwargs):
+        raise ConfigError("data.path: no example has an answer")
+
+    monkeypatch.setattr(recipe, "load_splits", bad_data)
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=bad-data")
+    with pytest.raises(ConfigError, match="no example has an answer"):
+        job.run()
+    assert not list((home.runs / "bad-data").iterdir())
+
+
+def test_a_run_another_job_is_training_is_not_resumed(tiny_base, home, tracking_uri):
+    """Two jobs on one run folder: each deleted the other's checkpoints and logged into one
+    MLflow run."""
+    from filelock import FileLock
+
+    from registry.errors import UsageError
+    from train.config import load_config
+    from train.recipe import TrainingJob
+    from train.run_folder import LOCK_FILE
+
+    config = load_config(CONFIG, ["name=resume-busy", f"base_model={tiny_base.path}"])
+    _interrupted_run(home, config, tiny_base, tracking_uri=tracking_uri)
+    [run_dir] = (home.runs / config.name).iterdir()
+    (run_dir / "checkpoints").mkdir()
+    job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
+    busy = pytest.raises(UsageError, match="is in use by another `loraplex train`")
+    with FileLock(run_dir / LOCK_FILE), busy:  # the other job, still training
+        job.setup()
+
+
+def test_resume_against_another_mlflow_store_is_refused_naming_both(tiny_base, home, tracking_uri):
+    from registry.errors import UsageError
+    from train.config import load_config
+    from train.recipe import TrainingJob
+
+    config = load_config(CONFIG, ["name=resume-elsewhere", f"base_model={tiny_base.path}"])
+    _interrupted_run(home, config, tiny_base, tracking_uri="http://mlflow.example:5000")
+    job = TrainingJob(config, tracking_uri=tracking_uri, resume=True, home=home)
+    with pytest.raises(UsageError, match=r"in the MLflow store http://mlflow\.example:5000, not "):
+        job.setup()
+
+
+def test_two_runs_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
+    from train import run_folder
+
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-000000")
+    made = [run_folder.new_run_dir(tmp_path / "runs") for _ in range(3)]
+    assert [d.name for d in made] == ["20260101-000000", "20260101-000000-1", "20260101-000000-1-1"]
+    assert all((d / "checkpoints").is_dir() for d in made)
+
+
+def test_a_path_under_an_unknown_users_home_is_a_config_error_naming_it(tmp_path):
+    """`~nosuchuser/...` in a YAML, a base or an adapter source: a traceback."""
+    from registry.base_model import resolve_base_model
+    from registry.errors import ConfigError
+    from train.config import load_config
+
+    config = tmp_path / "train.yaml"
+    config.write_text((PROJECT / CONFIG).read_text().replace("path: ", "path: ~nosuchuser/", 1))
+    with pytest.raises(ConfigError, match=r"train\.yaml: '~nosuchuser/.*': Could not determine"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"base_model: '~nosuchuser/m'"):
+        resolve_base_model("~nosuchuser/m")

@@ -93,11 +93,16 @@ class GracefulInterrupt(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._previous = signal.signal(signal.SIGINT, self._request)
 
+    def restore(self) -> None:
+        """Ctrl-C as it was before training (also where training raised: no on_train_end)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self.restore()

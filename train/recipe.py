@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from registry.store import AdapterRegistry, AdapterVersion
 from registry.tracking import redacted
 from train.config import TrainConfig
 from train.data import data_hash, load_splits, tokenize_split
-from train.run_folder import flatten, new_run_dir, read_record, run_to_resume, write_record
+from train.run_folder import (
+    flatten,
+    hold,
+    new_run_dir,
+    read_record,
+    run_to_resume,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ class TrainingJob:
         self.registry = AdapterRegistry(tracking_uri, self.home)
         self.resume = resume
         self.run_id: str | None = None  # the MLflow run, once setup has opened it
+        self.run_dir: Path | None = None  # its folder, once setup has made or chosen it
+        self._lock = None  # on the run folder while this job uses it (run_folder.hold)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -64,6 +74,7 @@ class TrainingJob:
         self.tokenizer = self._tokenizer()
         self.tokenizer_digests = tokenizer_digests(self.tokenizer)
         self.run_dir, self.checkpoint = self._run_dir()
+        self._lock = hold(self.run_dir)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         splits = load_splits(cfg.data)
         self.train_data = tokenize_split(
@@ -93,7 +104,7 @@ class TrainingJob:
         runs = self.home.runs / self.config.name
         if not self.resume:
             return new_run_dir(runs), None
-        run_dir = run_to_resume(runs, self._record())
+        run_dir = run_to_resume(runs, self._record(), self.registry.tracking_uri)
         return run_dir, get_last_checkpoint(run_dir / "checkpoints")
 
     def _record(self, run_id: str | None = None, status: str | None = None) -> dict:
@@ -185,7 +196,7 @@ class TrainingJob:
             run_name=f"{self.config.name}-{self.run_dir.name}",
             tags={"loraplex.adapter": self.config.name, "loraplex.run_dir": str(self.run_dir)},
         )
-        run_id = run.info.run_id
+        run_id = self.run_id = run.info.run_id  # from here a failure marks it failed
         params = {
             **flatten(self.config.model_dump(mode="json")),
             "data.train_rows": n_train,
@@ -354,8 +365,6 @@ class TrainingJob:
 
     def cleanup(self) -> None:
         """Drop checkpoints of a finished run: the adapter and MLflow hold what matters."""
-        import shutil
-
         shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
     def _check_finite(self) -> None:
@@ -386,18 +395,34 @@ class TrainingJob:
             self._check_finite()
             adapter_dir = self.save()
             version = self.register()
-        except BaseException:
-            # From the moment the MLflow run exists (setup opens it before building the
-            # trainer) until it is registered, a failure must not leave it RUNNING forever.
-            # Checkpoints stay: `--resume` continues from the last one.
-            if self.run_id is not None:
-                self.registry.client.set_terminated(self.run_id, status="FAILED")
-                self._write_run_file(self.run_id, "failed")
+        except BaseException as error:
+            self._failed(error)
             raise
+        finally:
+            if hasattr(self, "interrupt"):
+                self.interrupt.restore()
+            if self._lock is not None:
+                self._lock.release()
         self.cleanup()
         return TrainResult(
             "finished", self.run_dir, self.run_id, adapter_dir, version, self.lineage.metrics
         )
+
+    def _failed(self, error: BaseException) -> None:
+        """Record a failure. From the moment the MLflow run exists until it is registered,
+        it must not stay RUNNING forever (checkpoints stay: `--resume` continues from the
+        last one); a new run's folder that holds none yet goes. A failure of this recording
+        (MLflow may be what failed) is logged, the original error raised."""
+        if self.run_id is None:
+            if self.run_dir is not None and not self.resume:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing ran in it
+            return
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            self._write_run_file(self.run_id, "failed")
+            self.registry.client.set_terminated(self.run_id, status=status)
+        except Exception:
+            log.exception("the failed run %s could not be marked %s", self.run_id, status)
 
 
 def _keep_4bit_layers_differentiable(model) -> None:
