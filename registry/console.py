@@ -12,12 +12,13 @@ from typing import Annotated
 import typer
 
 from registry.errors import LoraplexError
+from registry.tracking import TRACKING_URI_ENV
 
 TrackingUri = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        envvar="LORAPLEX_TRACKING_URI",
+        envvar=TRACKING_URI_ENV,
         help="MLflow server or store (default: SQLite in LORAPLEX_HOME).",
     ),
 ]

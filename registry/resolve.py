@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import NotFoundError
+from registry.errors import NotFoundError, UnknownAdapterError
 from registry.home import Home, expand_user
 from registry.lineage import Lineage, check_adapter_folder
 from registry.refs import is_ref, parse_ref
@@ -24,9 +24,9 @@ class ResolvedAdapter:
 
 
 def names_registry(source: str) -> bool:
-    """Whether `source` is read from the registry: a reference that does not look like a
-    path (`/`, `./`, `../`, `~`); anything else is a folder."""
-    return is_ref(source) and not source.startswith(("/", "./", "../", "~"))
+    """Whether `source` is read from the registry: a reference (a path that starts with `/`,
+    `.` or `~` never is one); anything else is a folder."""
+    return is_ref(source)
 
 
 def resolve_adapter(
@@ -51,7 +51,12 @@ def resolve_adapter(
         return ResolvedAdapter(source, path.resolve(), None, lineage)
     registry = AdapterRegistry(tracking_uri, home)
     ref = parse_ref(source)
-    version = registry.get(ref)
+    try:
+        version = registry.get(ref)
+    except UnknownAdapterError as error:
+        if Path(source).is_dir():  # meant the folder here, which a bare name does not say
+            raise UnknownAdapterError(f"{error} (the folder is written './{source}')") from None
+        raise
     path = registry.fetch_version(version)  # not `ref` again: an alias may move in between
     lineage = check_adapter_folder(path, base_fingerprint, tokenizer)
     return ResolvedAdapter(source, path, version, lineage)

@@ -145,6 +145,19 @@ def test_unknown_names_versions_and_aliases_are_named(registry, adapters):
         registry.promote("facts", 9)
 
 
+def test_an_unknown_name_that_is_a_folder_here_says_how_to_write_the_folder(
+    registry, adapters, tmp_path, monkeypatch
+):
+    from registry.resolve import resolve_adapter
+
+    register_folder(registry, adapters[0], "facts")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(adapters[0], tmp_path / "out")
+    with pytest.raises(NotFoundError, match=r"named 'out' .*\(the folder is written './out'\)"):
+        resolve_adapter("out", tracking_uri=registry.tracking_uri, home=registry.home)
+    assert resolve_adapter("./out").path == tmp_path / "out"
+
+
 def test_a_download_cut_short_leaves_no_half_folder_and_the_next_one_works(
     registry, adapters, tmp_path, monkeypatch
 ):
