@@ -1,4 +1,5 @@
-"""Pass or fail per metric: absolute bounds, and regressions against the baseline beyond noise.
+"""Pass or fail per metric: absolute bounds, and no regression past the tolerance against the
+baseline and the base, shown beyond resampling noise.
 
 Candidate and baseline are scored on the same samples, so their difference is bootstrapped
 in pairs: resample sample indices once and compute both statistics on the same resample.
@@ -102,10 +103,12 @@ def judge(
     base: Samples | None,
     boot: BootstrapConfig,
 ) -> Verdict:
-    """The verdict on one metric. A regression against the baseline or the base fails only
-    when the whole interval of the gain lies below -tolerance: worse than tolerated, and
-    beyond what resampling noise explains; fewer than MIN_PAIRS samples scored by both
-    cannot tell, and fail. A sample the candidate has no finite value for fails."""
+    """The verdict on one metric. Against the baseline and the base it passes only when the
+    whole interval of the gain lies above -tolerance: shown to be no worse than tolerated (a
+    gate that promotes must not take noise for the benefit of the doubt: on a small eval set
+    a candidate far worse often has an interval reaching past zero); fewer than MIN_PAIRS
+    samples scored by both cannot tell, and fail. A sample the candidate has no finite value
+    for fails."""
     higher = METRICS[metric]
     verdict = Verdict(
         metric,
@@ -148,6 +151,13 @@ def judge(
             verdict.reasons.append(
                 f"regressed against {other} by {-vs.gain:.4g} (interval of the gain "
                 f"[{vs.low:.4g}, {vs.high:.4g}], tolerance {rule.tolerance:g})"
+            )
+        elif vs.low < -rule.tolerance:
+            verdict.reasons.append(
+                f"may have regressed against {other} past the tolerance {rule.tolerance:g}: "
+                f"the interval of the gain [{vs.low:.4g}, {vs.high:.4g}] reaches below "
+                f"{-rule.tolerance:g} on {vs.pairs} samples: more of them "
+                "(eval_set.max_samples) narrow it, a wider tolerance accepts it"
             )
     verdict.passed = not verdict.reasons
     return verdict
