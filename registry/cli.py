@@ -63,7 +63,7 @@ def show(ref: Ref, tracking_uri: TrackingUri = None) -> None:
     table.add_row("source", version.source)
     for key, value in sorted(version.tags.items()):
         table.add_row(key, value)
-    for key in sorted(k for k in metrics if k.endswith(("_loss", "_perplexity")) and k != "loss"):
+    for key in sorted(k for k in metrics if k.endswith(("_loss", "_perplexity"))):
         table.add_row(key, f"{metrics[key]:.4f}")
     Console().print(table)
 

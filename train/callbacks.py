@@ -14,7 +14,7 @@ def with_perplexity(logs: dict) -> dict:
     """Add `<prefix>_perplexity` = exp(`<prefix>_loss`) for each evaluation loss in `logs`."""
     out = dict(logs)
     for key, value in logs.items():
-        if key.endswith("_loss") and key != "train_loss" and key != "loss":
+        if key.endswith("_loss") and key != "train_loss":
             out[key.removesuffix("_loss") + "_perplexity"] = math.exp(min(value, 50.0))
     return out
 

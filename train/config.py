@@ -23,11 +23,12 @@ from train.data import DATA_LOADERS
 
 def _fraction_or_count(value: float) -> float:
     if value >= 1 and not float(value).is_integer():
-        raise ValueError("must be a fraction in (0, 1) or a whole number of examples")
+        raise ValueError("must be a fraction in (0, 1) or a whole number of record groups")
     return value
 
 
-# A share of the data set when below 1, else a number of examples.
+# A share of the data set when below 1, else a number of record groups: records that share a
+# question or an exchange stay on one side of a split, and count once.
 SplitSize = Annotated[Number, Field(gt=0), AfterValidator(_fraction_or_count)]
 
 
