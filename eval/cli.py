@@ -1,7 +1,8 @@
 """`loraplex gate CONFIG --candidate NAME/VERSION [--baseline REF] [--promote] [--server URL]`.
 
-Exit codes for CI: 0 the candidate passed, 1 it failed (a regression), 2 a usage error or a
-gate that could not run (e.g. an unreachable registry).
+Exit codes for CI: 0 the candidate passed, 1 it failed (a bound missed, or a regression past
+the tolerance not ruled out), 2 a usage error or a gate that could not run (e.g. an
+unreachable registry).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def gate(
 ) -> None:
     """Judge a candidate adapter against its champion and the base.
 
-    Exit 0 if it passes, 1 if it fails (a regression), 2 if it could not run.
+    Exit 0 if it passes, 1 if it fails (a bound, or a regression not ruled out), 2 if it could
+    not run.
     """
     from registry.home import setup_environment
 

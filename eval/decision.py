@@ -1,5 +1,5 @@
-"""Pass or fail per metric: absolute bounds, and no regression past the tolerance against the
-baseline and the base, shown beyond resampling noise.
+"""Pass or fail per metric: absolute bounds, and against the baseline and the base a gain
+whose whole bootstrap interval lies above -tolerance (no worse than tolerated, beyond noise).
 
 Candidate and baseline are scored on the same samples, so their difference is bootstrapped
 in pairs: resample sample indices once and compute both statistics on the same resample.
@@ -32,8 +32,8 @@ class Samples:
 
     @property
     def statistic(self) -> float:
-        """Over the samples that have a value (NaN: none, as a sample past the context has no
-        likelihood); NaN if none has."""
+        """Over the samples that have a value (NaN: a broken one, which `judge` fails); NaN if
+        none has."""
         ok = self.scored
         if not ok.any():
             return float("nan")
@@ -156,7 +156,7 @@ def judge(
             verdict.reasons.append(
                 f"may have regressed against {other} past the tolerance {rule.tolerance:g}: "
                 f"the interval of the gain [{vs.low:.4g}, {vs.high:.4g}] reaches below "
-                f"{-rule.tolerance:g} on {vs.pairs} samples: more of them "
+                f"{-rule.tolerance or 0:g} on {vs.pairs} samples: more of them "
                 "(eval_set.max_samples) narrow it, a wider tolerance accepts it"
             )
     verdict.passed = not verdict.reasons

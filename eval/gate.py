@@ -61,8 +61,9 @@ class QualityGate:
         differences = self._split_differences(self.candidate, measured, unrecorded=True)
         if differences:
             raise UsageError(
-                f"--candidate {self.candidate.ref} was not trained on the split this gate "
-                f"measures on, so it may have trained on its test records: {differences}"
+                f"--candidate {self.candidate.ref}: nothing shows it was trained on the split "
+                f"this gate measures on, so it may have trained on its test records: "
+                f"{differences}"
             )
         differences = self._split_differences(self.baseline, measured) if self.baseline else ""
         if differences:
@@ -115,6 +116,11 @@ class QualityGate:
             samples = build_eval_set(
                 splits, records, settings.context_field, settings.top_k, scorer.embed
             )
+            if len(samples) < MIN_PAIRS:  # the data's shape, not the candidate's fault
+                raise ConfigError(
+                    f"eval_set: {len(samples)} of the {len(records)} test records can be "
+                    f"asked and scored: too few to compare (at least {MIN_PAIRS})"
+                )
         models, roles = self._models()
         measured: dict[str, dict[str | None, Samples]] = {}
         if "perplexity" in self.config.metrics:

@@ -37,7 +37,9 @@ MIN_PAIRS = 5
 class MetricRule(StrictConfig):
     floor: Number | None = None  # the candidate fails below it (metrics where higher is better)
     ceiling: Number | None = None  # the candidate fails above it (perplexity)
-    tolerance: Number = Field(0.0, ge=0)  # regression vs the baseline accepted, in metric units
+    # Regression vs the baseline and the base accepted, in metric units; 0: the candidate must
+    # be shown no worse (a candidate identical to its champion passes: its interval is [0, 0]).
+    tolerance: Number = Field(0.0, ge=0)
 
 
 class EvalSetConfig(StrictConfig):

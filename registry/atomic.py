@@ -4,6 +4,7 @@ another one at work on the same path, never leaves or finds half of one."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -20,32 +21,25 @@ def write_file(path: Path, text: str) -> None:
     """`path` holds `text`, or what it held before: never part of it. Its mode is that of a
     file written in place (a temporary file's is owner-only); a failed write leaves nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        # 0o666 less the umask, as a plain write makes it (mkstemp's are owner-only)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it: set it back at once (at import, one thread)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def make_folder(dest: Path, make: Callable[[Path], Path | None]) -> Path:
+def make_folder(dest: Path, make: Callable[[Path], Path | None], sweep: bool = True) -> Path:
     """`dest`, made by `make(tmp)` in a fresh folder beside it (or in the folder it returns,
     inside tmp) and renamed into place. Two processes making it at once each write their
-    own; the one that renames second keeps the first's."""
+    own; the one that renames second keeps the first's. With `sweep` (a folder of ours),
+    partial folders killed processes left beside it go."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(dest.parent)
+    if sweep:
+        remove_abandoned(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}{PARTIAL}", dir=dest.parent))
     try:
         made = make(tmp) or tmp

@@ -7,6 +7,7 @@ source is the run's `adapter` artifact folder (PEFT format) and whose tags carry
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import shutil
 import threading
@@ -259,10 +260,11 @@ class AdapterRegistry:
             raise UsageError(f"download destination {dest} exists and is not an empty folder")
         version = self.get(ref)
         source = self.fetch_version(version)
-        if dest.is_dir():  # empty: taken whole by a rename into it
-            dest.rmdir()
         try:  # whole or not at all: a copy cut short (a full disk) leaves nothing
-            make_folder(dest, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+            if dest.is_dir():  # empty: taken whole by a rename into it
+                dest.rmdir()
+            copy = functools.partial(shutil.copytree, source, dirs_exist_ok=True)
+            make_folder(dest, copy, sweep=False)  # the user's folder: theirs to tidy
         except FileExistsError as e:  # a file where a folder of its path should be
             raise UsageError(f"download destination {dest}: {e.filename} is a file") from None
         except shutil.Error as e:  # copytree's: a list of (source, destination, why)

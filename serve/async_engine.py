@@ -176,7 +176,11 @@ class AsyncLLM:
             if self._streams.get(request_id) is not stream:
                 return False
             del self._streams[request_id]
-            return self.engine.abort(request_id) is not None
+            try:
+                return self.engine.abort(request_id) is not None
+            except Exception:  # a bug; no one reads this command's result: logged here
+                log.exception("request %s: its abort failed", request_id)
+                raise
         try:
             final = self.engine.abort(request_id)
         except Exception as error:  # its last output failed (a bug): released, and told so

@@ -9,11 +9,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from registry.config_file import is_union_member
-from registry.errors import NotFoundError, UsageError
-from serve.async_engine import EngineStepError, QueueFull
+from registry.errors import AdapterError, NotFoundError, UsageError
+from serve.async_engine import EngineStepError, QueueFull, RequestFailed
 from serve.audit import SCOPE_KEY
 from serve.protocol import error_body
-from serve.refusal import Refusal, client_gone, engine_failed
+from serve.refusal import Refusal, client_gone
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -93,3 +93,18 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+
+def engine_failed(error: EngineStepError) -> Refusal:
+    """500 for a request the engine could not serve. A request it ended alone is told why in
+    words of its own: the error (logged) names the server's folders."""
+    if not isinstance(error, RequestFailed):
+        message = f"the engine step computing this request failed: {error}"
+        return Refusal(500, message, "server_error", "engine_step_failed")
+    if isinstance(error.__cause__, AdapterError):
+        why = "its adapter could not be read back from where it was loaded; load it again"
+    else:
+        why = "making its output failed (a bug, in the server's log)"
+    return Refusal(
+        500, f"the engine could not serve this request: {why}", "server_error", "request_failed"
+    )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from registry.errors import AdapterError
-from serve.async_engine import EngineStepError, RequestFailed
-
 
 class Refusal(Exception):
     """401, 403, 429, 503, 504: the status, OpenAI's error `type` and `code`, extra headers."""
@@ -32,21 +29,6 @@ def timed_out(seconds: float) -> Refusal:
         "timeout",
         "request_timeout",
         {"x-should-retry": "false"},
-    )
-
-
-def engine_failed(error: EngineStepError) -> Refusal:
-    """500 for a request the engine could not serve. A request it ended alone is told why in
-    words of its own: the error (logged) names the server's folders."""
-    if not isinstance(error, RequestFailed):
-        message = f"the engine step computing this request failed: {error}"
-        return Refusal(500, message, "server_error", "engine_step_failed")
-    if isinstance(error.__cause__, AdapterError):
-        why = "its adapter could not be read back from where it was loaded; load it again"
-    else:
-        why = "making its output failed (a bug, in the server's log)"
-    return Refusal(
-        500, f"the engine could not serve this request: {why}", "server_error", "request_failed"
     )
 
 

@@ -15,10 +15,11 @@ from fastapi.responses import StreamingResponse
 
 from serve.async_engine import EngineStepError
 from serve.audit import RequestRecord
+from serve.error_handlers import engine_failed
 from serve.openai_logprobs import ChatLogprobs, CompletionLogprobs
 from serve.outputs import RequestOutput
 from serve.protocol import ChatCompletionRequest, CompletionRequest, Usage, error_body, now
-from serve.refusal import engine_failed, timed_out
+from serve.refusal import timed_out
 
 log = logging.getLogger(__name__)
 

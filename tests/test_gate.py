@@ -97,7 +97,7 @@ def test_a_regression_noise_may_hide_fails_naming_its_interval():
     assert vs.low < 0 < vs.high and not verdict.passed
     assert verdict.reasons == [
         f"may have regressed against the baseline past the tolerance 0: the interval of the "
-        f"gain [{vs.low:.4g}, {vs.high:.4g}] reaches below -0 on 10 samples: more of them "
+        f"gain [{vs.low:.4g}, {vs.high:.4g}] reaches below 0 on 10 samples: more of them "
         "(eval_set.max_samples) narrow it, a wider tolerance accepts it"
     ]
 
@@ -967,6 +967,22 @@ def test_a_test_split_with_no_answer_within_max_seq_length_is_a_usage_error_not_
     unscored.tokenizer = tokenizer
     monkeypatch.setattr(gate, "_models", lambda: (unscored, [None, "candidate"]))
     with pytest.raises(ConfigError, match=r"perplexity: 0 of the \d+ test records keep an"):
+        gate.measure()
+
+
+def test_an_eval_set_too_small_to_compare_is_a_usage_error_not_a_fail(registry, monkeypatch):
+    """A RAGAS gate whose test records give 1 to 4 questions: each metric failed the
+    candidate (exit 1) as too few to tell, for the data's shape."""
+    from types import SimpleNamespace
+
+    from eval import gate as gate_module
+
+    _register_trained(registry, _trained_hash())
+    config = load_gate_config(PROJECT / "configs/gates/country-facts.yaml")
+    gate = gate_module.QualityGate(config, "country-facts/1", tracking_uri=registry.tracking_uri)
+    monkeypatch.setattr(gate_module, "Scorer", lambda judge: SimpleNamespace(embed=None))
+    monkeypatch.setattr(gate_module, "build_eval_set", lambda *args: ["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"eval_set: 3 of the \d+ test records can be asked"):
         gate.measure()
 
 

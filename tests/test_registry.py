@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import time
@@ -173,11 +174,15 @@ def test_a_download_cut_short_leaves_no_half_folder_and_the_next_one_works(
         raise shutil.Error([(str(source), str(dest), "[Errno 28] No space left on device")])
 
     monkeypatch.setattr(store.shutil, "copytree", disk_full)
+    theirs = tmp_path / "dl" / "notes.partial-2019"  # the user's, named like our leftovers
+    theirs.mkdir(parents=True)
+    os.utime(theirs, (0, 0))
     with pytest.raises(UsageError, match=r"download destination .*: \[Errno 28\] No space left"):
         registry.download(AdapterRef("facts"), tmp_path / "dl" / "out")
-    assert list((tmp_path / "dl").iterdir()) == []  # nothing half-copied, no partial folder
+    assert list((tmp_path / "dl").iterdir()) == [theirs]  # nothing half-copied; theirs kept
     monkeypatch.setattr(store.shutil, "copytree", copy)
     registry.download(AdapterRef("facts"), tmp_path / "dl" / "out")
+    assert theirs.is_dir()
     assert sorted(p.name for p in (tmp_path / "dl" / "out").iterdir()) == sorted(
         p.name for p in adapters[0].iterdir()
     )

@@ -533,7 +533,7 @@ def test_a_request_whose_output_fails_is_a_500_that_shows_no_server_detail(
 def test_what_a_client_is_told_of_each_engine_failure():
     from registry.errors import AdapterError
     from serve.async_engine import EngineStepError, RequestFailed
-    from serve.refusal import engine_failed
+    from serve.error_handlers import engine_failed
 
     told = {
         "step": engine_failed(EngineStepError("CUDA out of memory")),

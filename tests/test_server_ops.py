@@ -420,7 +420,7 @@ def test_serve_gives_requests_in_flight_its_shutdown_timeout_then_exits(tiny_bas
         assert base["id"] == tiny_base.path.name
         body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
         with _post_raw(url, "completions", body, sent=5):
-            time.sleep(0.5)  # the request is in flight
+            time.sleep(2)  # the request is in flight (its line below shows it was)
             server.send_signal(signal.SIGTERM)
             started = time.monotonic()
             server.wait(timeout=30)

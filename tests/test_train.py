@@ -750,6 +750,32 @@ def test_a_failure_between_opening_the_run_and_recording_it_marks_it_failed(
     assert read_record(job.run_dir)["status"] == "failed"
 
 
+def test_a_run_file_that_cannot_be_written_still_leaves_the_mlflow_run_failed(
+    tiny_base, home, tracking_uri, monkeypatch
+):
+    """A full disk (often why training failed) made recording the failure in run.json raise
+    before MLflow was told: the run stayed RUNNING."""
+    from train.recipe import TrainingJob
+
+    job = _tiny_job(tiny_base, home, tracking_uri, "name=disk-full")
+
+    def trainer_fails(self):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(TrainingJob, "_trainer", trainer_fails)
+    write = TrainingJob._write_run_file
+
+    def no_space(self, run_id, status):
+        if status == "failed":
+            raise OSError("[Errno 28] No space left on device")
+        write(self, run_id, status)
+
+    monkeypatch.setattr(TrainingJob, "_write_run_file", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        job.run()
+    assert job.registry.client.get_run(job.run_id).info.status == "FAILED"
+
+
 def test_a_failure_marking_the_run_failed_leaves_the_original_error(
     tiny_base, home, tracking_uri, monkeypatch
 ):
@@ -821,11 +847,16 @@ def test_resume_against_another_mlflow_store_is_refused_naming_both(tiny_base, h
 
 
 def test_two_runs_started_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
+    """Made, not checked then made: a folder another job made between the two is skipped."""
+    from pathlib import Path
+
     from train import run_folder
 
     monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-000000")
+    (tmp_path / "runs" / "20260101-000000").mkdir(parents=True)  # the other job's
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # made after this one looked
     made = [run_folder.new_run_dir(tmp_path / "runs") for _ in range(3)]
-    assert [d.name for d in made] == ["20260101-000000", "20260101-000000-1", "20260101-000000-1-1"]
+    assert [d.name for d in made] == [f"20260101-000000{'-1' * n}" for n in (1, 2, 3)]
     assert all((d / "checkpoints").is_dir() for d in made)
 
 

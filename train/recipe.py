@@ -61,7 +61,8 @@ class TrainingJob:
         self.resume = resume
         self.run_id: str | None = None  # the MLflow run, once setup has opened it
         self.run_dir: Path | None = None  # its folder, once setup has made or chosen it
-        self._lock = None  # on the run folder while this job uses it (run_folder.hold)
+        self._lock = None  # on the run folder from setup until run ends (run_folder.hold)
+        self.interrupt = None  # the Trainer's Ctrl-C callback, once built
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ class TrainingJob:
             self._failed(error)
             raise
         finally:
-            if hasattr(self, "interrupt"):
+            if self.interrupt is not None:
                 self.interrupt.restore()
             if self._lock is not None:
                 self._lock.release()
@@ -418,11 +419,14 @@ class TrainingJob:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing ran in it
             return
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        try:
-            self._write_run_file(self.run_id, "failed")
-            self.registry.client.set_terminated(self.run_id, status=status)
-        except Exception:
-            log.exception("the failed run %s could not be marked %s", self.run_id, status)
+        for mark, where in (
+            (lambda: self._write_run_file(self.run_id, "failed"), "in run.json"),
+            (lambda: self.registry.client.set_terminated(self.run_id, status=status), "in MLflow"),
+        ):
+            try:  # each alone: a full disk must not leave the MLflow run RUNNING
+                mark()
+            except Exception:
+                log.exception("the failed run %s could not be marked %s", self.run_id, where)
 
 
 def _keep_4bit_layers_differentiable(model) -> None:
