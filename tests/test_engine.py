@@ -287,13 +287,7 @@ def test_bad_adapters_are_refused_with_the_reason(llm, tiny_base, smollm2, tmp_p
 
 def test_adapter_loads_while_a_request_decodes(tiny_base, tmp_path):
     """The running request's tokens are the base's alone, the next one's the adapter's."""
-    args = dict(
-        base_model=str(tiny_base.path),
-        quantization=None,
-        num_kv_blocks=128,
-        block_size=4,
-        max_lora_rank=8,
-    )
+    args = tiny_engine_args(tiny_base)
     engine = AsyncLLM(LLM(**args).engine)
     folder = make_lora(
         tiny_base, tmp_path / "late", rank=4, targets=["q_proj", "v_proj"], b_scale=1.0
